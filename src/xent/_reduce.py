@@ -1,0 +1,84 @@
+"""The one place where ignored tokens, reductions and ``num_items`` are handled.
+
+Every loss in xent is a per-token definition (a :class:`xent.losses.TokenLoss`); this module turns
+per-token losses into what the caller asked for. Conventions (shared/REFERENCE.md §1):
+
+- ignored tokens (target == ignore_index) give 0 and no gradient;
+- "none": per-token tensor shaped like the target; "sum": Σℓ;
+- "mean": Σℓ / Σ_valid w_y (w_y = 1 without class weights), or Σℓ / num_items when num_items is given;
+- every token ignored: 0 with a zero gradient, never NaN (torch returns NaN there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+
+
+def reduce_tokens(
+    per_token: torch.Tensor,
+    valid: torch.Tensor,
+    reduction: str,
+    num_items=None,
+    token_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """per_token is 0 where not valid; token_weight (w_y per token) only changes the mean's denominator."""
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            num_items = num_items.to(device=total.device, dtype=total.dtype)
+        return total / num_items
+    if token_weight is None:
+        denom = valid.sum().to(total.dtype)
+    else:
+        denom = torch.where(valid, token_weight.to(total.dtype), 0).sum()
+    # All ignored: total is an exact 0 with zero gradient; divide by 1 instead of 0 to keep it so.
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def apply_token_loss(
+    loss,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *extra: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+) -> torch.Tensor:
+    """The plain (materialised-logits) path shared by every loss.
+
+    logits [..., V] any float dtype, target [...] ids already validated. Works on any leading shape
+    without flattening, so a sliced (non-contiguous) logits view is never copied except to upcast.
+    """
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))  # any in-range id; masked below
+    z = logits.to(compute_dtype(logits))
+    per_token = loss(z, safe, *extra)
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    return reduce_tokens(per_token, valid, reduction, num_items, loss.token_weight(safe))
+
+
+def check_common(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    num_items,
+) -> int:
+    """Validates the arguments every token loss shares; returns V."""
+    num_classes = V.check_logits(logits)
+    V.check_reduction(reduction)
+    V.check_target(target, logits.shape[:-1], num_classes, ignore_index)
+    V.check_num_items(num_items, reduction)
+    return num_classes

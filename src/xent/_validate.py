@@ -1,0 +1,120 @@
+"""Argument checks shared by every loss: clear errors before any work, never an assert.
+
+Each check raises ``ValueError`` or ``TypeError`` naming the argument and showing the bad value.
+Checks on tensor values (target range, num_items) synchronise with the device once; that is the price
+of never hitting a device-side assert.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_floating(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype={x.dtype}")
+
+
+def check_logits(logits: torch.Tensor, name: str = "logits") -> int:
+    """Returns V, the size of the last (vocabulary) dimension."""
+    check_floating(name, logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    return logits.shape[-1]
+
+
+def check_target(
+    target: torch.Tensor,
+    lead_shape: torch.Size | tuple,
+    num_classes: int,
+    ignore_index: int,
+    *,
+    name: str = "target",
+    lead_name: str = "logits",
+    offset: int = 0,
+) -> None:
+    """Integer class ids of shape ``lead_shape``, each in [offset, offset + num_classes) or ignore_index."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class ids, got dtype={target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"{name} shape {tuple(target.shape)} does not match {lead_name} shape without its last "
+            f"dimension {tuple(lead_shape)}"
+        )
+    check_ids_in_range(target, offset, offset + num_classes, ignore_index, name=name)
+
+
+def check_ids_in_range(target: torch.Tensor, lo: int, hi: int, ignore_index: int, *, name: str = "target"):
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < lo) | (target >= hi))
+    n_bad = int(bad.sum())
+    if n_bad:
+        first = int(target[bad][0])
+        raise ValueError(
+            f"{name} has {n_bad} id(s) outside [{lo}, {hi}) that are not ignore_index={ignore_index}; "
+            f"the first is {first}"
+        )
+
+
+def check_options(
+    *,
+    num_classes: int | None = None,
+    weight: torch.Tensor | None = None,
+    weight_name: str = "weight",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> None:
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"{weight_name} must be a floating-point tensor of shape [V]")
+        if weight.dim() != 1:
+            raise ValueError(f"{weight_name} must have shape [V], got shape {tuple(weight.shape)}")
+        if num_classes is not None and weight.shape[0] != num_classes:
+            raise ValueError(
+                f"{weight_name} must have shape [V] = [{num_classes}], got shape {tuple(weight.shape)}"
+            )
+    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {value}")
+
+
+def check_num_items(num_items, reduction: str, name: str = "num_items") -> None:
+    if num_items is None:
+        return
+    if reduction != "mean":
+        raise ValueError(
+            f"{name} replaces the denominator of reduction='mean'; it cannot be used with "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(num_items.shape)}")
+        value = num_items.item()
+    elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
+        value = num_items
+    else:
+        raise TypeError(f"{name} must be an int or a scalar tensor, got {type(num_items).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")

@@ -1,0 +1,53 @@
+"""The per-token loss protocol: the unit every xent loss is written in.
+
+A :class:`TokenLoss` maps float32 (or float64) logits ``[..., V]`` and in-range target ids ``[...]`` to
+per-token losses ``[...]``. It knows nothing of ignored tokens, reductions or chunking: the plain path
+(:func:`xent._reduce.apply_token_loss`) and the fused path (:func:`xent.linear_loss`) both call the same
+object, so a loss written once is fused for free.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+
+
+class TokenLoss:
+    """Base class. Subclasses implement :meth:`token_loss`; options live on the instance.
+
+    ``softcap`` (Gemma 2) is applied here, before the loss sees the logits: z ← c·tanh(z/c).
+    """
+
+    #: Extra per-token tensors the loss takes after (logits, target), e.g. teacher logits.
+    num_extra: int = 0
+
+    def __init__(self, *, softcap: float | None = None):
+        V.check_options(softcap=softcap)
+        self.softcap = softcap
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return self.token_loss(logits, target, *extra)
+
+    def token_loss(self, logits: torch.Tensor, target: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_weight(self, target: torch.Tensor) -> torch.Tensor | None:
+        """Per-token weight in the denominator of reduction="mean" (class weights); None means 1."""
+        return None
+
+    def check(self, num_classes: int) -> None:
+        """Validates options that depend on the vocabulary size (e.g. a class-weight length)."""
+
+    # A closed-form gradient, when a loss has one, lets the fused path skip autograd.
+    has_closed_form_grad: bool = False
+
+    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
+        """Returns (per-token loss [N], d(Σ scale·loss)/d logits [N, V]); may overwrite ``logits``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, torch.Tensor))
+        return f"{type(self).__name__}({opts})"

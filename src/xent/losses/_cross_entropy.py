@@ -1,0 +1,193 @@
+"""Cross-entropy: PyTorch's semantics, extended with z-loss, soft-capping and num_items.
+
+shared/REFERENCE.md §1–2 is the contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from .._reduce import apply_token_loss, check_common, compute_dtype, reduce_tokens
+from ._base import TokenLoss
+
+
+class CrossEntropy(TokenLoss):
+    r"""Per-token cross-entropy with class weights, label smoothing, z-loss and soft-capping.
+
+    .. math::
+        \ell = (1-\varepsilon)\, w_y (\operatorname{lse} z - z_y)
+               + \frac{\varepsilon}{V} \sum_c w_c (\operatorname{lse} z - z_c)
+               + s\,(\operatorname{lse} z)^2
+
+    with ε = ``label_smoothing`` (as ``torch.nn.functional.cross_entropy``), s = ``z_loss`` (PaLM, t5x,
+    OLMo; Liger's ``lse_square_scale``; 1e-4 is typical) and z ← c·tanh(z/c) first when ``softcap`` = c
+    (Gemma 2 uses 30 on the final logits). Under reduction="mean" everything is divided by Σ_valid w_y,
+    the class-weighted count, as torch does for the smoothing term.
+    """
+
+    has_closed_form_grad = True
+
+    def __init__(
+        self,
+        *,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ):
+        super().__init__(softcap=softcap)
+        V.check_options(weight=weight, label_smoothing=label_smoothing, z_loss=z_loss)
+        self.weight = weight
+        self.label_smoothing = float(label_smoothing)
+        self.z_loss = float(z_loss)
+
+    def check(self, num_classes: int) -> None:
+        V.check_options(num_classes=num_classes, weight=self.weight)
+
+    def token_weight(self, target: torch.Tensor) -> torch.Tensor | None:
+        return None if self.weight is None else self.weight.to(target.device)[target]
+
+    def _weight(self, like: torch.Tensor) -> torch.Tensor | None:
+        return None if self.weight is None else self.weight.to(device=like.device, dtype=like.dtype)
+
+    def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # logits [..., V], target [...] in range.
+        eps, num_classes = self.label_smoothing, logits.shape[-1]
+        w = self._weight(logits)
+        lse = torch.logsumexp(logits, dim=-1)
+        nll = lse - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        if w is not None:
+            nll = nll * w[target]
+        loss = nll
+        if eps > 0.0:
+            # Σ_c w_c (lse − z_c) without a [..., V] temporary. Written as V·(lse − mean z) when
+            # unweighted: the difference is small, so float32 cancellation is avoided.
+            if w is None:
+                smooth = num_classes * (lse - logits.mean(dim=-1))
+            else:
+                smooth = lse * w.sum() - logits @ w
+            loss = (1.0 - eps) * nll + (eps / num_classes) * smooth
+        if self.z_loss > 0.0:
+            loss = loss + self.z_loss * lse.square()
+        return loss
+
+    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
+        """Closed form on a [N, V] buffer that is overwritten with the gradient (no autograd graph).
+
+        dℓ/dz_j = p_j·((1−ε)w_y + (ε/V)Σw + 2s·lse) − (1−ε)w_y·[j=y] − (ε/V)·w_j, times dz/dx = 1 − (z/c)²
+        under soft-capping. ``scale`` [N] multiplies each token's gradient (1/denominator, or the
+        upstream gradient for reduction="none").
+        """
+        eps, s, num_classes = self.label_smoothing, self.z_loss, logits.shape[-1]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        w = self._weight(logits)
+        tanh = None
+        if self.softcap is not None:
+            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
+            logits = torch.mul(tanh, self.softcap, out=logits)
+        z = logits
+        z_y = z[rows, target]
+        w_y = torch.ones_like(z_y) if w is None else w[target]
+        w_sum = float(num_classes) if w is None else w.sum()
+        if eps > 0.0:
+            weighted_z = z.sum(dim=-1) if w is None else z @ w
+        m = z.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
+        e = z.sub_(m).exp_()  # in place: z is not needed past this point
+        sumexp = e.sum(dim=-1)
+        lse = m.squeeze(-1) + sumexp.log()
+        loss = (1.0 - eps) * w_y * (lse - z_y)
+        if eps > 0.0:
+            loss = loss + (eps / num_classes) * (lse * w_sum - weighted_z)
+        coef = (1.0 - eps) * w_y + (eps / num_classes) * w_sum
+        if s > 0.0:
+            loss = loss + s * lse.square()
+            coef = coef + 2.0 * s * lse
+        grad = e.mul_((coef * scale / sumexp).unsqueeze(-1))  # p_j · coef · scale
+        grad[rows, target] -= (1.0 - eps) * w_y * scale
+        if eps > 0.0:
+            if w is None:
+                grad.sub_((eps / num_classes) * scale.unsqueeze(-1))
+            else:
+                grad.sub_((eps / num_classes) * scale.unsqueeze(-1) * w)
+        if tanh is not None:
+            grad.mul_(1.0 - tanh.square_())
+        return loss, grad
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items=None,
+) -> torch.Tensor:
+    r"""Cross-entropy of logits ``[..., V]`` (vocabulary last) against class ids ``[...]``.
+
+    Exactly ``torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1), ...)``
+    for every option torch has, plus:
+
+    - ``z_loss`` s: adds s·(logsumexp z)² per valid token;
+    - ``softcap`` c: z ← c·tanh(z/c) before anything else;
+    - ``num_items``: reduction "mean" becomes Σℓ / num_items. Pass the count of valid targets over all
+      micro-batches and ranks (:func:`xent.count_items`) and the micro-batch losses sum to the
+      full-batch mean exactly;
+    - every target ignored gives 0 with a zero gradient (torch gives NaN).
+
+    Computed in float32 whatever the input dtype (float64 stays float64); half inputs give a float32
+    result. ``reduction="none"`` returns a tensor shaped like ``target``, 0 where ignored.
+
+    Probability targets (a float ``target`` shaped like ``logits``) are accepted as torch does:
+    ℓ = −Σ_c w_c t_c log q_c, smoothed as t ← (1−ε)t + ε/V, "mean" divides by the number of rows.
+
+    Example:
+        >>> import torch, xent
+        >>> x = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [1.5, 0.5, 2.0]])
+        >>> y = torch.tensor([0, -100, 2])
+        >>> round(xent.cross_entropy(x, y).item(), 6)
+        0.51058
+    """
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        return _cross_entropy_probs(
+            logits, target, reduction=reduction, weight=weight, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, num_items=num_items,
+        )
+    num_classes = check_common(logits, target, ignore_index=ignore_index, reduction=reduction,
+                               num_items=num_items)
+    loss = CrossEntropy(weight=weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    loss.check(num_classes)
+    return apply_token_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
+                            num_items=num_items)
+
+
+def _cross_entropy_probs(logits, target, *, reduction, weight, label_smoothing, z_loss, softcap, num_items):
+    num_classes = V.check_logits(logits)
+    V.check_reduction(reduction)
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"probability target shape {tuple(target.shape)} must equal logits shape {tuple(logits.shape)}"
+        )
+    V.check_options(num_classes=num_classes, weight=weight, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap)
+    V.check_num_items(num_items, reduction)
+    dtype = compute_dtype(logits)
+    z = logits.to(dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    t = target.to(dtype)
+    if label_smoothing > 0.0:
+        t = (1.0 - label_smoothing) * t + label_smoothing / num_classes
+    if weight is not None:
+        t = t * weight.to(device=z.device, dtype=dtype)
+    logq = torch.log_softmax(z, dim=-1)
+    per_row = -(t * logq).sum(dim=-1)
+    if z_loss > 0.0:
+        per_row = per_row + z_loss * torch.logsumexp(z, dim=-1).square()
+    valid = torch.ones(per_row.shape, dtype=torch.bool, device=per_row.device)
+    return reduce_tokens(per_row, valid, reduction, num_items)
