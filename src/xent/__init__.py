@@ -20,10 +20,13 @@ __all__ = [
 ]
 
 
+# Subpackages loaded on first attribute access, so `import xent` stays light (STYLE.md §9).
+_LAZY_SUBMODULES = ("nn", "eval", "parallel", "integrations", "train")
+
+
 def __getattr__(name):
-    # xent.nn imports torch.nn modules only; loaded on first use to keep `import xent` light.
-    if name == "nn":
+    if name in _LAZY_SUBMODULES:
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'xent' has no attribute {name!r}")
