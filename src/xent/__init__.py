@@ -21,12 +21,17 @@ __all__ = [
 
 
 # Subpackages loaded on first attribute access, so `import xent` stays light (STYLE.md §9).
-_LAZY_SUBMODULES = ("nn", "eval", "parallel", "integrations", "train")
+_LAZY_SUBMODULES = ("nn", "eval", "parallel", "integrations")
+# Functions whose modules pull in more than torch: name -> (module, attribute).
+_LAZY_FUNCTIONS = {"train": (".training", "train")}
 
 
 def __getattr__(name):
-    if name in _LAZY_SUBMODULES:
-        import importlib
+    import importlib
 
+    if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_FUNCTIONS:
+        module, attr = _LAZY_FUNCTIONS[name]
+        return getattr(importlib.import_module(module, __name__), attr)
     raise AttributeError(f"module 'xent' has no attribute {name!r}")
