@@ -11,6 +11,8 @@ import sys
 # name -> module (relative to xent.cli) that defines register(subparsers)
 COMMANDS = {
     "demo": "._demo",
+    "eval": "._eval",
+    "compare": "._compare",
 }
 
 
