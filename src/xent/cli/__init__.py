@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": "._demo",
     "eval": "._eval",
     "compare": "._compare",
+    "train": "._train",
 }
 
 
