@@ -6,6 +6,7 @@ objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs o
 
 from . import losses
 from ._causal import causal_lm_loss, count_items
+from ._linear import linear_cross_entropy, linear_loss
 from .losses._cross_entropy import cross_entropy
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "causal_lm_loss",
     "count_items",
     "cross_entropy",
+    "linear_cross_entropy",
+    "linear_loss",
     "losses",
     "nn",
 ]

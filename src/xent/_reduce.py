@@ -29,16 +29,21 @@ def reduce_tokens(
     total = per_token.sum()
     if reduction == "sum":
         return total
+    return total / mean_denominator(valid, num_items, token_weight, total.dtype)
+
+
+def mean_denominator(valid, num_items, token_weight, dtype) -> torch.Tensor:
+    """What Σℓ is divided by under reduction="mean": num_items if given, else Σ_valid w_y (the count of
+    valid tokens without class weights); 1 when that is 0, so all-ignored gives an exact 0."""
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
-            num_items = num_items.to(device=total.device, dtype=total.dtype)
-        return total / num_items
+            return num_items.to(device=valid.device, dtype=dtype)
+        return torch.tensor(float(num_items), dtype=dtype, device=valid.device)
     if token_weight is None:
-        denom = valid.sum().to(total.dtype)
+        denom = valid.sum().to(dtype)
     else:
-        denom = torch.where(valid, token_weight.to(total.dtype), 0).sum()
-    # All ignored: total is an exact 0 with zero gradient; divide by 1 instead of 0 to keep it so.
-    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+        denom = torch.where(valid, token_weight.to(dtype), 0).sum()
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -7,6 +7,7 @@ import inspect
 import torch
 
 from ._causal import causal_lm_loss
+from ._linear import linear_cross_entropy
 from .losses._cross_entropy import cross_entropy
 
 
@@ -48,6 +49,22 @@ class CausalLMLoss(torch.nn.Module):
             logits, labels, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
             position_ids=position_ids, **self.options,
         )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`xent.linear_cross_entropy`: ``forward(hidden, weight, target, bias=None,
+    num_items=None)``. Holds options only; the projection weight is the caller's (e.g. the LM head)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        _check_options(linear_cross_entropy, options, per_call=("bias", "num_items"))
+        self.options = options
+
+    def forward(self, hidden, weight, target, bias=None, num_items=None) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, target, bias=bias, num_items=num_items, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,288 @@
+"""Fused linear + loss: ``loss(hidden @ weight.T + bias, target)`` a chunk of tokens at a time.
+
+Only one chunk of logits ``[C, V]`` (and its gradient, usually in the same buffer) exists at any
+moment. The engine is generic over the per-token loss (:class:`xent.losses.TokenLoss`): a loss with a
+closed-form gradient (cross-entropy: softmax minus one-hot) uses it; any other is differentiated per
+chunk by autograd. So every loss is fused with no autograd code of its own.
+
+Work per call, for the n valid tokens (ignored ones are dropped before the projection):
+
+- mean/sum with gradients: the three matmuls that cannot be avoided (logits, grad hidden, grad weight)
+  all run in the forward; backward only rescales the stored gradients by the upstream scalar.
+- reduction="none" with gradients: the forward computes the losses; backward recomputes each chunk of
+  logits with the per-token upstream gradients (one extra matmul).
+- no gradient needed (evaluation): one matmul.
+
+Half-precision inputs are computed in float32 (a float32 copy of the weight is made once) and the
+weight gradient is accumulated in float32; gradients are returned in the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _validate as V
+from ._reduce import mean_denominator
+from .losses._base import TokenLoss
+from .losses._cross_entropy import CrossEntropy
+
+#: Memory for one chunk of float32 logits when chunk_size="auto"; override with XENT_CHUNK_MB.
+DEFAULT_CHUNK_MB = 32
+#: Working buffers of [C, V] a loss keeps alive at once: 1 for a closed-form gradient (computed in
+#: place), more for autograd (logits, their gradient and the loss's temporaries).
+_BUFFERS_CLOSED_FORM = 1
+_BUFFERS_AUTOGRAD = 4
+
+
+def auto_chunk_size(num_tokens: int, num_classes: int, loss: TokenLoss) -> int:
+    """Tokens per chunk such that the chunk's [C, V] float32 buffers fit in the budget.
+
+    The budget is XENT_CHUNK_MB (default 32 MiB) per buffer set; at least 16 tokens per chunk so the
+    matmuls stay efficient, at most every token.
+    """
+    budget = float(os.environ.get("XENT_CHUNK_MB", DEFAULT_CHUNK_MB)) * 2**20
+    buffers = _BUFFERS_CLOSED_FORM if loss.has_closed_form_grad else _BUFFERS_AUTOGRAD
+    chunk = int(budget // (4 * num_classes * buffers))
+    return max(1, min(max(chunk, 16), num_tokens))
+
+
+@dataclass
+class _Plan:
+    """What the autograd Function needs besides the differentiable tensors."""
+
+    loss: TokenLoss
+    rows: torch.Tensor  # [n] rows of hidden2d that have a valid target
+    target: torch.Tensor  # [n] their target ids
+    chunk: int
+    compute_dtype: torch.dtype
+    extras: tuple  # ((hidden2d, weight, bias), ...) heads projected without gradient, e.g. a teacher
+
+
+def _chunks(plan: _Plan):
+    n = plan.rows.numel()
+    for start in range(0, n, plan.chunk):
+        yield slice(start, min(start + plan.chunk, n))
+
+
+def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    # [C, D] @ [D, V] (+ [V]) -> [C, V], a fresh buffer the loss may overwrite.
+    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+
+
+def _as(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
+    """One pass over the chunks. ``scale`` [n] is each token's upstream gradient, None for no gradient.
+
+    need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...).
+    """
+    dt = plan.compute_dtype
+    w = _as(weight, dt)  # a float32 copy once for half inputs; the same tensor otherwise
+    b = _as(bias, dt)
+    extras = [(h2, _as(w2, dt), _as(b2, dt)) for h2, w2, b2 in plan.extras]
+    per_token = torch.empty(plan.rows.numel(), dtype=dt, device=hidden2d.device)
+    want = scale is not None
+    grad_h = torch.zeros_like(hidden2d) if want and need[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=dt, device=weight.device) if want and need[1] else None
+    grad_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if want and need[2] else None
+    loss = plan.loss
+    for sl in _chunks(plan):
+        rows, t = plan.rows[sl], plan.target[sl]
+        h = hidden2d.index_select(0, rows).to(dt)  # [C, D]
+        z = _project(h, w, b)  # [C, V]
+        extra = [_project(h2.index_select(0, rows).to(dt), w2, b2) for h2, w2, b2 in extras]
+        if not want:
+            per_token[sl] = loss(z, t, *extra)
+            continue
+        if loss.has_closed_form_grad:
+            value, g = loss.value_and_grad(z, t, scale[sl])  # g overwrites z
+        else:
+            with torch.enable_grad():
+                z.requires_grad_(True)
+                value = loss(z, t, *extra)
+                (g,) = torch.autograd.grad(value, z, grad_outputs=scale[sl].to(value.dtype))
+            value = value.detach()
+        per_token[sl] = value
+        if grad_h is not None:
+            grad_h.index_copy_(0, rows, (g @ w).to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
+        if grad_b is not None:
+            grad_b += g.sum(dim=0)
+        del z, g
+    return per_token, grad_h, grad_w, grad_b
+
+
+class _LinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, plan: _Plan, out_shape, positions, denom, precompute):
+        # denom: None for reduction="none", else the scalar Σℓ is divided by (1 for "sum").
+        # precompute: gradients are wanted and the reduction is a scalar, so the forward computes them
+        # with scale 1/denom and backward only rescales.
+        ctx.plan, ctx.positions, ctx.denom = plan, positions, denom
+        ctx.need = (hidden2d.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if precompute:
+            scale = (1.0 / denom).to(plan.compute_dtype).expand(plan.rows.numel())
+            per_token, *ctx.grads = _run(plan, hidden2d, weight, bias, scale, ctx.need)
+        else:
+            per_token = _run(plan, hidden2d, weight, bias, None, ctx.need)[0]
+            ctx.grads = None
+            ctx.save_for_backward(hidden2d, weight, bias)
+        if denom is not None:
+            return per_token.sum() / denom
+        out = torch.zeros(out_shape, dtype=per_token.dtype, device=per_token.device)
+        out.view(-1)[positions] = per_token
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads is not None:
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+        else:  # recompute each chunk with the per-token upstream gradients
+            hidden2d, weight, bias = ctx.saved_tensors
+            if grad_out.dim() == 0:  # a scalar reduction whose forward ran without grad mode
+                scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
+            else:
+                scale = grad_out.reshape(-1)[ctx.positions]
+            grads = _run(ctx.plan, hidden2d, weight, bias, scale.to(ctx.plan.compute_dtype), ctx.need)[1:]
+        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
+
+
+def _check_linear(hidden, weight, bias, target, ignore_index, shift, name="hidden", weight_name="weight"):
+    V.check_floating(name, hidden)
+    V.check_floating(weight_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape [V, D] with D = {name}.shape[-1] = {hidden.shape[-1]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} dtype {weight.dtype} must equal {name} dtype {hidden.dtype}")
+    if bias is not None:
+        V.check_floating("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if shift and hidden.dim() < 2:
+        raise ValueError(f"shift=True needs {name} of shape [..., T, D], got shape {tuple(hidden.shape)}")
+    V.check_target(target, hidden.shape[:-1], weight.shape[0], ignore_index, lead_name=name)
+
+
+def _valid_rows(hidden, target, ignore_index, shift):
+    """Rows of hidden.reshape(-1, D) with a valid target, their targets, and their flat positions in the
+    (shifted) target. With shift, hidden[..., t, :] predicts target[..., t+1]: no copy of hidden."""
+    T = hidden.shape[-2] if shift else 1
+    tgt = target[..., 1:] if shift else target
+    flat = tgt.reshape(-1)
+    positions = (flat != ignore_index).nonzero().squeeze(-1)
+    rows = positions + positions // (T - 1) if shift and T > 1 else positions
+    return rows, flat[positions], positions, tuple(tgt.shape)
+
+
+@torch.compiler.disable
+def linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    loss: TokenLoss | None = None,
+    bias: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int | str = "auto",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    _extra_heads: tuple = (),
+) -> torch.Tensor:
+    """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
+
+    Same value and gradients (for hidden, weight and bias) as the plain path on materialised logits,
+    e.g. ``xent.cross_entropy(hidden @ weight.T + bias, target, ...)`` for ``loss=CrossEntropy(...)``.
+
+    Args:
+        hidden: ``[..., D]`` (``[..., T, D]`` with ``shift``), any float dtype.
+        weight: ``[V, D]``, the LM head or tied embedding, same dtype as hidden.
+        target: ``[...]`` class ids shaped like ``hidden.shape[:-1]``; ``ignore_index`` is skipped.
+        loss: a :class:`xent.losses.TokenLoss` (default :class:`xent.losses.CrossEntropy`).
+        bias: optional ``[V]``.
+        shift: causal shift, hidden[..., t, :] predicts target[..., t+1] (no copy of hidden).
+        chunk_size: tokens per chunk, or "auto": as many as fit a 32 MiB float32 chunk of logits
+            (XENT_CHUNK_MB overrides the budget).
+        reduction, num_items: as :func:`xent.cross_entropy`.
+    """
+    loss = CrossEntropy() if loss is None else loss
+    if not isinstance(loss, TokenLoss):
+        raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
+    V.check_reduction(reduction)
+    V.check_num_items(num_items, reduction)
+    _check_linear(hidden, weight, bias, target, ignore_index, shift)
+    num_classes = weight.shape[0]
+    loss.check(num_classes)
+    if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}")
+
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
+    n = rows.numel()
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    chunk = auto_chunk_size(max(n, 1), num_classes, loss) if chunk_size == "auto" else chunk_size
+    extras = tuple((h.reshape(-1, h.shape[-1]), w, b) for h, w, b in _extra_heads)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras)
+    denom = None
+    if reduction == "sum":
+        denom = torch.ones((), dtype=dtype, device=hidden.device)
+    elif reduction == "mean":
+        valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
+        denom = mean_denominator(valid, num_items, loss.token_weight(tgt), dtype)
+    grad_wanted = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, denom,
+                             grad_wanted and denom is not None)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int | str = "auto",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    weight_classes: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items=None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
+
+    Same value and the same gradients for hidden, weight and bias as
+    ``xent.cross_entropy(hidden @ weight.T + bias, target, weight=weight_classes, ...)`` for every
+    option and reduction (class weights are ``weight_classes`` here: ``weight`` is the projection).
+    Uses the closed-form gradient softmax − one-hot, computed in place in the chunk's logits buffer.
+    See :func:`xent.linear_loss` for shapes, ``shift`` and ``chunk_size``.
+
+    Example:
+        >>> import torch, xent
+        >>> h, W = torch.randn(2, 9, 16), torch.randn(100, 16)
+        >>> y = torch.randint(0, 100, (2, 9))
+        >>> fused = xent.linear_cross_entropy(h, W, y, shift=True)
+        >>> plain = xent.causal_lm_loss(h @ W.T, y)
+        >>> bool(torch.allclose(fused, plain, atol=1e-5))
+        True
+    """
+    loss = CrossEntropy(weight=weight_classes, label_smoothing=label_smoothing, z_loss=z_loss,
+                        softcap=softcap)
+    return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
+                       ignore_index=ignore_index, reduction=reduction, num_items=num_items)
