@@ -5,5 +5,9 @@ Use them with :func:`xent.linear_loss`, e.g. ``xent.linear_loss(h, W, y, loss=xe
 
 from ._base import TokenLoss
 from ._cross_entropy import CrossEntropy
+from ._distill import Distill
+from ._emo import EMO
+from ._focal import Focal, Poly
+from ._tailr import GOLD, TaiLr
 
-__all__ = ["TokenLoss", "CrossEntropy"]
+__all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "Focal", "Poly", "Distill"]

@@ -1,0 +1,134 @@
+"""EMO: earth mover distance to the one-hot target under a cosine cost between token embeddings.
+
+shared/REFERENCE.md §3 is the contract. The V×V cost matrix is never built: for a one-hot target the
+transport plan is forced, so DEMD = Σ_i q_i C(i, y) = 1 − (Êᵀq)·ê_y costs one [N, V] @ [V, d] product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import TokenLoss
+from ._focal import nll_of_target, plain_loss
+
+MODES = ("demd", "emo1", "emo2")
+
+# The papers' guard against dividing by a vanishing loss in the stop-gradient ratios (a division, not a
+# log: it only matters when DEMD or the NLL is ~0, where the ratio's term contributes ~0 anyway).
+_RATIO_EPS = 1e-10
+
+
+class EMO(TokenLoss):
+    r"""Earth Mover distance Optimisation (Ren et al., ICLR 2024, "EMO: Earth Mover Distance Optimization
+    for Auto-Regressive Language Modeling", arXiv 2310.04691; code: DRSY/EMO).
+
+    Cost C(i, j) = 1 − cos(e_i, e_j) from a frozen embedding E ``[V, d]`` (the paper: a copy of the LM
+    head taken before fine-tuning; any matrix with the same V works). Ê is E with unit rows, computed
+    once here; E gets no gradient. For the one-hot target y:
+
+    .. math::
+        \mathrm{DEMD} = \sum_i q_i\, C(i, y) = 1 - (\hat E^\top q)\cdot \hat e_y, \qquad
+        \frac{\partial\,\mathrm{DEMD}}{\partial z_j} = q_j\,(C(j, y) - \mathrm{DEMD})
+
+    DEMD alone sharpens q onto the neighbourhood of y, so the paper mixes it with MLE:
+
+    - ``mode="emo1"`` (the paper's choice for language modelling and SFT):
+      ℓ = ½·(mle + sg(mle/DEMD)·DEMD). Its value equals the cross-entropy; its gradient is half MLE's plus
+      DEMD's rescaled to MLE's size. ``ratio_cap`` caps sg(mle/DEMD) (the PyPI package uses 3.0).
+    - ``mode="emo2"``: ℓ = sg(DEMD/mle)·mle + DEMD (``ratio_cap`` caps sg(DEMD/mle)).
+    - ``mode="demd"``: ℓ = DEMD.
+
+    Computed in float32 whatever the input dtype (the reference code's bf16 path gives negative or NaN
+    losses). A zero row of E has no direction: its token is at cost 1 from every token.
+    """
+
+    def __init__(self, *, cost_embedding: torch.Tensor, mode: str = "emo1", ratio_cap: float | None = None,
+                 softcap: float | None = None):
+        super().__init__(softcap=softcap)
+        if not isinstance(cost_embedding, torch.Tensor) or not cost_embedding.is_floating_point():
+            raise TypeError(
+                "cost_embedding must be a floating-point tensor of shape [V, d], got "
+                f"{type(cost_embedding).__name__}"
+                + (f" of dtype {cost_embedding.dtype}" if isinstance(cost_embedding, torch.Tensor) else "")
+            )
+        if cost_embedding.dim() != 2 or cost_embedding.shape[1] < 1:
+            raise ValueError(
+                f"cost_embedding must have shape [V, d], got shape {tuple(cost_embedding.shape)}"
+            )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if ratio_cap is not None:
+            if mode == "demd":
+                raise ValueError("ratio_cap applies to modes 'emo1' and 'emo2'; got mode='demd'")
+            if not ratio_cap > 0.0:
+                raise ValueError(f"ratio_cap must be None or > 0, got {ratio_cap}")
+        with torch.no_grad():
+            e = cost_embedding.detach()
+            e = e.to(torch.float64 if e.dtype == torch.float64 else torch.float32)
+            # Unit rows; a zero row stays zero (F.normalize divides by max(‖e‖, 1e-12)).
+            self.unit_embedding = torch.nn.functional.normalize(e, dim=1)  # Ê [V, d]
+        self.mode = mode
+        self.ratio_cap = None if ratio_cap is None else float(ratio_cap)
+
+    def check(self, num_classes: int) -> None:
+        if self.unit_embedding.shape[0] != num_classes:
+            raise ValueError(
+                f"cost_embedding must have shape [V, d] with V = {num_classes} (the logits' vocabulary), "
+                f"got shape {tuple(self.unit_embedding.shape)}"
+            )
+
+    def demd(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """DEMD per token, [...]; logits [..., V], target [...]."""
+        e = self.unit_embedding.to(device=logits.device, dtype=logits.dtype)  # Ê [V, d], no grad
+        q = torch.softmax(logits, dim=-1)  # [..., V]
+        expected = q @ e  # Êᵀq per token [..., d]
+        similarity = (expected * e[target]).sum(dim=-1)  # (Êᵀq)·ê_y ∈ [−1, 1]
+        # 1 − s is ≥ 0 in exact arithmetic; rounding can leave −1e-7 when q sits on y, which would flip
+        # the sign of the ratios below. The clamp keeps the gradient wherever DEMD > 0.
+        return (1.0 - similarity).clamp(min=0.0)
+
+    def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        demd = self.demd(logits, target)
+        if self.mode == "demd":
+            return demd
+        mle = nll_of_target(logits, target)
+        cap = self.ratio_cap
+        if self.mode == "emo1":
+            ratio = (mle / (demd + _RATIO_EPS)).detach()
+            if cap is not None:
+                ratio = ratio.clamp(max=cap)
+            return 0.5 * (mle + ratio * demd)
+        ratio = (demd / (mle + _RATIO_EPS)).detach()
+        if cap is not None:
+            ratio = ratio.clamp(max=cap)
+        return ratio * mle + demd
+
+
+def emo_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    cost_embedding: torch.Tensor,
+    mode: str = "emo1",
+    ratio_cap: float | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+) -> torch.Tensor:
+    """EMO loss of logits ``[..., V]`` against ids ``[...]`` with a frozen ``cost_embedding`` ``[V, d]``.
+
+    Formula, modes and settings in :class:`EMO`. For a training loop, build ``xent.losses.EMO`` once:
+    this function row-normalises ``cost_embedding`` on every call. ``ignore_index``, ``reduction`` and
+    ``num_items`` behave exactly as in :func:`xent.cross_entropy`.
+
+    Example:
+        >>> import torch, xent
+        >>> x = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [1.5, 0.5, 2.0]])
+        >>> e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> round(xent.emo_loss(x, torch.tensor([0, -100, 2]), cost_embedding=e, mode="demd").item(), 6)
+        0.202057
+    """
+    loss = EMO(cost_embedding=cost_embedding, mode=mode, ratio_cap=ratio_cap, softcap=softcap)
+    return plain_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
+                      num_items=num_items)
