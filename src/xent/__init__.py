@@ -8,6 +8,10 @@ from . import losses
 from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_loss
 from .losses._cross_entropy import cross_entropy
+from .losses._distill import distill_loss
+from .losses._emo import emo_loss
+from .losses._focal import focal_loss, poly_loss
+from .losses._tailr import gold_loss, tailr_loss
 
 __version__ = "0.1.0"
 
@@ -16,10 +20,16 @@ __all__ = [
     "causal_lm_loss",
     "count_items",
     "cross_entropy",
+    "distill_loss",
+    "emo_loss",
+    "focal_loss",
+    "gold_loss",
     "linear_cross_entropy",
     "linear_loss",
     "losses",
     "nn",
+    "poly_loss",
+    "tailr_loss",
 ]
 
 
