@@ -156,6 +156,13 @@ class _LinearLoss(torch.autograd.Function):
 
 
 def _check_linear(hidden, weight, bias, target, ignore_index, shift, name="hidden", weight_name="weight"):
+    _check_head(hidden, weight, bias, shift, name, weight_name)
+    V.check_target(target, hidden.shape[:-1], weight.shape[0], ignore_index, lead_name=name)
+
+
+def _check_head(hidden, weight, bias, shift, name="hidden", weight_name="weight", bias_name="bias"):
+    """hidden [..., D], weight [V, D] and bias [V] agree in shape and dtype (the target is checked apart:
+    with a sharded head its ids range over the global vocabulary, not weight.shape[0])."""
     V.check_floating(name, hidden)
     V.check_floating(weight_name, weight)
     if hidden.dim() < 1:
@@ -168,12 +175,13 @@ def _check_linear(hidden, weight, bias, target, ignore_index, shift, name="hidde
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{weight_name} dtype {weight.dtype} must equal {name} dtype {hidden.dtype}")
     if bias is not None:
-        V.check_floating("bias", bias)
+        V.check_floating(bias_name, bias)
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            raise ValueError(
+                f"{bias_name} must have shape [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}"
+            )
     if shift and hidden.dim() < 2:
         raise ValueError(f"shift=True needs {name} of shape [..., T, D], got shape {tuple(hidden.shape)}")
-    V.check_target(target, hidden.shape[:-1], weight.shape[0], ignore_index, lead_name=name)
 
 
 def _valid_rows(hidden, target, ignore_index, shift):
