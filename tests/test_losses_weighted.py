@@ -212,6 +212,17 @@ def test_focal_near_certain_token_is_exact():
     assert got.item() == pytest.approx(exact, rel=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_gradient_finite_when_q_rounds_to_one(gamma):
+    # float32 q_y == 1 exactly: (1−q)^γ has an infinite slope at 0 for γ < 1; the loss's true gradient is 0.
+    z = torch.tensor([[100.0, 0.0, 0.0], [1.0, 2.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    (grad,) = torch.autograd.grad(xent.focal_loss(z, y, gamma=gamma, reduction="sum"), z)
+    assert bool(torch.isfinite(grad).all()) and not grad[0].any()
+    (grad_row,) = torch.autograd.grad(xent.focal_loss(z[1:], y[1:], gamma=gamma, reduction="sum"), z)
+    torch.testing.assert_close(grad[1], grad_row[1])
+
+
 @pytest.mark.parametrize("fn, options, loss_obj, ref", CASES[::2], ids=IDS[::2])
 def test_masking_num_items_and_all_ignored(fn, options, loss_obj, ref):
     g = torch.Generator().manual_seed(2)

@@ -49,7 +49,12 @@ class Focal(TokenLoss):
         nll = nll_of_target(logits, target)  # [...]
         if self.gamma == 0.0:
             return self.alpha * nll
-        factor = one_minus_q(nll).pow(self.gamma)
+        base = one_minus_q(nll)
+        # q_y rounds to exactly 1 for a confident token (e.g. float32 logits 100 vs 0): d(1−q)^γ is
+        # infinite there for γ < 1 and times nll = 0 gives NaN, though the true gradient of
+        # (1−q)^γ·nll is 0. Take the power on a safe base and select 0, so both branches stay finite.
+        positive = base > 0
+        factor = torch.where(positive, torch.where(positive, base, 1.0).pow(self.gamma), 0.0)
         if self.detach_factor:
             factor = factor.detach()
         return self.alpha * factor * nll
