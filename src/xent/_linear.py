@@ -290,6 +290,8 @@ def linear_cross_entropy(
         >>> bool(torch.allclose(fused, plain, atol=1e-5))
         True
     """
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        V.check_options(num_classes=weight.shape[0], weight=weight_classes, weight_name="weight_classes")
     loss = CrossEntropy(weight=weight_classes, label_smoothing=label_smoothing, z_loss=z_loss,
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,

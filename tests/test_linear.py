@@ -1,0 +1,269 @@
+"""xent.linear_cross_entropy / linear_loss: same value and gradients as the plain path on materialised
+logits and as a float64 reference; never an [N, V] tensor; ignored tokens cost no work."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import xent
+from reference import ref_causal, ref_cross_entropy
+
+OPTIONS = [
+    {},
+    {"weight_classes": "rand"},
+    {"label_smoothing": 0.2},
+    {"z_loss": 1e-3},
+    {"softcap": 3.0},
+    {"weight_classes": "rand", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.5},
+]
+
+
+def _inputs(shape=(3, 11), D=8, V=37, seed=0, ignore_frac=0.3, dtype=torch.float64, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, D, generator=g).to(dtype).requires_grad_(True)
+    W = (torch.randn(V, D, generator=g) / D**0.5 * 2).to(dtype).requires_grad_(True)
+    b = (0.5 * torch.randn(V, generator=g)).to(dtype).requires_grad_(True) if bias else None
+    y = torch.randint(0, V, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return h, W, b, y
+
+
+def _opts(opts, V, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return {k: (torch.rand(V, generator=g).to(dtype) + 0.2 if v == "rand" else v) for k, v in opts.items()}
+
+
+def _plain(h, W, b, y, shift, reduction, o):
+    logits = h @ W.T + (b if b is not None else 0)
+    o = dict(o)
+    wc = o.pop("weight_classes", None)
+    fn = xent.causal_lm_loss if shift else xent.cross_entropy
+    return fn(logits, y, reduction=reduction, weight=wc, **o)
+
+
+def _grads(out, tensors, seed=2):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    ts = [t for t in tensors if t is not None]
+    return torch.autograd.grad(out, ts, g)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, "auto", 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("shift", [False, True])
+def test_fused_equals_plain_float64(opts, reduction, chunk_size, shift):
+    h, W, b, y = _inputs()
+    o = _opts(opts, W.shape[0])
+    fused = xent.linear_cross_entropy(h, W, y, bias=b, shift=shift, chunk_size=chunk_size,
+                                      reduction=reduction, **o)
+    plain = _plain(h, W, b, y, shift, reduction, o)
+    assert fused.shape == plain.shape and fused.dtype == torch.float64
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for gf, gp in zip(_grads(fused, (h, W, b)), _grads(plain, (h, W, b))):
+        torch.testing.assert_close(gf, gp, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("shift", [False, True])
+def test_fused_float32_against_float64_reference(opts, shift):
+    h, W, b, y = _inputs(shape=(2, 13), D=16, V=53, seed=3, dtype=torch.float32)
+    o = _opts(opts, 53, torch.float32)
+    fused = xent.linear_cross_entropy(h, W, y, bias=b, shift=shift, chunk_size=5, reduction="none", **o)
+    logits64 = h.double() @ W.double().T + b.double()
+    ref_o = {("weight" if k == "weight_classes" else k): v for k, v in o.items()}
+    ref = (ref_causal(logits64, y, reduction="none", **ref_o) if shift
+           else ref_cross_entropy(logits64, y, reduction="none", **ref_o))
+    torch.testing.assert_close(fused.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_gradcheck_fused():
+    h, W, b, y = _inputs(shape=(2, 4), D=3, V=6, seed=4)
+    o = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0}
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, W, b, r=reduction: xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=3,
+                                                                   reduction=r, **o), (h, W, b))
+
+
+def test_all_ignored():
+    h, W, b, y = _inputs(ignore_frac=1.0)
+    for reduction in ("mean", "sum"):
+        out = xent.linear_cross_entropy(h, W, y, bias=b, reduction=reduction)
+        assert out.item() == 0.0
+        for g in torch.autograd.grad(out, (h, W, b)):
+            assert torch.equal(g, torch.zeros_like(g))
+    out = xent.linear_cross_entropy(h, W, y, reduction="none")
+    assert torch.equal(out, torch.zeros(y.shape, dtype=out.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    h, W, b, y = _inputs(shape=(4, 9), D=32, V=101, seed=5, dtype=dtype)
+    fused = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=7)
+    assert fused.dtype == torch.float32
+    gh, gW, gb = torch.autograd.grad(fused, (h, W, b))
+    assert gh.dtype == gW.dtype == gb.dtype == dtype
+    # float64 truth on the same half values: the fused path computes the projection in float32, so
+    # it is at least as close to the truth as the plain path that rounds the logits to half.
+    h64, W64, b64 = (t.detach().double().requires_grad_(True) for t in (h, W, b))
+    truth = xent.cross_entropy(h64 @ W64.T + b64, y)
+    plain = xent.cross_entropy(h @ W.T + b, y)
+    assert abs(fused.double() - truth) <= abs(plain.double() - truth) + 1e-6
+    for g, g64 in zip((gh, gW, gb), torch.autograd.grad(truth, (h64, W64, b64))):
+        torch.testing.assert_close(g.double(), g64, rtol=2e-2, atol=2e-2 * g64.abs().max().item())
+
+
+def test_generic_engine_matches_closed_form():
+    """The autograd path of linear_loss (any TokenLoss) gives the closed-form CE's numbers."""
+
+    class AutogradCE(xent.losses.CrossEntropy):
+        has_closed_form_grad = False
+
+    h, W, b, y = _inputs(seed=6)
+    o = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
+    for reduction in ("mean", "none"):
+        a = xent.linear_loss(h, W, y, bias=b, loss=AutogradCE(**o), chunk_size=4, reduction=reduction)
+        c = xent.linear_loss(h, W, y, bias=b, loss=xent.losses.CrossEntropy(**o), chunk_size=4,
+                             reduction=reduction)
+        torch.testing.assert_close(a, c)
+        for ga, gc in zip(_grads(a, (h, W, b)), _grads(c, (h, W, b))):
+            torch.testing.assert_close(ga, gc)
+
+
+def test_num_items_and_accumulation():
+    h, W, _, y = _inputs(shape=(4, 10), seed=7, ignore_frac=0.4)
+    n = xent.count_items(y)
+    full = xent.linear_cross_entropy(h, W, y, shift=True)
+    parts = sum(xent.linear_cross_entropy(h[i : i + 1], W, y[i : i + 1], shift=True, num_items=n)
+                for i in range(4))
+    torch.testing.assert_close(parts, full)
+    for gp, gf in zip(_grads(parts, (h, W)), _grads(full, (h, W))):
+        torch.testing.assert_close(gp, gf)
+
+
+@settings(max_examples=20, deadline=None)
+@given(chunk=st.integers(1, 40), batch=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_chunk_size_and_batch_never_change_the_result(chunk, batch, seed):
+    h, W, b, y = _inputs(shape=(batch, 9), seed=seed)
+    ref = xent.linear_cross_entropy(h, W, y, bias=b, shift=True, reduction="none", chunk_size="auto")
+    out = xent.linear_cross_entropy(h, W, y, bias=b, shift=True, reduction="none", chunk_size=chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # each sequence alone gives its own row
+    for i in range(batch):
+        one = xent.linear_cross_entropy(h[i : i + 1], W, y[i : i + 1], bias=b, shift=True,
+                                        reduction="none", chunk_size=chunk)
+        torch.testing.assert_close(one[0], ref[i], rtol=1e-12, atol=1e-12)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+        self.mm_rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        name = func.__name__.split(".")[0]
+        if name in ("mm", "addmm"):
+            a = args[1] if name == "addmm" else args[0]
+            self.mm_rows.append(a.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_never_allocates_tokens_by_vocab(reduction):
+    N, D, V = 96, 16, 500
+    h, W, b, y = _inputs(shape=(N,), D=D, V=V, seed=8, ignore_frac=0.0, dtype=torch.float32)
+    with _Recorder() as rec:
+        out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=16, reduction=reduction)
+        torch.autograd.grad(out.sum(), (h, W, b))
+    assert rec.max_numel <= 16 * V < N * V
+    # the positive control: the plain path does allocate [N, V]
+    with _Recorder() as rec_plain:
+        xent.cross_entropy(h @ W.T + b, y)
+    assert rec_plain.max_numel >= N * V
+
+
+def test_ignored_tokens_are_dropped_before_the_projection():
+    N, D, V = 40, 8, 64
+    h, W, b, y = _inputs(shape=(N,), D=D, V=V, seed=9, ignore_frac=0.0, dtype=torch.float32)
+    y[::4] = -100  # 30 valid tokens
+    with _Recorder() as rec:
+        xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=1000)
+    assert sum(r for r in rec.mm_rows) == 30 or 30 in rec.mm_rows
+    assert max(rec.mm_rows) == 30
+    y[:] = -100
+    with _Recorder() as rec:
+        xent.linear_cross_entropy(h, W, y, bias=b)
+    assert rec.mm_rows == []
+
+
+def test_no_grad_does_one_matmul():
+    h, W, b, y = _inputs(shape=(20,), seed=10, ignore_frac=0.0, dtype=torch.float32)
+    with torch.no_grad(), _Recorder() as rec:
+        xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=1000)
+    assert len(rec.mm_rows) == 1
+
+
+def test_module():
+    h, W, b, y = _inputs(seed=11)
+    mod = xent.nn.LinearCrossEntropyLoss(label_smoothing=0.1, shift=True)
+    torch.testing.assert_close(mod(h, W, y, bias=b),
+                               xent.linear_cross_entropy(h, W, y, bias=b, label_smoothing=0.1, shift=True))
+
+
+def test_bad_input():
+    h, W, b, y = _inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, D\] with D = hidden.shape\[-1\] = 8"):
+        xent.linear_cross_entropy(h, W[:, :5], y)
+    with pytest.raises(TypeError, match="weight dtype torch.float64 must equal hidden dtype torch.float32"):
+        xent.linear_cross_entropy(h, W.double(), y)
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \[37\]"):
+        xent.linear_cross_entropy(h, W, y, bias=b[:3])
+    bad = y.clone()
+    bad[0, 0] = 37
+    with pytest.raises(ValueError, match=r"the first is 37"):
+        xent.linear_cross_entropy(h, W, bad)
+    with pytest.raises(ValueError, match=r"chunk_size must be 'auto' or an int >= 1, got 0"):
+        xent.linear_cross_entropy(h, W, y, chunk_size=0)
+    with pytest.raises(TypeError, match="loss must be a xent.losses.TokenLoss"):
+        xent.linear_loss(h, W, y, loss=torch.nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match=r"weight_classes must have shape \[V\] = \[37\]"):
+        xent.linear_cross_entropy(h, W, y, weight_classes=torch.ones(5))
+
+
+def test_torch_compile_model_calling_it():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.lm_head = torch.nn.Linear(8, 37, bias=False)
+
+        def forward(self, x, y):
+            return xent.linear_cross_entropy(torch.relu(self.proj(x)), self.lm_head.weight, y, shift=True)
+
+    torch.manual_seed(0)
+    model = Head()
+    x = torch.randn(2, 11, 8)
+    y = torch.randint(0, 37, (2, 11))
+    eager = model(x, y)
+    compiled = torch.compile(model)
+    out = compiled(x, y)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    assert model.lm_head.weight.grad is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    h, W, b, y = _inputs(shape=(4, 33), D=64, V=1000, seed=12, dtype=torch.float32)
+    cpu = xent.linear_cross_entropy(h, W, y, bias=b, shift=True, label_smoothing=0.1)
+    cuda = xent.linear_cross_entropy(h.cuda(), W.cuda(), y.cuda(), bias=b.cuda(), shift=True,
+                                     label_smoothing=0.1)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-5)
