@@ -1,0 +1,259 @@
+"""The training loop: readable top to bottom, in the spirit of nanoGPT's train.py.
+
+Each step draws ``batch_size`` sequences, splits them into micro-batches, and for each one runs the
+decoder (``model.base_model``) and the fused head + loss (:func:`xent.linear_loss`): the [B, T, V] logits
+are never materialised. The micro-batch losses are Σℓ / num_items with num_items the count of targets
+over the whole step (:func:`xent.count_items`), so the accumulated gradient is the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .._causal import count_items
+from .._linear import linear_loss
+from ..integrations.transformers import fit_loss, output_head
+from ..losses import TokenLoss
+from ._objectives import make_objective
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Same config + same data + same initial model = same result."""
+
+    objective: str | TokenLoss = "ce"  # a name of xent.training.OBJECTIVES, or a loss object
+    objective_options: dict = field(default_factory=dict)  # overrides, e.g. {"label_smoothing": 0.2}
+    steps: int = 200
+    batch_size: int = 16  # sequences per optimizer step
+    micro_batch_size: int | None = None  # sequences per forward/backward; None: the whole batch
+    seq_len: int = 128  # used to cut a 1-D token stream into sequences
+    lr: float = 3e-3
+    min_lr: float = 3e-4  # the cosine decays from lr to min_lr at the last step
+    warmup_steps: int = 20  # linear warm-up from 0
+    weight_decay: float = 0.1  # on matrices only (not on biases and norms)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # max global gradient norm
+    seed: int = 0  # batch order and dropout
+    chunk_size: int | str = "auto"  # tokens per chunk of the fused head
+    eval_every: int = 0  # held-out cross-entropy every k steps (and at the end) when eval_data is given
+    save_dir: str | None = None  # save_pretrained here at the end (and every save_every steps)
+    save_every: int = 0
+    progress: bool = True  # a tqdm progress bar
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one row per step: step, loss, lr, grad_norm, tokens, seconds
+    eval_history: list[dict]  # step, eval_ce (nats/token), when eval_data was given
+    seconds: float
+    tokens: int  # target tokens trained on
+    objective: str  # repr of the loss object
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else math.nan
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_sequences(data, seq_len: int) -> torch.Tensor:
+    """Training data as a [S, T] int64 tensor of sequences.
+
+    Accepts a [S, T] tensor (used as is; −100 marks padding, which is neither attended to as a
+    target nor fed: it is replaced by token 0 in the input), a 1-D token stream or a list of token
+    lists (concatenated, then cut into sequences of ``seq_len``; the remainder is dropped).
+    """
+    if isinstance(data, torch.Tensor) and data.dim() == 2:
+        seqs = data
+    else:
+        if isinstance(data, torch.Tensor):
+            stream = data.reshape(-1)
+        else:
+            stream = torch.tensor([t for doc in data for t in doc], dtype=torch.long)
+        n = stream.numel() // seq_len
+        if n == 0:
+            raise ValueError(
+                f"data has {stream.numel()} tokens, fewer than one sequence of seq_len={seq_len}")
+        seqs = stream[: n * seq_len].reshape(n, seq_len)
+    if seqs.is_floating_point():
+        raise TypeError(f"data must hold integer token ids, got dtype {seqs.dtype}")
+    return seqs.long()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _batches(num_seqs: int, batch_size: int, generator: torch.Generator):
+    """Endless batches of sequence indices: a fresh permutation every epoch, seeded."""
+    order, pos = torch.randperm(num_seqs, generator=generator), 0
+    while True:
+        if pos + batch_size > num_seqs:
+            order, pos = torch.randperm(num_seqs, generator=generator), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
+                     chunk_size="auto") -> torch.Tensor:
+    """Σℓ / num_items over one micro-batch of sequences [b, T] (targets: the next tokens)."""
+    head = output_head(model)
+    inputs = torch.where(seqs == -100, torch.zeros_like(seqs), seqs)
+    attention_mask = (seqs != -100).long()
+    hidden = head.decoder(input_ids=inputs, attention_mask=attention_mask)[0]  # [b, T, D]
+    if head.hidden_scale != 1.0:
+        hidden = hidden * head.hidden_scale
+    return linear_loss(hidden, head.weight, seqs, loss=fit_loss(loss, head), bias=head.bias, shift=True,
+                       num_items=num_items, chunk_size=chunk_size)
+
+
+def accumulate_gradients(model, loss: TokenLoss, batch: torch.Tensor, micro_batch_size: int,
+                         chunk_size="auto") -> tuple[float, int]:
+    """Forward and backward over ``batch`` [B, T] in micro-batches; returns (step loss, num_items).
+
+    Each micro-batch's loss is Σℓ / num_items with num_items the target count of the whole batch, so
+    the gradients that add up in ``.grad`` are exactly those of the full batch's mean loss.
+    """
+    micro_batches = batch.split(micro_batch_size)
+    num_items = sum(count_items(mb) for mb in micro_batches)  # targets in the whole step
+    step_loss = 0.0
+    for mb in micro_batches:
+        value = micro_batch_loss(model, loss, mb, num_items, chunk_size)
+        value.backward()
+        step_loss += value.item()
+    return step_loss, int(num_items)
+
+
+@torch.no_grad()
+def evaluate_ce(model, seqs: torch.Tensor, batch_size: int = 16, chunk_size="auto") -> float:
+    """Mean next-token cross-entropy (nats) over sequences [S, T]: Σℓ over all of them / their count."""
+    was_training = model.training
+    model.eval()
+    total = count_items(seqs)
+    ce = make_objective("ce")
+    value = sum(micro_batch_loss(model, ce, seqs[i : i + batch_size], total, chunk_size).item()
+                for i in range(0, len(seqs), batch_size))
+    model.train(was_training)
+    return value
+
+
+def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tokenizer=None,
+          **overrides) -> TrainResult:
+    """Train a transformers causal LM in place with any xent objective; returns the loss history.
+
+    Args:
+        model: a ``*ForCausalLM`` (anything with ``base_model`` and ``get_output_embeddings()``).
+        data: training sequences: a [S, T] id tensor, a 1-D token stream or a list of token lists
+            (see :func:`as_sequences`).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields, e.g.
+            ``train(model, ids, objective="tailr", steps=100)``.
+        eval_data: optional held-out sequences, scored with cross-entropy every ``eval_every`` steps.
+        tokenizer: saved next to the model when ``save_dir`` is set.
+
+    The objective's value is what ``history`` records (for ``tailr``, ``gold``, ``focal`` and ``poly`` it
+    is not the cross-entropy; ``emo`` in mode emo1 has the cross-entropy's value); ``eval_history``
+    holds the cross-entropy of every objective on the same held-out sequences.
+    """
+    cfg = config if config is not None else TrainConfig()
+    if overrides:
+        unknown = sorted(set(overrides) - set(TrainConfig.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown training option(s) {unknown}; see xent.training.TrainConfig")
+        cfg = TrainConfig(**{**asdict(cfg), **overrides})
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if micro < 1 or cfg.batch_size % micro:
+        raise ValueError(f"micro_batch_size ({micro}) must divide batch_size ({cfg.batch_size})")
+
+    seqs = as_sequences(data, cfg.seq_len)
+    eval_seqs = None if eval_data is None else as_sequences(eval_data, cfg.seq_len)
+    if len(seqs) < cfg.batch_size:
+        raise ValueError(f"data has {len(seqs)} sequences, fewer than batch_size={cfg.batch_size}")
+    device = next(model.parameters()).device
+    loss_fn = cfg.objective if isinstance(cfg.objective, TokenLoss) else make_objective(
+        cfg.objective, model, **cfg.objective_options)
+    if getattr(loss_fn, "unit_embedding", None) is not None:
+        loss_fn.unit_embedding = loss_fn.unit_embedding.to(device)
+
+    torch.manual_seed(cfg.seed)  # dropout, if the model has any
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = _batches(len(seqs), cfg.batch_size, generator)
+    optimizer = _optimizer(model, cfg)
+    model.train()
+
+    history, eval_history, tokens, start = [], [], 0, time.perf_counter()
+    bar = _progress(cfg)
+    for step in range(cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = seqs[next(batches)].to(device)  # [batch_size, T]
+        step_loss, num_items = accumulate_gradients(model, loss_fn, batch, micro, cfg.chunk_size)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                     if cfg.grad_clip else math.nan)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += num_items
+        history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens": tokens, "seconds": time.perf_counter() - start})
+        last = step + 1 == cfg.steps
+        if eval_seqs is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            eval_history.append({"step": step + 1, "eval_ce": evaluate_ce(model, eval_seqs.to(device),
+                                                                         chunk_size=cfg.chunk_size)})
+        if cfg.save_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+            _save(model, tokenizer, os.path.join(cfg.save_dir, f"step-{step + 1}"), None)
+        if bar is not None:
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    result = TrainResult(history, eval_history, time.perf_counter() - start, tokens, repr(loss_fn))
+    if cfg.save_dir:
+        _save(model, tokenizer, cfg.save_dir, {"config": _jsonable(asdict(cfg)), **result.to_dict()})
+    return result
+
+
+def _progress(cfg: TrainConfig):
+    if not cfg.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    name = cfg.objective if isinstance(cfg.objective, str) else type(cfg.objective).__name__
+    return tqdm(total=cfg.steps, desc=f"train {name}", unit="step", leave=False)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))) else repr(v))
+            for k, v in d.items()}
+
+
+def _save(model, tokenizer, directory: str, log: dict | None) -> None:
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)  # safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if log is not None:
+        with open(os.path.join(directory, "xent_train.json"), "w") as f:
+            json.dump(log, f, indent=1)

@@ -1,0 +1,44 @@
+"""Training objectives by name: each is a :class:`xent.losses.TokenLoss` built for a given model."""
+
+from __future__ import annotations
+
+from .. import losses
+
+# name -> (one-line description, default options). The defaults are the settings the demo compares.
+OBJECTIVES = {
+    "ce": ("cross-entropy (maximum likelihood)", {}),
+    "ce_ls": ("cross-entropy with label smoothing ε = 0.1", {"label_smoothing": 0.1}),
+    "ce_zloss": ("cross-entropy plus z-loss 1e-4·(logsumexp z)²", {"z_loss": 1e-4}),
+    "emo": ("EMO-1: ½(CE + sg(CE/DEMD)·DEMD), cost from the initial head", {"mode": "emo1"}),
+    "tailr": ("TaiLr: CE weighted by sg(clamp(q/(γ+(1−γ)q), b, 1)), γ = 0.1, b = 0.3",
+              {"gamma": 0.1, "threshold": 0.3}),
+    "gold": ("GOLD-δ: CE weighted by sg(max(q, b)), b = 0.1", {"threshold": 0.1}),
+    "focal": ("focal: CE weighted by (1 − q)^γ, γ = 2", {"gamma": 2.0}),
+    "poly": ("Poly-1: CE + ε(1 − q), ε = 1", {"epsilon": 1.0}),
+}
+
+
+def make_objective(name: str, model=None, **options) -> losses.TokenLoss:
+    """The loss object of objective ``name`` (a key of :data:`OBJECTIVES`); ``options`` override defaults.
+
+    ``emo`` needs ``model``: its cost embedding is a frozen copy of the model's output embeddings taken
+    now, before training (as the EMO paper does), unless ``cost_embedding`` is given.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    opts = {**OBJECTIVES[name][1], **options}
+    if name in ("ce", "ce_ls", "ce_zloss"):
+        return losses.CrossEntropy(**opts)
+    if name == "emo":
+        if "cost_embedding" not in opts:
+            if model is None:
+                raise ValueError("objective 'emo' needs the model (or cost_embedding=) to build its cost")
+            opts["cost_embedding"] = model.get_output_embeddings().weight.detach().clone().float()
+        return losses.EMO(**opts)
+    if name == "tailr":
+        return losses.TaiLr(**opts)
+    if name == "gold":
+        return losses.GOLD(**opts)
+    if name == "focal":
+        return losses.Focal(**opts)
+    return losses.Poly(**opts)

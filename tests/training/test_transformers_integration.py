@@ -1,0 +1,157 @@
+"""xent.integrations.transformers: the patched forward against transformers' own loss, on tiny configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import xent  # noqa: E402
+import xent.integrations.transformers as xt  # noqa: E402
+from xent._reduce import apply_token_loss  # noqa: E402
+
+V = 97
+
+
+def tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg)
+    if arch == "llama":  # untied head
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                                       pad_token_id=0)
+        return transformers.LlamaForCausalLM(cfg)
+    if arch == "gemma2":  # final-logit soft-capping between the head and the loss
+        cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=16,
+                                        final_logit_softcapping=3.0, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0)
+        return transformers.Gemma2ForCausalLM(cfg)
+    raise ValueError(arch)
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (3, 19), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0  # right padding
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[2, :4] = -100  # a prompt that is not trained on
+    return ids, mask, labels
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_patched_cross_entropy_equals_transformers_loss_and_grads(arch):
+    model = tiny(arch).eval()
+    ids, mask, labels = batch()
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+
+    xt.patch_causal_lm(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None  # the fused path never builds them
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    got = grads(model)
+    assert got.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_num_items_in_batch_matches_transformers(arch):
+    model = tiny(arch).eval()
+    ids, mask, labels = batch()
+    n = torch.tensor(50)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n).loss
+    xt.patch_causal_lm(model)
+    got = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=n).loss  # ids positional
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # and it is Σℓ / n, not the mean over this batch's targets
+    mean = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got * n, mean * xent.count_items(labels), rtol=1e-5, atol=1e-5)
+
+
+def test_any_objective_matches_the_plain_path_on_materialised_logits():
+    model = tiny("llama").eval()
+    ids, mask, labels = batch()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = xent.losses.TaiLr(gamma=0.1, threshold=0.3)
+    ref = apply_token_loss(loss, logits[:, :-1], labels[:, 1:])
+    xt.patch_causal_lm(model, loss=loss)
+    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_without_labels_the_original_forward_runs_and_unpatch_restores():
+    model = tiny("gpt2").eval()
+    ids, mask, labels = batch()
+    ref = model(input_ids=ids, attention_mask=mask)
+    xt.patch_causal_lm(model, loss=xent.losses.Focal(gamma=2.0))
+    assert xt.is_patched(model)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, ref.logits)
+    patched = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    xt.unpatch(model)
+    assert not xt.is_patched(model)
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert plain.logits is not None
+    assert not torch.allclose(plain.loss, patched)  # focal is not CE: the patch really was off again
+    xt.unpatch(model)  # a no-op
+
+
+def test_patch_rejects_what_it_cannot_run():
+    with pytest.raises(TypeError, match="TokenLoss"):
+        xt.patch_causal_lm(tiny("gpt2"), loss=torch.nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match="output embeddings"):
+        xt.patch_causal_lm(transformers.GPT2Model(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1,
+                                                                           n_head=2)))
+
+
+def _trainer_run(tmp_path, patched: bool):
+    pytest.importorskip("accelerate")
+    model = tiny("gpt2", seed=3)
+    if patched:
+        xt.patch_causal_lm(model)
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for i in range(8):  # sequences of different target counts, so accumulation must use num_items
+        n = 8 + 3 * i
+        ids = torch.randint(1, V, (24,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": (torch.arange(24) < n).long(),
+                     "labels": torch.where(torch.arange(24) < n, ids, -100)})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / ("patched" if patched else "plain")), per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5, lr_scheduler_type="constant",
+        optim="sgd",  # updates linear in the gradient: Adam would hide a wrongly scaled one
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    assert trainer.model_accepts_loss_kwargs  # so Trainer passes num_items_in_batch
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model, losses
+
+
+def test_trainer_with_gradient_accumulation_matches_unpatched(tmp_path):
+    plain, plain_losses = _trainer_run(tmp_path, patched=False)
+    fused, fused_losses = _trainer_run(tmp_path, patched=True)
+    assert len(fused_losses) == 2
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
+    initial = dict(tiny("gpt2", seed=3).named_parameters())
+    assert any(not torch.allclose(p, initial[n]) for n, p in fused.named_parameters())  # it trained
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
