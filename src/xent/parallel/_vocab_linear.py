@@ -1,0 +1,189 @@
+"""The fused path with the LM head sharded over the vocabulary: never even this rank's [N, V_r] logits.
+
+Forward, per chunk of C valid tokens and without an autograd graph: project to [C, V_r], reduce the
+slice to three numbers per token (max, sum of exponentials, smoothing sum), drop the chunk. Then the
+two all-reduces of :mod:`xent.parallel._vocab` for all tokens at once; the target logits are row dots
+h·W[y] on the rank that owns y. Backward recomputes each chunk with the global logsumexp through the
+chunk loop of the fused engine (:func:`xent._linear._run`), then sums the hidden gradient over the
+ranks: one all-reduce of [N, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import _validate as V
+from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, auto_chunk_size
+from .._reduce import reduce_tokens
+from ._vocab import ShardGrad, all_max, all_sum, group_place, local_stats, owned_targets, softcapped
+
+
+@dataclass
+class _Setup:
+    rows: torch.Tensor  # [n] rows of hidden2d with a valid target
+    target: torch.Tensor  # [n] their global ids
+    chunk: int
+    dtype: torch.dtype
+    weight_classes: torch.Tensor | None
+    eps: float
+    z_loss: float
+    softcap: float | None
+    ignore_index: int
+    group: object
+    sum_hidden_grad: bool
+
+
+def _spans(n: int, chunk: int):
+    return (slice(s, min(s + chunk, n)) for s in range(0, n, chunk))
+
+
+def _local_pass(setup: _Setup, hidden2d, w, b, wc):
+    """Per-token (m_r, Σ exp(z − m_r), Σ w_c (m_r − z_c)) of this slice, one chunk of logits at a time."""
+    n = setup.rows.numel()
+    out = [torch.empty(n, dtype=setup.dtype, device=hidden2d.device) for _ in range(3)]
+    for sl in _spans(n, setup.chunk):
+        h = hidden2d.index_select(0, setup.rows[sl]).to(setup.dtype)  # [C, D]
+        stats = local_stats(softcapped(_project(h, w, b), setup.softcap), wc)  # from a [C, V_r] buffer
+        for buf, x in zip(out, stats):
+            buf[sl] = x
+    return out
+
+
+def _target_logits(setup: _Setup, hidden2d, w, b, owned, local_y):
+    """z_y [n] for the targets this rank owns (row dots h·W[y] + b[y], soft-capped), 0 elsewhere."""
+    z_y = torch.zeros(setup.rows.numel(), dtype=setup.dtype, device=hidden2d.device)
+    mine = owned.nonzero().squeeze(-1)
+    for sl in _spans(mine.numel(), setup.chunk):
+        i, y = mine[sl], local_y[mine[sl]]
+        h = hidden2d.index_select(0, setup.rows[i]).to(setup.dtype)  # [C, D]
+        z = (h * w.index_select(0, y)).sum(dim=-1)
+        if b is not None:
+            z = z + b[y]
+        z_y[i] = softcapped(z, setup.softcap)
+    return z_y
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, setup: _Setup):
+        # Returns ℓ [n] and w_y [n] for the valid tokens, identical on every rank.
+        dt, size = setup.dtype, weight.shape[0]
+        w, b = _as(weight, dt), _as(bias, dt)  # a float32 copy once for half inputs
+        wc = None if setup.weight_classes is None else setup.weight_classes.to(device=w.device, dtype=dt)
+        m_local, sumexp_local, dev_local = _local_pass(setup, hidden2d, w, b, wc)
+        m, shard = all_max(m_local, size, setup.group)
+        # every rank holds the same target, so every rank raises here alike (no rank left waiting)
+        V.check_ids_in_range(setup.target, 0, shard.total, setup.ignore_index)
+        every = torch.ones(setup.target.shape, dtype=torch.bool, device=m.device)  # all rows are valid
+        owned, local_y = owned_targets(setup.target, every, shard)
+        z_y = _target_logits(setup, hidden2d, w, b, owned, local_y)
+        w_y = owned.to(dt) if wc is None else torch.where(owned, wc[local_y], 0.0)
+        w_sum = torch.tensor(float(size), dtype=dt, device=m.device) if wc is None else wc.sum()
+        stats = all_sum(m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum, owned=owned, local_y=local_y,
+                        shard=shard, eps=setup.eps, z_loss=setup.z_loss, group=setup.group)
+        grad_fn = ShardGrad(stats, shard, w=wc, eps=setup.eps, softcap=setup.softcap)
+        n = setup.rows.numel()
+        # the chunk loop's "targets" are indices into the per-token global statistics
+        ctx.plan = _Plan(grad_fn, setup.rows, torch.arange(n, device=m.device), setup.chunk, dt, ())
+        ctx.setup = setup
+        ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(hidden2d, weight, bias)
+        ctx.mark_non_differentiable(stats.w_y)
+        return stats.loss, stats.w_y
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_w_y):
+        hidden2d, weight, bias = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        grads = _run(ctx.plan, hidden2d, weight, bias, grad_loss.to(ctx.plan.compute_dtype), need)[1:]
+        grad_h = grads[0]
+        if grad_h is not None and ctx.setup.sum_hidden_grad:
+            # hidden feeds every rank's slice: its gradient is the sum of the slices' contributions
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.setup.group)
+        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None)
+
+
+def _check_target_ids_tensor(target, lead_shape, lead_name):
+    # V.check_target's type and shape half: the id range needs the global V (after the first all-reduce).
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class ids, got dtype={target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match {lead_name} shape without its last "
+            f"dimension {tuple(lead_shape)}"
+        )
+
+
+@torch.compiler.disable
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    local_bias: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int | str = "auto",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    weight_classes: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items=None,
+    sum_hidden_grad: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ W.T + b`` with the head W ``[V, D]`` sharded over the vocabulary.
+
+    The value of ``xent.linear_cross_entropy(hidden, W, target, bias=b, ...)`` on every rank, without
+    the full logits and without even this rank's ``[N, V_r]`` logits: one chunk ``[C, V_r]`` at a time.
+
+    Args:
+        hidden: ``[..., D]`` (``[..., T, D]`` with ``shift``), the same on every rank of ``group``
+            (replicated, as in front of a column-parallel head).
+        local_weight: ``[V_r, D]``, this rank's contiguous rows of W; slices in rank order, sizes free.
+        target: ``[...]`` GLOBAL ids, the same on every rank; ``ignore_index`` is skipped.
+        local_bias: this rank's ``[V_r]`` of the bias, optional.
+        weight_classes: this rank's ``[V_r]`` of the class weights (``weight`` is the projection).
+        sum_hidden_grad: all-reduce the gradient of ``hidden`` over ``group`` (default), so every rank
+            receives the full d loss/d hidden = Σ_r g_r·W_r, what a tensor-parallel head needs. Set False
+            when the framework already does it (Megatron's copy-to-tensor-parallel-region): each rank
+            then receives its own partial g_r·W_r.
+        shift, chunk_size, label_smoothing, z_loss, softcap, ignore_index, reduction, num_items: as
+            :func:`xent.linear_cross_entropy` and :func:`vocab_parallel_cross_entropy`.
+
+    Gradients: ``local_weight`` and ``local_bias`` receive exactly their rows of the full gradient;
+    ``hidden`` see ``sum_hidden_grad``. Communication: two all-reduces of ~5 numbers per token in the
+    forward, one of ``[N, D]`` in the backward. A collective: every rank calls it with the same
+    hidden, target and options.
+    """
+    V.check_reduction(reduction)
+    V.check_num_items(num_items, reduction)
+    _check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
+    _check_target_ids_tensor(target, hidden.shape[:-1], "hidden")
+    size = local_weight.shape[0]
+    V.check_options(num_classes=size, weight=weight_classes, weight_name="weight_classes",
+                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}")
+    group_place(group)
+
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
+    n = rows.numel()
+    chunk = auto_chunk_size(max(n, 1), size, ShardGrad) if chunk_size == "auto" else chunk_size
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
+                   ignore_index, group, sum_hidden_grad)
+    per_token, w_y = _VocabParallelLinearCE.apply(hidden2d, local_weight, local_bias, setup)
+    if reduction == "none":
+        flat = per_token.new_zeros(torch.Size(out_shape).numel())
+        return flat.index_copy(0, positions, per_token).view(out_shape)
+    valid = torch.ones(n, dtype=torch.bool, device=per_token.device)
+    return reduce_tokens(per_token, valid, reduction, num_items, None if weight_classes is None else w_y)
