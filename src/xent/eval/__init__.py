@@ -1,0 +1,14 @@
+"""Evaluation of causal language models: cross-entropy, perplexity and calibration on a corpus,
+computed exactly (REFERENCE.md §4), and the comparison of two models on the same tokens.
+
+``evaluate(model, tokenizer, documents, **options) -> EvalResult`` is the Python API of ``xent eval``;
+``compare(base, model, tokenizer, documents, **options) -> CompareResult`` that of ``xent compare``.
+Needs transformers (``pip install xent[hf]``).
+"""
+
+from ._data import Corpus
+from ._errors import EvalError
+from ._evaluate import EvalResult, evaluate
+from ._windows import Window, llama_cpp_windows, sliding_windows
+
+__all__ = ["Corpus", "EvalError", "EvalResult", "Window", "evaluate", "llama_cpp_windows", "sliding_windows"]

@@ -1,0 +1,175 @@
+"""Reading corpora lazily: one document at a time, whatever the file size.
+
+Formats: .txt (the whole file is one document; ``split="lines"`` or ``"paragraphs"`` to cut it), .jsonl
+(one JSON object per line, text under ``text_field``), .parquet (column ``text_field``, read in record
+batches), and a directory written by ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow).
+Invalid UTF-8 is replaced by U+FFFD and counted in ``Corpus.invalid_utf8``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+from ._errors import EvalError
+
+SPLITS = ("none", "lines", "paragraphs")
+
+
+def _decode(raw: bytes, counter: list[int]) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    # A genuine U+FFFD in the file is not an error: count only what decoding replaced.
+    counter[0] += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    return text
+
+
+def _txt(path: str, split: str, counter: list[int]) -> Iterator[str]:
+    if split == "none":
+        with open(path, "rb") as f:
+            yield _decode(f.read(), counter)
+        return
+    with open(path, "rb") as f:
+        if split == "lines":
+            for line in f:
+                yield _decode(line.rstrip(b"\r\n"), counter)
+            return
+        block: list[bytes] = []  # paragraphs: runs of non-blank lines
+        for line in f:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield _decode(b"".join(block).rstrip(b"\r\n"), counter)
+                block = []
+        if block:
+            yield _decode(b"".join(block).rstrip(b"\r\n"), counter)
+
+
+def _text_of(value, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise EvalError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _jsonl(path: str, field: str, counter: list[int]) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(_decode(line, counter))
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise EvalError(f"{path}:{lineno}: no field {field!r} (use --text-field)")
+            yield _text_of(obj[field], f"{path}:{lineno}", field)
+
+
+def _parquet(path: str, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:
+        raise EvalError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+    if field not in pf.schema_arrow.names:
+        raise EvalError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield _text_of(value, path, field)
+
+
+def _hf_dir(path: str, field: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as err:
+        raise EvalError(f"{path}: not a saved Hugging Face dataset ({_first_line(err)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise EvalError(f"{path} holds the splits {sorted(ds)}: pass {path}/<split>")
+    if field not in ds.column_names:
+        raise EvalError(f"{path}: no column {field!r} (columns: {', '.join(ds.column_names)})")
+    for start in range(0, len(ds), 1024):
+        for value in ds[start : start + 1024][field]:
+            yield _text_of(value, path, field)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def check_path(path: str) -> str:
+    """The format of ``path`` ("txt", "jsonl", "parquet", "hf"), or EvalError naming the problem."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
+            return "hf"
+        raise EvalError(f"{path} is a directory but not a saved Hugging Face dataset")
+    if not os.path.exists(path):
+        raise EvalError(f"data file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    formats = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+    if ext not in formats:
+        raise EvalError(f"{path}: unsupported data format {ext or '(none)'!r} (.txt, .jsonl, .parquet or a "
+                        "datasets directory)")
+    return formats[ext]
+
+
+class Corpus:
+    """Documents of several paths, read lazily in order: iterate to get (file index, text)."""
+
+    def __init__(self, paths: list[str], *, split: str = "none", text_field: str = "text"):
+        if split not in SPLITS:
+            raise EvalError(f"split must be one of {SPLITS}, got {split!r}")
+        self.paths = list(paths)
+        self.formats = [check_path(p) for p in self.paths]
+        self.split, self.text_field = split, text_field
+        self.invalid_utf8 = 0
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        counter = [0]
+        try:
+            for i, (path, fmt) in enumerate(zip(self.paths, self.formats)):
+                if fmt == "txt":
+                    docs = _txt(path, self.split, counter)
+                elif fmt == "jsonl":
+                    docs = _jsonl(path, self.text_field, counter)
+                elif fmt == "parquet":
+                    docs = _parquet(path, self.text_field)
+                else:
+                    docs = _hf_dir(path, self.text_field)
+                for text in docs:
+                    yield i, text
+        finally:
+            self.invalid_utf8 = counter[0]
+
+    def sha256(self) -> str:
+        """SHA-256 over the bytes of every data file (a directory: its files in sorted order)."""
+        h = hashlib.sha256()
+        for path in self.paths:
+            files = [path]
+            if os.path.isdir(path):
+                files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+            for name in files:
+                h.update(os.path.relpath(name, path).encode() + b"\0")
+                with open(name, "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(block)
+        return h.hexdigest()
+
+
+def count_words(text: str) -> int:
+    """Words as whitespace-separated runs (str.split())."""
+    return len(text.split())
+
+
+def count_words_lm_eval(text: str) -> int:
+    """Words as lm-evaluation-harness counts them: len(re.split(r"\\s+", text)) (an empty string at
+    each end counts as a word)."""
+    import re
+
+    return len(re.split(r"\s+", text))

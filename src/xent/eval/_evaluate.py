@@ -1,0 +1,162 @@
+"""``xent.eval.evaluate``: a causal LM's cross-entropy on a stream of documents."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from . import _distributed as dist
+from . import _files
+from ._data import Corpus
+from ._options import resolve_options
+from ._runner import Runner
+from ._sums import Totals
+
+
+@dataclass
+class EvalResult:
+    """Corpus-level metrics (REFERENCE.md §4); ``to_dict()`` is summary.json.
+
+    nll_mean is in nats per scored token; nll_se_token is s/√N (tokens independent, as llama.cpp
+    prints) and nll_se_document the document-clustered SE; perplexity_ci95 = e^(L̄ ± 1.96·SE_doc).
+    bits_per_byte and word_perplexity divide the summed loss by the UTF-8 bytes and words of the
+    documents scored. ece: 15 equal-width bins of the top-1 probability vs top-1 correctness.
+    brier: the multi-class Brier score Σ_c (q_c − [c = y])², in [0, 2], averaged over tokens.
+    nll_by_position: mean loss per bucket of context length [start, end) in tokens (BOS included).
+    calibration: the 15 bins (tokens, mean confidence, accuracy) of the reliability diagram.
+    """
+
+    tokens: int
+    documents: int
+    bytes: int
+    words: int
+    nll_mean: float
+    nll_se_token: float
+    nll_se_document: float
+    perplexity: float
+    perplexity_ci95: list[float]
+    bits_per_token: float
+    bits_per_byte: float
+    byte_perplexity: float
+    word_perplexity: float
+    top1_accuracy: float
+    top5_accuracy: float
+    entropy_mean: float
+    ece: float
+    brier: float
+    nll_by_position: list[dict]
+    calibration: list[dict]
+    skipped_empty: int
+    skipped_unscored: int
+    invalid_utf8: int = 0
+    config: dict = field(default_factory=dict)
+    model_sha256: str | None = None
+    data_sha256: str | None = None
+    per_file: dict[str, dict] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    documents: Iterable[str] | Corpus,
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    bos: str | None = None,
+    preset: str | None = None,
+    batch_size: int = 8,
+    padding_side: str = "right",
+    checkpoint_every: int = 100,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_tokens: Callable[[dict], None] | None = None,
+    model_sha256: str | None = None,
+    data_sha256: str | None = None,
+    extra_config: dict | None = None,
+    stop_after: int | None = None,
+) -> EvalResult:
+    """Cross-entropy of a causal LM on documents, with every metric of REFERENCE.md §4.
+
+    Args:
+        model: a transformers causal LM (any dtype/device; the softmax is computed in float32).
+        tokenizer: its tokenizer; documents are encoded without special tokens, BOS is added per ``bos``.
+        documents: an iterable of strings (consumed lazily, once) or a :class:`Corpus` (several files:
+            then ``per_file`` holds each file's metrics).
+        max_length: inputs per window (default: the model's context). stride: window step (default
+            max_length). bos: "first" | "every" | "none" (default "first" if the tokenizer has a BOS).
+            preset: "lm-eval" or "llama.cpp" (see xent.eval._options). See xent.eval._windows for the
+            exact windowing.
+        batch_size, padding_side: change speed, not results.
+        checkpoint_every: documents per chunk; with ``checkpoint_dir`` the exact totals are saved after
+            each chunk and ``resume=True`` continues from them (the result equals an uninterrupted run).
+        progress(tokens), on_tokens(per-token dict): called after each batch.
+
+    Under torch.distributed each rank scores documents i ≡ rank (mod world); every rank returns the
+    pooled result. Raises EvalError (a ValueError) for bad options or input.
+
+    Example:
+        >>> r = xent.eval.evaluate(model, tokenizer, ["Some text.", "More text."], max_length=512)
+        >>> r.nll_mean, r.perplexity, r.nll_se_document  # doctest: +SKIP
+    """
+    opts = resolve_options(model, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
+                           batch_size=batch_size, padding_side=padding_side,
+                           checkpoint_every=checkpoint_every)
+    corpus = documents if isinstance(documents, Corpus) else None
+    names = corpus.paths if corpus is not None else ["<documents>"]
+    stream = iter(corpus) if corpus is not None else ((0, text) for text in documents)
+    rank, world = dist.rank_and_world()
+    runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world)
+    if model_sha256 is None:
+        model_sha256 = _files.state_dict_sha256(model)
+    if data_sha256 is None and corpus is not None:
+        data_sha256 = corpus.sha256()
+    config = {**opts.config(), **(extra_config or {})}
+
+    start, on_chunk = 0, None
+    if checkpoint_dir is not None:
+        fingerprint = {"config": {k: v for k, v in config.items() if k != "batch_size"},
+                       "model_sha256": model_sha256, "data_sha256": data_sha256, "world": world}
+        if resume:
+            state = _files.load_checkpoint(checkpoint_dir, fingerprint, rank)
+            if state is not None:
+                start = state["next_document"]
+                runner.totals = [Totals.from_state(s) for s in state["totals"]]
+
+        def on_chunk(next_doc: int) -> None:
+            _files.save_checkpoint(checkpoint_dir, fingerprint,
+                                   {"next_document": next_doc, "totals": [t.state() for t in runner.totals]},
+                                   rank)
+
+    runner.run(stream, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
+               stop_after=stop_after)
+    gathered = dist.all_gather([t.state() for t in runner.totals])
+    per_file_totals = [Totals(opts.max_length) for _ in names]
+    for states in gathered:
+        for acc, s in zip(per_file_totals, states):
+            acc.merge(Totals.from_state(s))
+    pooled = Totals(opts.max_length)
+    for t in per_file_totals:
+        pooled.merge(t)
+    invalid = corpus.invalid_utf8 if corpus is not None else 0  # every rank reads the whole corpus
+    per_file = None
+    if len(names) > 1:
+        per_file = {name: t.metrics() for name, t in zip(names, per_file_totals)}
+    return _result(pooled.metrics(), invalid_utf8=invalid, config=config, model_sha256=model_sha256,
+                   data_sha256=data_sha256, per_file=per_file)
+
+
+def _result(metrics: dict, **extra) -> EvalResult:
+    """EvalResult from Totals.metrics(); NaN for metrics that need tokens when there are none."""
+    names = [f for f in EvalResult.__dataclass_fields__ if f not in extra]
+    values = {name: metrics.get(name, math.nan) for name in names}
+    for name in ("nll_by_position", "calibration", "perplexity_ci95"):
+        if not isinstance(values[name], list):
+            values[name] = []
+    for name in ("skipped_empty", "skipped_unscored"):
+        values[name] = metrics.get(name, 0)
+    return EvalResult(**values, **extra)

@@ -1,0 +1,100 @@
+"""From windows to per-token statistics: padding, the forward pass, and the float32 softmax.
+
+Padding never changes a number: padded inputs are masked (attention_mask 0), the position ids count
+only real tokens (so left and right padding give every token the same position), and padded positions
+carry no label.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import xent
+
+from ._windows import IGNORE, Window
+
+# Rows of float32 [rows, V] temporaries processed at a time: about 2^26 floats (256 MB).
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def collate(windows: list[Window], *, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad windows to one [B, T] batch: input_ids, attention_mask, position_ids, labels, positions."""
+    T = max(len(w.input_ids) for w in windows)
+    B = len(windows)
+    out = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "position_ids": torch.zeros((B, T), dtype=torch.long),
+        "labels": torch.full((B, T), IGNORE, dtype=torch.long),
+        "positions": torch.full((B, T), -1, dtype=torch.long),
+    }
+    for i, w in enumerate(windows):
+        n = len(w.input_ids)
+        cols = slice(0, n) if padding_side == "right" else slice(T - n, T)
+        out["input_ids"][i, cols] = torch.tensor(w.input_ids)
+        out["attention_mask"][i, cols] = 1
+        out["position_ids"][i, cols] = torch.arange(n)
+        out["labels"][i, cols] = torch.tensor(w.labels)
+        out["positions"][i, cols] = torch.tensor(w.positions)
+    return out
+
+
+@torch.no_grad()
+def forward_logits(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """Logits [B, T, V] in the model's dtype."""
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def scored_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the scored positions, in row-major order."""
+    return (batch["labels"] != IGNORE).nonzero(as_tuple=True)
+
+
+def context_lengths(batch: dict[str, torch.Tensor], rows, cols) -> torch.Tensor:
+    """Tokens of context of each scored prediction: its input and every real input before it."""
+    return batch["attention_mask"].cumsum(1)[rows, cols]
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token statistics of logits [N, V] (any dtype) against targets [N], in float32:
+    loss −log q_y, entropy −Σ q log q, top-1 probability, rank of the target (1 = most probable;
+    ties count in the target's favour), multi-class Brier Σ_c (q_c − [c = y])²."""
+    z = logits.float()
+    loss = xent.cross_entropy(z, targets, reduction="none")
+    logq = torch.log_softmax(z, dim=-1)
+    q = logq.exp()
+    logq_y = logq.gather(-1, targets[:, None])  # [N, 1]
+    q_y = q.gather(-1, targets[:, None]).squeeze(-1)
+    return {
+        "loss": loss,
+        "entropy": torch.special.entr(q).sum(-1),  # entr(0) = 0: no 0·log 0 = NaN
+        "top1_prob": q.amax(-1),
+        "rank": (logq > logq_y).sum(-1) + 1,
+        "brier": q.square().sum(-1) - 2 * q_y + 1,
+    }
+
+
+def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """token_stats of every scored position of a batch (row-major), on the CPU, plus its ``row``,
+    ``position`` (index in its document), ``context`` (tokens of context) and ``target``."""
+    rows, cols = scored_index(batch)
+    targets = batch["labels"][rows, cols]
+    V = logits.shape[-1]
+    chunk = max(1, _CHUNK_ELEMENTS // V)
+    parts = []
+    for s in range(0, len(rows), chunk):
+        r, c = rows[s : s + chunk], cols[s : s + chunk]
+        dev = logits.device
+        stats = token_stats(logits[r.to(dev), c.to(dev)], targets[s : s + chunk].to(dev))
+        parts.append({k: v.cpu() for k, v in stats.items()})
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
+               target=targets)
+    return out

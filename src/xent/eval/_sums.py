@@ -1,0 +1,168 @@
+"""Corpus totals, summed exactly, and the metrics of REFERENCE.md §4 computed from them.
+
+Every per-token value (a float32 loss, entropy, probability...) is rounded to a multiple of 2^-32
+(error below 1.2e-10 per token, under the float32 resolution of a loss) and summed as an integer.
+Integer sums are exact and associative, so the totals do not depend on batch size, order, sharding
+across ranks or a resume from a checkpoint; they are also stored exactly in JSON. Memory is a fixed
+set of integers: the document-clustered SE needs only Σ S_d², Σ S_d·n_d and Σ n_d² (expanded exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+SCALE = 1 << 32  # fixed point: an integer k stands for k / 2^32
+ECE_BINS = 15
+
+
+def fixed(x: torch.Tensor) -> torch.Tensor:
+    """float tensor -> int64 multiples of 2^-32 (round to nearest)."""
+    return torch.round(x.double() * SCALE).to(torch.int64)
+
+
+def position_buckets(max_length: int) -> list[tuple[int, int]]:
+    """Context-length buckets [1,2), [2,4), [4,8), ... up to max_length (inclusive)."""
+    edges, lo = [], 1
+    while lo <= max_length:
+        edges.append((lo, min(2 * lo, max_length + 1)))
+        lo *= 2
+    return edges
+
+
+FIELDS = (
+    "tokens", "documents", "bytes", "words", "skipped_empty", "skipped_unscored",
+    "nll", "nll_sq", "entropy", "brier", "top1", "top5",
+    "doc_nll_sq", "doc_nll_n", "doc_n_sq",
+)
+
+
+class Totals:
+    """Running integer sums for one set of documents (a file, or the pooled corpus)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        for name in FIELDS:
+            setattr(self, name, 0)
+        self.ece_count = [0] * ECE_BINS
+        self.ece_conf = [0] * ECE_BINS
+        self.ece_correct = [0] * ECE_BINS
+        nb = len(position_buckets(max_length))
+        self.pos_count = [0] * nb
+        self.pos_nll = [0] * nb
+
+    # -- accumulation -------------------------------------------------------------------------------
+    def add_tokens(self, stats: dict[str, torch.Tensor]) -> None:
+        """stats: per-token tensors [N] of one batch (see _score.token_stats), all from this set."""
+        loss = stats["loss"]
+        self.tokens += int(loss.numel())
+        self.nll += int(fixed(loss).sum())
+        self.nll_sq += int(fixed(loss.double().square()).sum())
+        self.entropy += int(fixed(stats["entropy"]).sum())
+        self.brier += int(fixed(stats["brier"]).sum())
+        self.top1 += int((stats["rank"] == 1).sum())
+        self.top5 += int((stats["rank"] <= 5).sum())
+        conf = stats["top1_prob"].double()
+        b = torch.clamp((conf * ECE_BINS).floor().long(), 0, ECE_BINS - 1)  # [b/15, (b+1)/15), last closed
+        self._add(self.ece_count, torch.bincount(b, minlength=ECE_BINS))
+        self._add(self.ece_conf, torch.zeros(ECE_BINS, dtype=torch.int64).index_add_(0, b, fixed(conf)))
+        correct = (stats["rank"] == 1).long()
+        self._add(self.ece_correct, torch.zeros(ECE_BINS, dtype=torch.int64).index_add_(0, b, correct))
+        ctx = stats["context"].clamp(min=1)  # tokens of context (BOS included)
+        pb = torch.floor(torch.log2(ctx.double())).long().clamp(max=len(self.pos_count) - 1)
+        nb = len(self.pos_count)
+        self._add(self.pos_count, torch.bincount(pb, minlength=nb))
+        self._add(self.pos_nll, torch.zeros(nb, dtype=torch.int64).index_add_(0, pb, fixed(loss)))
+
+    @staticmethod
+    def _add(acc: list[int], values: torch.Tensor) -> None:
+        for i, v in enumerate(values.tolist()):
+            acc[i] += v
+
+    def add_document(self, nll_fixed: int, n: int, nbytes: int, nwords: int) -> None:
+        """A finished document: its summed loss (fixed point) and scored-token count."""
+        self.documents += 1
+        self.bytes += nbytes
+        self.words += nwords
+        self.doc_nll_sq += nll_fixed * nll_fixed
+        self.doc_nll_n += nll_fixed * n
+        self.doc_n_sq += n * n
+
+    def merge(self, other: Totals) -> Totals:
+        for name in FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("ece_count", "ece_conf", "ece_correct", "pos_count", "pos_nll"):
+            acc = getattr(self, name)
+            for i, v in enumerate(getattr(other, name)):
+                acc[i] += v
+        return self
+
+    # -- (de)serialisation: plain ints, exact in JSON ------------------------------------------------
+    def state(self) -> dict:
+        lists = ("ece_count", "ece_conf", "ece_correct", "pos_count", "pos_nll")
+        return {"max_length": self.max_length, **{k: getattr(self, k) for k in FIELDS + lists}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Totals:
+        t = cls(state["max_length"])
+        for k, v in state.items():
+            setattr(t, k, v)
+        return t
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """The summary keys of issue 5 (REFERENCE.md §4). NaN where undefined (no tokens, D < 2...)."""
+        N, D = self.tokens, self.documents
+        nan = float("nan")
+        if N == 0:
+            return {"tokens": 0, "documents": D, "bytes": self.bytes, "words": self.words,
+                    "skipped_empty": self.skipped_empty, "skipped_unscored": self.skipped_unscored}
+        S = Fraction(self.nll, SCALE)
+        mean = S / N
+        nll_mean = float(mean)
+        # iid: s/√N with the sample variance (N − 1), as llama.cpp: √((E[ℓ²] − E[ℓ]²)/(N − 1)).
+        var_pop = Fraction(self.nll_sq, SCALE) / N - mean * mean
+        se_token = math.sqrt(max(float(var_pop), 0.0) / (N - 1)) if N > 1 else nan
+        # clustered: √(D/(D−1) · Σ_d (S_d − L̄ n_d)²) / N, the square expanded and computed exactly.
+        if D > 1:
+            resid = (Fraction(self.doc_nll_sq, SCALE * SCALE) - 2 * mean * Fraction(self.doc_nll_n, SCALE)
+                     + mean * mean * self.doc_n_sq)
+            se_doc = math.sqrt(D / (D - 1) * max(float(resid), 0.0)) / N
+        else:
+            se_doc = nan
+        total = float(S)
+        ln2 = math.log(2)
+        ece = sum(abs(Fraction(c, 1) - Fraction(p, SCALE)) for c, p in zip(self.ece_correct, self.ece_conf))
+        return {
+            "tokens": N,
+            "documents": D,
+            "bytes": self.bytes,
+            "words": self.words,
+            "nll_mean": nll_mean,
+            "nll_se_token": se_token,
+            "nll_se_document": se_doc,
+            "perplexity": math.exp(nll_mean),
+            "perplexity_ci95": [math.exp(nll_mean - 1.96 * se_doc), math.exp(nll_mean + 1.96 * se_doc)],
+            "bits_per_token": nll_mean / ln2,
+            "bits_per_byte": total / (self.bytes * ln2) if self.bytes else nan,
+            "byte_perplexity": 2 ** (total / (self.bytes * ln2)) if self.bytes else nan,
+            "word_perplexity": math.exp(total / self.words) if self.words else nan,
+            "top1_accuracy": self.top1 / N,
+            "top5_accuracy": self.top5 / N,
+            "entropy_mean": float(Fraction(self.entropy, SCALE) / N),
+            "ece": float(ece / N),
+            "brier": float(Fraction(self.brier, SCALE) / N),
+            "nll_by_position": [
+                {"start": lo, "end": hi, "tokens": n, "nll_mean": float(Fraction(s, SCALE) / n) if n else nan}
+                for (lo, hi), n, s in zip(position_buckets(self.max_length), self.pos_count, self.pos_nll)
+            ],
+            "calibration": [
+                {"bin": [b / ECE_BINS, (b + 1) / ECE_BINS], "tokens": n,
+                 "confidence": float(Fraction(p, SCALE) / n) if n else nan, "accuracy": c / n if n else nan}
+                for b, (n, p, c) in enumerate(zip(self.ece_count, self.ece_conf, self.ece_correct))
+            ],
+            "skipped_empty": self.skipped_empty,
+            "skipped_unscored": self.skipped_unscored,
+        }
