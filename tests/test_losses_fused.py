@@ -26,6 +26,10 @@ LOSSES = [
     (losses.Focal(gamma=2.0, alpha=0.5), partial(xent.focal_loss, gamma=2.0, alpha=0.5)),
     (losses.Focal(detach_factor=True), partial(xent.focal_loss, detach_factor=True)),
     (losses.Poly(epsilon=2.0), partial(xent.poly_loss, epsilon=2.0)),
+    # soft-capping through the closed-form gradients (chain factor 1 − tanh²)
+    (losses.Focal(gamma=0.5, softcap=3.0), partial(xent.focal_loss, gamma=0.5, softcap=3.0)),
+    (losses.TaiLr(gamma=0.5, label_smoothing=0.2, softcap=2.0),
+     partial(xent.tailr_loss, gamma=0.5, label_smoothing=0.2, softcap=2.0)),
 ]
 IDS = [repr(obj) for obj, _ in LOSSES]
 

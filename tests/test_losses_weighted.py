@@ -144,6 +144,27 @@ def test_gold_gradient_is_the_policy_gradient():
     torch.testing.assert_close(grad, grad_pg, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("loss_obj", [c[2] for c in CASES] + [
+    losses.Focal(gamma=0.0, alpha=2.0), losses.Focal(gamma=0.5, detach_factor=True),
+    losses.TaiLr(gamma=0.2, label_smoothing=0.3, softcap=2.0), losses.Poly(epsilon=0.5, softcap=1.0)],
+    ids=repr)
+def test_closed_form_gradient_matches_autograd(loss_obj):
+    # The fused path's value_and_grad against autograd of the per-token definition, token by token scaled.
+    g = torch.Generator().manual_seed(5)
+    z = 3 * torch.randn(9, 13, generator=g, dtype=torch.float64)
+    z[0] = torch.tensor([60.0] + [0.0] * 12, dtype=torch.float64)  # q_y ≈ 1
+    y = torch.randint(0, 13, (9,), generator=g)
+    y[0] = 0
+    scale = torch.rand(9, generator=g, dtype=torch.float64)
+    assert loss_obj.has_closed_form_grad
+    zz = z.clone().requires_grad_()
+    expected = loss_obj(zz, y)
+    (grad_ref,) = torch.autograd.grad(expected, zz, scale)
+    value, grad = loss_obj.value_and_grad(z.clone(), y, scale)
+    torch.testing.assert_close(value, expected.detach(), atol=1e-13, rtol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-13, rtol=1e-10)
+
+
 def test_tailr_gradient_is_the_tvd_bound_without_clamp():
     # Ji et al.: without the clamp, ∇ℓ = ∇[−log(γ + (1−γ) q_y)] / (1−γ).
     gamma = 0.3

@@ -1,6 +1,7 @@
-"""Focal loss and PolyLoss: cross-entropy reweighted by how wrong the model is.
+"""Losses that are a function of the target's NLL alone: focal loss and PolyLoss here, TaiLr and GOLD in
+``_tailr.py``. They share one closed-form gradient, so the fused path needs no autograd for them.
 
-shared/REFERENCE.md §3 is the contract; both reduce to cross-entropy at γ=0 / ε=0.
+shared/REFERENCE.md §3 is the contract; focal and Poly-1 reduce to cross-entropy at γ=0 / ε=0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,69 @@ def one_minus_q(nll: torch.Tensor) -> torch.Tensor:
     return -torch.expm1(-nll)
 
 
-class Focal(TokenLoss):
+class NLLLoss(TokenLoss):
+    r"""ℓ = (1−ε)·L(n) + (ε/V)·Σ_c (lse z − z_c) with n = −log q_y and L a function of n only.
+
+    Subclasses define :meth:`nll_terms` once: L(n) as a differentiable expression (stop-gradients
+    written with ``.detach()``), and its slope dL/dn under those stop-gradients. Because dn/dz = q − onehot_y,
+
+    .. math:: \partial\ell/\partial z = ((1-\varepsilon)L'(n) + \varepsilon)\,q
+              - (1-\varepsilon)L'(n)\,\mathrm{onehot}_y - \varepsilon/V
+
+    which :meth:`value_and_grad` computes in the chunk's own buffer, like cross-entropy. The plain path
+    differentiates :meth:`token_loss` by autograd, so fused == plain checks the slope.
+    """
+
+    has_closed_form_grad = True
+    label_smoothing: float = 0.0
+
+    def nll_terms(self, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L(n), dL/dn) per token."""
+        raise NotImplementedError
+
+    def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # logits [..., V], target [...] in range.
+        lse = torch.logsumexp(logits, dim=-1)
+        nll = lse - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        loss = self.nll_terms(nll)[0]
+        eps = self.label_smoothing
+        if eps > 0.0:
+            # (ε/V)·Σ_c (lse − z_c) = ε·(lse − mean z): the difference is formed once, no cancellation.
+            loss = (1.0 - eps) * loss + eps * (lse - logits.mean(dim=-1))
+        return loss
+
+    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
+        """Closed form on a [N, V] buffer that is overwritten with the gradient (no autograd graph).
+
+        ``scale`` [N] multiplies each token's gradient; soft-capping adds the factor 1 − (z/c)².
+        """
+        eps, num_classes = self.label_smoothing, logits.shape[-1]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        tanh = None
+        if self.softcap is not None:
+            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
+            logits = torch.mul(tanh, self.softcap, out=logits)
+        z_y = logits[rows, target]
+        mean_z = logits.mean(dim=-1) if eps > 0.0 else None
+        m = logits.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
+        e = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
+        sumexp = e.sum(dim=-1)
+        lse = m.squeeze(-1) + sumexp.log()
+        value, slope = self.nll_terms(lse - z_y)
+        coef = (1.0 - eps) * slope
+        if eps > 0.0:
+            value = (1.0 - eps) * value + eps * (lse - mean_z)
+        grad = e.mul_(((coef + eps) * scale / sumexp).unsqueeze(-1))  # q_j · (coef + ε) · scale
+        grad[rows, target] -= coef * scale
+        if eps > 0.0:
+            grad.sub_((eps / num_classes) * scale.unsqueeze(-1))
+        if tanh is not None:
+            grad.mul_(1.0 - tanh.square_())
+        return value.detach(), grad
+
+
+class Focal(NLLLoss):
     r"""Focal loss (Lin et al., ICCV 2017, arXiv 1708.02002), the multi-class form.
 
     .. math:: \ell = -\alpha\,(1-q_y)^{\gamma}\,\log q_y
@@ -45,22 +108,25 @@ class Focal(TokenLoss):
         self.alpha = float(alpha)
         self.detach_factor = bool(detach_factor)
 
-    def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        nll = nll_of_target(logits, target)  # [...]
-        if self.gamma == 0.0:
-            return self.alpha * nll
-        base = one_minus_q(nll)
+    def nll_terms(self, nll):
+        alpha, gamma = self.alpha, self.gamma
+        if gamma == 0.0:
+            return alpha * nll, torch.full_like(nll, alpha)
+        base = one_minus_q(nll)  # 1 − q_y
         # q_y rounds to exactly 1 for a confident token (e.g. float32 logits 100 vs 0): d(1−q)^γ is
         # infinite there for γ < 1 and times nll = 0 gives NaN, though the true gradient of
-        # (1−q)^γ·nll is 0. Take the power on a safe base and select 0, so both branches stay finite.
+        # (1−q)^γ·nll is 0. Take powers of a safe base and select 0, so both branches stay finite.
         positive = base > 0
-        factor = torch.where(positive, torch.where(positive, base, 1.0).pow(self.gamma), 0.0)
+        safe = torch.where(positive, base, 1.0)
+        factor = torch.where(positive, safe.pow(gamma), 0.0)
         if self.detach_factor:
-            factor = factor.detach()
-        return self.alpha * factor * nll
+            return alpha * factor.detach() * nll, alpha * factor.detach()
+        # d(1−q)^γ/dn = γ(1−q)^(γ−1)·q, as dq/dn = −q.
+        dfactor = torch.where(positive, gamma * safe.pow(gamma - 1.0) * (1.0 - base), 0.0)
+        return alpha * factor * nll, alpha * (factor + dfactor * nll).detach()
 
 
-class Poly(TokenLoss):
+class Poly(NLLLoss):
     r"""Poly-1 loss (Leng et al., ICLR 2022, "PolyLoss", arXiv 2204.12511).
 
     .. math:: \ell = -\log q_y + \varepsilon\,(1-q_y)
@@ -76,9 +142,9 @@ class Poly(TokenLoss):
             raise ValueError(f"epsilon must be a finite number >= -1, got {epsilon}")
         self.epsilon = float(epsilon)
 
-    def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        nll = nll_of_target(logits, target)
-        return nll + self.epsilon * one_minus_q(nll)
+    def nll_terms(self, nll):
+        # d(1 − q)/dn = q = e^{−n}
+        return nll + self.epsilon * one_minus_q(nll), (1.0 + self.epsilon * torch.exp(-nll)).detach()
 
 
 def plain_loss(loss: TokenLoss, logits, target, *extra, ignore_index, reduction, num_items):

@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._base import TokenLoss
-from ._focal import nll_of_target, plain_loss
+from ._focal import NLLLoss, plain_loss
 
 
-class TaiLr(TokenLoss):
+class TaiLr(NLLLoss):
     r"""Total-variation-inspired weighted likelihood (Ji et al., ICLR 2023, "Tailoring Language Generation
     Models under Total Variation Distance", arXiv 2302.13344; code: thu-coai/TaiLr).
 
@@ -39,21 +38,13 @@ class TaiLr(TokenLoss):
         self.threshold = float(threshold)
         self.label_smoothing = float(label_smoothing)
 
-    def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        nll = nll_of_target(logits, target)  # [...]
+    def nll_terms(self, nll):
         with torch.no_grad():
             # q/(γ + (1−γ)q) = 1/((1−γ) + γ·e^{nll}): a sum of non-negative terms, no cancellation and
             # no division by a vanishing q_y; e^{nll} overflowing to inf gives the right limit, 0.
             weight = torch.reciprocal((1.0 - self.gamma) + self.gamma * torch.exp(nll))
             weight = weight.clamp(min=self.threshold, max=1.0)
-        loss = weight * nll
-        eps = self.label_smoothing
-        if eps > 0.0:
-            # Σ_c (lse − z_c) = V·(lse − mean z): the difference is formed once, avoiding cancellation.
-            num_classes = logits.shape[-1]
-            smooth = num_classes * (torch.logsumexp(logits, dim=-1) - logits.mean(dim=-1))
-            loss = (1.0 - eps) * loss + (eps / num_classes) * smooth
-        return loss
+        return weight * nll, weight
 
 
 class GOLD(TaiLr):
