@@ -1,14 +1,164 @@
-"""``xent eval``: a causal LM's cross-entropy on a corpus (work in progress)."""
+"""``xent eval``: a causal LM's cross-entropy, perplexity and calibration on a corpus.
+
+Every token is scored exactly once (sliding windows), losses are computed in float32 and summed
+exactly, error bars are given both for independent tokens and clustered by document. See
+``xent.eval.evaluate`` for the semantics and REFERENCE.md §4 for the formulas.
+"""
 
 from __future__ import annotations
 
+import argparse
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--data and the windowing options, shared by eval and compare."""
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=".txt, .jsonl, .parquet files or saved datasets directories; several give a "
+                        "breakdown per file plus the pooled result")
+    p.add_argument("--split", choices=["none", "lines", "paragraphs"], default="none",
+                   help=".txt files: one document per file (none), per line, or per blank-line paragraph")
+    p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
+    p.add_argument("--max-length", type=int, help="inputs per window (default: the model's context)")
+    p.add_argument("--stride", type=int, help="window step (default: max-length, disjoint windows)")
+    p.add_argument("--bos", choices=["first", "every", "none"],
+                   help="prepend BOS to each document (first, default if the tokenizer has one), to each "
+                        "window (every), or not (none: a document's first token is not scored)")
+    p.add_argument("--preset", choices=["lm-eval", "llama.cpp"],
+                   help="reproduce lm-evaluation-harness rolling perplexity or llama.cpp llama-perplexity")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="model weights dtype; the softmax is float32 regardless")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own Python code (off: it is never run)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle weights (.bin), read with weights_only=True (default: "
+                        "safetensors only)")
+    p.add_argument("--out", metavar="DIR", help="write summary.json (and checkpoints) to DIR")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout, no table")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR's checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
+                   help="documents between checkpoints (default 100; must match when resuming)")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
+
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="cross-entropy and perplexity of a causal LM on a corpus")
+    p = sub.add_parser("eval", help="cross-entropy and perplexity of a causal LM on a corpus",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
+    add_data_arguments(p)
+    p.add_argument("--per-token", action="store_true",
+                   help="also write DIR/tokens.parquet (doc, position, token, loss, entropy, rank, top-1 p)")
+    p.add_argument("--html", action="store_true", help="also write DIR/report.html with plots")
     p.set_defaults(run=run)
+
+
+def check_arguments(args) -> None:
+    """Checks that need no model, done before anything is loaded."""
+    from . import CommandError
+
+    if args.stride is not None and args.stride <= 0:
+        raise CommandError(f"--stride must be positive, got {args.stride}")
+    if args.max_length is not None and args.max_length < 3:
+        raise CommandError(f"--max-length must be at least 3, got {args.max_length}")
+    if args.stride is not None and args.max_length is not None and args.stride > args.max_length:
+        raise CommandError(f"--stride {args.stride} is larger than --max-length {args.max_length}: tokens "
+                           "between windows would never be scored")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag in ("resume", "per_token", "html"):
+        if getattr(args, flag, False) and not args.out:
+            raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
+
+
+def open_corpus(args):
+    from xent.eval import Corpus
+
+    return Corpus(args.data, split=args.split, text_field=args.text_field)
+
+
+def device_for(args) -> str:
+    import os
+
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return args.device
 
 
 def run(args) -> int:
     from . import CommandError
 
-    raise CommandError("not implemented yet")
+    check_arguments(args)
+    from xent.eval import EvalError
+
+    try:
+        return _run(args)
+    except EvalError as err:
+        raise CommandError(str(err)) from None
+
+
+def _run(args) -> int:
+    import json
+    import os
+
+    from xent.eval import _distributed as dist
+    from xent.eval import _files, evaluate
+    from xent.eval._load import load_model
+    from xent.eval._report import Progress, print_summary
+
+    from . import CommandError
+
+    corpus = open_corpus(args)  # checks the paths before the model is loaded
+    dist.init_from_env()
+    rank, _ = dist.rank_and_world()
+    model, tokenizer, model_sha = load_model(args.model, dtype=args.dtype, device=device_for(args),
+                                             trust_remote_code=args.trust_remote_code,
+                                             allow_pickle=args.allow_pickle)
+    sink = None
+    if args.per_token or args.html:
+        from xent.eval._tokens import TokenWriter
+
+        sink = TokenWriter(args.out, tokenizer, resume=args.resume, rank=rank)
+    progress = Progress(enabled=rank == 0)
+    out_existed = args.out is not None and os.path.isdir(args.out)
+    try:
+        result = evaluate(
+            model, tokenizer, corpus, max_length=args.max_length, stride=args.stride, bos=args.bos,
+            preset=args.preset, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+            checkpoint_dir=args.out, resume=args.resume, progress=progress,
+            on_tokens=sink.add if sink else None, on_checkpoint=sink.flush if sink else None,
+            model_sha256=model_sha, stop_after=args.stop_after,
+            extra_config={"model": args.model, "data": list(args.data), "split": args.split,
+                          "text_field": args.text_field, "dtype": args.dtype, "device": args.device},
+        )
+    except BaseException:
+        progress.close()
+        raise
+    progress.close()
+    if args.stop_after is not None:
+        return 3  # interrupted on purpose (tests): the checkpoint is in --out
+    summary = result.to_dict()
+    if summary["tokens"] == 0:
+        if args.out and rank == 0:
+            _files.remove_checkpoint(args.out, rank)
+            if not out_existed and not os.listdir(args.out):
+                os.rmdir(args.out)
+        raise CommandError(f"no tokens to score in {' '.join(args.data)}: {summary['skipped_empty']} empty "
+                           f"and {summary['skipped_unscored']} too-short documents")
+    if rank == 0:
+        if args.out:
+            if sink is not None:
+                sink.finish()
+            if args.html:
+                from xent.eval._html import write_report
+
+                write_report(args.out, summary)
+            _files.write_json(os.path.join(args.out, "summary.json"), summary)
+        if args.json:
+            print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
+        else:
+            print_summary(summary)
+    if args.out:
+        dist.barrier()
+        _files.remove_checkpoint(args.out, rank)
+    return 0

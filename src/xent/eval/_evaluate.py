@@ -75,6 +75,7 @@ def evaluate(
     resume: bool = False,
     progress: Callable[[int], None] | None = None,
     on_tokens: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
     model_sha256: str | None = None,
     data_sha256: str | None = None,
     extra_config: dict | None = None,
@@ -94,7 +95,8 @@ def evaluate(
         batch_size, padding_side: change speed, not results.
         checkpoint_every: documents per chunk; with ``checkpoint_dir`` the exact totals are saved after
             each chunk and ``resume=True`` continues from them (the result equals an uninterrupted run).
-        progress(tokens), on_tokens(per-token dict): called after each batch.
+        progress(tokens), on_tokens(per-token dict): called after each batch; on_checkpoint(next
+            document index) after each chunk, before the checkpoint is saved.
 
     Under torch.distributed each rank scores documents i ≡ rank (mod world); every rank returns the
     pooled result. Raises EvalError (a ValueError) for bad options or input.
@@ -117,7 +119,7 @@ def evaluate(
         data_sha256 = corpus.sha256()
     config = {**opts.config(), **(extra_config or {})}
 
-    start, on_chunk = 0, None
+    start, on_chunk = 0, on_checkpoint
     if checkpoint_dir is not None:
         fingerprint = {"config": {k: v for k, v in config.items() if k != "batch_size"},
                        "model_sha256": model_sha256, "data_sha256": data_sha256, "world": world}
@@ -128,6 +130,8 @@ def evaluate(
                 runner.totals = [Totals.from_state(s) for s in state["totals"]]
 
         def on_chunk(next_doc: int) -> None:
+            if on_checkpoint is not None:
+                on_checkpoint(next_doc)
             _files.save_checkpoint(checkpoint_dir, fingerprint,
                                    {"next_document": next_doc, "totals": [t.state() for t in runner.totals]},
                                    rank)

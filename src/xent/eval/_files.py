@@ -23,6 +23,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -42,8 +45,19 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
+def json_safe(obj):
+    """obj with NaN and ±inf replaced by None (null): summary.json stays standard JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

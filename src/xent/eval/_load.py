@@ -1,0 +1,72 @@
+"""Loading a local Hugging Face causal LM without running code from its directory.
+
+trust_remote_code stays False unless asked; weights are read from .safetensors only, unless
+``allow_pickle`` (then pickle files are read with torch.load(weights_only=True)). Every failure becomes
+an EvalError with one line naming the directory and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._data import _first_line
+from ._errors import EvalError
+from ._files import weights_sha256
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model in eval mode on device, tokenizer, sha256 of the weight files)."""
+    import torch
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the one on stderr
+    if not os.path.isdir(model_dir):
+        raise EvalError(f"model directory not found: {model_dir}")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise EvalError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    if dtype not in DTYPES:
+        raise EvalError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"device {device!r} asked for but CUDA is not available")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                         local_files_only=True)
+    except Exception as err:
+        raise EvalError(f"cannot read the model config in {model_dir}: {_first_line(err)}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not (trust_remote_code and _has_auto_map(config)):
+        raise EvalError(f"{model_dir} is not a causal language model (model_type {config.model_type!r})")
+    files = os.listdir(model_dir)
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if not has_safetensors and not allow_pickle:
+        found = f"found {', '.join(pickles)}" if pickles else "no weight files"
+        raise EvalError(f"{model_dir} has no .safetensors weights ({found}); --allow-pickle loads pickle "
+                        "weights with weights_only=True")
+    if not has_safetensors and not pickles:
+        raise EvalError(f"{model_dir} has no weight files")
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True, dtype=getattr(torch, dtype))
+    if has_safetensors:
+        kwargs["use_safetensors"] = True
+    else:
+        kwargs.update(use_safetensors=False, weights_only=True)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as err:
+        raise EvalError(f"cannot load the weights in {model_dir}: {_first_line(err)}") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as err:
+        raise EvalError(f"cannot load the tokenizer in {model_dir}: {_first_line(err)}") from None
+    if isinstance(tokenizer, bool) or not callable(tokenizer):
+        raise EvalError(f"cannot load the tokenizer in {model_dir}")
+    model = model.to(device).eval()
+    return model, tokenizer, weights_sha256(model_dir)
+
+
+def _has_auto_map(config) -> bool:
+    return "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
