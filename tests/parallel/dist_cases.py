@@ -29,7 +29,8 @@ REDUCTIONS = ("mean", "sum", "none", "num_items")
 NUM_ITEMS = 37
 OPTION_CASES = [f"{o}-{r}" for o in OPTIONS for r in REDUCTIONS]
 OTHER_CASES = ["all_ignored", "float32", "bfloat16", "golden", "one_rank_owns_all", "fused_shift",
-               "fused_bfloat16", "allreduce_count", "errors"]
+               "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "subgroup", "allreduce_count",
+               "errors"]
 CASES = [f"plain:{c}" for c in OPTION_CASES] + [f"fused:{c}" for c in OPTION_CASES] + OTHER_CASES
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -240,6 +241,65 @@ def check_one_rank_owns_all(rank, sizes):
     (g,) = _backward(got, up, local)
     (G,) = _backward(want, up, full)
     torch.testing.assert_close(g, G.split(sizes, dim=-1)[rank], **TOL64)
+
+
+def check_fused_partial_hidden_grad(rank, sizes):
+    """sum_hidden_grad=False: each rank receives its own g_r·W_r; their sum is the full gradient."""
+    hidden, W, _, _, target, _, _ = _problem("fused_partial_hidden_grad", sizes)
+    h = hidden.clone().requires_grad_()
+    w_r = W.split(sizes)[rank]
+    (g_partial,) = torch.autograd.grad(
+        vocab_parallel_linear_cross_entropy(h, w_r, target, z_loss=1e-2, sum_hidden_grad=False), h)
+    H = hidden.clone().requires_grad_()
+    (G,) = torch.autograd.grad(torch_reference(H @ W.T, target, z_loss=1e-2), H)
+    assert not torch.allclose(g_partial, G)  # a part only
+    dist.all_reduce(g_partial)
+    torch.testing.assert_close(g_partial, G, **TOL64)
+
+
+def check_fused_chunks(rank, sizes):
+    """The fused path never projects more than chunk_size tokens at once, forward or backward."""
+    import xent._linear as engine
+    import xent.parallel._vocab_linear as fused
+
+    hidden, W, b, _, target, _, _ = _problem("fused_chunks", sizes)
+    shapes, original = [], engine._project
+
+    def spy(h, w, bias):
+        out = original(h, w, bias)
+        shapes.append(tuple(out.shape))
+        return out
+
+    engine._project = fused._project = spy
+    try:
+        h = hidden.clone().requires_grad_()
+        w_r = W.split(sizes)[rank].clone().requires_grad_()
+        vocab_parallel_linear_cross_entropy(h, w_r, target, chunk_size=3).backward()
+    finally:
+        engine._project = fused._project = original
+    n = int((target != -100).sum())
+    assert len(shapes) == 2 * -(-n // 3), shapes  # pass 1 and backward, ceil(n / 3) chunks each
+    assert all(c <= 3 and v == sizes[rank] for c, v in shapes), shapes
+
+
+def check_subgroup(rank, sizes):
+    """A tensor-parallel group that is not the world: ranks 0 and world−1; slices in group-rank order."""
+    world = len(sizes)
+    members = [0, world - 1]
+    group = dist.new_group(members)  # every rank of the world takes part in creating it
+    if rank not in members:
+        return
+    sub = [5, 3]
+    me = members.index(rank)
+    _, _, _, logits, target, _, up = _problem("subgroup", sub)
+    local = logits.split(sub, dim=-1)[me].clone().requires_grad_()
+    full = logits.clone().requires_grad_()
+    got = vocab_parallel_cross_entropy(local, target, group=group, reduction="none", label_smoothing=0.1)
+    want = torch_reference(full, target, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(got, want.detach(), **TOL64)
+    (g,) = _backward(got, up, local)
+    (G,) = _backward(want, up, full)
+    torch.testing.assert_close(g, G.split(sub, dim=-1)[me], **TOL64)
 
 
 def check_allreduce_count(rank, sizes):
