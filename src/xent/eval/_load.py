@@ -21,7 +21,10 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
     """(model in eval mode on device, tokenizer, sha256 of the weight files)."""
     import torch
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
 
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one on stderr
     if not os.path.isdir(model_dir):
@@ -37,8 +40,16 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                                                          local_files_only=True)
     except Exception as err:
         raise EvalError(f"cannot read the model config in {model_dir}: {_first_line(err)}") from None
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not (trust_remote_code and _has_auto_map(config)):
-        raise EvalError(f"{model_dir} is not a causal language model (model_type {config.model_type!r})")
+    # A causal-LM config type is not enough (BertConfig has BertLMHeadModel): the saved architecture
+    # must be a causal LM too, when the config names it.
+    archs = getattr(config, "architectures", None) or []
+    causal_names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                    for n in ((v,) if isinstance(v, str) else v)}
+    causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and (
+        not archs or any(a in causal_names for a in archs))
+    if not causal and not (trust_remote_code and _has_auto_map(config)):
+        raise EvalError(f"{model_dir} is not a causal language model (model_type {config.model_type!r}, "
+                        f"architectures {', '.join(archs) or 'none'})")
     files = os.listdir(model_dir)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
