@@ -6,6 +6,7 @@ from dist_launch import run_cases
 from dist_training import CASES, training_worker
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # ~25 s: two ranks import transformers and run three training steps
 
 
 @pytest.fixture(scope="module")
