@@ -87,21 +87,61 @@ class EMO(TokenLoss):
         # the sign of the ratios below. The clamp keeps the gradient wherever DEMD > 0.
         return (1.0 - similarity).clamp(min=0.0)
 
+    def _ratio(self, mle: torch.Tensor, demd: torch.Tensor) -> torch.Tensor:
+        """The stop-gradient ratio that rescales one term to the other's size (already detached)."""
+        num, den = (mle, demd) if self.mode == "emo1" else (demd, mle)
+        ratio = (num / (den + _RATIO_EPS)).detach()
+        return ratio if self.ratio_cap is None else ratio.clamp(max=self.ratio_cap)
+
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         demd = self.demd(logits, target)
         if self.mode == "demd":
             return demd
         mle = nll_of_target(logits, target)
-        cap = self.ratio_cap
+        ratio = self._ratio(mle, demd)
         if self.mode == "emo1":
-            ratio = (mle / (demd + _RATIO_EPS)).detach()
-            if cap is not None:
-                ratio = ratio.clamp(max=cap)
             return 0.5 * (mle + ratio * demd)
-        ratio = (demd / (mle + _RATIO_EPS)).detach()
-        if cap is not None:
-            ratio = ratio.clamp(max=cap)
         return ratio * mle + demd
+
+    has_closed_form_grad = True
+
+    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
+        """Closed form for the fused path: logits [N, V] are overwritten; one [N, V] cost buffer more.
+
+        With c_j = C(j, y) = 1 − ê_j·ê_y (one [N, d] @ [d, V] product), DEMD = Σ_j q_j c_j and every mode
+        has the gradient q ⊙ (a + b·(c − DEMD)) − a·onehot_y: (a, b) = (½, ½r) for emo1, (r, 1) for emo2,
+        (0, 1) for demd, r the stop-gradient ratio. Soft-capping adds the factor 1 − (z/c)².
+        """
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        tanh = None
+        if self.softcap is not None:
+            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
+            logits = torch.mul(tanh, self.softcap, out=logits)
+        z_y = logits[rows, target]
+        m = logits.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
+        q = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
+        sumexp = q.sum(dim=-1)
+        mle = m.squeeze(-1) + sumexp.log() - z_y
+        q.div_(sumexp.unsqueeze(-1))  # softmax [N, V]
+        e = self.unit_embedding.to(device=logits.device, dtype=logits.dtype)
+        cost = torch.addmm(torch.ones((), dtype=q.dtype, device=q.device), e[target], e.t(), alpha=-1.0)
+        # Σ_j q_j c_j as a batched dot product (no third [N, V] temporary); clamped as in demd().
+        demd = (q.unsqueeze(1) @ cost.unsqueeze(2)).reshape(-1).clamp(min=0.0)
+        if self.mode == "demd":
+            value, a, b = demd, torch.zeros_like(demd), torch.ones_like(demd)
+        else:
+            ratio = self._ratio(mle, demd)
+            if self.mode == "emo1":
+                value, a, b = 0.5 * (mle + ratio * demd), torch.full_like(demd, 0.5), 0.5 * ratio
+            else:
+                value, a, b = ratio * mle + demd, ratio, torch.ones_like(demd)
+        a, b = a * scale, b * scale
+        grad = cost.sub_(demd.unsqueeze(-1)).mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1)).mul_(q)
+        grad[rows, target] -= a
+        if tanh is not None:
+            grad.mul_(1.0 - tanh.square_())
+        return value, grad
 
 
 def emo_loss(
