@@ -6,7 +6,7 @@ objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs o
 
 from . import losses
 from ._causal import causal_lm_loss, count_items
-from ._linear import linear_cross_entropy, linear_loss
+from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._emo import emo_loss
@@ -25,6 +25,7 @@ __all__ = [
     "focal_loss",
     "gold_loss",
     "linear_cross_entropy",
+    "linear_distill_loss",
     "linear_loss",
     "losses",
     "nn",

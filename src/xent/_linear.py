@@ -45,6 +45,7 @@ def auto_chunk_size(num_tokens: int, num_classes: int, loss: TokenLoss) -> int:
     """
     budget = float(os.environ.get("XENT_CHUNK_MB", DEFAULT_CHUNK_MB)) * 2**20
     buffers = _BUFFERS_CLOSED_FORM if loss.has_closed_form_grad else _BUFFERS_AUTOGRAD
+    buffers += 2 * loss.num_extra  # e.g. a teacher's logits and their log-softmax
     chunk = int(budget // (4 * num_classes * buffers))
     return max(1, min(max(chunk, 16), num_tokens))
 
@@ -296,3 +297,65 @@ def linear_cross_entropy(
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
                        ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+
+
+def linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    t_squared: bool = False,
+    softcap: float | None = None,
+    hard_weight: float = 0.0,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int | str = "auto",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+) -> torch.Tensor:
+    """:func:`xent.distill_loss` of ``student_hidden @ student_weight.T`` against
+    ``teacher_hidden @ teacher_weight.T`` without holding either model's full logits.
+
+    Each chunk of tokens projects both heads (the teacher's without gradient), then the same
+    :class:`xent.losses.Distill` per-token loss the plain path uses. student_hidden ``[..., D_s]`` and
+    teacher_hidden ``[..., D_t]`` cover the same tokens; both heads have the same V. ``target`` (optional)
+    masks ignored tokens and labels the hard CE term when ``hard_weight`` > 0; ``shift`` as in
+    :func:`xent.linear_loss`. Gradients reach the student's hidden, weight and bias only.
+    """
+    from .losses._distill import Distill
+
+    loss = Distill(kind=kind, beta=beta, alpha=alpha, temperature=temperature, t_squared=t_squared,
+                   softcap=softcap, hard_weight=hard_weight)
+    _check_head(student_hidden, student_weight, student_bias, shift, "student_hidden", "student_weight",
+                "student_bias")
+    _check_head(teacher_hidden, teacher_weight, teacher_bias, shift, "teacher_hidden", "teacher_weight",
+                "teacher_bias")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight vocabulary size {teacher_weight.shape[0]} does not match student_weight "
+            f"vocabulary size {student_weight.shape[0]}"
+        )
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
+            f"{tuple(student_hidden.shape)} must agree on every dimension but the last"
+        )
+    if target is None:
+        if hard_weight > 0.0:
+            raise ValueError(f"hard_weight={hard_weight} needs target (the hard labels); got target=None")
+        # Every token counts: class 0 everywhere (unused: no hard term) and an ignore_index never seen.
+        target = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
+        ignore_index = -1
+    return linear_loss(
+        student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
+        chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+    )
