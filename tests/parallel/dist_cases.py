@@ -29,7 +29,7 @@ REDUCTIONS = ("mean", "sum", "none", "num_items")
 NUM_ITEMS = 37
 OPTION_CASES = [f"{o}-{r}" for o in OPTIONS for r in REDUCTIONS]
 OTHER_CASES = ["all_ignored", "float32", "bfloat16", "golden", "one_rank_owns_all", "fused_shift",
-               "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "subgroup", "allreduce_count",
+               "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "subgroup", "masked_slice", "allreduce_count",
                "errors"]
 CASES = [f"plain:{c}" for c in OPTION_CASES] + [f"fused:{c}" for c in OPTION_CASES] + OTHER_CASES
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -300,6 +300,29 @@ def check_subgroup(rank, sizes):
     (g,) = _backward(got, up, local)
     (G,) = _backward(want, up, full)
     torch.testing.assert_close(g, G.split(sub, dim=-1)[me], **TOL64)
+
+
+def check_masked_slice(rank, sizes):
+    """Masked vocabulary (e.g. padding ids of a TP-padded head) at −inf: rank 1's whole slice and the last
+    column; logits far below 0, in float32, where exp(z) underflows unless shifted by the true max."""
+    _, _, _, logits, target, _, up = _problem("masked_slice", sizes)
+    logits = logits - 150.0
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    masked = torch.zeros(sum(sizes), dtype=torch.bool)
+    masked[starts[1]:starts[1] + sizes[1]] = True
+    masked[-1] = True
+    logits[..., masked] = -torch.inf
+    target = torch.where(masked[target.clamp(min=0)], 0, target)  # no target on a masked id
+    x = logits.float()
+    local = x.split(sizes, dim=-1)[rank].clone().requires_grad_()
+    full = logits.clone().requires_grad_()
+    for opts in ({}, {"z_loss": 1e-4, "softcap": 200.0}):
+        got = vocab_parallel_cross_entropy(local, target, reduction="none", **opts)
+        want = torch_reference(full, target, reduction="none", **opts)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+        (g,) = _backward(got, up.float(), local)
+        (G,) = _backward(want, up, full)
+        torch.testing.assert_close(g.double(), G.split(sizes, dim=-1)[rank], rtol=1e-5, atol=1e-6)
 
 
 def check_allreduce_count(rank, sizes):

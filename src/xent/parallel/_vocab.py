@@ -52,15 +52,19 @@ class Shard:
 
 def softcapped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
     # z ← c·tanh(z/c) (Gemma 2); a new tensor, z is left alone.
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
+    return z if softcap is None else (z / softcap).tanh_().mul_(softcap)
 
 
 def local_stats(z: torch.Tensor, w: torch.Tensor | None):
-    """z [C, V_r] (soft-capped, compute dtype; overwritten). Per token, with this slice's own shift m_r:
-    (m_r, Σ_c exp(z_c − m_r), Σ_c w_c (m_r − z_c)), each [C]."""
+    """z [C, V_r] (soft-capped, compute dtype; overwritten). Per token, with this slice's own max m_r:
+    (m_r, Σ_c exp(z_c − m_r), Σ_c w_c (m_r − z_c)), each [C].
+
+    m_r is −inf for a slice masked to −inf (the padding ids of a padded vocabulary); its sums are then
+    taken about 0 instead, which gives an exact 0 for the exponentials (all the MAX must not see is the
+    0, which would move the global shift away from the true max)."""
     m = z.amax(dim=-1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a slice of all −inf stays −inf
-    d = z.neg_().add_(m.unsqueeze(-1))  # m_r − z_c ≥ 0, in z's buffer
+    about = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    d = z.neg_().add_(about.unsqueeze(-1))  # m_r − z_c ≥ 0, in z's buffer
     dev = d.sum(dim=-1) if w is None else d @ w
     sumexp = d.neg_().exp_().sum(dim=-1)
     return m, sumexp, dev
@@ -97,7 +101,7 @@ def all_sum(
     """All-reduce 2 (SUM) of the local sums moved to the global shift m, then the loss per token.
 
     z_y and w_y are this rank's contributions (0 where it does not own the target)."""
-    shift = m_local - m  # ≤ 0
+    shift = m_local - m  # ≤ 0; −inf for a masked slice, whose sumexp is 0
     cols = torch.stack([sumexp_local * shift.exp(), z_y, w_y, dev_local - shift * w_sum_local])
     buf = torch.cat([cols.reshape(-1), w_sum_local.reshape(1)])
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
