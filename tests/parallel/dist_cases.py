@@ -28,9 +28,10 @@ OPTIONS = {
 REDUCTIONS = ("mean", "sum", "none", "num_items")
 NUM_ITEMS = 37
 OPTION_CASES = [f"{o}-{r}" for o in OPTIONS for r in REDUCTIONS]
-OTHER_CASES = ["all_ignored", "float32", "bfloat16", "golden", "one_rank_owns_all", "fused_shift",
-               "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "subgroup", "masked_slice", "allreduce_count",
-               "errors"]
+OTHER_CASES = [
+    "all_ignored", "float32", "bfloat16", "golden", "one_rank_owns_all", "masked_slice", "subgroup",
+    "fused_shift", "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "allreduce_count", "errors",
+]
 CASES = [f"plain:{c}" for c in OPTION_CASES] + [f"fused:{c}" for c in OPTION_CASES] + OTHER_CASES
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 
