@@ -1,14 +1,66 @@
-"""``xent compare``: two causal LMs on the same tokens (work in progress)."""
+"""``xent compare``: a model against a base model on the same tokens.
+
+KL(base‖model) per token (mean ± SE, max, percentiles), how often the top token agrees, the change Δp
+of the correct token's probability, and the paired difference of the losses: what is run to judge a
+quantised or distilled model. The tokenizers must give the same ids; the windows are those of
+``xent eval`` (same options).
+"""
 
 from __future__ import annotations
 
+import argparse
+
+from ._eval import add_data_arguments, checked, device_for, open_corpus
+
 
 def register(sub) -> None:
-    p = sub.add_parser("compare", help="KL divergence and loss difference of two causal LMs")
+    p = sub.add_parser("compare", help="KL divergence and loss difference of two causal LMs",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, metavar="DIR", help="the reference model directory")
+    p.add_argument("--model", required=True, metavar="DIR", help="the model compared with it")
+    add_data_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from . import CommandError
+    return checked(_run, args)
 
-    raise CommandError("not implemented yet")
+
+def _run(args) -> int:
+    import json
+    import os
+
+    from xent.eval import _distributed as dist
+    from xent.eval import _files
+    from xent.eval._compare import compare, print_compare
+    from xent.eval._load import load_model
+    from xent.eval._report import Progress
+
+    corpus = open_corpus(args)
+    dist.init_from_env()
+    rank, _ = dist.rank_and_world()
+    kw = dict(dtype=args.dtype, device=device_for(args), trust_remote_code=args.trust_remote_code,
+              allow_pickle=args.allow_pickle)
+    base, tokenizer, base_sha = load_model(args.base, **kw)
+    model, model_tokenizer, model_sha = load_model(args.model, **kw)
+    progress = Progress(enabled=rank == 0, desc="comparing")
+    try:
+        result = compare(
+            base, model, tokenizer, corpus, model_tokenizer=model_tokenizer, max_length=args.max_length,
+            stride=args.stride, bos=args.bos, preset=args.preset, batch_size=args.batch_size,
+            progress=progress, model_sha256={"base": base_sha, "model": model_sha},
+            extra_config={"base": args.base, "model": args.model, "data": list(args.data),
+                          "split": args.split, "text_field": args.text_field, "dtype": args.dtype,
+                          "device": args.device},
+        )
+    finally:
+        progress.close()
+    summary = result.to_dict()
+    if rank == 0:
+        if args.out:
+            _files.write_json(os.path.join(args.out, "summary.json"), summary)
+        if args.json:
+            print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
+        else:
+            print_compare(summary)
+    return 0

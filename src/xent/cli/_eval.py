@@ -36,10 +36,6 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "safetensors only)")
     p.add_argument("--out", metavar="DIR", help="write summary.json (and checkpoints) to DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout, no table")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR's checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
-                   help="documents between checkpoints (default 100; must match when resuming)")
-    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
 
 
 def register(sub) -> None:
@@ -47,6 +43,10 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
     add_data_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR's checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
+                   help="documents between checkpoints (default 100; must match when resuming)")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
     p.add_argument("--per-token", action="store_true",
                    help="also write DIR/tokens.parquet (doc, position, token, loss, entropy, rank, top-1 p)")
     p.add_argument("--html", action="store_true", help="also write DIR/report.html with plots")
@@ -85,16 +85,21 @@ def device_for(args) -> str:
     return args.device
 
 
-def run(args) -> int:
+def checked(body, args) -> int:
+    """Check the arguments, then run body(args) with xent.eval's input errors as one-line CLI errors."""
+    from xent.eval import EvalError
+
     from . import CommandError
 
     check_arguments(args)
-    from xent.eval import EvalError
-
     try:
-        return _run(args)
+        return body(args)
     except EvalError as err:
         raise CommandError(str(err)) from None
+
+
+def run(args) -> int:
+    return checked(_run, args)
 
 
 def _run(args) -> int:

@@ -6,9 +6,20 @@ computed exactly (REFERENCE.md §4), and the comparison of two models on the sam
 Needs transformers (``pip install xent[hf]``).
 """
 
+from ._compare import CompareResult, compare
 from ._data import Corpus
 from ._errors import EvalError
 from ._evaluate import EvalResult, evaluate
 from ._windows import Window, llama_cpp_windows, sliding_windows
 
-__all__ = ["Corpus", "EvalError", "EvalResult", "Window", "evaluate", "llama_cpp_windows", "sliding_windows"]
+__all__ = [
+    "CompareResult",
+    "Corpus",
+    "EvalError",
+    "EvalResult",
+    "Window",
+    "compare",
+    "evaluate",
+    "llama_cpp_windows",
+    "sliding_windows",
+]

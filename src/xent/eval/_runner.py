@@ -37,16 +37,14 @@ def _chunks(docs: Iterable[tuple[int, str]], size: int):
         yield chunk
 
 
-class Runner:
-    """Scores documents with one model; holds the per-file totals."""
+class ChunkedScorer:
+    """The loop shared by evaluate and compare: chunks of documents, tokenized, windowed, batched.
+    Subclasses score batches (``_score_chunk``) and count skipped documents (``_skip``)."""
 
-    def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1):
-        self.model, self.tokenizer, self.opts = model, tokenizer, opts
-        self.device = next(model.parameters()).device
+    def __init__(self, tokenizer, opts: Options, *, rank: int = 0, world: int = 1):
+        self.tokenizer, self.opts = tokenizer, opts
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.totals = [Totals(opts.max_length) for _ in range(n_files)]
         self.rank, self.world = rank, world
-        self.count_words = _data.count_words_lm_eval if opts.words == "lm-eval" else _data.count_words
 
     def run(
         self,
@@ -67,41 +65,72 @@ class Runner:
             if end <= start:
                 continue
             mine = [c for c in chunk if c[0] >= start and c[0] % self.world == self.rank]
-            self._score_chunk(mine, on_tokens, progress)
+            docs_, items = self._prepare(mine)
+            self._score_chunk(docs_, items, on_tokens, progress)
             if on_chunk is not None:
                 on_chunk(end)
             if stop_after is not None and end >= stop_after:
                 return
 
-    def _score_chunk(self, chunk, on_tokens, progress) -> None:
-        opts = self.opts
-        items = []  # (slot, window): slot indexes `docs`
-        docs = []  # (doc index, file, text, [nll fixed, tokens])
+    def _prepare(self, chunk):
+        """(docs, items): docs[k] = (doc index, file, text, [Σ loss fixed, tokens]) for the documents
+        with something to score; items = [(k, window)] in document order."""
+        items, docs = [], []
         texts = [text for _, _, text in chunk]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        ids = self._encode(texts)
         for (index, file, text), doc_ids in zip(chunk, ids):
             if not text.strip():
-                self.totals[file].skipped_empty += 1
+                self._skip(file, "skipped_empty")
                 continue
-            windows = document_windows(doc_ids, opts)
+            windows = document_windows(doc_ids, self.opts)
             if not windows:
-                self.totals[file].skipped_unscored += 1
+                self._skip(file, "skipped_unscored")
                 continue
             docs.append((index, file, text, [0, 0]))
             items.extend((len(docs) - 1, w) for w in windows)
-        for s in range(0, len(items), opts.batch_size):
-            group = items[s : s + opts.batch_size]
-            batch = collate([w for _, w in group], pad_id=self.pad_id, padding_side=opts.padding_side)
+        return docs, items
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _batches(self, items):
+        """(batch, slots [B]) for groups of batch_size windows."""
+        for s in range(0, len(items), self.opts.batch_size):
+            group = items[s : s + self.opts.batch_size]
+            batch = collate([w for _, w in group], pad_id=self.pad_id, padding_side=self.opts.padding_side)
+            yield batch, torch.tensor([k for k, _ in group])
+
+    def _skip(self, file: int, kind: str) -> None:
+        raise NotImplementedError
+
+    def _score_chunk(self, docs, items, on_tokens, progress) -> None:
+        raise NotImplementedError
+
+
+class Runner(ChunkedScorer):
+    """Scores documents with one model; holds the per-file totals."""
+
+    def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1):
+        super().__init__(tokenizer, opts, rank=rank, world=world)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.totals = [Totals(opts.max_length) for _ in range(n_files)]
+        self.count_words = _data.count_words_lm_eval if opts.words == "lm-eval" else _data.count_words
+
+    def _skip(self, file: int, kind: str) -> None:
+        setattr(self.totals[file], kind, getattr(self.totals[file], kind) + 1)
+
+    def _score_chunk(self, docs, items, on_tokens, progress) -> None:
+        for batch, slots in self._batches(items):
             logits = forward_logits(self.model, batch, self.device)
             stats = batch_token_stats(logits, batch)
             del logits
-            slot = torch.tensor([k for k, _ in group])[stats["row"]]
-            file = torch.tensor([docs[k][1] for k, _ in group])[stats["row"]]
+            slot = slots[stats["row"]]
+            file = torch.tensor([docs[k][1] for k in slots.tolist()])[stats["row"]]
             for f in file.unique().tolist():
                 mask = file == f
                 self.totals[f].add_tokens({k: v[mask] for k, v in stats.items()})
-            loss_fixed = fixed(stats["loss"])
-            for k, v, n in zip(*_group_sums(slot, loss_fixed)):
+            for k, v, n in zip(*_group_sums(slot, fixed(stats["loss"]))):
                 docs[k][3][0] += v
                 docs[k][3][1] += n
             if on_tokens is not None:
@@ -111,7 +140,7 @@ class Runner:
                 progress(int(stats["loss"].numel()))
         for _, file, text, (nll, n) in docs:
             if n == 0:
-                self.totals[file].skipped_unscored += 1
+                self._skip(file, "skipped_unscored")
                 continue
             self.totals[file].add_document(nll, n, len(text.encode("utf-8")), self.count_words(text))
 

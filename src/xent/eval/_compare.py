@@ -1,0 +1,229 @@
+"""``xent.eval.compare``: two causal LMs on the same tokens (as llama.cpp ``--kl-divergence``).
+
+Per scored token, with p = softmax(base logits), q = softmax(model logits) in float32 and y the target:
+KL(p‖q) = Σ_c p_c (log p_c − log q_c); same top = [argmax p = argmax q]; Δp = q_y − p_y;
+Δℓ = ℓ_model − ℓ_base. Means are exact integer sums (see _sums); standard errors treat tokens as
+independent, s/√N (the paired SE of Δℓ is far smaller than the SEs of the two NLLs: the models err on
+the same tokens). Percentiles (numpy's linear interpolation) need every value: 8 bytes per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+import torch
+
+import xent
+
+from . import _distributed as dist
+from ._data import Corpus
+from ._errors import EvalError
+from ._files import state_dict_sha256
+from ._options import resolve_options
+from ._runner import ChunkedScorer
+from ._score import forward_logits, scored_index
+from ._sums import SCALE, fixed
+
+PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
+_SUMS = ("tokens", "documents", "skipped_empty", "skipped_unscored", "same_top", "kl", "kl_sq", "dp",
+         "dp_sq", "nll_base", "nll_model", "dnll", "dnll_sq")
+
+
+@dataclass
+class CompareResult:
+    tokens: int
+    documents: int
+    kl_mean: float
+    kl_se: float
+    kl_max: float
+    kl_percentiles: dict[str, float]
+    same_top_rate: float
+    delta_p_mean: float
+    delta_p_rms: float
+    delta_p_percentiles: dict[str, float]
+    nll_base: float
+    nll_model: float
+    delta_nll_mean: float
+    delta_nll_se: float
+    ppl_ratio: float
+    skipped_empty: int = 0
+    skipped_unscored: int = 0
+    config: dict = field(default_factory=dict)
+    model_sha256: dict = field(default_factory=dict)
+    data_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def pair_stats(base_logits: torch.Tensor, model_logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Per-token comparison of logits [N, V] (any dtype) against targets [N], in float32."""
+    if base_logits.shape[-1] != model_logits.shape[-1]:
+        raise EvalError(f"the models' vocabularies differ: {base_logits.shape[-1]} vs "
+                        f"{model_logits.shape[-1]} logits")
+    logp = torch.log_softmax(base_logits.float(), -1)
+    logq = torch.log_softmax(model_logits.float(), -1)
+    p = logp.exp()
+    # p·(log p − log q) with 0·anything = 0 where p underflows to 0 (log p = −inf would give NaN)
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp(min=0)
+    lp_y = logp.gather(-1, targets[:, None]).squeeze(-1)
+    lq_y = logq.gather(-1, targets[:, None]).squeeze(-1)
+    # the losses as xent.eval.evaluate computes them, so nll_base is evaluate's nll_mean exactly
+    return {"kl": kl, "same_top": logp.argmax(-1) == logq.argmax(-1), "dp": lq_y.exp() - lp_y.exp(),
+            "nll_base": xent.cross_entropy(base_logits.float(), targets, reduction="none"),
+            "nll_model": xent.cross_entropy(model_logits.float(), targets, reduction="none")}
+
+
+class CompareRunner(ChunkedScorer):
+    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1):
+        super().__init__(tokenizer, opts, rank=rank, world=world)
+        self.base, self.model, self.model_tokenizer = base, model, model_tokenizer
+        self.sums = dict.fromkeys(_SUMS, 0)
+        self.kl_values: list[torch.Tensor] = []
+        self.dp_values: list[torch.Tensor] = []
+
+    def _encode(self, texts):
+        ids = super()._encode(texts)
+        if self.model_tokenizer is not None and texts:
+            other = self.model_tokenizer(texts, add_special_tokens=False)["input_ids"]
+            for text, a, b in zip(texts, ids, other):
+                if a != b:
+                    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                    got = [a[i] if i < len(a) else "end", b[i] if i < len(b) else "end"]
+                    raise EvalError(f"the two tokenizers give different token ids (token {i} of the text "
+                                    f"{text[:30]!r}: {got[0]} vs {got[1]}); compare needs the same tokens")
+        return ids
+
+    def _skip(self, file, kind):
+        self.sums[kind] += 1
+
+    def _score_chunk(self, docs, items, on_tokens, progress):
+        base_dev = next(self.base.parameters()).device
+        model_dev = next(self.model.parameters()).device
+        scored = [0] * len(docs)
+        for batch, slots in self._batches(items):
+            rows, cols = scored_index(batch)
+            targets = batch["labels"][rows, cols]
+            zb = forward_logits(self.base, batch, base_dev)[rows.to(base_dev), cols.to(base_dev)]
+            zm = forward_logits(self.model, batch, model_dev)[rows.to(model_dev), cols.to(model_dev)]
+            st = {k: v.cpu() for k, v in pair_stats(zb, zm.to(zb.device), targets.to(zb.device)).items()}
+            s = self.sums
+            s["tokens"] += len(targets)
+            s["same_top"] += int(st["same_top"].sum())
+            dnll = st["nll_model"].double() - st["nll_base"].double()
+            for name, v in (("kl", st["kl"]), ("dp", st["dp"]), ("dnll", dnll)):
+                s[name] += int(fixed(v).sum())
+                s[name + "_sq"] += int(fixed(v.double().square()).sum())
+            s["nll_base"] += int(fixed(st["nll_base"]).sum())
+            s["nll_model"] += int(fixed(st["nll_model"]).sum())
+            self.kl_values.append(st["kl"].float())
+            self.dp_values.append(st["dp"].float())
+            for k in slots[rows].tolist():
+                scored[k] += 1
+            if progress is not None:
+                progress(len(targets))
+        for (_, file, _, _), n in zip(docs, scored):
+            if n == 0:
+                self._skip(file, "skipped_unscored")
+            else:
+                self.sums["documents"] += 1
+
+
+def _mean_se(total: int, total_sq: int, n: int) -> tuple[float, float]:
+    mean = Fraction(total, SCALE) / n
+    var = Fraction(total_sq, SCALE) / n - mean * mean
+    return float(mean), math.sqrt(max(float(var), 0.0) / (n - 1)) if n > 1 else math.nan
+
+
+def _percentiles(values) -> dict[str, float]:
+    import numpy as np
+
+    return {f"{q:g}": float(np.percentile(values, q)) for q in PERCENTILES}
+
+
+def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_length=None, stride=None,
+            bos=None, preset=None, batch_size: int = 8, padding_side: str = "right", progress=None,
+            model_sha256: dict | None = None, data_sha256: str | None = None,
+            extra_config: dict | None = None) -> CompareResult:
+    """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
+
+    ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
+    (EvalError otherwise). Under torch.distributed the documents are sharded across ranks.
+    """
+    import numpy as np
+
+    opts = resolve_options(base, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
+                           batch_size=batch_size, padding_side=padding_side)
+    resolve_options(model, tokenizer, max_length=opts.max_length, stride=None if preset else opts.stride,
+                    bos=None if preset else opts.bos, preset=preset)  # the model must take these windows too
+    corpus = documents if isinstance(documents, Corpus) else None
+    stream = iter(corpus) if corpus is not None else ((0, t) for t in documents)
+    rank, world = dist.rank_and_world()
+    runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
+    runner.run(stream, progress=progress)
+    gathered = dist.all_gather((runner.sums, torch.cat(runner.kl_values or [torch.zeros(0)]).numpy(),
+                                torch.cat(runner.dp_values or [torch.zeros(0)]).numpy()))
+    s = dict.fromkeys(_SUMS, 0)
+    for sums, _, _ in gathered:
+        for k in _SUMS:
+            s[k] += sums[k]
+    kl_all = np.concatenate([g[1] for g in gathered])
+    dp_all = np.concatenate([g[2] for g in gathered])
+    N = s["tokens"]
+    if N == 0:
+        raise EvalError(f"no tokens to score: {s['skipped_empty']} empty and {s['skipped_unscored']} "
+                        "too-short documents")
+    kl_mean, kl_se = _mean_se(s["kl"], s["kl_sq"], N)
+    dp_mean, _ = _mean_se(s["dp"], s["dp_sq"], N)
+    dnll_mean, dnll_se = _mean_se(s["dnll"], s["dnll_sq"], N)
+    if model_sha256 is None:
+        model_sha256 = {"base": state_dict_sha256(base), "model": state_dict_sha256(model)}
+    if data_sha256 is None and corpus is not None:
+        data_sha256 = corpus.sha256()
+    return CompareResult(
+        tokens=N, documents=s["documents"], kl_mean=kl_mean, kl_se=kl_se, kl_max=float(kl_all.max()),
+        kl_percentiles=_percentiles(kl_all), same_top_rate=s["same_top"] / N, delta_p_mean=dp_mean,
+        delta_p_rms=math.sqrt(float(Fraction(s["dp_sq"], SCALE) / N)),
+        delta_p_percentiles=_percentiles(dp_all),
+        nll_base=float(Fraction(s["nll_base"], SCALE) / N),
+        nll_model=float(Fraction(s["nll_model"], SCALE) / N),
+        delta_nll_mean=dnll_mean, delta_nll_se=dnll_se, ppl_ratio=math.exp(dnll_mean),
+        skipped_empty=s["skipped_empty"], skipped_unscored=s["skipped_unscored"],
+        config={**opts.config(), **(extra_config or {})}, model_sha256=model_sha256, data_sha256=data_sha256,
+    )
+
+
+def print_compare(summary: dict, file=None) -> None:
+    """A report laid out like llama.cpp's ``--kl-divergence`` output."""
+    import sys
+
+    out = file or sys.stdout
+    n = summary["tokens"]
+    same = summary["same_top_rate"]
+    same_se = math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else math.nan
+    lines = [
+        f"tokens: {n} in {summary['documents']} documents",
+        "",
+        "====== Perplexity statistics ======",
+        f"Mean PPL(Q)                   : {math.exp(summary['nll_model']):12.6f}",
+        f"Mean PPL(base)                : {math.exp(summary['nll_base']):12.6f}",
+        f"Mean ln(PPL(Q)/PPL(base))     : {summary['delta_nll_mean']:12.6f} ± "
+        f"{summary['delta_nll_se']:10.6f}",
+        f"Mean PPL(Q)/PPL(base)         : {summary['ppl_ratio']:12.6f} ± "
+        f"{summary['ppl_ratio'] * summary['delta_nll_se']:10.6f}",
+        "",
+        "====== KL divergence statistics ======",
+        f"Mean    KLD: {summary['kl_mean']:10.6f} ± {summary['kl_se']:10.6f}",
+        f"Maximum KLD: {summary['kl_max']:10.6f}",
+        *(f"{q + '%':<7} KLD: {v:10.6f}" for q, v in summary["kl_percentiles"].items()),
+        "",
+        "====== Token probability statistics ======",
+        f"Mean    Δp: {100 * summary['delta_p_mean']:8.3f} %",
+        *(f"{q + '%':<7} Δp: {100 * v:8.3f} %" for q, v in summary["delta_p_percentiles"].items()),
+        f"RMS Δp    : {100 * summary['delta_p_rms']:8.3f} %",
+        f"Same top p: {100 * same:8.3f} ± {100 * same_se:6.3f} %",
+    ]
+    print("\n".join(lines), file=out)

@@ -1,0 +1,120 @@
+"""xent compare against explicit per-token formulas on the two models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import xent.eval
+from xent.cli import main
+
+
+@pytest.fixture(scope="module")
+def two_models(model_and_tokenizer, other_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    base, tok = model_and_tokenizer
+    return base, AutoModelForCausalLM.from_pretrained(other_model_dir).eval(), tok
+
+
+def _percentile(values, q):
+    """Linear interpolation between closest ranks, written out."""
+    v = sorted(values)
+    pos = q / 100 * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def _reference(base, model, tok, docs):
+    kl, same, dp, lb, lm = [], [], [], [], []
+    with torch.no_grad():
+        for doc in docs:
+            ids = tok(doc, add_special_tokens=False)["input_ids"]
+            src = torch.tensor([[tok.bos_token_id] + ids])
+            zb, zm = base(input_ids=src).logits[0].double(), model(input_ids=src).logits[0].double()
+            for t, y in enumerate(ids):
+                p = torch.softmax(zb[t], 0).tolist()
+                q = torch.softmax(zm[t], 0).tolist()
+                kl.append(sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0))
+                same.append(max(range(len(p)), key=p.__getitem__) == max(range(len(q)), key=q.__getitem__))
+                dp.append(q[y] - p[y])
+                lb.append(-math.log(p[y]))
+                lm.append(-math.log(q[y]))
+    return kl, same, dp, lb, lm
+
+
+def test_compare_matches_explicit_formulas(two_models, documents):
+    base, model, tok = two_models
+    docs = [d for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) < 64]
+    kl, same, dp, lb, lm = _reference(base, model, tok, docs)
+    r = xent.eval.compare(base, model, tok, docs, model_tokenizer=tok, batch_size=3)
+    N = len(kl)
+    d = [b - a for a, b in zip(lb, lm)]
+    md = sum(d) / N
+    assert r.tokens == N and r.documents == len(docs)
+    approx = lambda x: pytest.approx(x, rel=1e-5, abs=1e-7)  # noqa: E731
+    assert r.kl_mean == approx(sum(kl) / N) and r.kl_mean > 0.01
+    mk = sum(kl) / N
+    assert r.kl_se == approx(math.sqrt(sum((x - mk) ** 2 for x in kl) / (N - 1) / N))
+    assert r.kl_max == approx(max(kl))
+    for q, v in r.kl_percentiles.items():
+        assert v == approx(_percentile(kl, float(q))), q
+    for q, v in r.delta_p_percentiles.items():
+        assert v == approx(_percentile(dp, float(q))), q
+    assert r.same_top_rate == sum(same) / N
+    assert r.delta_p_mean == approx(sum(dp) / N)
+    assert r.delta_p_rms == approx(math.sqrt(sum(x * x for x in dp) / N))
+    assert r.nll_base == approx(sum(lb) / N) and r.nll_model == approx(sum(lm) / N)
+    assert r.delta_nll_mean == approx(md)
+    assert r.delta_nll_se == approx(math.sqrt(sum((x - md) ** 2 for x in d) / (N - 1) / N))
+    assert r.ppl_ratio == approx(math.exp(sum(lm) / N) / math.exp(sum(lb) / N))
+
+
+def test_a_model_against_itself(two_models, documents):
+    base, _, tok = two_models
+    r = xent.eval.compare(base, base, tok, documents, max_length=32, stride=16)
+    assert r.kl_mean == 0 and r.kl_max == 0 and r.same_top_rate == 1 and r.ppl_ratio == 1
+    e = xent.eval.evaluate(base, tok, documents, max_length=32, stride=16)
+    assert r.tokens == e.tokens and r.nll_base == e.nll_mean  # same windows, same exact sums
+
+
+def test_compare_cli_report_and_summary(capsys, model_dir, other_model_dir, tmp_path, documents):
+    (tmp_path / "d.txt").write_text("\n".join(documents), encoding="utf-8")
+    argv = ["compare", "--base", str(model_dir), "--model", str(other_model_dir), "--data",
+            str(tmp_path / "d.txt"), "--split", "lines", "--max-length", "32", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "====== KL divergence statistics ======" in out and "Same top p:" in out
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    keys = ["kl_mean", "kl_se", "kl_max", "kl_percentiles", "same_top_rate", "delta_p_mean", "delta_p_rms",
+            "delta_p_percentiles", "nll_base", "nll_model", "delta_nll_mean", "delta_nll_se", "ppl_ratio"]
+    assert all(k in s for k in keys)
+    assert list(s["kl_percentiles"]) == ["99.9", "99", "95", "90", "50", "10", "1", "0.1"]
+    assert f"{s['kl_mean']:10.6f}" in out
+
+
+def test_different_tokenizers_are_refused(capsys, model_dir, tmp_path, documents):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=270, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["completely different words here"] * 5, trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<pad>").save_pretrained(other)
+    (tmp_path / "d.txt").write_text(documents[0], encoding="utf-8")
+    code = main(["compare", "--base", str(model_dir), "--model", str(other), "--data",
+                 str(tmp_path / "d.txt"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the two tokenizers give different token ids (token " in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
