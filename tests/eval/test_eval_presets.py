@@ -1,0 +1,86 @@
+"""--preset lm-eval and --preset llama.cpp against re-implementations of those tools' loops."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import xent.eval
+
+
+def _logprobs(model, inp):
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([inp])).logits[0].double()
+    return z - torch.logsumexp(z, -1, keepdim=True)
+
+
+def lm_eval_loglikelihood_rolling(model, tokens, prefix, L):
+    """lm-evaluation-harness: utils.get_rolling_token_windows(context_len=1) + make_disjoint_window, then
+    HFLM._loglikelihood_tokens on each (context, continuation) pair."""
+    windows = []
+    first = min(L, len(tokens))
+    windows.append(([prefix] + tokens[: first - 1], tokens[:first]))
+    predicted = first
+    while predicted < len(tokens):
+        wpl = min(len(tokens) - predicted, L)
+        end = predicted + wpl
+        windows.append((tokens[end - L - 1 : end - 1], tokens[end - wpl : end]))
+        predicted += wpl
+    total = 0.0
+    for a, b in windows:
+        ctx, cont = a[: len(a) - (len(b) - 1)], b
+        inp = (ctx + cont)[-(L + 1) :][:-1]
+        logp = _logprobs(model, inp)[-len(cont) :]
+        total += sum(logp[i, y].item() for i, y in enumerate(cont))
+    return total
+
+
+def test_lm_eval_preset_reproduces_rolling_loglikelihood(model_and_tokenizer, documents):
+    model, tok = model_and_tokenizer
+    L = 24
+    ll, words, nbytes, n = 0.0, 0, 0, 0
+    for doc in documents:
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        ll += lm_eval_loglikelihood_rolling(model, ids, tok.bos_token_id, L)
+        words += len(re.split(r"\s+", doc))
+        nbytes += len(doc.encode("utf-8"))
+        n += len(ids)
+    r = xent.eval.evaluate(model, tok, documents, max_length=L, preset="lm-eval", batch_size=4)
+    assert r.tokens == n and r.words == words and r.bytes == nbytes
+    assert r.word_perplexity == pytest.approx(math.exp(-ll / words), rel=1e-5)
+    assert r.byte_perplexity == pytest.approx(math.exp(-ll / nbytes), rel=1e-5)
+    assert r.bits_per_byte == pytest.approx(-ll / nbytes / math.log(2), rel=1e-5)
+    plain = xent.eval.evaluate(model, tok, documents, max_length=L, batch_size=4)
+    assert plain.tokens == r.tokens and plain.nll_mean != r.nll_mean  # the last windows differ
+
+
+def test_llama_cpp_preset_reproduces_perplexity(model_and_tokenizer, documents):
+    # llama-perplexity: tokens = [BOS] + text; n_chunk = len // n_ctx; each chunk's first token set to BOS;
+    # nll over j in [n_ctx/2, n_ctx − 1) of −log p(tokens[start + j + 1] | chunk[: j + 1])
+    model, tok = model_and_tokenizer
+    n_ctx = 32
+    nll, count = 0.0, 0
+    for doc in documents:
+        tokens = [tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]
+        for i in range(len(tokens) // n_ctx):
+            start = i * n_ctx
+            chunk = tokens[start : start + n_ctx]
+            chunk[0] = tok.bos_token_id
+            logp = _logprobs(model, chunk)
+            for j in range(n_ctx // 2, n_ctx - 1):
+                nll -= logp[j, tokens[start + j + 1]].item()
+                count += 1
+    r = xent.eval.evaluate(model, tok, documents, max_length=n_ctx, preset="llama.cpp", batch_size=3)
+    assert r.tokens == count and count > 0
+    assert r.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert r.skipped_unscored == sum(
+        1 for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) + 1 < n_ctx)
+
+
+def test_a_preset_fixes_stride_and_bos(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(xent.eval.EvalError, match="--preset lm-eval fixes the stride and BOS"):
+        xent.eval.evaluate(model, tok, ["text"], max_length=16, stride=8, preset="lm-eval")
