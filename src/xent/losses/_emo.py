@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._base import TokenLoss
-from ._focal import nll_of_target, plain_loss
+from ._focal import exp_in_place, nll_of_target, plain_loss
 
 MODES = ("demd", "emo1", "emo2")
 
@@ -112,18 +112,8 @@ class EMO(TokenLoss):
         has the gradient q ⊙ (a + b·(c − DEMD)) − a·onehot_y: (a, b) = (½, ½r) for emo1, (r, 1) for emo2,
         (0, 1) for demd, r the stop-gradient ratio. Soft-capping adds the factor 1 − (z/c)².
         """
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        tanh = None
-        if self.softcap is not None:
-            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
-            logits = torch.mul(tanh, self.softcap, out=logits)
-        z_y = logits[rows, target]
-        m = logits.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
-        q = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
-        sumexp = q.sum(dim=-1)
-        mle = m.squeeze(-1) + sumexp.log() - z_y
-        q.div_(sumexp.unsqueeze(-1))  # softmax [N, V]
+        rows, tanh, q, sumexp, _, mle, _ = exp_in_place(logits, target, self.softcap)
+        q.div_(sumexp.unsqueeze(-1))  # softmax [N, V], in the logits' buffer
         e = self.unit_embedding.to(device=logits.device, dtype=logits.dtype)
         cost = torch.addmm(torch.ones((), dtype=q.dtype, device=q.device), e[target], e.t(), alpha=-1.0)
         # Σ_j q_j c_j as a batched dot product (no third [N, V] temporary); clamped as in demd().

@@ -24,6 +24,27 @@ def one_minus_q(nll: torch.Tensor) -> torch.Tensor:
     return -torch.expm1(-nll)
 
 
+def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | None, mean: bool = False):
+    """The shared start of a closed-form gradient on a [N, V] chunk, which it overwrites.
+
+    Caps (z ← c·tanh(z/c)), then turns the buffer into e = exp(z − max z). Returns (rows, tanh or None
+    (for the chain factor 1 − tanh²), e [N, V], Σe [N], lse [N], −log q_y [N], mean z [N] or None).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(logits / softcap)  # kept for the chain rule
+        logits = torch.mul(tanh, softcap, out=logits)
+    z_y = logits[rows, target]
+    mean_z = logits.mean(dim=-1) if mean else None
+    m = logits.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
+    e = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
+    sumexp = e.sum(dim=-1)
+    lse = m.squeeze(-1) + sumexp.log()
+    return rows, tanh, e, sumexp, lse, lse - z_y, mean_z
+
+
 class NLLLoss(TokenLoss):
     r"""ℓ = (1−ε)·L(n) + (ε/V)·Σ_c (lse z − z_c) with n = −log q_y and L a function of n only.
 
@@ -61,19 +82,8 @@ class NLLLoss(TokenLoss):
         ``scale`` [N] multiplies each token's gradient; soft-capping adds the factor 1 − (z/c)².
         """
         eps, num_classes = self.label_smoothing, logits.shape[-1]
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        tanh = None
-        if self.softcap is not None:
-            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
-            logits = torch.mul(tanh, self.softcap, out=logits)
-        z_y = logits[rows, target]
-        mean_z = logits.mean(dim=-1) if eps > 0.0 else None
-        m = logits.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
-        e = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
-        sumexp = e.sum(dim=-1)
-        lse = m.squeeze(-1) + sumexp.log()
-        value, slope = self.nll_terms(lse - z_y)
+        rows, tanh, e, sumexp, lse, nll, mean_z = exp_in_place(logits, target, self.softcap, eps > 0.0)
+        value, slope = self.nll_terms(nll)
         coef = (1.0 - eps) * slope
         if eps > 0.0:
             value = (1.0 - eps) * value + eps * (lse - mean_z)
