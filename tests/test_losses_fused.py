@@ -91,3 +91,20 @@ def test_emo_fused_checks_the_embedding_vocabulary():
     hidden, weight, _, target = _data()
     with pytest.raises(ValueError, match=r"cost_embedding must have shape \[V, d\] with V = 23"):
         xent.linear_loss(hidden, weight, target, loss=losses.EMO(cost_embedding=torch.randn(22, 4)))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "skew_reverse_kl", "tvd"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_linear_distill_equals_plain_for_every_chunk_size(kind, chunk_size):
+    hidden, weight, bias, target = _data(seed=4)
+    g = torch.Generator().manual_seed(5)
+    teacher_hidden = torch.randn(3, 7, 6, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(V_, 6, generator=g, dtype=torch.float64)
+    options = dict(kind=kind, beta=0.2, alpha=0.3, temperature=1.5, softcap=4.0, hard_weight=0.1)
+    fused = xent.linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, target,
+                                     student_bias=bias, chunk_size=chunk_size, **options)
+    plain = xent.distill_loss(hidden @ weight.T + bias, teacher_hidden @ teacher_weight.T, target, **options)
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=1e-12)
+    inputs = (hidden, weight, bias)
+    for g_fused, g_plain in zip(_grads(fused, inputs), _grads(plain, inputs)):
+        torch.testing.assert_close(g_fused, g_plain, atol=1e-12, rtol=1e-10)

@@ -115,6 +115,18 @@ class Distill(TokenLoss):
         return loss
 
 
+def distill_target(target, lead_shape, device, hard_weight: float, ignore_index: int):
+    """(target, ignore_index) for the shared reduction; without a target every token counts.
+
+    Then the ids are 0 everywhere (unused: there is no hard term) with an ignore_index they never equal.
+    """
+    if target is not None:
+        return target, ignore_index
+    if hard_weight > 0.0:
+        raise ValueError(f"hard_weight={hard_weight} needs target (the hard labels); got target=None")
+    return torch.zeros(lead_shape, dtype=torch.long, device=device), -1
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -164,13 +176,9 @@ def distill_loss(
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     lead_shape = student_logits.shape[:-1]
-    if target is None:
-        if hard_weight > 0.0:
-            raise ValueError(f"hard_weight={hard_weight} needs target (the hard labels); got target=None")
-        # Every token counts: id 0 everywhere (unused: hard_weight is 0) and an ignore_index it never equals.
-        target = torch.zeros(lead_shape, dtype=torch.long, device=student_logits.device)
-        ignore_index = -1
-    else:
+    if target is not None:
         V.check_target(target, lead_shape, num_classes, ignore_index, lead_name="student_logits")
+    target, ignore_index = distill_target(target, lead_shape, student_logits.device, hard_weight,
+                                          ignore_index)
     return apply_token_loss(loss, student_logits, target, teacher_logits, ignore_index=ignore_index,
                             reduction=reduction, num_items=num_items)
