@@ -155,12 +155,13 @@ class Totals:
             "ece": float(ece / N),
             "brier": float(Fraction(self.brier, SCALE) / N),
             "nll_by_position": [
-                {"start": lo, "end": hi, "tokens": n, "nll_mean": float(Fraction(s, SCALE) / n) if n else nan}
+                {"start": lo, "end": hi, "tokens": n,
+                 "nll_mean": float(Fraction(s, SCALE) / n) if n else None}
                 for (lo, hi), n, s in zip(position_buckets(self.max_length), self.pos_count, self.pos_nll)
             ],
             "calibration": [
                 {"bin": [b / ECE_BINS, (b + 1) / ECE_BINS], "tokens": n,
-                 "confidence": float(Fraction(p, SCALE) / n) if n else nan, "accuracy": c / n if n else nan}
+                 "confidence": float(Fraction(p, SCALE) / n) if n else None, "accuracy": c / n if n else None}
                 for b, (n, p, c) in enumerate(zip(self.ece_count, self.ece_conf, self.ece_correct))
             ],
             "skipped_empty": self.skipped_empty,

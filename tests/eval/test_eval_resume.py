@@ -1,0 +1,99 @@
+"""Resume: an interrupted run continued with --resume gives exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import xent.eval
+from xent.cli import main
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal, NaN included."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _docs(documents, n=23):
+    return [f"{i}: {documents[i % len(documents)]}" for i in range(n)]
+
+
+def test_api_resume_equals_uninterrupted(model_and_tokenizer, documents, tmp_path):
+    model, tok = model_and_tokenizer
+    docs = _docs(documents)
+    kw = dict(max_length=32, stride=16, checkpoint_every=4, batch_size=3)
+    full = xent.eval.evaluate(model, tok, docs, **kw).to_dict()
+    ck = tmp_path / "ck"
+    part = xent.eval.evaluate(model, tok, docs, checkpoint_dir=str(ck), stop_after=9, **kw)
+    assert part.documents == 12 < full["documents"]  # stopped after the chunk holding document 9
+    assert json.loads((ck / "checkpoint.json").read_text())["next_document"] == 12
+    seen = []
+    resumed = xent.eval.evaluate(model, tok, docs, checkpoint_dir=str(ck), resume=True,
+                                 progress=seen.append, **kw).to_dict()
+    assert _same(resumed, full)  # exact: integer totals
+    assert sum(seen) < full["tokens"]  # only the remaining documents were scored
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(model_and_tokenizer, documents, tmp_path):
+    model, tok = model_and_tokenizer
+    docs = _docs(documents, 8)
+    xent.eval.evaluate(model, tok, docs, max_length=32, checkpoint_every=4, checkpoint_dir=str(tmp_path),
+                       stop_after=4)
+    with pytest.raises(xent.eval.EvalError, match="written by a different run"):
+        xent.eval.evaluate(model, tok, docs, max_length=24, checkpoint_every=4, checkpoint_dir=str(tmp_path),
+                           resume=True)
+
+
+def test_cli_resume_with_per_token_output(capsys, model_dir, documents, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(documents, 15)))
+    common = ["eval", "--model", str(model_dir), "--data", str(data), "--max-length", "32",
+              "--checkpoint-every", "2", "--per-token", "--json"]
+    assert main(common + ["--out", str(tmp_path / "full")]) == 0
+    assert main(common + ["--out", str(tmp_path / "cut"), "--stop-after", "5"]) == 3
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    assert main(common + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    capsys.readouterr()
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    full["config"].pop("model"), cut["config"].pop("model")
+    assert cut == full
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "cut" / "tokens.parquet").equals(pq.read_table(tmp_path / "full" /
+                                                                                   "tokens.parquet"))
+    assert not (tmp_path / "cut" / "checkpoint.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_summary(capsys, model_dir, documents, tmp_path):
+    n = 150
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(documents, n)))
+    cmd = [sys.executable, "-m", "xent", "eval", "--model", str(model_dir), "--data", str(data),
+           "--max-length", "32", "--checkpoint-every", "5", "--batch-size", "4", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert main(cmd[3:] + ["--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "finished before it could be killed"
+    assert not (out / "summary.json").exists()
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert 0 < state["next_document"] < n
+    subprocess.run(cmd + ["--out", str(out), "--resume"], check=True, capture_output=True, env=env)
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    cut = json.loads((out / "summary.json").read_text())
+    assert cut == full
