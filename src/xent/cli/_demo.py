@@ -1,57 +1,77 @@
-"""``xent demo``: a short example that exercises the API and prints its results.
+"""``xent demo``: train a tiny language model once per objective, offline, and compare them.
 
-The full demo (training tiny models with several objectives, plots, report) replaces this.
+Builds the data (standard-library docstrings and a Markov source of known entropy), a byte-level BPE
+tokenizer and a small GPT-2; trains one model per objective with the same seed, data and budget;
+evaluates each with xent's evaluator; writes summary.json, PNG figures, report.html and the
+checkpoints into --out, and prints a summary table.
 """
 
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the xent demo", description=__doc__)
+    p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
+                       description=__doc__)
+    p.add_argument("--out", default="xent-demo", help="output directory (default: ./xent-demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about a minute) for tests")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objectives", help="comma-separated objectives (default: the demo's set); "
+                   "from: ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly")
+    p.add_argument("--steps", type=int, help="training steps per objective (overrides the preset)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    import torch
-    import torch.nn.functional as F
+    from . import CommandError
 
-    import xent
+    try:
+        import matplotlib  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise CommandError(f"the demo needs {err.name}: pip install 'xent[hf,viz]'") from None
+    import time
 
-    torch.manual_seed(args.seed)
-    print("xent", xent.__version__, "- worked numbers of shared/REFERENCE.md §2 and a micro-batch check\n")
-    x = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [1.5, 0.5, 2.0]])
-    y = torch.tensor([0, -100, 2])
-    rows = [
-        ("plain", {}),
-        ("class weights [1,2,3]", {"weight": torch.tensor([1.0, 2.0, 3.0])}),
-        ("label_smoothing 0.1", {"label_smoothing": 0.1}),
-        ("z-loss 1e-4", {"z_loss": 1e-4}),
-        ("softcap 30", {"softcap": 30.0}),
-    ]
-    print(f"{'call':<24} {'xent mean':>12} {'torch mean':>12}")
-    for name, opts in rows:
-        ours = xent.cross_entropy(x, y, **opts).item()
-        torch_opts = {k: v for k, v in opts.items() if k in ("weight", "label_smoothing")}
-        theirs = F.cross_entropy(x, y, **torch_opts).item() if len(torch_opts) == len(opts) else float("nan")
-        print(f"{name:<24} {ours:>12.8f} {theirs:>12.8f}")
-    all_ignored = torch.full((3,), -100)
-    print(f"{'all labels ignored':<24} {xent.cross_entropy(x, all_ignored).item():>12.8f} "
-          f"{F.cross_entropy(x, all_ignored).item():>12.8f}")
+    from ..demo import DemoConfig, run_demo
+    from ..demo._report import TABLE_HEADER, table_rows
+    from ..training import OBJECTIVES
 
-    # Gradient accumulation: the sum of micro-batch losses normalised by the global count equals the
-    # full-batch mean, which averaging per-micro-batch means does not.
-    B, T, V = 4, 33, 101
-    logits = torch.randn(B, T, V)
-    labels = torch.randint(0, V, (B, T))
-    labels[0, 5:] = -100  # one short sequence: micro-batches hold different token counts
-    full = xent.causal_lm_loss(logits, labels)
-    n = xent.count_items(labels)
-    summed = sum(xent.causal_lm_loss(logits[i : i + 1], labels[i : i + 1], num_items_in_batch=n)
-                 for i in range(B))
-    naive = sum(xent.causal_lm_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(B)) / B
-    print(f"\ncausal LM, {B} micro-batches of one sequence ({int(n)} targets):")
-    print(f"  full-batch mean             {full.item():.8f}")
-    print(f"  Σ micro losses / num_items  {summed.item():.8f}")
-    print(f"  mean of micro-batch means   {naive.item():.8f}  (the late-2024 accumulation bug)")
+    overrides = {"seed": args.seed}
+    if args.objectives:
+        names = tuple(n.strip() for n in args.objectives.split(",") if n.strip())
+        unknown = [n for n in names if n not in OBJECTIVES]
+        if unknown or not names:
+            raise CommandError(f"unknown objective(s) {', '.join(unknown) or '(none)'}; "
+                               f"choose from {', '.join(OBJECTIVES)}")
+        overrides["objectives"] = names
+    if args.steps is not None:
+        if args.steps < 1:
+            raise CommandError(f"--steps must be at least 1, got {args.steps}")
+        overrides["steps"] = args.steps
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    start = time.perf_counter()
+    summary = run_demo(args.out, cfg, progress=not args.no_progress)
+    _print_table(summary, TABLE_HEADER, table_rows(summary))
+    print(f"\nwrote {args.out}/report.html, summary.json, {len(summary['files']) - 1} figures and "
+          f"{len(summary['objectives'])} checkpoints in {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def _print_table(summary, header, rows) -> None:
+    h = summary["data"]["entropy_rate_nats_per_word"]
+    title = f"xent demo (seed {summary['seed']}): Markov source entropy {h:.4f} nats/word"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print("  ".join(header))
+        for row in rows:
+            print("  ".join(row))
+        return
+    table = Table(title=title)
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(110, Console().width)).print(table)

@@ -50,7 +50,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     history: list[dict]  # one row per step: step, loss, lr, grad_norm, tokens, seconds
-    eval_history: list[dict]  # step, eval_ce (nats/token), when eval_data was given
+    eval_history: list[dict]  # step and the cross-entropy (nats/token) of each eval set, by name
     seconds: float
     tokens: int  # target tokens trained on
     objective: str  # repr of the loss object
@@ -66,15 +66,17 @@ class TrainResult:
 def as_sequences(data, seq_len: int) -> torch.Tensor:
     """Training data as a [S, T] int64 tensor of sequences.
 
-    Accepts a [S, T] tensor (used as is; −100 marks padding, which is neither attended to as a
-    target nor fed: it is replaced by token 0 in the input), a 1-D token stream or a list of token
-    lists (concatenated, then cut into sequences of ``seq_len``; the remainder is dropped).
+    Accepts a [S, T] tensor (used as is; −100 marks padding: not a target, masked from attention
+    and fed as token 0), or a 1-D token stream (tensor or list) or a list of token lists
+    (concatenated, then cut into sequences of ``seq_len``; the remainder is dropped).
     """
     if isinstance(data, torch.Tensor) and data.dim() == 2:
         seqs = data
     else:
         if isinstance(data, torch.Tensor):
             stream = data.reshape(-1)
+        elif data and isinstance(data[0], int):
+            stream = torch.tensor(data, dtype=torch.long)
         else:
             stream = torch.tensor([t for doc in data for t in doc], dtype=torch.long)
         n = stream.numel() // seq_len
@@ -166,7 +168,9 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
             (see :func:`as_sequences`).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields, e.g.
             ``train(model, ids, objective="tailr", steps=100)``.
-        eval_data: optional held-out sequences, scored with cross-entropy every ``eval_every`` steps.
+        eval_data: optional held-out sequences (or a dict name -> sequences), scored with
+            cross-entropy every ``eval_every`` steps; ``eval_history`` rows hold one value per name
+            ("eval_ce" when a single set is given).
         tokenizer: saved next to the model when ``save_dir`` is set.
 
     The objective's value is what ``history`` records (for ``tailr``, ``gold``, ``focal`` and ``poly`` it
@@ -186,7 +190,9 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         raise ValueError(f"micro_batch_size ({micro}) must divide batch_size ({cfg.batch_size})")
 
     seqs = as_sequences(data, cfg.seq_len)
-    eval_seqs = None if eval_data is None else as_sequences(eval_data, cfg.seq_len)
+    if eval_data is not None and not isinstance(eval_data, dict):
+        eval_data = {"eval_ce": eval_data}
+    eval_sets = {k: as_sequences(v, cfg.seq_len) for k, v in (eval_data or {}).items()}
     if len(seqs) < cfg.batch_size:
         raise ValueError(f"data has {len(seqs)} sequences, fewer than batch_size={cfg.batch_size}")
     device = next(model.parameters()).device
@@ -217,9 +223,10 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens": tokens, "seconds": time.perf_counter() - start})
         last = step + 1 == cfg.steps
-        if eval_seqs is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            eval_history.append({"step": step + 1, "eval_ce": evaluate_ce(model, eval_seqs.to(device),
-                                                                         chunk_size=cfg.chunk_size)})
+        if eval_sets and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            scores = {name: evaluate_ce(model, s.to(device), chunk_size=cfg.chunk_size)
+                      for name, s in eval_sets.items()}
+            eval_history.append({"step": step + 1, **scores})
         if cfg.save_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
             _save(model, tokenizer, os.path.join(cfg.save_dir, f"step-{step + 1}"), None)
         if bar is not None:
@@ -241,7 +248,8 @@ def _progress(cfg: TrainConfig):
     except ImportError:
         return None
     name = cfg.objective if isinstance(cfg.objective, str) else type(cfg.objective).__name__
-    return tqdm(total=cfg.steps, desc=f"train {name}", unit="step", leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs and CI stay clean)
+    return tqdm(total=cfg.steps, desc=f"train {name}", unit="step", leave=False, disable=None)
 
 
 def _jsonable(d: dict) -> dict:

@@ -1,0 +1,260 @@
+"""``xent demo``: train one tiny model per objective on the same data, evaluate, plot, report.
+
+Everything is built here, offline: the corpus (standard-library docstrings + a Markov source whose
+entropy is known), the tokenizer, the models. Same seed, data, initial weights and budget for every
+objective, so the differences in the report are the objectives' own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+DEFAULT_OBJECTIVES = ("ce", "ce_ls", "emo", "tailr", "focal")
+QUICK_OBJECTIVES = ("ce", "ce_ls", "emo", "tailr")
+
+
+@dataclass
+class DemoConfig:
+    preset: str = "default"  # or "quick"
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    seed: int = 0
+    vocab_size: int = 1024
+    seq_len: int = 64
+    d_model: int = 96
+    n_layer: int = 2
+    n_head: int = 4
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-2
+    warmup_steps: int = 20
+    eval_every: int = 50
+    markov_words: int = 64
+    words_per_doc: int = 64
+    synthetic_train_docs: int = 1000  # about 30% of the training tokens
+    synthetic_eval_docs: int = 100
+    heldout_docs: int | None = None  # None: every held-out docstring document
+    threads: int = 1  # torch threads: 1 is reproducible across machines and robust on a busy one
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        base = dict(preset="quick", objectives=QUICK_OBJECTIVES, d_model=64, n_head=2, steps=100,
+                    batch_size=16, warmup_steps=5, eval_every=25, synthetic_eval_docs=40, heldout_docs=40)
+        return cls(**{**base, **overrides})
+
+
+@dataclass
+class DemoData:
+    train_texts: list[str]  # natural and synthetic, interleaved (seeded)
+    heldout: list[str]  # natural held-out documents
+    heldout_sources: list[str]
+    synthetic: list[str]  # held-out documents of the Markov source
+    source: object  # the MarkovSource
+
+
+def build_data(cfg: DemoConfig) -> DemoData:
+    import torch
+
+    from ._markov import MarkovSource
+    from ._text import stdlib_documents
+
+    natural_train, natural_heldout = stdlib_documents()
+    if cfg.heldout_docs is not None:
+        natural_heldout = natural_heldout[: cfg.heldout_docs]
+    source = MarkovSource(num_words=cfg.markov_words, seed=cfg.seed)
+    syn_train = source.sample(cfg.synthetic_train_docs, cfg.words_per_doc, seed=cfg.seed + 1)
+    syn_eval = source.sample(cfg.synthetic_eval_docs, cfg.words_per_doc, seed=cfg.seed + 2)
+    texts = [d.text for d in natural_train] + syn_train
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return DemoData([texts[i] for i in order], [d.text for d in natural_heldout],
+                    [d.source for d in natural_heldout], syn_eval, source)
+
+
+def _write_jsonl(path: str, texts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+
+
+def _eval_blocks(tokenizer, texts, seq_len, limit):
+    """Held-out sequences for the training curves: each document from its eot, cut to seq_len."""
+    import torch
+
+    from ._model import tokenize_documents
+
+    stream = [t for doc in tokenize_documents(tokenizer, texts) for t in doc]
+    n = min(limit, len(stream) // seq_len)
+    return torch.tensor(stream[: n * seq_len]).reshape(n, seq_len)
+
+
+def synthetic_gap(result, texts: list[str], source) -> dict:
+    """The model's loss on the Markov documents against the source's exact −log p of the same text.
+
+    The evaluator scores every token of each document after a BOS; the source's −log p covers the
+    same string (first word from π, then transitions). Their difference per word estimates the KL
+    divergence from the source to the model (≥ 0 in expectation); per byte it is the bits-per-byte gap.
+    """
+    model_total = result.nll_mean * result.tokens  # nats, summed over the scored tokens
+    true_total = sum(source.nll(t) for t in texts)
+    words = sum(len(t.split(" ")) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    ln2 = math.log(2)
+    return {
+        "documents": len(texts), "words": words, "bytes": nbytes,
+        "entropy_rate_nats_per_word": source.entropy_rate,
+        "true_nll_nats_per_word": true_total / words,
+        "model_nll_nats_per_word": model_total / words,
+        "kl_nats_per_word": (model_total - true_total) / words,
+        "true_bits_per_byte": true_total / (nbytes * ln2),
+        "model_bits_per_byte": result.bits_per_byte,
+        "gap_bits_per_byte": (model_total - true_total) / (nbytes * ln2),
+    }
+
+
+def _metrics(r) -> dict:
+    keys = ("tokens", "documents", "bytes", "nll_mean", "nll_se_document", "perplexity", "perplexity_ci95",
+            "bits_per_token", "bits_per_byte", "top1_accuracy", "ece", "brier", "entropy_mean", "calibration")
+    d = r.to_dict()
+    return {k: d[k] for k in keys}
+
+
+def run_demo(out: str = "xent-demo", cfg: DemoConfig | None = None, *, log=print,
+             progress: bool = True) -> dict:
+    """Runs the demo into ``out`` and returns the summary (also written to ``out/summary.json``)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    cfg = cfg or DemoConfig()
+    threads, hf_bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars, once per checkpoint
+    try:
+        return _run(out, cfg, log, progress)
+    finally:
+        torch.set_num_threads(threads)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
+    import torch
+
+    import xent
+    from xent.eval import evaluate
+
+    from ..training import OBJECTIVES
+    from . import _report
+    from ._model import build_model, tokenize_documents, train_tokenizer
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    os.makedirs(os.path.join(out, "models"), exist_ok=True)
+
+    log(f"building the data: standard-library docstrings + a {cfg.markov_words}-word Markov source")
+    data = build_data(cfg)
+    _write_jsonl(os.path.join(out, "data", "heldout.jsonl"), data.heldout)
+    _write_jsonl(os.path.join(out, "data", "synthetic.jsonl"), data.synthetic)
+    tokenizer = train_tokenizer(data.train_texts, cfg.vocab_size)
+    stream = torch.tensor([t for doc in tokenize_documents(tokenizer, data.train_texts) for t in doc])
+    eval_sets = {"heldout": _eval_blocks(tokenizer, data.heldout, cfg.seq_len, 16),
+                 "synthetic": _eval_blocks(tokenizer, data.synthetic, cfg.seq_len, 8)}
+    log(f"tokenizer: {len(tokenizer)} tokens; training stream {stream.numel():,} tokens "
+        f"({len(data.train_texts)} documents); held out: {len(data.heldout)} docstring documents, "
+        f"{len(data.synthetic)} Markov documents")
+
+    summary = {
+        "seed": cfg.seed,
+        "config": _jsonable(asdict(cfg)),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "xent": xent.__version__, "threads": torch.get_num_threads()},
+        "data": {
+            "train_documents": len(data.train_texts), "train_tokens": stream.numel(),
+            "heldout_documents": len(data.heldout), "synthetic_documents": len(data.synthetic),
+            "markov_words": cfg.markov_words, "words_per_doc": cfg.words_per_doc,
+            "entropy_rate_nats_per_word": data.source.entropy_rate,
+            "files": {"heldout": "data/heldout.jsonl", "synthetic": "data/synthetic.jsonl"},
+        },
+        "objectives": {},
+    }
+    histories, results, passage_losses = {}, {}, {}
+    passage_doc, passage = _pick_passage(data.heldout)
+    for name in cfg.objectives:
+        model = build_model(len(tokenizer), seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, eot_id=tokenizer.eos_token_id, seed=cfg.seed)
+        model_dir = os.path.join(out, "models", name)
+        result = xent.train(
+            model, stream, objective=name, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+            lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+            eval_every=cfg.eval_every, save_dir=model_dir, progress=progress, eval_data=eval_sets,
+            tokenizer=tokenizer,
+        )
+        model.eval()
+        heldout = evaluate(model, tokenizer, data.heldout, max_length=cfg.seq_len)
+        synthetic = evaluate(model, tokenizer, data.synthetic, max_length=cfg.seq_len)
+        gap = synthetic_gap(synthetic, data.synthetic, data.source)
+        histories[name] = result
+        results[name] = (heldout, synthetic, gap)
+        passage_losses[name] = _token_losses(model, tokenizer, passage, cfg.seq_len)
+        summary["objectives"][name] = {
+            "description": OBJECTIVES[name][0],
+            "loss": result.objective,
+            "checkpoint": f"models/{name}",
+            "train_seconds": result.seconds,
+            "train_tokens": result.tokens,
+            "final_train_loss": result.final_loss,
+            "nll_mean": heldout.nll_mean,
+            "perplexity": heldout.perplexity,
+            "perplexity_ci95": heldout.perplexity_ci95,
+            "bits_per_byte": heldout.bits_per_byte,
+            "ece": heldout.ece,
+            "synthetic_gap_bits_per_byte": gap["gap_bits_per_byte"],
+            "synthetic_kl_nats_per_word": gap["kl_nats_per_word"],
+            "heldout": _metrics(heldout),
+            "synthetic": {**_metrics(synthetic), **gap},
+            "history": result.history,
+            "eval_history": result.eval_history,
+        }
+        log(f"  {name:<9} trained in {result.seconds:5.1f}s: held-out ppl {heldout.perplexity:7.2f}, "
+            f"synthetic KL {gap['kl_nats_per_word']:.4f} nats/word")
+
+    log("plotting")
+    summary["passage"] = {"source": data.heldout_sources[passage_doc], "text": passage,
+                          "tokens": passage_losses[cfg.objectives[0]]["tokens"]}
+    summary["files"] = _report.write_all(out, summary, passage_losses, tokenizer, data, cfg)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _pick_passage(texts: list[str]) -> tuple[int, str]:
+    """(document index, paragraph): held-out prose (no doctest) for the per-token plot."""
+    for i, t in enumerate(texts):
+        for para in t.split("\n\n"):
+            if 200 <= len(para) <= 400 and ">>>" not in para and para.count("\n") >= 2:
+                return i, para
+    return 0, texts[0][:300]
+
+
+def _token_losses(model, tokenizer, text: str, seq_len: int) -> dict:
+    """Per-token −log q_y (nats) and q_y of ``text`` after eot, in one window of ``seq_len``."""
+    import torch
+
+    from ._model import tokenize_documents
+
+    ids = tokenize_documents(tokenizer, [text])[0][:seq_len]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)
+    return {"tokens": [tokenizer.decode([i]) for i in ids[1:]], "nll": nll.tolist()}
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
