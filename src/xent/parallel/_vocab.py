@@ -187,7 +187,7 @@ class _VocabParallelCE(torch.autograd.Function):
         w_sum = torch.tensor(float(size), dtype=dt, device=m.device) if w is None else w.sum()
         stats = all_sum(m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum, owned=owned, local_y=local_y,
                         shard=shard, eps=eps, z_loss=z_loss, group=group)
-        ctx.grad_fn = ShardGrad(stats, shard, w=w, eps=eps, softcap=softcap)
+        ctx.shard_grad = ShardGrad(stats, shard, w=w, eps=eps, softcap=softcap)
         ctx.valid = valid
         ctx.save_for_backward(local_logits)
         per_token = torch.where(valid, stats.loss, 0.0).view(target.shape)
@@ -203,7 +203,7 @@ class _VocabParallelCE(torch.autograd.Function):
         z = local_logits.reshape(-1, size).to(dt, copy=True)  # overwritten with the gradient
         scale = torch.where(ctx.valid, grad_loss.reshape(-1).to(dt), 0.0)
         index = torch.arange(z.shape[0], device=z.device)
-        grad = ctx.grad_fn.value_and_grad(z, index, scale)[1]
+        grad = ctx.shard_grad.value_and_grad(z, index, scale)[1]
         return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 7)
 
 
