@@ -37,7 +37,6 @@ def _run(args) -> int:
     from xent.eval._report import Progress
 
     corpus = open_corpus(args)
-    dist.init_from_env()
     rank, _ = dist.rank_and_world()
     kw = dict(dtype=args.dtype, device=device_for(args), trust_remote_code=args.trust_remote_code,
               allow_pickle=args.allow_pickle)

@@ -86,16 +86,22 @@ def device_for(args) -> str:
 
 
 def checked(body, args) -> int:
-    """Check the arguments, then run body(args) with xent.eval's input errors as one-line CLI errors."""
+    """Check the arguments, join the torchrun process group if there is one, and run body(args) with
+    xent.eval's input errors as one-line CLI errors."""
     from xent.eval import EvalError
+    from xent.eval import _distributed as dist
 
     from . import CommandError
 
     check_arguments(args)
+    joined = dist.init_from_env(args.device)
     try:
         return body(args)
     except EvalError as err:
         raise CommandError(str(err)) from None
+    finally:
+        if joined:
+            dist.shutdown()
 
 
 def run(args) -> int:
@@ -114,7 +120,6 @@ def _run(args) -> int:
     from . import CommandError
 
     corpus = open_corpus(args)  # checks the paths before the model is loaded
-    dist.init_from_env()
     rank, _ = dist.rank_and_world()
     model, tokenizer, model_sha = load_model(args.model, dtype=args.dtype, device=device_for(args),
                                              trust_remote_code=args.trust_remote_code,
@@ -124,6 +129,7 @@ def _run(args) -> int:
         from xent.eval._tokens import TokenWriter
 
         sink = TokenWriter(args.out, tokenizer, resume=args.resume, rank=rank)
+        dist.barrier()  # rank 0 clears old parts before any rank writes new ones
     progress = Progress(enabled=rank == 0)
     out_existed = args.out is not None and os.path.isdir(args.out)
     try:

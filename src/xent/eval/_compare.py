@@ -192,7 +192,8 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
         nll_model=float(Fraction(s["nll_model"], SCALE) / N),
         delta_nll_mean=dnll_mean, delta_nll_se=dnll_se, ppl_ratio=math.exp(dnll_mean),
         skipped_empty=s["skipped_empty"], skipped_unscored=s["skipped_unscored"],
-        config={**opts.config(), **(extra_config or {})}, model_sha256=model_sha256, data_sha256=data_sha256,
+        config={**opts.config(), "world_size": world, **(extra_config or {})}, model_sha256=model_sha256,
+        data_sha256=data_sha256,
     )
 
 

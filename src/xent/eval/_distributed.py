@@ -14,8 +14,9 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env() -> bool:
-    """Join the torchrun process group when WORLD_SIZE > 1 and none exists (gloo on CPU, nccl on CUDA)."""
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the torchrun process group when WORLD_SIZE > 1 and none exists (nccl for a CUDA device,
+    gloo otherwise)."""
     import os
 
     import torch
@@ -23,7 +24,11 @@ def init_from_env() -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
     return True
 
 
@@ -44,3 +49,11 @@ def barrier() -> None:
 
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command that joined it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -117,12 +117,12 @@ def evaluate(
         model_sha256 = _files.state_dict_sha256(model)
     if data_sha256 is None and corpus is not None:
         data_sha256 = corpus.sha256()
-    config = {**opts.config(), **(extra_config or {})}
+    config = {**opts.config(), "world_size": world, **(extra_config or {})}
 
     start, on_chunk = 0, on_checkpoint
     if checkpoint_dir is not None:
         fingerprint = {"config": {k: v for k, v in config.items() if k != "batch_size"},
-                       "model_sha256": model_sha256, "data_sha256": data_sha256, "world": world}
+                       "model_sha256": model_sha256, "data_sha256": data_sha256}
         if resume:
             state = _files.load_checkpoint(checkpoint_dir, fingerprint, rank)
             if state is not None:
