@@ -61,7 +61,6 @@ class Distill(TokenLoss):
     def __init__(self, *, kind: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1,
                  temperature: float = 1.0, t_squared: bool = False, softcap: float | None = None,
                  hard_weight: float = 0.0):
-        # Both logit tensors are capped in token_loss; the base would cap only the student's.
         super().__init__(softcap=softcap)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -78,6 +77,8 @@ class Distill(TokenLoss):
         self.hard_weight = float(hard_weight)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        # Skips the base class's soft-cap, which would cap the student's logits only: token_loss caps
+        # both (the teacher's arrive as the extra tensor), then applies the temperature.
         return self.token_loss(logits, target, *extra)
 
     def _cap(self, z: torch.Tensor) -> torch.Tensor:
