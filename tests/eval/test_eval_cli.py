@@ -210,3 +210,14 @@ def test_pickle_weights_load_with_allow_pickle(capsys, bad_dirs, model_dir, tmp_
     b = run_cli(capsys, "--model", model_dir, "--data", tmp_path / "ok.txt", "--json")
     assert a[0] == b[0] == 0
     assert json.loads(a[1])["nll_mean"] == json.loads(b[1])["nll_mean"]
+
+
+def test_an_error_mid_corpus_leaves_nothing_behind(capsys, model_dir, tmp_path, documents):
+    # checkpoints and per-token parts of the first chunks were written before the bad line is read
+    lines = [json.dumps({"text": d}) for d in documents] + ["{broken"]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--model", model_dir, "--data", tmp_path / "d.jsonl", "--max-length", 32,
+                           "--checkpoint-every", 2, "--per-token", "--out", out)
+    assert code == 2 and f"d.jsonl:{len(documents) + 1}: not valid JSON" in err
+    assert not out.exists()

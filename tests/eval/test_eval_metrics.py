@@ -59,6 +59,24 @@ def test_long_document_sliding_window_numbers(model_and_tokenizer, documents):
         k for k in KEYS if k != "nll_se_document"])
 
 
+def test_bos_every_window_numbers(model_and_tokenizer, documents):
+    # bos every, L = 12, S = 5: window k predicts targets [kS, kS + L) from [BOS] + x[kS : kS + L − 1];
+    # target t is scored by the first window that reaches it, with context [BOS] + x[kS : t].
+    model, tok = model_and_tokenizer
+    text = documents[1][:200]
+    x = tok(text, add_special_tokens=False)["input_ids"]
+    L, S = 12, 5
+    pairs = []
+    for t in range(len(x)):
+        k = next(k for k in range(len(x)) if k * S <= t < k * S + L)
+        pairs.append(([tok.bos_token_id] + x[k * S : t], x[t]))
+    want = metrics([token_records(model, pairs)], [text])
+    got = xent.eval.evaluate(model, tok, [text], max_length=L, stride=S, bos="every", batch_size=4)
+    assert got.tokens == len(x)
+    assert got.nll_mean == pytest.approx(want["nll_mean"], rel=2e-6)
+    assert got.top5_accuracy == want["top5_accuracy"] and got.brier == pytest.approx(want["brier"], rel=2e-6)
+
+
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "left"), (4, "right"), (7, "left")])
 def test_batch_size_and_padding_side_do_not_change_the_numbers(model_and_tokenizer, documents,
                                                                batch_size, padding_side):

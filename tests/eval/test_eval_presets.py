@@ -57,30 +57,36 @@ def test_lm_eval_preset_reproduces_rolling_loglikelihood(model_and_tokenizer, do
     assert plain.tokens == r.tokens and plain.nll_mean != r.nll_mean  # the last windows differ
 
 
-def test_llama_cpp_preset_reproduces_perplexity(model_and_tokenizer, documents):
-    # llama-perplexity: tokens = [BOS] + text; n_chunk = len // n_ctx; each chunk's first token set to BOS;
-    # nll over j in [n_ctx/2, n_ctx − 1) of −log p(tokens[start + j + 1] | chunk[: j + 1])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_llama_cpp_preset_reproduces_perplexity(model_and_tokenizer, documents, add_bos):
+    # llama-perplexity: tokens = [BOS] + text if add_bos; n_chunk = len // n_ctx; with add_bos each
+    # chunk's first token is set to BOS; nll over j in [n_ctx/2, n_ctx − 1) of
+    # −log p(tokens[start + j + 1] | chunk[: j + 1])
     model, tok = model_and_tokenizer
     n_ctx = 32
     nll, count = 0.0, 0
     for doc in documents:
-        tokens = [tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]
+        tokens = [tok.bos_token_id] * add_bos + tok(doc, add_special_tokens=False)["input_ids"]
         for i in range(len(tokens) // n_ctx):
             start = i * n_ctx
             chunk = tokens[start : start + n_ctx]
-            chunk[0] = tok.bos_token_id
+            if add_bos:
+                chunk[0] = tok.bos_token_id
             logp = _logprobs(model, chunk)
             for j in range(n_ctx // 2, n_ctx - 1):
                 nll -= logp[j, tokens[start + j + 1]].item()
                 count += 1
-    r = xent.eval.evaluate(model, tok, documents, max_length=n_ctx, preset="llama.cpp", batch_size=3)
+    r = xent.eval.evaluate(model, tok, documents, max_length=n_ctx, preset="llama.cpp", batch_size=3,
+                           bos="first" if add_bos else "none")
     assert r.tokens == count and count > 0
     assert r.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert r.skipped_unscored == sum(
-        1 for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) + 1 < n_ctx)
+        1 for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) + add_bos < n_ctx)
 
 
 def test_a_preset_fixes_stride_and_bos(model_and_tokenizer):
     model, tok = model_and_tokenizer
     with pytest.raises(xent.eval.EvalError, match="--preset lm-eval fixes the stride and BOS"):
         xent.eval.evaluate(model, tok, ["text"], max_length=16, stride=8, preset="lm-eval")
+    with pytest.raises(xent.eval.EvalError, match="llama.cpp fixes the stride: do not pass --stride$"):
+        xent.eval.evaluate(model, tok, ["text"], max_length=16, stride=8, preset="llama.cpp")

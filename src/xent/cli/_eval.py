@@ -111,9 +111,10 @@ def run(args) -> int:
 def _run(args) -> int:
     import json
     import os
+    import shutil
 
+    from xent.eval import EvalError, _files, evaluate
     from xent.eval import _distributed as dist
-    from xent.eval import _files, evaluate
     from xent.eval._load import load_model
     from xent.eval._report import Progress, print_summary
 
@@ -124,6 +125,17 @@ def _run(args) -> int:
     model, tokenizer, model_sha = load_model(args.model, dtype=args.dtype, device=device_for(args),
                                              trust_remote_code=args.trust_remote_code,
                                              allow_pickle=args.allow_pickle)
+    out_existed = args.out is not None and os.path.isdir(args.out)
+
+    def discard() -> None:
+        """After bad input: remove what this run wrote (a resumed run keeps its checkpoint)."""
+        if not args.out or args.resume:
+            return
+        _files.remove_checkpoint(args.out, rank)
+        shutil.rmtree(os.path.join(args.out, ".tokens"), ignore_errors=True)
+        if rank == 0 and not out_existed and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+
     sink = None
     if args.per_token or args.html:
         from xent.eval._tokens import TokenWriter
@@ -131,7 +143,6 @@ def _run(args) -> int:
         sink = TokenWriter(args.out, tokenizer, resume=args.resume, rank=rank)
         dist.barrier()  # rank 0 clears old parts before any rank writes new ones
     progress = Progress(enabled=rank == 0)
-    out_existed = args.out is not None and os.path.isdir(args.out)
     try:
         result = evaluate(
             model, tokenizer, corpus, max_length=args.max_length, stride=args.stride, bos=args.bos,
@@ -142,18 +153,16 @@ def _run(args) -> int:
             extra_config={"model": args.model, "data": list(args.data), "split": args.split,
                           "text_field": args.text_field, "dtype": args.dtype, "device": args.device},
         )
-    except BaseException:
-        progress.close()
+    except EvalError:
+        discard()
         raise
-    progress.close()
+    finally:
+        progress.close()
     if args.stop_after is not None:
         return 3  # interrupted on purpose (tests): the checkpoint is in --out
     summary = result.to_dict()
     if summary["tokens"] == 0:
-        if args.out and rank == 0:
-            _files.remove_checkpoint(args.out, rank)
-            if not out_existed and not os.listdir(args.out):
-                os.rmdir(args.out)
+        discard()
         raise CommandError(f"no tokens to score in {' '.join(args.data)}: {summary['skipped_empty']} empty "
                            f"and {summary['skipped_unscored']} too-short documents")
     if rank == 0:

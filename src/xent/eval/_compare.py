@@ -88,7 +88,7 @@ class CompareRunner(ChunkedScorer):
     def _encode(self, texts):
         ids = super()._encode(texts)
         if self.model_tokenizer is not None and texts:
-            other = self.model_tokenizer(texts, add_special_tokens=False)["input_ids"]
+            other = self.model_tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
             for text, a, b in zip(texts, ids, other):
                 if a != b:
                     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

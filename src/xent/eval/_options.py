@@ -9,8 +9,9 @@ Presets reproduce other tools' numbers on the same tokens:
   ``len(re.split(r"\\s+", text))`` and bytes as UTF-8 bytes of the document, as the harness does.
 - ``"llama.cpp"``: ``llama-perplexity`` (default mode): chunks of max_length tokens (``-c``) of the
   BOS-prefixed text, the remainder dropped, each chunk's first token replaced by BOS, only the
-  predictions of the second half scored (L/2 − 1 ... L − 2 → tokens L/2 + 1 ... L − 1). llama.cpp
-  tokenizes a file as one text: use it with whole-file documents (the default for .txt).
+  predictions of the second half scored (L/2 ... L − 2 → tokens L/2 + 1 ... L − 1). llama.cpp
+  tokenizes a file as one text: use it with whole-file documents (the default for .txt). Its BOS
+  follows the model's add_bos metadata: ``bos="none"`` reproduces models without it (GPT-2 style).
 """
 
 from __future__ import annotations
@@ -82,15 +83,19 @@ def resolve_options(
     if preset is not None:
         if preset not in PRESETS:
             raise EvalError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        if stride is not None or bos is not None:
-            raise EvalError(f"--preset {preset} fixes the stride and BOS: do not pass --stride or --bos")
+        if stride is not None or (bos is not None and preset == "lm-eval"):
+            raise EvalError(f"--preset {preset} fixes the stride{' and BOS' * (preset == 'lm-eval')}: "
+                            f"do not pass --stride{' or --bos' * (preset == 'lm-eval')}")
+        if preset == "llama.cpp" and bos == "every":
+            raise EvalError("--preset llama.cpp takes --bos first or none (llama.cpp's add_bos), not every")
         if preset == "lm-eval":
             bos_id = bos_id if bos_id is not None else tokenizer.eos_token_id
             if bos_id is None:
                 raise EvalError("--preset lm-eval needs a BOS or EOS token and the tokenizer has neither")
             bos, stride, extend_last, words = "first", max_length, True, "lm-eval"
         else:
-            bos, stride = ("first" if bos_id is not None else "none"), max_length
+            bos = bos or ("first" if bos_id is not None else "none")
+            stride = max_length
     if bos is None:
         bos = "first" if bos_id is not None else "none"
     if bos not in BOS_MODES:

@@ -91,7 +91,8 @@ class ChunkedScorer:
         return docs, items
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # verbose=False: documents longer than the model's context are expected (they are windowed)
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
     def _batches(self, items):
         """(batch, slots [B]) for groups of batch_size windows."""
