@@ -124,12 +124,12 @@ def _perplexity(out: str, summary: dict) -> str:
     lo = [objs[n]["perplexity"] - objs[n]["perplexity_ci95"][0] for n in names]
     hi = [objs[n]["perplexity_ci95"][1] - objs[n]["perplexity"] for n in names]
     axes[0].bar(names, ppl, yerr=[lo, hi], capsize=5, color=[COLORS.get(n) for n in names])
-    axes[0].set_title("held-out docstrings: perplexity (95% CI, document-clustered)")
+    axes[0].set_title("held-out docstrings: perplexity\n(95% CI, document-clustered)")
     axes[0].set_ylabel("perplexity")
     kl = [objs[n]["synthetic_kl_nats_per_word"] for n in names]
     axes[1].bar(names, kl, color=[COLORS.get(n) for n in names])
     h = summary["data"]["entropy_rate_nats_per_word"]
-    axes[1].set_title(f"Markov text: loss above the true entropy (H = {h:.3f} nats/word)")
+    axes[1].set_title(f"Markov text: loss above the source's exact −log p\n(entropy rate {h:.3f} nats/word)")
     axes[1].set_ylabel("KL estimate, nats/word")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
@@ -297,7 +297,7 @@ modules, and {d['synthetic_documents']} held-out Markov documents, whose true en
 ({d['entropy_rate_nats_per_word']:.4f} nats/word).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <p>Held-out metrics are computed by <code>xent.eval.evaluate</code> (the same numbers as
-<code>xent eval --model models/NAME --data data/heldout.jsonl --max-length {c['seq_len']}</code>).
+<code>xent eval --model models/NAME --data data/heldout.jsonl</code>).
 </p>
 <h2>The objectives</h2>
 <dl>{expl}</dl>

@@ -1,0 +1,109 @@
+"""``xent demo --quick`` end to end: files, numbers recomputed by ``xent eval``, the report in Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+import chromium_cdp as chromium  # noqa: E402  (tests/demo is on sys.path under pytest)
+
+from xent.cli import main  # noqa: E402
+
+FIGURES = ["training_curves.png", "perplexity.png", "reliability.png", "loss_vs_p.png", "passage.png"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "xent-demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_files_and_summary(demo_dir):
+    for name in ["summary.json", "report.html", *FIGURES, "data/heldout.jsonl", "data/synthetic.jsonl"]:
+        assert (demo_dir / name).is_file(), name
+        assert (demo_dir / name).stat().st_size > 0, name
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    objectives = summary["objectives"]
+    assert {"ce", "ce_ls", "emo", "tailr"} <= set(objectives)
+    for name, s in objectives.items():
+        assert (demo_dir / s["checkpoint"] / "model.safetensors").is_file()
+        for key in ("nll_mean", "perplexity", "bits_per_byte", "ece", "synthetic_gap_bits_per_byte",
+                    "synthetic_kl_nats_per_word", "train_seconds"):
+            assert math.isfinite(s[key]), (name, key)
+        lo, hi = s["perplexity_ci95"]
+        assert lo < s["perplexity"] < hi
+        assert s["perplexity"] == pytest.approx(math.exp(s["nll_mean"]), rel=1e-9)
+        assert len(s["history"]) == summary["config"]["steps"]
+    # Cross-entropy's value on the synthetic text is bounded below by the source's exact −log p
+    # only in expectation; at this size every model is far above it.
+    assert all(s["synthetic_kl_nats_per_word"] > 0 for s in objectives.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["heldout", "synthetic"])
+def test_summary_agrees_with_xent_eval_on_the_checkpoints(demo_dir, which, capsys):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    for name, s in summary["objectives"].items():
+        capsys.readouterr()
+        rc = main(["eval", "--model", str(demo_dir / s["checkpoint"]), "--data",
+                   str(demo_dir / "data" / f"{which}.jsonl"), "--json"])
+        assert rc == 0
+        got = json.loads(capsys.readouterr().out)
+        ours = s[which]
+        assert got["tokens"] == ours["tokens"] and got["bytes"] == ours["bytes"]
+        for key in ("nll_mean", "bits_per_byte", "ece", "perplexity"):
+            assert got[key] == pytest.approx(ours[key], rel=1e-6, abs=1e-9), (name, which, key)
+        if which == "synthetic":  # the gap is the evaluator's loss minus the source's exact −log p
+            words = ours["words"]
+            model_nats = got["nll_mean"] * got["tokens"] / words
+            assert ours["kl_nats_per_word"] == pytest.approx(model_nats - ours["true_nll_nats_per_word"],
+                                                             rel=1e-6)
+
+
+@pytest.mark.slow
+def test_report_references_only_existing_files(demo_dir):
+    page = (demo_dir / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert set(FIGURES) <= set(refs)
+    for ref in refs:
+        assert "://" not in ref and not ref.startswith("/"), ref  # offline and relocatable
+        assert (demo_dir / ref).is_file(), ref
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium.executable() is None,
+                    reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium_without_console_errors(demo_dir, tmp_path):
+    # The detector itself: a console error and a missing image must both be caught.
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><img src="missing.png"><script>console.error("boom")</script></body></html>')
+    problems = chromium.load(bad, tmp_path / "bad.png")
+    assert any("boom" in p for p in problems) and any("missing.png" in p for p in problems), problems
+
+    shot = demo_dir / "report-screenshot.png"
+    assert chromium.load(demo_dir / "report.html", shot) == []
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size[1] > 2000  # the whole page, figures included
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 500  # plots drawn, not a blank page
+
+
+def test_cli_rejects_unknown_objectives(capsys):
+    assert main(["demo", "--quick", "--objectives", "ce,xe", "--out", os.devnull]) == 2
+    assert "unknown objective(s) xe" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
