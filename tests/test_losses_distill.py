@@ -231,3 +231,18 @@ def test_bad_input(call, message):
 def test_teacher_must_be_floating():
     with pytest.raises(TypeError, match=r"teacher_logits must be a floating-point tensor"):
         xent.distill_loss(S, torch.ones(3, 3, dtype=torch.long), Y)
+
+
+def test_ignored_tokens_and_num_items():
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (2, 5), generator=g)
+    y[1, :3] = -100
+    base = xent.distill_loss(s, t, y, kind="jsd")
+    s2, t2 = s.clone(), t.clone()
+    s2[1, :3], t2[1, :3] = 1e4, -math.inf  # garbage (even inf) where ignored changes nothing
+    assert xent.distill_loss(s2, t2, y, kind="jsd").item() == pytest.approx(base.item(), abs=1e-14)
+    total = xent.distill_loss(s, t, y, kind="jsd", reduction="sum")
+    per_item = xent.distill_loss(s, t, y, kind="jsd", num_items=4)
+    assert per_item.item() == pytest.approx(total.item() / 4, abs=1e-14)

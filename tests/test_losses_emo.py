@@ -197,3 +197,22 @@ def test_loss_object_holds_options_and_embedding_once():
 def test_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):
         xent.emo_loss(X, Y, **kwargs)
+
+
+def test_ignored_tokens_num_items_and_all_ignored():
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (2, 5), generator=g)
+    y[0, 1:4] = -100
+    base = xent.emo_loss(z, y, cost_embedding=e)
+    z2 = z.clone()
+    z2[0, 1:4] = 1e4 * torch.randn(3, 6, generator=g, dtype=torch.float64)  # garbage where ignored
+    assert xent.emo_loss(z2, y, cost_embedding=e).item() == pytest.approx(base.item(), abs=1e-14)
+    total = xent.emo_loss(z, y, cost_embedding=e, reduction="sum")
+    per_item = xent.emo_loss(z, y, cost_embedding=e, num_items=9)
+    assert per_item.item() == pytest.approx(total.item() / 9, abs=1e-14)
+    zz = z.clone().requires_grad_()
+    out = xent.emo_loss(zz, torch.full((2, 5), -100), cost_embedding=e, mode="emo2")
+    out.backward()
+    assert out.item() == 0.0 and not zz.grad.any()

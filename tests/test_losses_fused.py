@@ -5,6 +5,8 @@ from functools import partial
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xent
 from xent import losses
@@ -108,3 +110,16 @@ def test_linear_distill_equals_plain_for_every_chunk_size(kind, chunk_size):
     inputs = (hidden, weight, bias)
     for g_fused, g_plain in zip(_grads(fused, inputs), _grads(plain, inputs)):
         torch.testing.assert_close(g_fused, g_plain, atol=1e-12, rtol=1e-10)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), which=st.integers(0, len(LOSSES) - 1), chunk_size=st.integers(1, 40),
+       n_ignored=st.integers(0, 21))
+def test_chunk_size_and_padding_never_change_the_result(seed, which, chunk_size, n_ignored):
+    loss, plain = LOSSES[which]
+    hidden, weight, bias, target = _data(seed=seed % 1000)
+    flat = target.view(-1)
+    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:n_ignored]] = -100
+    fused = xent.linear_loss(hidden, weight, target, loss=loss, bias=bias, chunk_size=chunk_size)
+    expected = plain(hidden @ weight.T + bias, target)
+    torch.testing.assert_close(fused, expected, atol=1e-12, rtol=1e-12)
