@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -107,3 +108,29 @@ def test_cli_rejects_unknown_objectives(capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def _without_times(obj):
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if "seconds" not in k}
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow
+def test_same_seed_same_demo(tmp_path):
+    from xent.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick(objectives=("ce", "tailr"), steps=6, eval_every=3, heldout_docs=8,
+                           synthetic_eval_docs=8)
+    a = run_demo(str(tmp_path / "a"), cfg, log=lambda *_: None, progress=False)
+    b = run_demo(str(tmp_path / "b"), cfg, log=lambda *_: None, progress=False)
+    assert _without_times(a) == _without_times(b)
+    for name in cfg.objectives:
+        wa = (tmp_path / "a" / "models" / name / "model.safetensors").read_bytes()
+        wb = (tmp_path / "b" / "models" / name / "model.safetensors").read_bytes()
+        assert wa == wb
+    other_seed = dataclasses.replace(cfg, objectives=("ce",), seed=1)
+    c = run_demo(str(tmp_path / "c"), other_seed, log=lambda *_: None, progress=False)
+    assert c["objectives"]["ce"]["nll_mean"] != a["objectives"]["ce"]["nll_mean"]
