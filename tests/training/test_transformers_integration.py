@@ -155,3 +155,26 @@ def test_trainer_with_gradient_accumulation_matches_unpatched(tmp_path):
     assert any(not torch.allclose(p, initial[n]) for n, p in fused.named_parameters())  # it trained
     for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shift_labels_as_transformers_takes_them():
+    model = tiny("llama").eval()
+    ids, mask, labels = batch()
+    shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # what sequence parallelism passes
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    xt.patch_causal_lm(model)
+    got = model(input_ids=ids, attention_mask=mask, shift_labels=shift).loss
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_logit_scale_between_head_and_loss_is_honoured():
+    torch.manual_seed(0)
+    cfg = transformers.CohereConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, logit_scale=0.25,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = transformers.CohereForCausalLM(cfg).eval()
+    ids, mask, labels = batch()
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    xt.patch_causal_lm(model)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref,
+                               rtol=1e-6, atol=1e-6)

@@ -237,6 +237,25 @@ TABLE_HEADER = ["objective", "held-out ppl", "95% CI", "bits/byte", "ECE", "Mark
                 "Markov gap bpb", "train s"]
 
 
+def _findings(summary: dict) -> str:
+    """One sentence per headline metric, naming the best objective (computed, not written by hand)."""
+    objs = summary["objectives"]
+    if len(objs) < 2:
+        return ""
+
+    def best(key):
+        return min(objs, key=lambda n: objs[n][key])
+
+    p, e, k = best("perplexity"), best("ece"), best("synthetic_kl_nats_per_word")
+    items = [
+        f"Lowest held-out perplexity: <code>{p}</code> ({objs[p]['perplexity']:.2f}).",
+        f"Best calibrated (lowest ECE): <code>{e}</code> ({objs[e]['ece']:.3f}).",
+        f"Closest to the Markov source (smallest KL): <code>{k}</code> "
+        f"({objs[k]['synthetic_kl_nats_per_word']:.4f} nats/word).",
+    ]
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
 def _html(out: str, summary: dict, figures: list[str]) -> str:
     e = html.escape
     d, c = summary["data"], summary["config"]
@@ -296,6 +315,7 @@ of {c['batch_size']} × {c['seq_len']} tokens from the same initial weights on t
 modules, and {d['synthetic_documents']} held-out Markov documents, whose true entropy is known exactly
 ({d['entropy_rate_nats_per_word']:.4f} nats/word).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{_findings(summary)}
 <p>Held-out metrics are computed by <code>xent.eval.evaluate</code> (the same numbers as
 <code>xent eval --model models/NAME --data data/heldout.jsonl</code>).
 </p>

@@ -1,9 +1,14 @@
 """Hugging Face transformers: any causal LM computes its loss through :func:`xent.linear_loss`.
 
->>> import xent.integrations.transformers as xt                                # doctest: +SKIP
->>> xt.patch_causal_lm(model, loss=xent.losses.TaiLr(gamma=0.1, threshold=0.3))  # doctest: +SKIP
->>> model(input_ids, labels=input_ids).loss        # fused: the [B, T, V] logits never exist
->>> xt.unpatch(model)
+Usage::
+
+    import xent
+    from xent.integrations.transformers import patch_causal_lm, unpatch
+
+    patch_causal_lm(model, loss=xent.losses.TaiLr(gamma=0.1, threshold=0.3))
+    out = model(input_ids, labels=input_ids)   # out.loss is fused; out.logits is None
+    trainer = transformers.Trainer(model=model, ...)   # patch first: Trainer reads the signature
+    unpatch(model)
 
 The patch is generic: it needs only ``model.base_model`` (the decoder that returns the last hidden
 state) and ``model.get_output_embeddings()`` (the LM head, a ``Linear`` or a tied embedding), which
