@@ -102,6 +102,9 @@ def test_per_token_parquet_and_html(capsys, model_dir, model_and_tokenizer, corp
     assert [r["position"] for r in rows] == list(range(len(ids)))
     assert [r["token_id"] for r in rows] == ids
     assert "".join(r["token"] for r in rows) == documents[0]
+    # a document with multi-byte characters split across byte-level tokens: the pieces still join up
+    for doc in (1, 2):  # 東京, Ελληνικά, naïve: several windows, characters over 2–3 tokens
+        assert "".join(r["token"] for r in table if r["doc"] == doc) == documents[doc]
     for r, (logp, y, _) in zip(rows, ref):
         assert r["loss"] == pytest.approx(-logp[y].item(), rel=1e-5, abs=1e-6)
         assert r["rank"] == 1 + int((logp > logp[y]).sum())

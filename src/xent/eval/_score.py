@@ -96,5 +96,17 @@ def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> d
         parts.append({k: v.cpu() for k, v in stats.items()})
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
     out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
-               target=targets)
+               target=targets, previous=previous_inputs(batch, rows, cols))
     return out
+
+
+def previous_inputs(batch: dict[str, torch.Tensor], rows, cols, k: int = 3) -> torch.Tensor:
+    """[N, k]: the k inputs up to each scored prediction (the last one is the token before the target),
+    -1 where the window has none: enough to decode a token's text as it continues the document."""
+    T = batch["input_ids"].shape[1]
+    idx = cols[:, None] + torch.arange(-k + 1, 1)[None, :]  # [N, k]
+    inside = idx >= 0
+    idx = idx.clamp(0, T - 1)
+    r = rows[:, None].expand_as(idx)
+    real = inside & (batch["attention_mask"][r, idx] == 1)
+    return torch.where(real, batch["input_ids"][r, idx], torch.full_like(idx, -1))

@@ -24,12 +24,26 @@ class TokenWriter:
             shutil.rmtree(self.parts)
         os.makedirs(self.parts, exist_ok=True)
         self.rows: dict[str, list] = {c: [] for c in COLUMNS}
-        self._text: dict[int, str] = {}
+        self._text: dict[tuple, str] = {}  # (previous ids..., id) -> text, bounded
 
-    def _token_text(self, i: int) -> str:
-        if i not in self._text:
-            self._text[i] = self.tokenizer.decode([i])
-        return self._text[i]
+    def _token_text(self, previous: list[int], token: int) -> str:
+        """The text ``token`` adds after ``previous`` (the tokens before it, -1 for none). A character
+        split over several byte-level tokens goes to the token that completes it, so a document's
+        pieces concatenate to its text (as incremental detokenizers do)."""
+        prev = [i for i in previous if i >= 0]
+        key = (*prev, token)
+        if key not in self._text:
+            decode = self.tokenizer.decode
+            # The token's text is what decoding it after `previous` adds past their common prefix (the
+            # U+FFFD of an incomplete character may turn into that character); a U+FFFD left at the end
+            # is itself incomplete and belongs to a later token.
+            before = decode(prev, skip_special_tokens=True) if prev else ""
+            after = decode([*prev, token], skip_special_tokens=True)
+            c = len(os.path.commonprefix([before, after]))
+            self._text[key] = after[c:].rstrip("\ufffd")
+            if len(self._text) > 1 << 16:
+                self._text.clear()
+        return self._text[key]
 
     def add(self, stats: dict) -> None:
         """Per-token stats of one batch (xent.eval._score.batch_token_stats plus "doc")."""
@@ -37,7 +51,8 @@ class TokenWriter:
         self.rows["doc"] += stats["doc"].tolist()
         self.rows["position"] += stats["position"].tolist()
         self.rows["token_id"] += targets
-        self.rows["token"] += [self._token_text(t) for t in targets]
+        previous = stats["previous"].tolist()
+        self.rows["token"] += [self._token_text(p, t) for p, t in zip(previous, targets)]
         for name in ("loss", "entropy", "rank", "top1_prob"):
             self.rows[name] += stats[name].tolist()
 
