@@ -112,3 +112,11 @@ def test_bfloat16_model_is_scored_in_float32(model_and_tokenizer, documents):
     ref = xent.eval.evaluate(model, tok, documents[:3], max_length=32)
     assert got.tokens == ref.tokens
     assert got.nll_mean == pytest.approx(ref.nll_mean, rel=0.05)  # bf16 weights: close, not equal
+
+
+def test_documents_must_be_strings(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(xent.eval.EvalError, match="not a single string"):
+        xent.eval.evaluate(model, tok, "one text", max_length=16)
+    with pytest.raises(xent.eval.EvalError, match="document 1 is int, not a string"):
+        xent.eval.evaluate(model, tok, ["fine", 3], max_length=16)

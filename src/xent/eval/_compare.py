@@ -20,6 +20,7 @@ import xent
 from . import _distributed as dist
 from ._data import Corpus
 from ._errors import EvalError
+from ._evaluate import texts
 from ._files import state_dict_sha256
 from ._options import resolve_options
 from ._runner import ChunkedScorer
@@ -160,7 +161,7 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     resolve_options(model, tokenizer, max_length=opts.max_length, stride=None if preset else opts.stride,
                     bos=None if preset else opts.bos, preset=preset)  # the model must take these windows too
     corpus = documents if isinstance(documents, Corpus) else None
-    stream = iter(corpus) if corpus is not None else ((0, t) for t in documents)
+    stream = iter(corpus) if corpus is not None else texts(documents)
     rank, world = dist.rank_and_world()
     runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
     runner.run(stream, progress=progress)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from . import _distributed as dist
 from . import _files
 from ._data import Corpus
+from ._errors import EvalError
 from ._options import resolve_options
 from ._runner import Runner
 from ._sums import Totals
@@ -110,7 +111,7 @@ def evaluate(
                            checkpoint_every=checkpoint_every)
     corpus = documents if isinstance(documents, Corpus) else None
     names = corpus.paths if corpus is not None else ["<documents>"]
-    stream = iter(corpus) if corpus is not None else ((0, text) for text in documents)
+    stream = iter(corpus) if corpus is not None else texts(documents)
     rank, world = dist.rank_and_world()
     runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world)
     if model_sha256 is None:
@@ -152,6 +153,16 @@ def evaluate(
         per_file = {name: t.metrics() for name, t in zip(names, per_file_totals)}
     return _result(pooled.metrics(), invalid_utf8=invalid, config=config, model_sha256=model_sha256,
                    data_sha256=data_sha256, per_file=per_file)
+
+
+def texts(documents: Iterable[str]):
+    """(0, text) for each document of an in-memory iterable, checking that each is a string."""
+    if isinstance(documents, (str, bytes)):
+        raise EvalError("documents must be an iterable of strings, not a single string")
+    for i, text in enumerate(documents):
+        if not isinstance(text, str):
+            raise EvalError(f"document {i} is {type(text).__name__}, not a string")
+        yield 0, text
 
 
 def _result(metrics: dict, **extra) -> EvalResult:
