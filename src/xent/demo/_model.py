@@ -46,7 +46,8 @@ def build_model(vocab_size: int, *, seq_len: int = 128, d_model: int = 128, n_la
 
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=seq_len, n_embd=d_model, n_layer=n_layer,
-        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_head=n_head, activation_function="gelu",  # exact GELU: one fused op, not tanh's five
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)

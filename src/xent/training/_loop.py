@@ -121,7 +121,8 @@ def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
     head = output_head(model)
     inputs = torch.where(seqs == -100, torch.zeros_like(seqs), seqs)
     attention_mask = (seqs != -100).long()
-    hidden = head.decoder(input_ids=inputs, attention_mask=attention_mask)[0]  # [b, T, D]
+    kwargs = {"use_cache": False} if _takes_use_cache(head.decoder) else {}  # no KV cache in training
+    hidden = head.decoder(input_ids=inputs, attention_mask=attention_mask, **kwargs)[0]  # [b, T, D]
     if head.hidden_scale != 1.0:
         hidden = hidden * head.hidden_scale
     return linear_loss(hidden, head.weight, seqs, loss=fit_loss(loss, head), bias=head.bias, shift=True,
@@ -143,6 +144,13 @@ def accumulate_gradients(model, loss: TokenLoss, batch: torch.Tensor, micro_batc
         value.backward()
         step_loss += value.item()
     return step_loss, int(num_items)
+
+
+def _takes_use_cache(module) -> bool:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return "use_cache" in params
 
 
 @torch.no_grad()
