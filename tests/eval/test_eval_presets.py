@@ -84,6 +84,36 @@ def test_llama_cpp_preset_reproduces_perplexity(model_and_tokenizer, documents, 
         1 for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) + add_bos < n_ctx)
 
 
+@pytest.mark.parametrize("L,S", [(32, 32), (32, 12)])
+def test_transformers_preset_reproduces_the_page_loop(model_and_tokenizer, documents, L, S):
+    # "Perplexity of fixed-length models" (transformers docs), its loop on one long sequence, with the
+    # tokens counted from the labels the model actually predicts (labels[:, 1:] != -100)
+    model, tok = model_and_tokenizer
+    text = documents[1]
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    seq_len = ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, S):
+        end_loc = min(begin_loc + L, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        n = int((target_ids[:, 1:] != -100).sum())
+        nll_sum += loss.item() * n
+        n_tokens += n
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    r = xent.eval.evaluate(model, tok, [text], max_length=L, stride=S, preset="transformers", batch_size=3)
+    assert r.tokens == n_tokens
+    assert r.nll_mean == pytest.approx(nll_sum / n_tokens, rel=2e-6)
+    windows = -(-(seq_len - L) // S) + 1
+    assert n_tokens == (seq_len - 1 - (windows - 1) if S == L else seq_len - 1)
+
+
 def test_a_preset_fixes_stride_and_bos(model_and_tokenizer):
     model, tok = model_and_tokenizer
     with pytest.raises(xent.eval.EvalError, match="--preset lm-eval fixes the stride and BOS"):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xent.eval import llama_cpp_windows, sliding_windows
+from xent.eval import llama_cpp_windows, sliding_windows, transformers_windows
 
 I = -100
 
@@ -50,6 +50,17 @@ def test_extend_last_window_like_lm_eval():
            for w in sliding_windows(x, max_length=4, stride=4, bos="first", bos_id=0, extend_last=True)]
     assert got == [([0, 10, 11, 12], [10, 11, 12, 13]), ([13, 14, 15, 16], [14, 15, 16, 17]),
                    ([15, 16, 17, 18], [I, I, 18, 19])]
+
+
+def test_transformers_page_windows_by_hand():
+    # The page's loop, L = 4, S = 2: x4 is scored by the second window from x2, x3 only; and with
+    # S = L = 3 the first token of each later window (x3, x6) is never scored.
+    x = list(range(10, 20))
+    got = [(w.input_ids, w.labels) for w in transformers_windows(x, max_length=4, stride=2)]
+    assert got == [([10, 11, 12, 13], [11, 12, 13, I]), ([12, 13, 14, 15], [I, 14, 15, I]),
+                   ([14, 15, 16, 17], [I, 16, 17, I]), ([16, 17, 18, 19], [I, 18, 19, I])]
+    got = [(w.input_ids, w.labels) for w in transformers_windows(x[:8], max_length=3, stride=3)]
+    assert got == [([10, 11, 12], [11, 12, I]), ([13, 14, 15], [14, 15, I]), ([16, 17], [17, I])]
 
 
 def test_llama_cpp_chunks_by_hand():

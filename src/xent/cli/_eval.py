@@ -23,8 +23,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bos", choices=["first", "every", "none"],
                    help="prepend BOS to each document (first, default if the tokenizer has one), to each "
                         "window (every), or not (none: a document's first token is not scored)")
-    p.add_argument("--preset", choices=["lm-eval", "llama.cpp"],
-                   help="reproduce lm-evaluation-harness rolling perplexity or llama.cpp llama-perplexity")
+    p.add_argument("--preset", choices=["lm-eval", "llama.cpp", "transformers"],
+                   help="reproduce lm-evaluation-harness rolling perplexity, llama.cpp llama-perplexity or "
+                        "the loop of transformers' 'perplexity of fixed-length models' page")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model weights dtype; the softmax is float32 regardless")

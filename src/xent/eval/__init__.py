@@ -10,7 +10,7 @@ from ._compare import CompareResult, compare
 from ._data import Corpus
 from ._errors import EvalError
 from ._evaluate import EvalResult, evaluate
-from ._windows import Window, llama_cpp_windows, sliding_windows
+from ._windows import Window, llama_cpp_windows, sliding_windows, transformers_windows
 
 __all__ = [
     "CompareResult",
@@ -22,4 +22,5 @@ __all__ = [
     "evaluate",
     "llama_cpp_windows",
     "sliding_windows",
+    "transformers_windows",
 ]

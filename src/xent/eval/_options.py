@@ -12,6 +12,9 @@ Presets reproduce other tools' numbers on the same tokens:
   predictions of the second half scored (L/2 ... L − 2 → tokens L/2 + 1 ... L − 1). llama.cpp
   tokenizes a file as one text: use it with whole-file documents (the default for .txt). Its BOS
   follows the model's add_bos metadata: ``bos="none"`` reproduces models without it (GPT-2 style).
+- ``"transformers"``: the loop of transformers' page "Perplexity of fixed-length models" exactly
+  (see _windows.transformers_windows): BOS none unless ``bos="first"``, the stride as given; the
+  tokens are counted from the labels (the page's own count is off by one per later window).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from ._errors import EvalError
 
-PRESETS = ("lm-eval", "llama.cpp")
+PRESETS = ("lm-eval", "llama.cpp", "transformers")
 BOS_MODES = ("first", "every", "none")
 
 
@@ -83,19 +86,21 @@ def resolve_options(
     if preset is not None:
         if preset not in PRESETS:
             raise EvalError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        if stride is not None or (bos is not None and preset == "lm-eval"):
+        if (stride is not None and preset != "transformers") or (bos is not None and preset == "lm-eval"):
             raise EvalError(f"--preset {preset} fixes the stride{' and BOS' * (preset == 'lm-eval')}: "
                             f"do not pass --stride{' or --bos' * (preset == 'lm-eval')}")
-        if preset == "llama.cpp" and bos == "every":
-            raise EvalError("--preset llama.cpp takes --bos first or none (llama.cpp's add_bos), not every")
+        if preset != "lm-eval" and bos == "every":
+            raise EvalError(f"--preset {preset} takes --bos first or none, not every")
         if preset == "lm-eval":
             bos_id = bos_id if bos_id is not None else tokenizer.eos_token_id
             if bos_id is None:
                 raise EvalError("--preset lm-eval needs a BOS or EOS token and the tokenizer has neither")
             bos, stride, extend_last, words = "first", max_length, True, "lm-eval"
-        else:
+        elif preset == "llama.cpp":
             bos = bos or ("first" if bos_id is not None else "none")
             stride = max_length
+        else:
+            bos = bos or "none"
     if bos is None:
         bos = "first" if bos_id is not None else "none"
     if bos not in BOS_MODES:

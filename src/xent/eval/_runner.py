@@ -16,12 +16,14 @@ from . import _data
 from ._options import Options
 from ._score import batch_token_stats, collate, forward_logits
 from ._sums import Totals, fixed
-from ._windows import llama_cpp_windows, sliding_windows
+from ._windows import llama_cpp_windows, sliding_windows, transformers_windows
 
 
 def document_windows(ids: list[int], opts: Options):
     if opts.preset == "llama.cpp":
         return llama_cpp_windows(ids, max_length=opts.max_length, bos_id=opts.bos_id)
+    if opts.preset == "transformers":
+        return transformers_windows(ids, max_length=opts.max_length, stride=opts.stride, bos_id=opts.bos_id)
     return sliding_windows(ids, max_length=opts.max_length, stride=opts.stride, bos=opts.bos,
                            bos_id=opts.bos_id, extend_last=opts.extend_last)
 

@@ -78,6 +78,36 @@ def sliding_windows(
     return windows
 
 
+def transformers_windows(ids: list[int], *, max_length: int, stride: int, bos_id: int | None = None
+                         ) -> list[Window]:
+    """transformers' page "Perplexity of fixed-length models", as its loop is written: window k holds
+    the inputs src[kS : kS + L] (src = [BOS] + ids with a bos_id, else ids) with labels masked before
+    the previous window's end; the model shifts labels, so input j predicts src[kS + j + 1] and the
+    window's first label is never predicted. With S < L every token but the first is scored once, with
+    one token less context than :func:`sliding_windows` gives it; with S = L the first token of each
+    later window is never scored. The page's count (valid labels − 1 per window) is off by one for
+    each later window; the count here is of the predicted labels."""
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    src = ([bos_id] if bos_id is not None else []) + list(ids)
+    shift, n = len(src) - len(ids), len(src)
+    windows: list[Window] = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        trg_len = end - prev_end  # target_ids[:, :-trg_len] = -100
+        labels, positions = [IGNORE] * (end - begin), [-1] * (end - begin)
+        for j in range(end - begin - 1):
+            t = begin + j + 1
+            if t >= end - trg_len:
+                labels[j], positions[j] = src[t], t - shift
+        windows.append(Window(src[begin:end], labels, positions))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
 def llama_cpp_windows(ids: list[int], *, max_length: int, bos_id: int | None) -> list[Window]:
     """llama.cpp ``perplexity``: the text (BOS first when the tokenizer has one) is cut into
     len // max_length chunks (the remainder is dropped); each chunk's first token is replaced by BOS and
