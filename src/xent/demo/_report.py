@@ -44,8 +44,8 @@ EXPLANATIONS = {
     ),
     "focal": (
         "Focal loss (Lin et al., 2017), γ = 2: −(1−q<sub>y</sub>)<sup>γ</sup> log q<sub>y</sub>. "
-        "Down-weights tokens that are already predicted well; tends to leave the model under-confident on"
-        " easy tokens."
+        "Down-weights tokens that are already predicted well, which counters over-confidence "
+        "(Mukhoti et al., NeurIPS 2020)."
     ),
     "poly": (
         "Poly-1 (Leng et al., ICLR 2022), ε = 1: cross-entropy + ε(1 − q<sub>y</sub>), an extra push on "
@@ -139,8 +139,8 @@ def _perplexity(out: str, summary: dict) -> str:
 def _reliability(out: str, summary: dict) -> str:
     plt = _plt()
     names = list(summary["objectives"])
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
+    rows = math.ceil(len(names) / 4)
+    cols = math.ceil(len(names) / rows)  # 5 objectives: 3 + 2, not 4 + 1
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         s = summary["objectives"][name]
