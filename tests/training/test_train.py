@@ -148,5 +148,8 @@ def test_bad_options_fail_loudly():
         xent.train(tiny(), bigram_data(), objective="xe", progress=False)
     with pytest.raises(TypeError, match="unknown training option"):
         xent.train(tiny(), bigram_data(), step=3)
+    with pytest.raises(ValueError, match="objective_options apply to an objective given by name"):
+        xent.train(tiny(), bigram_data(), objective=make_objective("focal"),
+                   objective_options={"gamma": 1.0}, progress=False)
     with pytest.raises(ValueError, match="must divide"):
         xent.train(tiny(), bigram_data(), batch_size=8, micro_batch_size=3, progress=False)

@@ -204,10 +204,16 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
     if len(seqs) < cfg.batch_size:
         raise ValueError(f"data has {len(seqs)} sequences, fewer than batch_size={cfg.batch_size}")
     device = next(model.parameters()).device
-    loss_fn = cfg.objective if isinstance(cfg.objective, TokenLoss) else make_objective(
-        cfg.objective, model, **cfg.objective_options)
-    if getattr(loss_fn, "unit_embedding", None) is not None:
-        loss_fn.unit_embedding = loss_fn.unit_embedding.to(device)
+    if isinstance(cfg.objective, TokenLoss):
+        if cfg.objective_options:
+            raise ValueError("objective_options apply to an objective given by name, not to a loss object "
+                             f"({type(cfg.objective).__name__}): set the options on the object")
+        loss_fn = cfg.objective
+    else:
+        loss_fn = make_objective(cfg.objective, model, **cfg.objective_options)
+    cost = getattr(loss_fn, "unit_embedding", None)  # EMO's frozen cost embedding follows the model
+    if cost is not None and cost.device != device:
+        loss_fn.unit_embedding = cost.to(device)
 
     torch.manual_seed(cfg.seed)  # dropout, if the model has any
     generator = torch.Generator().manual_seed(cfg.seed)
