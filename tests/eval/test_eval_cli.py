@@ -139,7 +139,7 @@ def test_invalid_utf8_is_replaced_and_counted(capsys, model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def bad_dirs(tmp_path_factory, model_dir):
     import torch
-    from conftest import _tokenizer
+    from eval_builders import _tokenizer
     from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("bad")

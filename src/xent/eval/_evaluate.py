@@ -122,7 +122,9 @@ def evaluate(
 
     start, on_chunk = 0, on_checkpoint
     if checkpoint_dir is not None:
-        fingerprint = {"config": {k: v for k, v in config.items() if k != "batch_size"},
+        # what fixes the numbers: options and content hashes, not paths, device or batch size
+        fingerprint = {"config": {k: v for k, v in config.items()
+                                  if k not in ("batch_size", "device", "model", "data")},
                        "model_sha256": model_sha256, "data_sha256": data_sha256}
         if resume:
             state = _files.load_checkpoint(checkpoint_dir, fingerprint, rank)
