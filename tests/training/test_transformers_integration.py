@@ -110,6 +110,25 @@ def test_without_labels_the_original_forward_runs_and_unpatch_restores():
     assert plain.logits is not None
     assert not torch.allclose(plain.loss, patched)  # focal is not CE: the patch really was off again
     xt.unpatch(model)  # a no-op
+    assert "forward" not in vars(model)
+
+
+def test_unpatch_restores_a_forward_wrapper_installed_before():
+    model = tiny("gpt2").eval()
+    calls = []
+    method = model.forward
+
+    def wrapper(*args, **kwargs):  # what accelerate's convert_outputs_to_fp32 and others look like
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    model.forward = wrapper
+    ids, mask, labels = batch()
+    xt.patch_causal_lm(model)
+    model(input_ids=ids)  # no labels: the wrapped original runs
+    assert calls == [1]
+    xt.unpatch(model)
+    assert model.forward is wrapper
 
 
 def test_patch_rejects_what_it_cannot_run():

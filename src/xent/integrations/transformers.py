@@ -112,7 +112,9 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
         return _fused_forward(model, loss, named, labels, chunk_size)
 
     forward.__signature__ = signature
-    vars(model)[_ATTR] = original
+    # Remember an instance-level forward that was already there (accelerate, for one, installs
+    # wrappers that way) so unpatch restores it rather than the class's method.
+    vars(model)[_ATTR] = vars(model).get("forward")
     model.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
     return model
 
@@ -120,8 +122,11 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
 def unpatch(model):
     """Undo :func:`patch_causal_lm` (a no-op on a model that is not patched). Returns the model."""
     if _ATTR in vars(model):
-        del vars(model)[_ATTR]
-        vars(model).pop("forward", None)
+        previous = vars(model).pop(_ATTR)
+        if previous is None:
+            vars(model).pop("forward", None)
+        else:
+            vars(model)["forward"] = previous
     return model
 
 
