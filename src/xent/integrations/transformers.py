@@ -96,8 +96,9 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
     output_head(model)  # fail now, not at the first forward
     if _ATTR in vars(model):
         unpatch(model)
-    original = model.forward  # the bound method of the model's class
-    signature = inspect.signature(original)
+    original = model.forward  # the class's bound method, or a wrapper installed before
+    # Arguments are named with the class's forward (a wrapper installed earlier may take *args).
+    signature = inspect.signature(type(model).forward.__get__(model))
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     @functools.wraps(original)
