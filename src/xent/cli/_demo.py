@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--objectives", help="comma-separated objectives (default: the demo's set); "
                    "from: ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly")
     p.add_argument("--steps", type=int, help="training steps per objective (overrides the preset)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: no thread-count dependence in the numbers, and "
+                        "fast on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -36,7 +39,9 @@ def run(args) -> int:
     from ..demo._report import TABLE_HEADER, table_rows
     from ..training import OBJECTIVES
 
-    overrides = {"seed": args.seed}
+    if args.threads < 1:
+        raise CommandError(f"--threads must be at least 1, got {args.threads}")
+    overrides = {"seed": args.seed, "threads": args.threads}
     if args.objectives:
         names = tuple(n.strip() for n in args.objectives.split(",") if n.strip())
         unknown = [n for n in names if n not in OBJECTIVES]

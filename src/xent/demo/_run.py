@@ -38,7 +38,7 @@ class DemoConfig:
     synthetic_train_docs: int = 1000  # about 30% of the training tokens
     synthetic_eval_docs: int = 100
     heldout_docs: int | None = None  # None: every held-out docstring document
-    threads: int = 1  # torch threads: 1 is reproducible across machines and robust on a busy one
+    threads: int = 1  # torch threads: no dependence on the thread count, and robust on a busy machine
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
