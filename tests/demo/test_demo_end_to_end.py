@@ -33,7 +33,8 @@ def test_files_and_summary(demo_dir):
     for name in ["summary.json", "report.html", *FIGURES, "data/heldout.jsonl", "data/synthetic.jsonl"]:
         assert (demo_dir / name).is_file(), name
         assert (demo_dir / name).stat().st_size > 0, name
-    summary = json.loads((demo_dir / "summary.json").read_text())
+    summary = json.loads((demo_dir / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in summary.json is not JSON"))
     objectives = summary["objectives"]
     assert {"ce", "ce_ls", "emo", "tailr"} <= set(objectives)
     for name, s in objectives.items():

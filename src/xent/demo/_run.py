@@ -147,6 +147,7 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     from xent.eval import evaluate
 
     from ..training import OBJECTIVES
+    from ..training._loop import json_safe
     from . import _report
     from ._model import build_model, tokenize_documents, train_tokenizer
 
@@ -229,7 +230,7 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["total_cpu_seconds"] = time.process_time() - cpu_start  # ≈ the wall time on an idle machine
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(json_safe(summary), f, indent=1, allow_nan=False)
     return summary
 
 

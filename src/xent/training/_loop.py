@@ -271,6 +271,17 @@ def _jsonable(d: dict) -> dict:
             for k, v in d.items()}
 
 
+def json_safe(obj):
+    """``obj`` with NaN and ±inf replaced by None: strict JSON, which JavaScript and jq can read."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _save(model, tokenizer, directory: str, log: dict | None) -> None:
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)  # safetensors
@@ -278,4 +289,4 @@ def _save(model, tokenizer, directory: str, log: dict | None) -> None:
         tokenizer.save_pretrained(directory)
     if log is not None:
         with open(os.path.join(directory, "xent_train.json"), "w") as f:
-            json.dump(log, f, indent=1)
+            json.dump(json_safe(log), f, indent=1, allow_nan=False)
