@@ -77,6 +77,8 @@ OPTIONS = [
     dict(kind="skew_reverse_kl", alpha=0.1, softcap=1.5, temperature=3.0),
     dict(kind="tvd"),
     dict(kind="tvd", temperature=1.5, hard_weight=0.5),
+    dict(kind="reverse_kl", softcap=2.0, hard_weight=0.4, temperature=2.0, t_squared=True),
+    dict(kind="jsd", beta=0.3, softcap=3.0, hard_weight=0.2, temperature=0.5),
 ]
 
 
