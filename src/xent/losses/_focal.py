@@ -132,7 +132,7 @@ class Focal(NLLLoss):
         if self.detach_factor:
             return alpha * factor.detach() * nll, alpha * factor.detach()
         # d(1−q)^γ/dn = γ(1−q)^(γ−1)·q, as dq/dn = −q.
-        dfactor = torch.where(positive, gamma * safe.pow(gamma - 1.0) * (1.0 - base), 0.0)
+        dfactor = torch.where(positive, gamma * safe.pow(gamma - 1.0) * torch.exp(-nll), 0.0)
         return alpha * factor * nll, alpha * (factor + dfactor * nll).detach()
 
 
