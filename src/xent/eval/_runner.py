@@ -126,7 +126,7 @@ class Runner(ChunkedScorer):
     def _score_chunk(self, docs, items, on_tokens, progress) -> None:
         for batch, slots in self._batches(items):
             logits = forward_logits(self.model, batch, self.device)
-            stats = batch_token_stats(logits, batch)
+            stats = batch_token_stats(logits, batch, exact_rank=on_tokens is not None)
             del logits
             slot = slots[stats["row"]]
             file = torch.tensor([docs[k][1] for k in slots.tolist()])[stats["row"]]

@@ -62,26 +62,38 @@ def context_lengths(batch: dict[str, torch.Tensor], rows, cols) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, exact_rank: bool = True
+                ) -> dict[str, torch.Tensor]:
     """Per-token statistics of logits [N, V] (any dtype) against targets [N], in float32:
-    loss −log q_y, entropy −Σ q log q, top-1 probability, rank of the target (1 = most probable;
-    ties count in the target's favour), multi-class Brier Σ_c (q_c − [c = y])²."""
+    loss −log q_y (xent.cross_entropy), entropy −Σ q log q, top-1 probability, rank of the target by
+    its logit (1 = most probable; ties count in the target's favour), multi-class Brier
+    Σ_c (q_c − [c = y])². Without ``exact_rank`` ranks past 5 are reported as 6 (a top-5 instead of a
+    pass over the vocabulary: enough for the top-1/top-5 accuracies)."""
     z = logits.float()
     loss = xent.cross_entropy(z, targets, reduction="none")
     logq = torch.log_softmax(z, dim=-1)
     q = logq.exp()
-    logq_y = logq.gather(-1, targets[:, None])  # [N, 1]
+    z_y = z.gather(-1, targets[:, None])  # [N, 1]
     q_y = q.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -torch.linalg.vecdot(q, logq)
+    bad = entropy.isnan()  # a −inf logit: q = 0 times log q = −inf; entr(0) = 0 handles it
+    if bad.any():
+        entropy[bad] = torch.special.entr(q[bad]).sum(-1)
+    if exact_rank:
+        rank = (z > z_y).sum(-1) + 1
+    else:
+        rank = (torch.topk(z, min(5, z.shape[-1]), dim=-1).values > z_y).sum(-1) + 1
     return {
         "loss": loss,
-        "entropy": torch.special.entr(q).sum(-1),  # entr(0) = 0: no 0·log 0 = NaN
+        "entropy": entropy,
         "top1_prob": q.amax(-1),
-        "rank": (logq > logq_y).sum(-1) + 1,
-        "brier": q.square().sum(-1) - 2 * q_y + 1,
+        "rank": rank,
+        "brier": torch.linalg.vecdot(q, q) - 2 * q_y + 1,
     }
 
 
-def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, exact_rank: bool = True
+                      ) -> dict[str, torch.Tensor]:
     """token_stats of every scored position of a batch (row-major), on the CPU, plus its ``row``,
     ``position`` (index in its document), ``context`` (tokens of context) and ``target``."""
     rows, cols = scored_index(batch)
@@ -92,7 +104,8 @@ def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> d
     for s in range(0, len(rows), chunk):
         r, c = rows[s : s + chunk], cols[s : s + chunk]
         dev = logits.device
-        stats = token_stats(logits[r.to(dev), c.to(dev)], targets[s : s + chunk].to(dev))
+        stats = token_stats(logits[r.to(dev), c.to(dev)], targets[s : s + chunk].to(dev),
+                            exact_rank=exact_rank)
         parts.append({k: v.cpu() for k, v in stats.items()})
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
     out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
