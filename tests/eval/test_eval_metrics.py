@@ -120,3 +120,16 @@ def test_documents_must_be_strings(model_and_tokenizer):
         xent.eval.evaluate(model, tok, "one text", max_length=16)
     with pytest.raises(xent.eval.EvalError, match="document 1 is int, not a string"):
         xent.eval.evaluate(model, tok, ["fine", 3], max_length=16)
+
+
+def test_a_model_in_training_mode_is_evaluated_without_dropout(model_and_tokenizer, documents):
+    model, tok = model_and_tokenizer
+    ref = xent.eval.evaluate(model, tok, documents[:3], max_length=32)
+    assert model.config.resid_pdrop > 0
+    model.train()
+    try:
+        got = xent.eval.evaluate(model, tok, documents[:3], max_length=32)
+        assert model.training  # given back as it came
+    finally:
+        model.eval()
+    assert got.nll_mean == ref.nll_mean

@@ -23,7 +23,7 @@ from ._errors import EvalError
 from ._evaluate import texts
 from ._files import state_dict_sha256
 from ._options import resolve_options
-from ._runner import ChunkedScorer
+from ._runner import ChunkedScorer, eval_mode
 from ._score import forward_logits, scored_index
 from ._sums import SCALE, fixed
 
@@ -164,7 +164,8 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     stream = iter(corpus) if corpus is not None else texts(documents)
     rank, world = dist.rank_and_world()
     runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
-    runner.run(stream, progress=progress)
+    with eval_mode(base, model):
+        runner.run(stream, progress=progress)
     gathered = dist.all_gather((runner.sums, torch.cat(runner.kl_values or [torch.zeros(0)]).numpy(),
                                 torch.cat(runner.dp_values or [torch.zeros(0)]).numpy()))
     s = dict.fromkeys(_SUMS, 0)

@@ -11,7 +11,7 @@ from . import _files
 from ._data import Corpus
 from ._errors import EvalError
 from ._options import resolve_options
-from ._runner import Runner
+from ._runner import Runner, eval_mode
 from ._sums import Totals
 
 
@@ -21,8 +21,10 @@ class EvalResult:
 
     nll_mean is in nats per scored token; nll_se_token is s/√N (tokens independent, as llama.cpp
     prints) and nll_se_document the document-clustered SE; perplexity_ci95 = e^(L̄ ± 1.96·SE_doc).
-    bits_per_byte and word_perplexity divide the summed loss by the UTF-8 bytes and words of the
-    documents scored. ece: 15 equal-width bins of the top-1 probability vs top-1 correctness.
+    bits_per_byte, byte_perplexity and word_perplexity divide the summed loss by the UTF-8 bytes and
+    words of the scored documents, whole (as lm-evaluation-harness does): where some tokens are not
+    scored (bos "none", the llama.cpp and transformers presets) they flatter the model.
+    ece: 15 equal-width bins of the top-1 probability vs top-1 correctness.
     brier: the multi-class Brier score Σ_c (q_c − [c = y])², in [0, 2], averaged over tokens.
     nll_by_position: mean loss per bucket of context length [start, end) in tokens (BOS included).
     calibration: the 15 bins (tokens, mean confidence, accuracy) of the reliability diagram.
@@ -85,14 +87,15 @@ def evaluate(
     """Cross-entropy of a causal LM on documents, with every metric of REFERENCE.md §4.
 
     Args:
-        model: a transformers causal LM (any dtype/device; the softmax is computed in float32).
+        model: a transformers causal LM (any dtype/device; the softmax is computed in float32), run in
+            eval mode (no dropout) and given back in the mode it came in.
         tokenizer: its tokenizer; documents are encoded without special tokens, BOS is added per ``bos``.
         documents: an iterable of strings (consumed lazily, once) or a :class:`Corpus` (several files:
             then ``per_file`` holds each file's metrics).
         max_length: inputs per window (default: the model's context). stride: window step (default
             max_length). bos: "first" | "every" | "none" (default "first" if the tokenizer has a BOS).
-            preset: "lm-eval" or "llama.cpp" (see xent.eval._options). See xent.eval._windows for the
-            exact windowing.
+            preset: "lm-eval", "llama.cpp" or "transformers" (see xent.eval._options). See
+            xent.eval._windows for the exact windowing.
         batch_size, padding_side: change speed, not results.
         checkpoint_every: documents per chunk; with ``checkpoint_dir`` the exact totals are saved after
             each chunk and ``resume=True`` continues from them (the result equals an uninterrupted run).
@@ -139,8 +142,9 @@ def evaluate(
                                    {"next_document": next_doc, "totals": [t.state() for t in runner.totals]},
                                    rank)
 
-    runner.run(stream, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
-               stop_after=stop_after)
+    with eval_mode(model):
+        runner.run(stream, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
+                   stop_after=stop_after)
     gathered = dist.all_gather([t.state() for t in runner.totals])
     per_file_totals = [Totals(opts.max_length) for _ in names]
     for states in gathered:

@@ -8,6 +8,7 @@ as an uninterrupted one. Under data parallelism rank r scores the documents with
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -26,6 +27,19 @@ def document_windows(ids: list[int], opts: Options):
         return transformers_windows(ids, max_length=opts.max_length, stride=opts.stride, bos_id=opts.bos_id)
     return sliding_windows(ids, max_length=opts.max_length, stride=opts.stride, bos=opts.bos,
                            bos_id=opts.bos_id, extend_last=opts.extend_last)
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Models in eval mode (no dropout) for the block, their training flags restored after."""
+    flags = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
 
 
 def _chunks(docs: Iterable[tuple[int, str]], size: int):
