@@ -39,6 +39,7 @@ class DemoConfig:
     synthetic_eval_docs: int = 100
     heldout_docs: int | None = None  # None: every held-out docstring document
     threads: int = 1  # torch threads: no dependence on the thread count, and robust on a busy machine
+    jobs: int = 1  # objectives trained at once, in worker processes (the numbers do not change)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
@@ -144,12 +145,10 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     import torch
 
     import xent
-    from xent.eval import evaluate
 
-    from ..training import OBJECTIVES
     from ..training._loop import json_safe
     from . import _report
-    from ._model import build_model, tokenize_documents, train_tokenizer
+    from ._model import tokenize_documents, train_tokenizer
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
@@ -182,46 +181,16 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
         },
         "objectives": {},
     }
-    histories, results, passage_losses = {}, {}, {}
     passage_doc, passage = _pick_passage(data.heldout)
-    for name in cfg.objectives:
-        model = build_model(len(tokenizer), seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, eot_id=tokenizer.eos_token_id, seed=cfg.seed)
-        model_dir = os.path.join(out, "models", name)
-        result = xent.train(
-            model, stream, objective=name, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-            lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-            eval_every=cfg.eval_every, save_dir=model_dir, progress=progress, eval_data=eval_sets,
-            tokenizer=tokenizer,
-        )
-        model.eval()
-        heldout = evaluate(model, tokenizer, data.heldout, max_length=cfg.seq_len)
-        synthetic = evaluate(model, tokenizer, data.synthetic, max_length=cfg.seq_len)
-        gap = synthetic_gap(synthetic, data.synthetic, data.source)
-        histories[name] = result
-        results[name] = (heldout, synthetic, gap)
-        passage_losses[name] = _token_losses(model, tokenizer, passage, cfg.seq_len)
-        summary["objectives"][name] = {
-            "description": OBJECTIVES[name][0],
-            "loss": result.objective,
-            "checkpoint": f"models/{name}",
-            "train_seconds": result.seconds,
-            "train_tokens": result.tokens,
-            "final_train_loss": result.final_loss,
-            "nll_mean": heldout.nll_mean,
-            "perplexity": heldout.perplexity,
-            "perplexity_ci95": heldout.perplexity_ci95,
-            "bits_per_byte": heldout.bits_per_byte,
-            "ece": heldout.ece,
-            "synthetic_gap_bits_per_byte": gap["gap_bits_per_byte"],
-            "synthetic_kl_nats_per_word": gap["kl_nats_per_word"],
-            "heldout": _metrics(heldout),
-            "synthetic": {**_metrics(synthetic), **gap},
-            "history": result.history,
-            "eval_history": result.eval_history,
-        }
-        log(f"  {name:<9} trained in {result.seconds:5.1f}s: held-out ppl {heldout.perplexity:7.2f}, "
-            f"synthetic KL {gap['kl_nats_per_word']:.4f} nats/word")
+    job = _Job(cfg, out, tokenizer, stream, eval_sets, data.heldout, data.synthetic, data.source, passage,
+               progress and cfg.jobs == 1)
+    passage_losses = {}
+    for name, entry, losses in _map(job, cfg.objectives, cfg.jobs):
+        summary["objectives"][name] = entry
+        passage_losses[name] = losses
+        log(f"  {name:<9} trained in {entry['train_seconds']:5.1f}s: "
+            f"held-out ppl {entry['perplexity']:7.2f}, "
+            f"synthetic KL {entry['synthetic_kl_nats_per_word']:.4f} nats/word")
 
     log("plotting")
     summary["passage"] = {"source": data.heldout_sources[passage_doc], "text": passage,
@@ -232,6 +201,86 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(json_safe(summary), f, indent=1, allow_nan=False)
     return summary
+
+
+@dataclass
+class _Job:
+    """Everything one objective's run needs; picklable, so it can go to a worker process."""
+
+    cfg: DemoConfig
+    out: str
+    tokenizer: object
+    stream: object  # the training token stream, a 1-D tensor
+    eval_sets: dict
+    heldout: list[str]
+    synthetic: list[str]
+    source: object
+    passage: str
+    progress: bool
+
+
+def _map(job: _Job, names, jobs: int):
+    """(name, summary entry, passage losses) per objective, in order; in ``jobs`` processes if > 1.
+
+    Each run is independent and single-threaded, so the numbers do not depend on ``jobs``.
+    """
+    if jobs <= 1 or len(names) <= 1:
+        yield from (_train_one(job, name) for name in names)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=ctx) as pool:
+        yield from pool.map(_train_one, [job] * len(names), names)
+
+
+def _train_one(job: _Job, name: str):
+    """Train, save and evaluate one objective (in this process or a worker)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    import xent
+    from xent.eval import evaluate
+
+    from ..training import OBJECTIVES
+    from ._model import build_model
+
+    cfg, tokenizer = job.cfg, job.tokenizer
+    torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()
+    model = build_model(len(tokenizer), seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, eot_id=tokenizer.eos_token_id, seed=cfg.seed)
+    result = xent.train(
+        model, job.stream, objective=name, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+        lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+        eval_every=cfg.eval_every, save_dir=os.path.join(job.out, "models", name), progress=job.progress,
+        eval_data=job.eval_sets, tokenizer=tokenizer,
+    )
+    model.eval()
+    heldout = evaluate(model, tokenizer, job.heldout, max_length=cfg.seq_len)
+    synthetic = evaluate(model, tokenizer, job.synthetic, max_length=cfg.seq_len)
+    gap = synthetic_gap(synthetic, job.synthetic, job.source)
+    entry = {
+        "description": OBJECTIVES[name][0],
+        "loss": result.objective,
+        "checkpoint": f"models/{name}",
+        "train_seconds": result.seconds,
+        "train_tokens": result.tokens,
+        "final_train_loss": result.final_loss,
+        "nll_mean": heldout.nll_mean,
+        "perplexity": heldout.perplexity,
+        "perplexity_ci95": heldout.perplexity_ci95,
+        "bits_per_byte": heldout.bits_per_byte,
+        "ece": heldout.ece,
+        "synthetic_gap_bits_per_byte": gap["gap_bits_per_byte"],
+        "synthetic_kl_nats_per_word": gap["kl_nats_per_word"],
+        "heldout": _metrics(heldout),
+        "synthetic": {**_metrics(synthetic), **gap},
+        "history": result.history,
+        "eval_history": result.eval_history,
+    }
+    return name, entry, _token_losses(model, tokenizer, job.passage, cfg.seq_len)
 
 
 def _pick_passage(texts: list[str]) -> tuple[int, str]:
