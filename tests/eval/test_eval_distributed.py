@@ -15,23 +15,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str], errors: str) -> None:
-    # what torchrun sets; xent eval joins the group itself (init_from_env)
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, commands: list[tuple[int, list[str]]], errors: str) -> None:
+    # what torchrun sets; each xent command joins the group itself (init_from_env) and leaves it
     import torch
 
     torch.set_num_threads(1)
     from xent.cli import main
 
-    code = main(argv)
-    if code != 0:
-        with open(f"{errors}.{rank}", "w") as f:
-            f.write(str(code))
+    for port, argv in commands:
+        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        code = main(argv)
+        if code != 0:
+            with open(f"{errors}.{rank}", "a") as f:
+                f.write(f"{argv[0]}: {code}\n")
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(model_dir, documents, tmp_path):
+def test_two_processes_equal_one(model_dir, other_model_dir, documents, tmp_path):
     import pyarrow.parquet as pq
     import torch.multiprocessing as mp
 
@@ -42,9 +43,13 @@ def test_two_processes_equal_one(model_dir, documents, tmp_path):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     argv = ["eval", "--model", str(model_dir), "--data", str(data), "--max-length", "32", "--stride", "20",
             "--batch-size", "1", "--checkpoint-every", "4", "--per-token", "--json"]
+    compare = ["compare", "--base", str(model_dir), "--model", str(other_model_dir), "--data", str(data),
+               "--max-length", "32", "--batch-size", "1", "--json"]
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0
-    mp.spawn(_worker, args=(2, _free_port(), argv + ["--out", str(tmp_path / "two")], str(tmp_path / "err")),
-             nprocs=2, join=True)
+    assert main(compare + ["--out", str(tmp_path / "one-compare")]) == 0
+    commands = [(_free_port(), argv + ["--out", str(tmp_path / "two")]),
+                (_free_port(), compare + ["--out", str(tmp_path / "two-compare")])]
+    mp.spawn(_worker, args=(2, commands, str(tmp_path / "err")), nprocs=2, join=True)
     assert not list(tmp_path.glob("err.*"))
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -55,3 +60,7 @@ def test_two_processes_equal_one(model_dir, documents, tmp_path):
     t2 = pq.read_table(tmp_path / "two" / "tokens.parquet")
     assert t2.equals(t1)
     assert not list((tmp_path / "two").glob("checkpoint*"))
+    c1 = json.loads((tmp_path / "one-compare" / "summary.json").read_text())
+    c2 = json.loads((tmp_path / "two-compare" / "summary.json").read_text())
+    assert (c1["config"].pop("world_size"), c2["config"].pop("world_size")) == (1, 2)
+    assert c2 == c1 and c1["kl_mean"] > 0  # percentiles too: every rank's values are gathered

@@ -71,6 +71,37 @@ def test_cli_resume_with_per_token_output(capsys, model_dir, documents, tmp_path
     assert not (tmp_path / "cut" / "checkpoint.json").exists()
 
 
+def test_ctrl_c_then_resume(capsys, monkeypatch, model_dir, documents, tmp_path):
+    from xent.eval import _report
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(documents, 12)))
+    argv = ["eval", "--model", str(model_dir), "--data", str(data), "--max-length", "32",
+            "--checkpoint-every", "3", "--batch-size", "2", "--json", "--out"]
+    assert main(argv + [str(tmp_path / "full")]) == 0
+    calls = [0]
+    original = _report.Progress.__call__
+
+    def interrupt_at_the_25th_batch(self, n):
+        calls[0] += 1
+        if calls[0] == 25:
+            raise KeyboardInterrupt
+        original(self, n)
+
+    monkeypatch.setattr(_report.Progress, "__call__", interrupt_at_the_25th_batch)
+    capsys.readouterr()
+    assert main(argv + [str(tmp_path / "cut")]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err == "xent eval: interrupted\n"
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    assert 0 < json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["next_document"] < 12
+    monkeypatch.undo()
+    assert main(argv + [str(tmp_path / "cut"), "--resume"]) == 0
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert cut == full
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_summary(capsys, model_dir, documents, tmp_path):
     n = 150
