@@ -267,3 +267,16 @@ def test_cuda_matches_cpu():
     cuda = xent.linear_cross_entropy(h.cuda(), W.cuda(), y.cuda(), bias=b.cuda(), shift=True,
                                      label_smoothing=0.1)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_twice_and_scaled_upstream():
+    """A second backward (retain_graph) recomputes; an upstream scale multiplies the stored gradients."""
+    h, W, b, y = _inputs(seed=13)
+    out = xent.linear_cross_entropy(h, W, y, bias=b, label_smoothing=0.1)
+    plain = xent.cross_entropy(h @ W.T + b, y, label_smoothing=0.1)
+    first = torch.autograd.grad(3.0 * out, (h, W, b), retain_graph=True)
+    second = torch.autograd.grad(-0.5 * out, (h, W, b))
+    ref = torch.autograd.grad(plain, (h, W, b))
+    for g1, g2, r in zip(first, second, ref):
+        torch.testing.assert_close(g1, 3.0 * r)
+        torch.testing.assert_close(g2, -0.5 * r)

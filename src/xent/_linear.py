@@ -134,7 +134,7 @@ class _LinearLoss(torch.autograd.Function):
         else:
             per_token = _run(plan, hidden2d, weight, bias, None, ctx.need)[0]
             ctx.grads = None
-            ctx.save_for_backward(hidden2d, weight, bias)
+        ctx.save_for_backward(hidden2d, weight, bias)  # references only: to recompute if needed
         if denom is not None:
             return per_token.sum() / denom
         out = torch.zeros(out_shape, dtype=per_token.dtype, device=per_token.device)
@@ -144,10 +144,14 @@ class _LinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.grads is not None:
-            grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
-        else:  # recompute each chunk with the per-token upstream gradients
+            # Rescale in place (no second [V, D] copy) and drop the reference so the stored gradients
+            # are freed as soon as autograd has accumulated them. A second backward (retain_graph)
+            # takes the recompute path below.
+            grads, ctx.grads = ctx.grads, None
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
+        else:  # recompute each chunk with the upstream gradients
             hidden2d, weight, bias = ctx.saved_tensors
-            if grad_out.dim() == 0:  # a scalar reduction whose forward ran without grad mode
+            if grad_out.dim() == 0:  # a scalar reduction: every token gets grad_out / denom
                 scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
             else:
                 scale = grad_out.reshape(-1)[ctx.positions]
