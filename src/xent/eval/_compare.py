@@ -24,7 +24,7 @@ from ._evaluate import texts
 from ._files import state_dict_sha256
 from ._options import resolve_options
 from ._runner import ChunkedScorer, eval_mode
-from ._score import forward_logits, scored_index
+from ._score import by_row_chunks, forward_logits, scored_index
 from ._sums import SCALE, fixed
 
 PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
@@ -108,9 +108,12 @@ class CompareRunner(ChunkedScorer):
         for batch, slots in self._batches(items):
             rows, cols = scored_index(batch)
             targets = batch["labels"][rows, cols]
-            zb = forward_logits(self.base, batch, base_dev)[rows.to(base_dev), cols.to(base_dev)]
-            zm = forward_logits(self.model, batch, model_dev)[rows.to(model_dev), cols.to(model_dev)]
-            st = {k: v.cpu() for k, v in pair_stats(zb, zm.to(zb.device), targets.to(zb.device)).items()}
+            zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
+            zm = forward_logits(self.model, batch, model_dev)
+            st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
+            del zb, zm
+            if not st:
+                continue
             s = self.sums
             s["tokens"] += len(targets)
             s["same_top"] += int(st["same_top"].sum())

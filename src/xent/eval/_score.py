@@ -98,19 +98,24 @@ def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, e
     ``position`` (index in its document), ``context`` (tokens of context) and ``target``."""
     rows, cols = scored_index(batch)
     targets = batch["labels"][rows, cols]
-    V = logits.shape[-1]
-    chunk = max(1, _CHUNK_ELEMENTS // V)
-    parts = []
-    for s in range(0, len(rows), chunk):
-        r, c = rows[s : s + chunk], cols[s : s + chunk]
-        dev = logits.device
-        stats = token_stats(logits[r.to(dev), c.to(dev)], targets[s : s + chunk].to(dev),
-                            exact_rank=exact_rank)
-        parts.append({k: v.cpu() for k, v in stats.items()})
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    out = by_row_chunks(lambda z, y: token_stats(z, y, exact_rank=exact_rank), (logits,), rows, cols, targets)
     out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
                target=targets, previous=previous_inputs(batch, rows, cols))
     return out
+
+
+def by_row_chunks(fn, logits: tuple[torch.Tensor, ...], rows, cols, targets) -> dict[str, torch.Tensor]:
+    """fn(*[N', V] logits at the scored positions, targets [N']) over chunks of rows, so that the float32
+    [N', V] temporaries stay near 2^26 elements; the per-token results concatenated on the CPU."""
+    dev = logits[0].device
+    chunk = max(1, _CHUNK_ELEMENTS // logits[0].shape[-1])
+    parts = []
+    for s in range(0, len(rows), chunk):
+        r, c = rows[s : s + chunk], cols[s : s + chunk]
+        picked = [z[r.to(z.device), c.to(z.device)].to(dev) for z in logits]  # [N', V] each
+        stats = fn(*picked, targets[s : s + chunk].to(dev))
+        parts.append({k: v.cpu() for k, v in stats.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
 def previous_inputs(batch: dict[str, torch.Tensor], rows, cols, k: int = 3) -> torch.Tensor:
