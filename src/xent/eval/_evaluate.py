@@ -101,6 +101,9 @@ def evaluate(
             each chunk and ``resume=True`` continues from them (the result equals an uninterrupted run).
         progress(tokens), on_tokens(per-token dict): called after each batch; on_checkpoint(next
             document index) after each chunk, before the checkpoint is saved.
+        model_sha256: recorded as is; by default the SHA-256 of the model's state dict (which copies
+            the weights to the CPU once: pass any string to skip it). data_sha256 likewise (a Corpus
+            hashes its files).
 
     Under torch.distributed each rank scores documents i ≡ rank (mod world); every rank returns the
     pooled result. Raises EvalError (a ValueError) for bad options or input.
