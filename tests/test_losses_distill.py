@@ -102,7 +102,7 @@ def test_matches_float64_reference(options, reduction):
     assert grad_t is None  # no gradient reaches the teacher
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=[str(o) for o in OPTIONS])
+@pytest.mark.parametrize("options", OPTIONS[1::2], ids=[str(o) for o in OPTIONS[1::2]])
 def test_gradcheck(options):
     g = torch.Generator().manual_seed(1)
     student = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
