@@ -102,7 +102,10 @@ def test_matches_float64_reference(options, reduction):
     assert grad_t is None  # no gradient reaches the teacher
 
 
-@pytest.mark.parametrize("options", OPTIONS[1::2], ids=[str(o) for o in OPTIONS[1::2]])
+GRADCHECK_OPTIONS = [OPTIONS[i] for i in (0, 6, 7, 9, 10, 11)]  # every kind, cap, hard term, T²
+
+
+@pytest.mark.parametrize("options", GRADCHECK_OPTIONS, ids=[str(o) for o in GRADCHECK_OPTIONS])
 def test_gradcheck(options):
     g = torch.Generator().manual_seed(1)
     student = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
