@@ -216,3 +216,12 @@ def test_ignored_tokens_num_items_and_all_ignored():
     out = xent.emo_loss(zz, torch.full((2, 5), -100), cost_embedding=e, mode="emo2")
     out.backward()
     assert out.item() == 0.0 and not zz.grad.any()
+
+
+def test_embedding_is_converted_once_per_device_and_dtype():
+    # The fused path calls the loss once per chunk; Ê must not be copied again each time.
+    loss = losses.EMO(cost_embedding=torch.randn(5, 3))
+    z64 = torch.randn(2, 5, dtype=torch.float64)
+    first = loss._unit_embedding_like(z64)
+    assert first.dtype == torch.float64 and loss._unit_embedding_like(z64) is first
+    assert loss._unit_embedding_like(z64.float()) is loss.unit_embedding  # already float32: no copy

@@ -79,9 +79,20 @@ class EMO(TokenLoss):
                 f"got shape {tuple(self.unit_embedding.shape)}"
             )
 
+    def _unit_embedding_like(self, logits: torch.Tensor) -> torch.Tensor:
+        """Ê on the logits' device and dtype, converted once and kept: the fused path calls this per chunk,
+        and copying a [V, d] matrix to the GPU every chunk would cost more than the loss."""
+        e = self.unit_embedding
+        if e.device == logits.device and e.dtype == logits.dtype:
+            return e
+        cached = getattr(self, "_converted", None)
+        if cached is None or cached.device != logits.device or cached.dtype != logits.dtype:
+            cached = self._converted = e.to(device=logits.device, dtype=logits.dtype)
+        return cached
+
     def demd(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """DEMD per token, [...]; logits [..., V], target [...]."""
-        e = self.unit_embedding.to(device=logits.device, dtype=logits.dtype)  # Ê [V, d], no grad
+        e = self._unit_embedding_like(logits)  # Ê [V, d], no grad
         q = torch.softmax(logits, dim=-1)  # [..., V]
         expected = q @ e  # Êᵀq per token [..., d]
         similarity = (expected * e[target]).sum(dim=-1)  # (Êᵀq)·ê_y ∈ [−1, 1]
@@ -116,7 +127,7 @@ class EMO(TokenLoss):
         """
         rows, tanh, q, sumexp, _, mle, _ = exp_in_place(logits, target, self.softcap)
         q.div_(sumexp.unsqueeze(-1))  # softmax [N, V], in the logits' buffer
-        e = self.unit_embedding.to(device=logits.device, dtype=logits.dtype)
+        e = self._unit_embedding_like(logits)
         cost = torch.addmm(torch.ones((), dtype=q.dtype, device=q.device), e[target], e.t(), alpha=-1.0)
         # Σ_j q_j c_j as a batched dot product (no third [N, V] temporary); clamped as in demd().
         demd = (q.unsqueeze(1) @ cost.unsqueeze(2)).reshape(-1).clamp(min=0.0)
