@@ -33,9 +33,9 @@ def _x_log_ratio(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> t
     return torch.where(a > 0, terms, torch.zeros_like(terms))
 
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(A‖B) = Σ a (log a − log b) over the last dim; terms with a = 0 are 0."""
-    return _x_log_ratio(log_a.exp(), log_a, log_b).sum(dim=-1)
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(A‖B) = Σ a (log a − log b) over the last dim (a = e^{log a} if not given); a = 0 terms are 0."""
+    return _x_log_ratio(log_a.exp() if a is None else a, log_a, log_b).sum(dim=-1)
 
 
 def _exp_over_mix(log_num: torch.Tensor, log_m: torch.Tensor) -> torch.Tensor:
@@ -117,14 +117,14 @@ class Distill(TokenLoss):
         """
         kind, beta, alpha = self.kind, self.beta, self.alpha
         if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
-            p = log_p.exp()  # g = −p/q
-            return _kl(log_p, log_q), -p, -p.sum(dim=-1)
+            p = log_p.exp()  # g = −p/q, so q⊙g = −p and Σ q⊙g = −1: the gradient is (q − p)/T
+            return _kl(log_p, log_q, p), -p, torch.full_like(p[..., 0], -1.0)
         if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
-            kl = _kl(log_q, log_p)  # g = log q − log p + 1
+            kl = _kl(log_q, log_p, q)  # g = log q − log p + 1
             return kl, _x_log_ratio(q, log_q, log_p), kl
         if kind == "jsd":
             log_m = _log_mix(log_p, beta, log_q, 1.0 - beta)
-            kl_qm = _kl(log_q, log_m)  # g = (1−β)(log q − log m): the mixture's own terms cancel
+            kl_qm = _kl(log_q, log_m, q)  # g = (1−β)(log q − log m): the mixture's own terms cancel
             value = beta * _kl(log_p, log_m) + (1.0 - beta) * kl_qm
             return value, (1.0 - beta) * _x_log_ratio(q, log_q, log_m), (1.0 - beta) * kl_qm
         if kind == "skew_kl":
@@ -133,7 +133,7 @@ class Distill(TokenLoss):
             return _kl(log_p, log_m), qg, qg.sum(dim=-1)
         if kind == "skew_reverse_kl":
             log_m = _log_mix(log_p, 1.0 - alpha, log_q, alpha)
-            kl = _kl(log_q, log_m)  # g = log q − log m + 1 − α·q/m
+            kl = _kl(log_q, log_m, q)  # g = log q − log m + 1 − α·q/m
             skew = alpha * _exp_over_mix(2.0 * log_q, log_m)
             return kl, _x_log_ratio(q, log_q, log_m) - skew, kl - skew.sum(dim=-1)
         p = log_p.exp()  # tvd: g = ½·sign(q − p)
@@ -148,11 +148,15 @@ class Distill(TokenLoss):
             tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
             student = self.softcap * tanh
             teacher = self.softcap * torch.tanh(teacher / self.softcap)
-        log_q = torch.log_softmax(student / t, dim=-1)
-        log_p = torch.log_softmax(teacher / t, dim=-1)
+        log_q = torch.log_softmax(student / t if t != 1.0 else student, dim=-1)
+        log_p = torch.log_softmax(teacher / t if t != 1.0 else teacher, dim=-1)
         q = log_q.exp()
         value, qg, sum_qg = self.divergence(log_p, log_q, q)
-        grad = (qg - q * sum_qg.unsqueeze(-1)) / t if need_grad else None
+        grad = None
+        if need_grad:
+            grad = qg.sub_(q * sum_qg.unsqueeze(-1))  # qg is a fresh tensor in every branch
+            if t != 1.0:
+                grad = grad.div_(t)
         if self.t_squared:
             value = value * (t * t)
             grad = None if grad is None else grad * (t * t)
