@@ -104,7 +104,7 @@ def test_ctrl_c_then_resume(capsys, monkeypatch, model_dir, documents, tmp_path)
 
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_summary(capsys, model_dir, documents, tmp_path):
-    n = 150
+    n = 80
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(documents, n)))
     cmd = [sys.executable, "-m", "xent", "eval", "--model", str(model_dir), "--data", str(data),
