@@ -73,6 +73,20 @@ def test_several_files_give_per_file_and_pooled(capsys, model_dir, corpus_files,
     assert s["nll_mean"] == pytest.approx(pooled, rel=1e-12)
 
 
+def test_dtype_bfloat16(capsys, model_dir, model_and_tokenizer, corpus_files, documents):
+    import copy
+
+    import torch
+
+    model, tok = model_and_tokenizer
+    code, out, _ = run_cli(capsys, "--model", model_dir, "--data", corpus_files / "docs.txt", "--split",
+                           "lines", "--max-length", 32, "--dtype", "bfloat16", "--json")
+    assert code == 0
+    got = json.loads(out)
+    want = xent.eval.evaluate(copy.deepcopy(model).to(torch.bfloat16), tok, documents, max_length=32)
+    assert got["config"]["dtype"] == "bfloat16" and got["nll_mean"] == want.nll_mean
+
+
 def test_table_on_the_terminal(capsys, model_dir, corpus_files):
     code, out, _ = run_cli(capsys, "--model", model_dir, "--data", corpus_files / "docs.txt",
                            "--max-length", 32)

@@ -102,16 +102,18 @@ def test_corpus_level_mean_is_not_a_mean_of_document_means(model_and_tokenizer, 
 
 
 def test_bfloat16_model_is_scored_in_float32(model_and_tokenizer, documents):
+    # the reference upcasts the bf16 logits to float64; a softmax in bf16 would be off by ~1e-2
     import copy
 
     import torch
 
     model, tok = model_and_tokenizer
     bf = copy.deepcopy(model).to(torch.bfloat16)
-    got = xent.eval.evaluate(bf, tok, documents[:3], max_length=32)
-    ref = xent.eval.evaluate(model, tok, documents[:3], max_length=32)
-    assert got.tokens == ref.tokens
-    assert got.nll_mean == pytest.approx(ref.nll_mean, rel=0.05)  # bf16 weights: close, not equal
+    docs = [d for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) < 64]
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    want = metrics(records_one_window(bf, ids, tok.bos_token_id), docs)
+    got = xent.eval.evaluate(bf, tok, docs, batch_size=1)
+    _close(got.to_dict(), want, rel=1e-5, keys=["nll_mean", "entropy_mean", "brier", "top5_accuracy"])
 
 
 def test_documents_must_be_strings(model_and_tokenizer):
