@@ -17,8 +17,9 @@ EXPLANATIONS = {
     ),
     "ce_ls": (
         "Label smoothing (ε = 0.1): cross-entropy against (1−ε)·one-hot + ε/V. The optimum puts at least "
-        "ε/V on every token, so the model is deliberately under-confident; useful against over-fitting, "
-        "costly in perplexity."
+        "ε/V on every token: a floor under every probability that pulls against over-confidence (see the "
+        "reliability diagrams) and costs likelihood where the truth is sharp (see the KL to the Markov "
+        "source, whose transitions give most words probability zero)."
     ),
     "ce_zloss": (
         "Cross-entropy plus 10<sup>−4</sup>·(logsumexp z)², which keeps the softmax normaliser near 1 for"
