@@ -68,6 +68,16 @@ def test_synthetic_gap_is_zero_for_the_true_loss_and_counts_bytes(source):
     assert gap["gap_bits_per_byte"] == pytest.approx(0, abs=1e-12)
     assert gap["words"] == 100 and gap["bytes"] == nbytes
     assert gap["true_bits_per_byte"] == pytest.approx(fake.bits_per_byte)
+    assert math.isnan(gap["kl_nats_per_word_se"])  # no per-document losses given
+    # clustered SE by hand: documents 0.5 and 1.5 nats/word above the truth, 20 words each
+    true_nll = [source.nll(t) for t in docs]
+    doc_nll = [t + g * 20 for t, g in zip(true_nll, [0.5, 1.5, 0.5, 1.5, 1.0])]
+    fake = SimpleNamespace(nll_mean=sum(doc_nll) / 100, tokens=100, bits_per_byte=0.0)
+    gap = synthetic_gap(fake, docs, source, doc_nll)
+    assert gap["kl_nats_per_word"] == pytest.approx(1.0)
+    deviations = [(g - 1.0) * 20 for g in [0.5, 1.5, 0.5, 1.5, 1.0]]
+    expected = math.sqrt(5 / 4 * sum(d * d for d in deviations)) / 100
+    assert gap["kl_nats_per_word_se"] == pytest.approx(expected)
 
 
 def test_stdlib_corpus_is_deterministic_and_split_by_module(corpus):

@@ -59,15 +59,16 @@ class MarkovSource:
 
     @property
     def entropy_rate(self) -> float:
-        """H = Σ_i π_i H(P_i), nats per word (after the first)."""
-        P = self.P
-        row_h = -(torch.where(P > 0, P * P.log(), torch.zeros_like(P))).sum(dim=1)
-        return float((self.pi * row_h).sum())
+        """H = Σ_i π_i H(P_i) = −Σ_ij π_i P_ij log P_ij, nats per word (after the first).
+
+        Summed with math.fsum (exactly rounded), so the value does not depend on how a vectorised
+        reduction happens to be split, e.g. in another process."""
+        P, pi = self.P.tolist(), self.pi.tolist()
+        return -math.fsum(pi[i] * p * math.log(p) for i, row in enumerate(P) for p in row if p > 0)
 
     @property
     def first_word_entropy(self) -> float:
-        pi = self.pi
-        return float(-(torch.where(pi > 0, pi * pi.log(), torch.zeros_like(pi))).sum())
+        return -math.fsum(p * math.log(p) for p in self.pi.tolist() if p > 0)
 
     def sample(self, num_docs: int, words_per_doc: int, *, seed: int) -> list[str]:
         """``num_docs`` documents of ``words_per_doc`` words each."""

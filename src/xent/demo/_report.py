@@ -128,9 +128,11 @@ def _perplexity(out: str, summary: dict) -> str:
     axes[0].set_title("held-out docstrings: perplexity\n(95% CI, document-clustered)")
     axes[0].set_ylabel("perplexity")
     kl = [objs[n]["synthetic_kl_nats_per_word"] for n in names]
-    axes[1].bar(names, kl, color=[COLORS.get(n) for n in names])
+    err = [1.96 * (objs[n].get("synthetic_kl_nats_per_word_se") or 0.0) for n in names]
+    axes[1].bar(names, kl, yerr=err, capsize=5, color=[COLORS.get(n) for n in names])
     h = summary["data"]["entropy_rate_nats_per_word"]
-    axes[1].set_title(f"Markov text: loss above the source's exact −log p\n(entropy rate {h:.3f} nats/word)")
+    axes[1].set_title(f"Markov text: loss above the source's exact −log p, 95% CI\n"
+                      f"(entropy rate {h:.3f} nats/word)")
     axes[1].set_ylabel("KL estimate, nats/word")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")

@@ -92,24 +92,36 @@ def _eval_blocks(tokenizer, texts, seq_len, limit):
     return torch.tensor(stream[: n * seq_len]).reshape(n, seq_len)
 
 
-def synthetic_gap(result, texts: list[str], source) -> dict:
+def synthetic_gap(result, texts: list[str], source, doc_nll: list[float] | None = None) -> dict:
     """The model's loss on the Markov documents against the source's exact −log p of the same text.
 
     The evaluator scores every token of each document after a BOS; the source's −log p covers the
     same string (first word from π, then transitions). Their difference per word estimates the KL
     divergence from the source to the model (≥ 0 in expectation); per byte it is the bits-per-byte gap.
+    With ``doc_nll`` (the model's summed loss per document) the KL gets its document-clustered
+    standard error, √(D/(D−1)·Σ_d (g_d − K̄·n_d)²) / Σ_d n_d with g_d the document's gap in nats and
+    n_d its words (the ratio-estimator form of REFERENCE.md §4).
     """
     model_total = result.nll_mean * result.tokens  # nats, summed over the scored tokens
-    true_total = sum(source.nll(t) for t in texts)
-    words = sum(len(t.split(" ")) for t in texts)
+    true_nll = [source.nll(t) for t in texts]
+    true_total = sum(true_nll)
+    n_words = [len(t.split(" ")) for t in texts]
+    words = sum(n_words)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     ln2 = math.log(2)
+    kl = (model_total - true_total) / words
+    se = math.nan
+    if doc_nll is not None and len(texts) > 1:
+        D = len(texts)
+        dev = sum((m - t - kl * n) ** 2 for m, t, n in zip(doc_nll, true_nll, n_words))
+        se = math.sqrt(D / (D - 1) * dev) / words
     return {
         "documents": len(texts), "words": words, "bytes": nbytes,
         "entropy_rate_nats_per_word": source.entropy_rate,
         "true_nll_nats_per_word": true_total / words,
         "model_nll_nats_per_word": model_total / words,
-        "kl_nats_per_word": (model_total - true_total) / words,
+        "kl_nats_per_word": kl,
+        "kl_nats_per_word_se": se,
         "true_bits_per_byte": true_total / (nbytes * ln2),
         "model_bits_per_byte": result.bits_per_byte,
         "gap_bits_per_byte": (model_total - true_total) / (nbytes * ln2),
@@ -125,7 +137,11 @@ def _metrics(r) -> dict:
 
 def run_demo(out: str = "xent-demo", cfg: DemoConfig | None = None, *, log=print,
              progress: bool = True) -> dict:
-    """Runs the demo into ``out`` and returns the summary (also written to ``out/summary.json``)."""
+    """Runs the demo into ``out`` and returns the summary (also written to ``out/summary.json``).
+
+    With ``cfg.jobs > 1`` the objectives train in spawned worker processes: call this from a script
+    under ``if __name__ == "__main__":``, as for any multiprocessing code.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -259,8 +275,13 @@ def _train_one(job: _Job, name: str):
     )
     model.eval()
     heldout = evaluate(model, tokenizer, job.heldout, max_length=cfg.seq_len)
-    synthetic = evaluate(model, tokenizer, job.synthetic, max_length=cfg.seq_len)
-    gap = synthetic_gap(synthetic, job.synthetic, job.source)
+    doc_nll = torch.zeros(len(job.synthetic), dtype=torch.float64)  # per-document summed loss
+
+    def add_doc_losses(stats):
+        doc_nll.index_add_(0, stats["doc"], stats["loss"].double())
+
+    synthetic = evaluate(model, tokenizer, job.synthetic, max_length=cfg.seq_len, on_tokens=add_doc_losses)
+    gap = synthetic_gap(synthetic, job.synthetic, job.source, doc_nll.tolist())
     entry = {
         "description": OBJECTIVES[name][0],
         "loss": result.objective,
@@ -275,6 +296,7 @@ def _train_one(job: _Job, name: str):
         "ece": heldout.ece,
         "synthetic_gap_bits_per_byte": gap["gap_bits_per_byte"],
         "synthetic_kl_nats_per_word": gap["kl_nats_per_word"],
+        "synthetic_kl_nats_per_word_se": gap["kl_nats_per_word_se"],
         "heldout": _metrics(heldout),
         "synthetic": {**_metrics(synthetic), **gap},
         "history": result.history,
