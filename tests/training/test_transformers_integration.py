@@ -197,3 +197,7 @@ def test_a_logit_scale_between_head_and_loss_is_honoured():
     xt.patch_causal_lm(model)
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_reachable_from_import_xent():
+    assert xent.integrations.transformers.patch_causal_lm is xt.patch_causal_lm

@@ -1,1 +1,12 @@
-"""Integrations with other libraries, each imported on first use: ``xent.integrations.transformers``."""
+"""Integrations with other libraries, each imported on first use: ``xent.integrations.transformers``
+(:func:`~xent.integrations.transformers.patch_causal_lm`, :func:`~xent.integrations.transformers.unpatch`)."""
+
+_SUBMODULES = ("transformers",)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'xent.integrations' has no attribute {name!r}")
