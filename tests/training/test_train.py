@@ -155,3 +155,18 @@ def test_bad_options_fail_loudly():
                    objective_options={"gamma": 1.0}, progress=False)
     with pytest.raises(ValueError, match="must divide"):
         xent.train(tiny(), bigram_data(), batch_size=8, micro_batch_size=3, progress=False)
+
+
+def test_trains_a_llama_with_an_untied_head_too():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                                   max_position_embeddings=T)
+    model = transformers.LlamaForCausalLM(cfg)
+    data = bigram_data()
+    loss = make_objective("emo", model)
+    before = objective_value(model, loss, data)
+    head_before = model.lm_head.weight.detach().clone()
+    xent.train(model, data, objective=loss, steps=10, batch_size=16, lr=1e-2, warmup_steps=2, progress=False)
+    assert objective_value(model, loss, data) < before - 0.1
+    assert not torch.equal(model.lm_head.weight, head_before)  # the head trains through the fused path
