@@ -201,6 +201,9 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     job = _Job(cfg, out, tokenizer, stream, eval_sets, data.heldout, data.synthetic, data.source, passage,
                progress and cfg.jobs == 1)
     passage_losses = {}
+    workers = min(cfg.jobs, len(cfg.objectives))
+    log(f"training {', '.join(cfg.objectives)}: {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} "
+        "tokens each" + (f", {workers} at a time" if workers > 1 else ""))
     for name, entry, losses in _map(job, cfg.objectives, cfg.jobs):
         summary["objectives"][name] = entry
         passage_losses[name] = losses
