@@ -29,25 +29,19 @@ from ._reduce import mean_denominator
 from .losses._base import TokenLoss
 from .losses._cross_entropy import CrossEntropy
 
-#: Memory for one chunk of float32 logits when chunk_size="auto"; override with XENT_CHUNK_MB.
-DEFAULT_CHUNK_MB = 32
-#: Working buffers of [C, V] a loss keeps alive at once: 1 for a closed-form gradient (computed in
-#: place), more for autograd (logits, their gradient and the loss's temporaries).
-_BUFFERS_CLOSED_FORM = 1
-_BUFFERS_AUTOGRAD = 4
+#: Memory for one chunk's [C, V] float32 buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
+DEFAULT_CHUNK_MB = 64
+#: Fewer tokens than this per chunk make the CPU matmuls markedly slower per token (measured:
+#: benchmarks/README.md), so "auto" never goes below it unless there are fewer tokens.
+MIN_AUTO_CHUNK = 128
 
 
 def auto_chunk_size(num_tokens: int, num_classes: int, loss: TokenLoss) -> int:
-    """Tokens per chunk such that the chunk's [C, V] float32 buffers fit in the budget.
-
-    The budget is XENT_CHUNK_MB (default 32 MiB) per buffer set; at least 16 tokens per chunk so the
-    matmuls stay efficient, at most every token.
-    """
+    """Tokens per chunk such that the loss's ``chunk_buffers`` [C, V] float32 buffers fit the budget
+    (XENT_CHUNK_MB, default 64 MiB), but at least MIN_AUTO_CHUNK tokens and at most every token."""
     budget = float(os.environ.get("XENT_CHUNK_MB", DEFAULT_CHUNK_MB)) * 2**20
-    buffers = _BUFFERS_CLOSED_FORM if loss.has_closed_form_grad else _BUFFERS_AUTOGRAD
-    buffers += 2 * loss.num_extra  # e.g. a teacher's logits and their log-softmax
-    chunk = int(budget // (4 * num_classes * buffers))
-    return max(1, min(max(chunk, 16), num_tokens))
+    chunk = int(budget // (4 * num_classes * loss.chunk_buffers))
+    return max(1, min(max(chunk, MIN_AUTO_CHUNK), num_tokens))
 
 
 @dataclass
@@ -86,17 +80,25 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     w = _as(weight, dt)  # a float32 copy once for half inputs; the same tensor otherwise
     b = _as(bias, dt)
     extras = [(h2, _as(w2, dt), _as(b2, dt)) for h2, w2, b2 in plan.extras]
-    per_token = torch.empty(plan.rows.numel(), dtype=dt, device=hidden2d.device)
+    n = plan.rows.numel()
+    # Every row valid (no ignored token, no shift): chunks are slices, no gather/scatter of rows.
+    dense = n == hidden2d.shape[0]
+    per_token = torch.empty(n, dtype=dt, device=hidden2d.device)
     want = scale is not None
-    grad_h = torch.zeros_like(hidden2d) if want and need[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=dt, device=weight.device) if want and need[1] else None
-    grad_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if want and need[2] else None
+    grad_h = grad_w = grad_b = None
+    if want and need[0]:
+        grad_h = (torch.empty_like if dense else torch.zeros_like)(hidden2d)
+    if want and need[1] and n == 0:
+        grad_w = torch.zeros(weight.shape, dtype=dt, device=weight.device)
+    if want and need[2]:
+        grad_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device)
     loss = plan.loss
     for sl in _chunks(plan):
         rows, t = plan.rows[sl], plan.target[sl]
-        h = hidden2d.index_select(0, rows).to(dt)  # [C, D]
+        pick = (lambda x, sl=sl: x[sl]) if dense else (lambda x, rows=rows: x.index_select(0, rows))
+        h = pick(hidden2d).to(dt)  # [C, D]
         z = _project(h, w, b)  # [C, V]
-        extra = [_project(h2.index_select(0, rows).to(dt), w2, b2) for h2, w2, b2 in extras]
+        extra = [_project(pick(h2).to(dt), w2, b2) for h2, w2, b2 in extras]
         if not want:
             per_token[sl] = loss(z, t, *extra)
             continue
@@ -110,9 +112,16 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
             value = value.detach()
         per_token[sl] = value
         if grad_h is not None:
-            grad_h.index_copy_(0, rows, (g @ w).to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), h)
+            gh = (g @ w).to(grad_h.dtype)
+            if dense:
+                grad_h[sl] = gh
+            else:
+                grad_h.index_copy_(0, rows, gh)
+        if need[1] and want:
+            if grad_w is None:  # the first chunk writes, the others accumulate: no zero-fill pass
+                grad_w = g.t() @ h
+            else:
+                grad_w.addmm_(g.t(), h)
         if grad_b is not None:
             grad_b += g.sum(dim=0)
         del z, g
