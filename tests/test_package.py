@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import xent
 
@@ -24,10 +25,9 @@ def test_public_api_is_listed():
 
 
 def test_version_from_console_and_module():
-    for cmd in (["xent", "--version"], [sys.executable, "-m", "xent", "--version"]):
-        exe = cmd if cmd[0] != "xent" else [sys.executable.replace("python", "xent")]
-        out = subprocess.run(exe + cmd[1:] if cmd[0] == "xent" else cmd, capture_output=True, text=True,
-                             check=True)
+    console = str(Path(sys.executable).parent / "xent")  # the console script next to this interpreter
+    for cmd in ([console, "--version"], [sys.executable, "-m", "xent", "--version"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == f"xent {xent.__version__}"
 
 
