@@ -343,7 +343,7 @@ def linear_distill_loss(
     masks ignored tokens and labels the hard CE term when ``hard_weight`` > 0; ``shift`` as in
     :func:`xent.linear_loss`. Gradients reach the student's hidden, weight and bias only.
     """
-    from .losses._distill import Distill
+    from .losses._distill import Distill, distill_target
 
     loss = Distill(kind=kind, beta=beta, alpha=alpha, temperature=temperature, t_squared=t_squared,
                    softcap=softcap, hard_weight=hard_weight)
@@ -361,12 +361,8 @@ def linear_distill_loss(
             f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
             f"{tuple(student_hidden.shape)} must agree on every dimension but the last"
         )
-    if target is None:
-        if hard_weight > 0.0:
-            raise ValueError(f"hard_weight={hard_weight} needs target (the hard labels); got target=None")
-        # Every token counts: class 0 everywhere (unused: no hard term) and an ignore_index never seen.
-        target = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
-        ignore_index = -1
+    target, ignore_index = distill_target(target, student_hidden.shape[:-1], student_hidden.device,
+                                          hard_weight, ignore_index)
     return linear_loss(
         student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
