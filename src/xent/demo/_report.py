@@ -286,8 +286,8 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
         "loss_vs_p.png": (
             "What each objective asks of one token, computed with the loss objects: its value and its pull on"
             " the correct logit as the probability p of the correct token varies (the rest of the mass spread"
-            " evenly). Cross-entropy pulls hardest on tokens it finds unlikely; TaiLr, GOLD and focal do the "
-            "opposite."
+            " evenly). Cross-entropy's pull, 1 − p, is largest on the tokens it finds least likely; TaiLr, "
+            "GOLD and EMO pull less there, focal pulls less on the tokens it already predicts well."
         ),
         "passage.png": (
             "Per-token loss of each model on one held-out passage: darker is more surprised."
