@@ -154,3 +154,17 @@ def test_same_seed_same_demo(tmp_path):
     other_seed = dataclasses.replace(cfg, objectives=("ce",), seed=1)
     c = run_demo(str(tmp_path / "c"), other_seed, log=lambda *_: None, progress=False)
     assert c["objectives"]["ce"]["nll_mean"] != a["objectives"]["ce"]["nll_mean"]
+
+
+@pytest.mark.slow
+def test_every_objective_runs_through_the_demo(tmp_path):
+    from xent.demo import DemoConfig, run_demo
+    from xent.training import OBJECTIVES
+
+    cfg = DemoConfig.quick(objectives=tuple(OBJECTIVES), steps=3, eval_every=3, heldout_docs=5,
+                           synthetic_eval_docs=5, jobs=2)
+    summary = run_demo(str(tmp_path), cfg, log=lambda *_: None, progress=False)
+    assert list(summary["objectives"]) == list(OBJECTIVES)
+    page = (tmp_path / "report.html").read_text()
+    for name in OBJECTIVES:
+        assert f"<dt>{name}</dt>" in page and f"<td>{name}</td>" in page
