@@ -201,3 +201,16 @@ def test_a_logit_scale_between_head_and_loss_is_honoured():
 
 def test_reachable_from_import_xent():
     assert xent.integrations.transformers.patch_causal_lm is xt.patch_causal_lm
+
+
+def test_trainer_evaluate_reports_the_same_loss(tmp_path):
+    pytest.importorskip("accelerate")
+    g = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, V, (6, 16), generator=g)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2,
+                                          report_to=[], use_cpu=True, disable_tqdm=True)
+    model = tiny("gpt2")
+    plain = transformers.Trainer(model=model, args=args, eval_dataset=rows).evaluate()["eval_loss"]
+    xt.patch_causal_lm(model)
+    fused = transformers.Trainer(model=model, args=args, eval_dataset=rows).evaluate()["eval_loss"]
+    assert fused == pytest.approx(plain, rel=1e-6)

@@ -85,8 +85,9 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
     forward runs unchanged, so ``generate`` and logit inspection keep working.
 
     Patch before creating a ``Trainer``: it reads the forward's signature to decide whether to pass
-    ``num_items_in_batch``. The loss object is used as given (an EMO cost embedding must already be
-    on the model's device). Returns the model; :func:`unpatch` restores it.
+    ``num_items_in_batch``. ``Trainer.evaluate`` reports the same loss; a ``compute_metrics`` that needs
+    the logits gets none (unpatch for that evaluation). The loss object is used as given (an EMO cost
+    embedding must already be on the model's device). Returns the model; :func:`unpatch` restores it.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
