@@ -261,7 +261,7 @@ def _findings(summary: dict) -> str:
 
 def _html(out: str, summary: dict, figures: list[str]) -> str:
     e = html.escape
-    d, c = summary["data"], summary["config"]
+    d, c, env = summary["data"], summary["config"], summary["environment"]
     head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
                    for row in table_rows(summary))
@@ -326,8 +326,11 @@ modules, and {d['synthetic_documents']} held-out Markov documents, whose true en
 <dl>{expl}</dl>
 <h2>Figures</h2>
 {figs}
-<p>Reproduce: <code>xent demo{quick} --seed {summary['seed']}</code>. Files: <code>summary.json</code>,
-the checkpoints under <code>models/</code>, the held-out text under <code>data/</code>.</p>
+<p>Data, training and evaluation took {summary.get('total_seconds', math.nan):.0f} s
+({summary.get('total_cpu_seconds', math.nan):.0f} CPU-seconds) with Python {e(env['python'])},
+torch {e(env['torch'])}. Reproduce: <code>xent demo{quick} --seed {summary['seed']}</code>.
+Files: <code>summary.json</code>, the checkpoints under <code>models/</code>, the held-out text under
+<code>data/</code>.</p>
 </body></html>
 """
     with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:

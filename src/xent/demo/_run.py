@@ -221,11 +221,11 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     log("plotting")
     summary["passage"] = {"source": data.heldout_sources[passage_doc], "text": passage,
                           "tokens": passage_losses[cfg.objectives[0]]["tokens"]}
-    summary["files"] = _report.write_all(out, summary, passage_losses, tokenizer, data, cfg)
     summary["total_seconds"] = time.perf_counter() - t_start
     # CPU time of this process and its finished workers: the wall time on an idle machine, times the
     # parallelism (about 1 with jobs=1)
     summary["total_cpu_seconds"] = _cpu_seconds() - cpu_start
+    summary["files"] = _report.write_all(out, summary, passage_losses, tokenizer, data, cfg)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(json_safe(summary), f, indent=1, allow_nan=False)
     return summary
