@@ -31,9 +31,9 @@ from .losses._cross_entropy import CrossEntropy
 
 #: Memory for one chunk's [C, V] float32 buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
 DEFAULT_CHUNK_MB = 64
-#: Fewer tokens than this per chunk make the CPU matmuls markedly slower per token (measured:
-#: benchmarks/README.md), so "auto" never goes below it unless there are fewer tokens.
-MIN_AUTO_CHUNK = 128
+#: Fewer tokens than this per chunk make the CPU matmuls markedly slower per token (measured at
+#: V=128256: benchmarks/README.md), so "auto" never goes below it unless there are fewer tokens.
+MIN_AUTO_CHUNK = 256
 
 
 def auto_chunk_size(num_tokens: int, num_classes: int, loss: TokenLoss) -> int:
@@ -62,9 +62,11 @@ def _chunks(plan: _Plan):
         yield slice(start, min(start + plan.chunk, n))
 
 
-def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    # [C, D] @ [D, V] (+ [V]) -> [C, V], a fresh buffer the loss may overwrite.
-    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out=None) -> torch.Tensor:
+    # [C, D] @ [D, V] (+ [V]) -> [C, V], a buffer the loss may overwrite.
+    if b is not None:
+        return torch.addmm(b, h, w.t(), out=out)
+    return torch.mm(h, w.t(), out=out)
 
 
 def _as(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -93,11 +95,14 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     if want and need[2]:
         grad_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device)
     loss = plan.loss
+    # One [C, V] buffer reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap and ~16k
+    # page faults each time (measured: ~5% of the call; benchmarks/README.md).
+    buf = torch.empty((min(plan.chunk, n), weight.shape[0]), dtype=dt, device=hidden2d.device)
     for sl in _chunks(plan):
         rows, t = plan.rows[sl], plan.target[sl]
         pick = (lambda x, sl=sl: x[sl]) if dense else (lambda x, rows=rows: x.index_select(0, rows))
         h = pick(hidden2d).to(dt)  # [C, D]
-        z = _project(h, w, b)  # [C, V]
+        z = _project(h, w, b, out=buf[: sl.stop - sl.start])  # [C, V], contiguous rows of buf
         extra = [_project(pick(h2).to(dt), w2, b2) for h2, w2, b2 in extras]
         if not want:
             per_token[sl] = loss(z, t, *extra)
