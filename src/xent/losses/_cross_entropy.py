@@ -9,7 +9,7 @@ import torch
 
 from .. import _validate as V
 from .._reduce import apply_token_loss, check_common, compute_dtype, reduce_tokens
-from ._base import TokenLoss
+from ._base import TokenLoss, exp_in_place
 
 
 class CrossEntropy(TokenLoss):
@@ -81,24 +81,18 @@ class CrossEntropy(TokenLoss):
         upstream gradient for reduction="none").
         """
         eps, s, num_classes = self.label_smoothing, self.z_loss, logits.shape[-1]
-        rows = torch.arange(logits.shape[0], device=logits.device)
         w = self._weight(logits)
         tanh = None
         if self.softcap is not None:
             tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
             logits = torch.mul(tanh, self.softcap, out=logits)
-        z = logits
-        z_y = z[rows, target]
-        w_y = torch.ones_like(z_y) if w is None else w[target]
         w_sum = float(num_classes) if w is None else w.sum()
         if eps > 0.0:
-            weighted_z = z.sum(dim=-1) if w is None else z @ w
-        m = z.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
-        e = z.sub_(m).exp_()  # in place: z is not needed past this point
-        sumexp = e.sum(dim=-1)
-        lse = m.squeeze(-1) + sumexp.log()
-        loss = (1.0 - eps) * w_y * (lse - z_y)
+            weighted_z = logits.sum(dim=-1) if w is None else logits @ w
+        # The buffer becomes e = exp(z − max z); nll = lse − z_y.
+        rows, _, e, sumexp, lse, nll, _ = exp_in_place(logits, target, None)
+        w_y = torch.ones_like(nll) if w is None else w[target]
+        loss = (1.0 - eps) * w_y * nll
         if eps > 0.0:
             loss = loss + (eps / num_classes) * (lse * w_sum - weighted_z)
         coef = (1.0 - eps) * w_y + (eps / num_classes) * w_sum

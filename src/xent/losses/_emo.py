@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import TokenLoss
-from ._focal import exp_in_place, nll_of_target, plain_loss
+from ._base import TokenLoss, exp_in_place
+from ._focal import nll_of_target, plain_loss
 
 MODES = ("demd", "emo1", "emo2")
 

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .._reduce import apply_token_loss, check_common
-from ._base import TokenLoss
+from ._base import TokenLoss, exp_in_place
 
 
 def nll_of_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -22,27 +22,6 @@ def nll_of_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def one_minus_q(nll: torch.Tensor) -> torch.Tensor:
     """1 − q_y from −log q_y as −expm1(−nll): exact when q_y is close to 1, where 1 − exp(·) cancels."""
     return -torch.expm1(-nll)
-
-
-def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | None, mean: bool = False):
-    """The shared start of a closed-form gradient on a [N, V] chunk, which it overwrites.
-
-    Caps (z ← c·tanh(z/c)), then turns the buffer into e = exp(z − max z). Returns (rows, tanh or None
-    (for the chain factor 1 − tanh²), e [N, V], Σe [N], lse [N], −log q_y [N], mean z [N] or None).
-    """
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(logits / softcap)  # kept for the chain rule
-        logits = torch.mul(tanh, softcap, out=logits)
-    z_y = logits[rows, target]
-    mean_z = logits.mean(dim=-1) if mean else None
-    m = logits.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
-    e = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
-    sumexp = e.sum(dim=-1)
-    lse = m.squeeze(-1) + sumexp.log()
-    return rows, tanh, e, sumexp, lse, lse - z_y, mean_z
 
 
 class NLLLoss(TokenLoss):
