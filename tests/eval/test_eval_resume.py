@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -102,29 +101,43 @@ def test_ctrl_c_then_resume(capsys, monkeypatch, model_dir, documents, tmp_path)
     assert cut == full
 
 
+# Run in a child process: the xent CLI, with the progress callback patched to SIGKILL the process itself
+# at a fixed batch, so the hard kill lands at the same point on every machine (no timing race).
+_KILL_AT_BATCH = """
+import os, signal, sys
+from xent.eval import _report
+from xent.cli import main
+calls = [0]
+original = _report.Progress.__call__
+def kill_at(self, n):
+    calls[0] += 1
+    if calls[0] == int(os.environ["XENT_TEST_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, n)
+_report.Progress.__call__ = kill_at
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_summary(capsys, model_dir, documents, tmp_path):
     n = 80
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(documents, n)))
-    cmd = [sys.executable, "-m", "xent", "eval", "--model", str(model_dir), "--data", str(data),
-           "--max-length", "32", "--checkpoint-every", "5", "--batch-size", "4", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    assert main(cmd[3:] + ["--out", str(tmp_path / "full")]) == 0
+    argv = ["eval", "--model", str(model_dir), "--data", str(data), "--max-length", "32",
+            "--checkpoint-every", "5", "--batch-size", "4", "--json"]
+    assert main(argv + ["--out", str(tmp_path / "full")]) == 0
     out = tmp_path / "cut"
-    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
-    deadline = time.time() + 120
-    while not (out / "checkpoint.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "finished before it could be killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XENT_TEST_KILL_AT": "30"}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_BATCH, *argv, "--out", str(out)],
+                          capture_output=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (out / "summary.json").exists()
     state = json.loads((out / "checkpoint.json").read_text())
     assert 0 < state["next_document"] < n
-    subprocess.run(cmd + ["--out", str(out), "--resume"], check=True, capture_output=True, env=env)
+    env.pop("XENT_TEST_KILL_AT")
+    subprocess.run([sys.executable, "-m", "xent", *argv, "--out", str(out), "--resume"], check=True,
+                   capture_output=True, env=env, timeout=300)
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     cut = json.loads((out / "summary.json").read_text())
     assert cut == full
