@@ -98,6 +98,14 @@ def test_all_ignored():
     assert torch.equal(out, torch.zeros(y.shape, dtype=out.dtype))
 
 
+def _truth(h, W, b, y):
+    """float64 loss and gradients on the same half values, and the largest |logit|."""
+    h64, W64, b64 = (t.detach().double().requires_grad_(True) for t in (h, W, b))
+    logits = h64 @ W64.T + b64
+    truth = xent.cross_entropy(logits, y)
+    return truth, torch.autograd.grad(truth, (h64, W64, b64)), logits.abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype):
     h, W, b, y = _inputs(shape=(4, 9), D=32, V=101, seed=5, dtype=dtype)
@@ -105,14 +113,89 @@ def test_half_precision(dtype):
     assert fused.dtype == torch.float32
     gh, gW, gb = torch.autograd.grad(fused, (h, W, b))
     assert gh.dtype == gW.dtype == gb.dtype == dtype
-    # float64 truth on the same half values: the fused path computes the projection in float32, so
-    # it is at least as close to the truth as the plain path that rounds the logits to half.
-    h64, W64, b64 = (t.detach().double().requires_grad_(True) for t in (h, W, b))
-    truth = xent.cross_entropy(h64 @ W64.T + b64, y)
-    plain = xent.cross_entropy(h @ W.T + b, y)
-    assert abs(fused.double() - truth) <= abs(plain.double() - truth) + 1e-6
-    for g, g64 in zip((gh, gW, gb), torch.autograd.grad(truth, (h64, W64, b64))):
+    truth, grads64, zmax = _truth(h, W, b, y)
+    # Each logit is rounded once to the half dtype (relative 2^-9 for bfloat16, 2^-12 for float16), which
+    # moves lse and z_y by at most that much each.
+    unit = 2.0**-9 if dtype == torch.bfloat16 else 2.0**-12
+    assert abs(fused.double() - truth) <= 2 * unit * zmax
+    for g, g64 in zip((gh, gW, gb), grads64):
         torch.testing.assert_close(g.double(), g64, rtol=2e-2, atol=2e-2 * g64.abs().max().item())
+    if dtype == torch.bfloat16:
+        # projected in bfloat16 like the plain path's addmm: the same logits, so the same loss
+        plain = xent.cross_entropy(torch.addmm(b, h.reshape(-1, 32), W.T), y.reshape(-1))
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    else:
+        # float16 on CPU is projected in float32: at least as close to the truth as the plain path
+        plain = xent.cross_entropy(h @ W.T + b, y)
+        assert abs(fused.double() - truth) <= abs(plain.double() - truth) + 1e-6
+
+
+def test_bfloat16_weight_gradient_is_accumulated_in_float32():
+    """One token per chunk: 512 bfloat16 partial products summed. Accumulated in float32 the error stays
+    at one bfloat16 rounding, as with a single chunk; accumulated in bfloat16 it would grow with every add."""
+    h, W, b, y = _inputs(shape=(512,), D=16, V=64, seed=14, ignore_frac=0.0, dtype=torch.bfloat16)
+    _, (_, gW64, gb64), _ = _truth(h, W, b, y)
+    errors = {}
+    for chunk in (1, 512):
+        out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=chunk)
+        gW, gb = torch.autograd.grad(out, (W, b))
+        errors[chunk] = [((g.double() - r).norm() / r.norm()).item() for g, r in ((gW, gW64), (gb, gb64))]
+    for many, one in zip(errors[1], errors[512]):
+        assert many <= 2 * one + 2.0**-9, errors
+    # the control: summing the same 512 partial products in bfloat16 is several times worse
+    acc = torch.zeros_like(W)
+    with torch.no_grad():
+        logits = (h @ W.T + b).float()
+        g = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, 64)) / 512
+        for i in range(512):
+            acc += (g[i : i + 1].T.to(torch.bfloat16) @ h[i : i + 1])
+    bad = ((acc.double() - gW64).norm() / gW64.norm()).item()
+    assert bad > 3 * errors[1][0], (bad, errors)
+
+
+def test_float16_matmuls_do_not_flush_small_gradients(monkeypatch):
+    """Where float16 is projected in float16 (CUDA), p·(1/N) would underflow in a float16 buffer; the
+    chunk gradient is formed at unit scale instead. Forced on CPU here."""
+    import xent._linear
+
+    monkeypatch.setattr(xent._linear, "matmul_dtype", lambda dtype, device: dtype)
+    N, D, V = 4096, 8, 8000
+    g = torch.Generator().manual_seed(15)
+    # nearly flat logits (p_j ≈ 1/V, so p_j/N ≈ 3e-8 is below float16's smallest step) and hidden states
+    # sharing one direction: the weight gradient is then the small difference Σ_t (p_t − onehot_t)/N,
+    # which is wrong if the p_j/N terms are lost.
+    h = (torch.ones(N, D) + 0.1 * torch.randn(N, D, generator=g)).half().requires_grad_(True)
+    W = (0.01 * torch.randn(V, D, generator=g)).half().requires_grad_(True)
+    b = torch.zeros(V, dtype=torch.float16, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g)
+    out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=1024)
+    gh, gW, gb = torch.autograd.grad(out, (h, W, b))
+    _, grads64, _ = _truth(h, W, b, y)
+    for g, g64 in zip((gh, gW, gb), grads64):
+        assert torch.isfinite(g).all()
+        assert ((g.double() - g64).norm() / g64.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_row_blocks_never_change_the_result(monkeypatch, reduction, closed_form):
+    """The loss sees each chunk a few rows at a time (BLOCK_BYTES): blocks of 1 or 3 rows give the
+    numbers of one block, for the closed-form and the autograd path, with the bias gradient."""
+    import xent._linear
+
+    class Loss(xent.losses.CrossEntropy):
+        has_closed_form_grad = closed_form
+
+    h, W, b, y = _inputs(seed=16)
+    o = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
+    ref = xent.linear_loss(h, W, y, bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
+    ref_grads = _grads(ref, (h, W, b))
+    for rows in (1, 3):
+        monkeypatch.setattr(xent._linear, "BLOCK_BYTES", rows * 4 * W.shape[0])
+        out = xent.linear_loss(h, W, y, bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for g, r in zip(_grads(out, (h, W, b)), ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
 def test_generic_engine_matches_closed_form():

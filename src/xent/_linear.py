@@ -13,8 +13,11 @@ Work per call, for the n valid tokens (ignored ones are dropped before the proje
   logits with the per-token upstream gradients (one extra matmul).
 - no gradient needed (evaluation): one matmul.
 
-Half-precision inputs are computed in float32 (a float32 copy of the weight is made once) and the
-weight gradient is accumulated in float32; gradients are returned in the inputs' dtypes.
+Half-precision inputs are projected in their own dtype (as ``hidden @ weight.T`` would be; the GEMM
+accumulates in float32), the loss and its gradient are computed in float32 a block of rows at a time,
+and the weight and bias gradients are accumulated over chunks in float32; gradients are returned in
+the inputs' dtypes. float16 on CPU is the exception: its matmuls are slow there, so it is projected in
+float32 from a float32 copy of the weight (:func:`matmul_dtype`).
 """
 
 from __future__ import annotations
@@ -29,19 +32,32 @@ from ._reduce import mean_denominator
 from .losses._base import TokenLoss
 from .losses._cross_entropy import CrossEntropy
 
-#: Memory for one chunk's [C, V] float32 buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
+#: Memory for one chunk's [C, V] logits buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
 DEFAULT_CHUNK_MB = 64
 #: Fewer tokens than this per chunk make the CPU matmuls markedly slower per token (measured at
 #: V=128256: benchmarks/README.md), so "auto" never goes below it unless there are fewer tokens.
 MIN_AUTO_CHUNK = 256
+#: The loss sees a chunk a block of rows at a time, about this many bytes of float32 logits: the block
+#: stays in cache across the loss's passes over it, and an autograd loss's temporaries are per block.
+BLOCK_BYTES = 8 * 2**20
 
 
-def auto_chunk_size(num_tokens: int, num_classes: int, loss: TokenLoss) -> int:
-    """Tokens per chunk such that the loss's ``chunk_buffers`` [C, V] float32 buffers fit the budget
-    (XENT_CHUNK_MB, default 64 MiB), but at least MIN_AUTO_CHUNK tokens and at most every token."""
+def auto_chunk_size(num_tokens: int, num_classes: int, bytes_per_logit: int = 4) -> int:
+    """Tokens per chunk such that the chunk's [C, V] buffers (``bytes_per_logit`` bytes per token and
+    class in all) fit the budget (XENT_CHUNK_MB, default 64 MiB), but at least MIN_AUTO_CHUNK tokens and
+    at most every token."""
     budget = float(os.environ.get("XENT_CHUNK_MB", DEFAULT_CHUNK_MB)) * 2**20
-    chunk = int(budget // (4 * num_classes * loss.chunk_buffers))
+    chunk = int(budget // (bytes_per_logit * num_classes))
     return max(1, min(max(chunk, MIN_AUTO_CHUNK), num_tokens))
+
+
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the projections run in: the inputs' own, except float16 on CPU, whose matmuls are ~5×
+    slower than float32 there (benchmarks/README.md), so it is projected in float32. Half matmuls
+    accumulate in float32 inside the GEMM; only their [C, V] / [C, D] / [V, D] outputs are rounded."""
+    if dtype == torch.float16 and device.type == "cpu":
+        return torch.float32
+    return dtype
 
 
 @dataclass
@@ -52,14 +68,21 @@ class _Plan:
     rows: torch.Tensor  # [n] rows of hidden2d that have a valid target
     target: torch.Tensor  # [n] their target ids
     chunk: int
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype  # the loss's: float32, or float64 for float64 inputs
     extras: tuple  # ((hidden2d, weight, bias), ...) heads projected without gradient, e.g. a teacher
+    mm_dtype: torch.dtype | None = None  # the projections'; None: compute_dtype
 
 
 def _chunks(plan: _Plan):
     n = plan.rows.numel()
     for start in range(0, n, plan.chunk):
         yield slice(start, min(start + plan.chunk, n))
+
+
+def _blocks(rows: int, num_classes: int):
+    step = max(1, BLOCK_BYTES // (4 * num_classes))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
 
 
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out=None) -> torch.Tensor:
@@ -77,15 +100,22 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     """One pass over the chunks. ``scale`` [n] is each token's upstream gradient, None for no gradient.
 
     need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...).
+
+    Per chunk: project to a [C, V] buffer in the matmul dtype; hand it to the loss a block of rows at a
+    time in the compute dtype (half blocks are copied to a float32 block, the gradient copied back); then
+    the two gradient matmuls read the chunk's gradient from the same buffer. The weight and bias
+    gradients are accumulated over chunks in the compute dtype.
     """
     dt = plan.compute_dtype
-    w = _as(weight, dt)  # a float32 copy once for half inputs; the same tensor otherwise
-    b = _as(bias, dt)
-    extras = [(h2, _as(w2, dt), _as(b2, dt)) for h2, w2, b2 in plan.extras]
-    n = plan.rows.numel()
+    mt = plan.mm_dtype or dt
+    w = _as(weight, mt)  # a float32 copy once for float16 on CPU; the same tensor otherwise
+    b = _as(bias, mt)
+    extras = [(h2, _as(w2, mt), _as(b2, mt)) for h2, w2, b2 in plan.extras]
+    n, num_classes = plan.rows.numel(), weight.shape[0]
     # Every row valid (no ignored token, no shift): chunks are slices, no gather/scatter of rows.
     dense = n == hidden2d.shape[0]
-    per_token = torch.empty(n, dtype=dt, device=hidden2d.device)
+    dev = hidden2d.device
+    per_token = torch.empty(n, dtype=dt, device=dev)
     want = scale is not None
     grad_h = grad_w = grad_b = None
     if want and need[0]:
@@ -93,43 +123,79 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     if want and need[1] and n == 0:
         grad_w = torch.zeros(weight.shape, dtype=dt, device=weight.device)
     if want and need[2]:
-        grad_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device)
+        grad_b = torch.zeros(num_classes, dtype=dt, device=weight.device)
     loss = plan.loss
-    # One [C, V] buffer reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap and ~16k
-    # page faults each time (measured: ~5% of the call; benchmarks/README.md).
-    buf = torch.empty((min(plan.chunk, n), weight.shape[0]), dtype=dt, device=hidden2d.device)
+    # One [C, V] buffer per head reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap
+    # and ~16k page faults each time (measured: ~5% of the call; benchmarks/README.md).
+    c_max = min(plan.chunk, n)
+    buf = torch.empty((c_max, num_classes), dtype=mt, device=dev)
+    ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
+    first = next(_blocks(c_max, num_classes), slice(0, 0))
+    block = None if mt == dt else torch.empty((first.stop, num_classes), dtype=dt, device=dev)
+    # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
+    # so its chunk gradient is formed at unit scale and the factor applied after the matmuls.
+    unit = mt == torch.float16
     for sl in _chunks(plan):
+        c = sl.stop - sl.start
+        s, f = (None, 1.0) if not want else (scale[sl], 1.0)
+        if unit and want:
+            f = float(s.abs().max()) if c else 1.0
+            f = f if f > 0.0 else 1.0
+            s = s / f
         rows, t = plan.rows[sl], plan.target[sl]
         pick = (lambda x, sl=sl: x[sl]) if dense else (lambda x, rows=rows: x.index_select(0, rows))
-        h = pick(hidden2d).to(dt)  # [C, D]
-        z = _project(h, w, b, out=buf[: sl.stop - sl.start])  # [C, V], contiguous rows of buf
-        extra = [_project(pick(h2).to(dt), w2, b2) for h2, w2, b2 in extras]
+        h = pick(hidden2d).to(mt)  # [C, D]
+        z = _project(h, w, b, out=buf[:c])  # [C, V], contiguous rows of buf
+        extra = [_project(pick(h2).to(mt), w2, b2, out=eb[:c]) for (h2, w2, b2), eb in zip(extras, ebufs)]
+        for blk in _blocks(c, num_classes):
+            zb = z[blk]
+            x = zb if block is None else block[: blk.stop - blk.start].copy_(zb)
+            xe = [e[blk].to(dt) for e in extra]
+            tok = slice(sl.start + blk.start, sl.start + blk.stop)
+            if not want:
+                per_token[tok] = loss(x, t[blk], *xe)
+                continue
+            if loss.has_closed_form_grad:
+                value, g = loss.value_and_grad(x, t[blk], s[blk])  # g may overwrite x
+            else:
+                with torch.enable_grad():
+                    x = x.detach().requires_grad_(True)
+                    value = loss(x, t[blk], *xe)
+                    (g,) = torch.autograd.grad(value, x, grad_outputs=s[blk].to(value.dtype))
+                value = value.detach()
+            per_token[tok] = value
+            if grad_b is not None:
+                grad_b.add_(g.sum(dim=0), alpha=f)
+            if g.data_ptr() != zb.data_ptr():
+                zb.copy_(g)  # the chunk's gradient, in the projection dtype, where its logits were
         if not want:
-            per_token[sl] = loss(z, t, *extra)
             continue
-        if loss.has_closed_form_grad:
-            value, g = loss.value_and_grad(z, t, scale[sl])  # g overwrites z
-        else:
-            with torch.enable_grad():
-                z.requires_grad_(True)
-                value = loss(z, t, *extra)
-                (g,) = torch.autograd.grad(value, z, grad_outputs=scale[sl].to(value.dtype))
-            value = value.detach()
-        per_token[sl] = value
         if grad_h is not None:
-            gh = (g @ w).to(grad_h.dtype)
+            gh = z @ w
+            gh = (gh.to(dt).mul_(f) if f != 1.0 else gh).to(grad_h.dtype)
             if dense:
                 grad_h[sl] = gh
             else:
                 grad_h.index_copy_(0, rows, gh)
-        if need[1] and want:
-            if grad_w is None:  # the first chunk writes, the others accumulate: no zero-fill pass
-                grad_w = g.t() @ h
+        if need[1]:
+            if mt != dt:  # half [V_s, D] products accumulated in float32, a cache-sized slice at a time
+                fresh = grad_w is None  # the first chunk writes, the others accumulate
+                if fresh:
+                    grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
+                step = max(1, BLOCK_BYTES // (2 * 4 * weight.shape[1]))
+                for v in range(0, num_classes, step):
+                    part, dst = z[:, v : v + step].t() @ h, grad_w[v : v + step]
+                    if not fresh:
+                        dst.add_(part, alpha=f)
+                    elif f != 1.0:
+                        dst.copy_(part).mul_(f)
+                    else:
+                        dst.copy_(part)
+            elif grad_w is None:  # the first chunk writes, the others accumulate: no zero-fill pass
+                grad_w = z.t() @ h
             else:
-                grad_w.addmm_(g.t(), h)
-        if grad_b is not None:
-            grad_b += g.sum(dim=0)
-        del z, g
+                grad_w.addmm_(z.t(), h)
+        del z
     return per_token, grad_h, grad_w, grad_b
 
 
@@ -158,9 +224,9 @@ class _LinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.grads is not None:
-            # Rescale in place (no second [V, D] copy) and drop the reference so the stored gradients
-            # are freed as soon as autograd has accumulated them. A second backward (retain_graph)
-            # takes the recompute path below.
+            # Rescale in place (no second float32 [V, D] copy) and drop the reference so the stored
+            # gradients are freed as soon as autograd has accumulated them. A second backward
+            # (retain_graph) takes the recompute path below.
             grads, ctx.grads = ctx.grads, None
             grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         else:  # recompute each chunk with the upstream gradients
@@ -241,8 +307,8 @@ def linear_loss(
         loss: a :class:`xent.losses.TokenLoss` (default :class:`xent.losses.CrossEntropy`).
         bias: optional ``[V]``.
         shift: causal shift, hidden[..., t, :] predicts target[..., t+1] (no copy of hidden).
-        chunk_size: tokens per chunk, or "auto": as many as fit a 32 MiB float32 chunk of logits
-            (XENT_CHUNK_MB overrides the budget).
+        chunk_size: tokens per chunk, or "auto": as many as fit 64 MiB of logits in the projection
+            dtype (XENT_CHUNK_MB overrides the budget), at least 256.
         reduction, num_items: as :func:`xent.cross_entropy`.
     """
     loss = CrossEntropy() if loss is None else loss
@@ -260,9 +326,12 @@ def linear_loss(
     rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
     n = rows.numel()
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    chunk = auto_chunk_size(max(n, 1), num_classes, loss) if chunk_size == "auto" else chunk_size
+    mm = matmul_dtype(hidden.dtype, hidden.device)
+    heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
+    chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize) if chunk_size == "auto"
+             else chunk_size)
     extras = tuple((h.reshape(-1, h.shape[-1]), w, b) for h, w, b in _extra_heads)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm)
     denom = None
     if reduction == "sum":
         denom = torch.ones((), dtype=dtype, device=hidden.device)

@@ -21,9 +21,6 @@ class TokenLoss:
 
     #: Extra per-token tensors the loss takes after (logits, target), e.g. teacher logits.
     num_extra: int = 0
-    #: [C, V] float32 buffers alive at once while the fused path differentiates one chunk (for its
-    #: chunk_size="auto"): logits, their gradient and the loss's temporaries under autograd.
-    chunk_buffers: int = 4
 
     def __init__(self, *, softcap: float | None = None):
         V.check_options(softcap=softcap)

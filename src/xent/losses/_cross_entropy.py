@@ -27,7 +27,6 @@ class CrossEntropy(TokenLoss):
     """
 
     has_closed_form_grad = True
-    chunk_buffers = 1  # the gradient is written into the logits' buffer
 
     def __init__(
         self,

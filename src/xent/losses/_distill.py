@@ -85,7 +85,6 @@ class Distill(TokenLoss):
     """
 
     num_extra = 1
-    chunk_buffers = 5  # student and teacher logits, their log-softmaxes, the saved gradient
 
     def __init__(self, *, kind: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1,
                  temperature: float = 1.0, t_squared: bool = False, softcap: float | None = None,

@@ -117,7 +117,6 @@ class EMO(TokenLoss):
         return ratio * mle + demd
 
     has_closed_form_grad = True
-    chunk_buffers = 2  # logits/gradient in place, plus the [C, V] cost rows
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
         """Closed form for the fused path: logits [N, V] are overwritten; one [N, V] cost buffer more.

@@ -38,7 +38,6 @@ class NLLLoss(TokenLoss):
     """
 
     has_closed_form_grad = True
-    chunk_buffers = 1  # the gradient is written into the logits' buffer
     label_smoothing: float = 0.0
 
     def nll_terms(self, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,7 +177,8 @@ def vocab_parallel_linear_cross_entropy(
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
     n = rows.numel()
-    chunk = auto_chunk_size(max(n, 1), size, ShardGrad) if chunk_size == "auto" else chunk_size
+    # local_stats holds about four [C, V_r] float32 temporaries
+    chunk = auto_chunk_size(max(n, 1), size, 4 * 4) if chunk_size == "auto" else chunk_size
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
                    ignore_index, group, sum_hidden_grad)
