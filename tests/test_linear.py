@@ -365,3 +365,21 @@ def test_backward_twice_and_scaled_upstream():
     for g1, g2, r in zip(first, second, ref):
         torch.testing.assert_close(g1, 3.0 * r)
         torch.testing.assert_close(g2, -0.5 * r)
+
+
+def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch):
+    from xent._linear import auto_chunk_size
+
+    monkeypatch.delenv("XENT_CHUNK_MB", raising=False)
+    assert auto_chunk_size(10**6, 32000, 4) == 64 * 2**20 // (4 * 32000) == 524  # float32 logits
+    assert auto_chunk_size(10**6, 32000, 2) == 1048  # bfloat16 logits: twice the tokens
+    assert auto_chunk_size(10**6, 128256, 4) == 512  # the floor: 64 MiB would be 130 tokens
+    assert auto_chunk_size(100, 32000, 4) == 100  # never more than every token
+    monkeypatch.setenv("XENT_CHUNK_MB", "256")
+    assert auto_chunk_size(10**6, 32000, 4) == 2097
+    # what linear_loss passes: one buffer per head, in the projection dtype
+    h, W, _, y = _inputs(shape=(3000,), D=4, V=32000, ignore_frac=0.0, dtype=torch.bfloat16)
+    monkeypatch.setenv("XENT_CHUNK_MB", "64")
+    with torch.no_grad(), _Recorder() as rec:
+        xent.linear_cross_entropy(h, W, y)
+    assert rec.mm_rows == [1048, 1048, 904]

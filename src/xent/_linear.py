@@ -34,9 +34,11 @@ from .losses._cross_entropy import CrossEntropy
 
 #: Memory for one chunk's [C, V] logits buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
 DEFAULT_CHUNK_MB = 64
-#: Fewer tokens than this per chunk make the CPU matmuls markedly slower per token (measured at
-#: V=128256: benchmarks/README.md), so "auto" never goes below it unless there are fewer tokens.
-MIN_AUTO_CHUNK = 256
+#: Fewer tokens than this per chunk make the call markedly slower per token: every chunk reads and
+#: writes the [V, D] float32 weight-gradient accumulator once, 8·V·D bytes against 6·C·V·D flops (at
+#: 2048×512×128256 float32: 1.21× the three-matmul floor with C = 256, 1.13× with C = 512). So "auto"
+#: never goes below it unless there are fewer tokens.
+MIN_AUTO_CHUNK = 512
 #: The loss sees a chunk a block of rows at a time, about this many bytes of float32 logits: the block
 #: stays in cache across the loss's passes over it, and an autograd loss's temporaries are per block.
 BLOCK_BYTES = 8 * 2**20
@@ -79,8 +81,8 @@ def _chunks(plan: _Plan):
         yield slice(start, min(start + plan.chunk, n))
 
 
-def _blocks(rows: int, num_classes: int):
-    step = max(1, BLOCK_BYTES // (4 * num_classes))
+def _blocks(rows: int, num_classes: int, min_rows: int = 1):
+    step = max(1, min_rows, BLOCK_BYTES // (4 * num_classes))
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
 
@@ -130,7 +132,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     c_max = min(plan.chunk, n)
     buf = torch.empty((c_max, num_classes), dtype=mt, device=dev)
     ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
-    first = next(_blocks(c_max, num_classes), slice(0, 0))
+    first = next(_blocks(c_max, num_classes, loss.min_block_rows), slice(0, 0))
     block = None if mt == dt else torch.empty((first.stop, num_classes), dtype=dt, device=dev)
     # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
     # so its chunk gradient is formed at unit scale and the factor applied after the matmuls.
@@ -147,7 +149,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         h = pick(hidden2d).to(mt)  # [C, D]
         z = _project(h, w, b, out=buf[:c])  # [C, V], contiguous rows of buf
         extra = [_project(pick(h2).to(mt), w2, b2, out=eb[:c]) for (h2, w2, b2), eb in zip(extras, ebufs)]
-        for blk in _blocks(c, num_classes):
+        for blk in _blocks(c, num_classes, loss.min_block_rows):
             zb = z[blk]
             x = zb if block is None else block[: blk.stop - blk.start].copy_(zb)
             xe = [e[blk].to(dt) for e in extra]
@@ -308,7 +310,7 @@ def linear_loss(
         bias: optional ``[V]``.
         shift: causal shift, hidden[..., t, :] predicts target[..., t+1] (no copy of hidden).
         chunk_size: tokens per chunk, or "auto": as many as fit 64 MiB of logits in the projection
-            dtype (XENT_CHUNK_MB overrides the budget), at least 256.
+            dtype (XENT_CHUNK_MB overrides the budget), at least 512 tokens.
         reduction, num_items: as :func:`xent.cross_entropy`.
     """
     loss = CrossEntropy() if loss is None else loss

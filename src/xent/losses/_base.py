@@ -21,6 +21,9 @@ class TokenLoss:
 
     #: Extra per-token tensors the loss takes after (logits, target), e.g. teacher logits.
     num_extra: int = 0
+    #: The fused path hands the loss a chunk a cache-sized block of rows at a time; a loss that runs a
+    #: matmul of its own per block (EMO's costs) asks for at least this many rows, for BLAS efficiency.
+    min_block_rows: int = 1
 
     def __init__(self, *, softcap: float | None = None):
         V.check_options(softcap=softcap)
