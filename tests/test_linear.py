@@ -383,3 +383,20 @@ def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch)
     with torch.no_grad(), _Recorder() as rec:
         xent.linear_cross_entropy(h, W, y)
     assert rec.mm_rows == [1048, 1048, 904]
+
+
+def test_row_blocks_in_bfloat16(monkeypatch):
+    """Half logits are copied to a float32 block buffer: blocks of any size fit it, including a last
+    chunk whose single block is larger than the first chunk's blocks (5 tokens → 3 + 2, then 4 → 4)."""
+    import xent._linear
+
+    h, W, b, y = _inputs(shape=(9,), D=16, V=40, seed=17, ignore_frac=0.0, dtype=torch.bfloat16)
+    ref = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=5, reduction="none")
+    ref_grads = _grads(ref.float(), (h, W, b))
+    monkeypatch.setattr(xent._linear, "BLOCK_BYTES", 4 * 4 * W.shape[0])
+    assert [(s.start, s.stop) for s in xent._linear._blocks(5, 40)] == [(0, 3), (3, 5)]
+    assert [(s.start, s.stop) for s in xent._linear._blocks(4, 40)] == [(0, 4)]
+    out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=5, reduction="none")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for g, r in zip(_grads(out.float(), (h, W, b)), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)

@@ -81,8 +81,14 @@ def _chunks(plan: _Plan):
         yield slice(start, min(start + plan.chunk, n))
 
 
+def _block_rows(num_classes: int, min_rows: int = 1) -> int:
+    return max(1, min_rows, BLOCK_BYTES // (4 * num_classes))
+
+
 def _blocks(rows: int, num_classes: int, min_rows: int = 1):
-    step = max(1, min_rows, BLOCK_BYTES // (4 * num_classes))
+    # as few blocks as _block_rows allows, of equal size (no small tail block)
+    count = -(-rows // _block_rows(num_classes, min_rows))
+    step = -(-rows // count) if rows else 1
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
 
@@ -132,8 +138,10 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     c_max = min(plan.chunk, n)
     buf = torch.empty((c_max, num_classes), dtype=mt, device=dev)
     ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
-    first = next(_blocks(c_max, num_classes, loss.min_block_rows), slice(0, 0))
-    block = None if mt == dt else torch.empty((first.stop, num_classes), dtype=dt, device=dev)
+    block = None
+    if mt != dt:  # the loss's float32 view of a block of half logits
+        rows_max = min(c_max, _block_rows(num_classes, loss.min_block_rows))
+        block = torch.empty((rows_max, num_classes), dtype=dt, device=dev)
     # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
     # so its chunk gradient is formed at unit scale and the factor applied after the matmuls.
     unit = mt == torch.float16
