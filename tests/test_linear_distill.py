@@ -77,3 +77,20 @@ def test_bad_input():
         xent.linear_distill_loss(hs, Ws, ht, Wt, y, temperature=0.0)
     with pytest.raises(ValueError, match="hard_weight=0.5 needs target"):
         xent.linear_distill_loss(hs, Ws, ht, Wt, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_bfloat16_heads_equal_the_plain_path_on_bfloat16_logits(kind):
+    """Both heads are projected in bfloat16 (as addmm on the inputs would), the loss in float32."""
+    *floats, y = _heads(B=3, T=9, Ds=16, Dt=12, V=50, seed=4)
+    hs, Ws, bs, ht, Wt, bt = (t.detach().to(torch.bfloat16).requires_grad_() for t in floats)
+    fused = xent.linear_distill_loss(hs, Ws, ht, Wt, y, student_bias=bs, teacher_bias=bt, kind=kind,
+                                     chunk_size=5)
+    assert fused.dtype == torch.float32
+    zs = torch.addmm(bs, hs.reshape(-1, 16), Ws.T)
+    zt = torch.addmm(bt, ht.reshape(-1, 12), Wt.T)
+    plain = xent.distill_loss(zs, zt, y.reshape(-1), kind=kind)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused, (hs, Ws, bs)), torch.autograd.grad(plain, (hs, Ws, bs))):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
