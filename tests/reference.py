@@ -74,3 +74,14 @@ def close(a, b, rtol=1e-6, atol=1e-7) -> bool:
     b = torch.as_tensor(b, dtype=torch.float64)
     return bool(torch.allclose(a, b, rtol=rtol, atol=atol))
 
+
+
+def assert_closed_form_grad(loss, z, y, scale, *, value_rtol):
+    """A loss's closed-form ``value_and_grad`` (given a copy: it may overwrite its logits) equals autograd
+    through the loss's own per-token definition, with ``scale`` as the upstream gradient."""
+    zz = z.clone().requires_grad_()
+    expected = loss(zz, y)
+    (grad_ref,) = torch.autograd.grad(expected, zz, scale)
+    value, grad = loss.value_and_grad(z.clone(), y, scale)
+    torch.testing.assert_close(value, expected.detach(), atol=1e-13, rtol=value_rtol)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-13, rtol=1e-10)

@@ -145,11 +145,13 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
     # so its chunk gradient is formed at unit scale and the factor applied after the matmuls.
     unit = mt == torch.float16
+    # half weight gradients are formed a [V_s, D] slice at a time, about half a float32 block each
+    slice_rows = max(1, BLOCK_BYTES // (2 * 4 * weight.shape[1]))
     for sl in _chunks(plan):
         c = sl.stop - sl.start
-        s, f = (None, 1.0) if not want else (scale[sl], 1.0)
+        s, f = (scale[sl] if want else None), 1.0
         if unit and want:
-            f = float(s.abs().max()) if c else 1.0
+            f = float(s.abs().max())
             f = f if f > 0.0 else 1.0
             s = s / f
         rows, t = plan.rows[sl], plan.target[sl]
@@ -192,9 +194,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
                 fresh = grad_w is None  # the first chunk writes, the others accumulate
                 if fresh:
                     grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
-                step = max(1, BLOCK_BYTES // (2 * 4 * weight.shape[1]))
-                for v in range(0, num_classes, step):
-                    part, dst = z[:, v : v + step].t() @ h, grad_w[v : v + step]
+                for v in range(0, num_classes, slice_rows):
+                    part, dst = z[:, v : v + slice_rows].t() @ h, grad_w[v : v + slice_rows]
                     if not fresh:
                         dst.add_(part, alpha=f)
                     elif f != 1.0:

@@ -43,6 +43,12 @@ def check_target(
     offset: int = 0,
 ) -> None:
     """Integer class ids of shape ``lead_shape``, each in [offset, offset + num_classes) or ignore_index."""
+    check_ids_tensor(target, lead_shape, name=name, lead_name=lead_name)
+    check_ids_in_range(target, offset, offset + num_classes, ignore_index, name=name)
+
+
+def check_ids_tensor(target, lead_shape, *, name: str = "target", lead_name: str = "logits") -> None:
+    """An integer tensor of shape ``lead_shape`` (the range is checked apart: check_ids_in_range)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -52,7 +58,6 @@ def check_target(
             f"{name} shape {tuple(target.shape)} does not match {lead_name} shape without its last "
             f"dimension {tuple(lead_shape)}"
         )
-    check_ids_in_range(target, offset, offset + num_classes, ignore_index, name=name)
 
 
 def check_ids_in_range(target: torch.Tensor, lo: int, hi: int, ignore_index: int, *, name: str = "target"):

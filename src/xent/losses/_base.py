@@ -56,6 +56,15 @@ class TokenLoss:
         return f"{type(self).__name__}({opts})"
 
 
+def cap_in_place(logits: torch.Tensor, softcap: float | None):
+    """z ← c·tanh(z/c) in the buffer itself; returns (logits, tanh or None), tanh kept for the chain rule
+    factor 1 − tanh² of a closed-form gradient."""
+    if softcap is None:
+        return logits, None
+    tanh = torch.tanh(logits / softcap)
+    return torch.mul(tanh, softcap, out=logits), tanh
+
+
 def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | None, mean: bool = False):
     """The shared start of a closed-form gradient on a [N, V] chunk, which it overwrites.
 
@@ -63,10 +72,7 @@ def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | No
     (for the chain factor 1 − tanh²), e [N, V], Σe [N], lse [N], −log q_y [N], mean z [N] or None).
     """
     rows = torch.arange(logits.shape[0], device=logits.device)
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(logits / softcap)  # kept for the chain rule
-        logits = torch.mul(tanh, softcap, out=logits)
+    logits, tanh = cap_in_place(logits, softcap)
     z_y = logits[rows, target]
     mean_z = logits.mean(dim=-1) if mean else None
     m = logits.amax(dim=-1, keepdim=True)

@@ -9,7 +9,7 @@ import torch
 
 from .. import _validate as V
 from .._reduce import apply_token_loss, check_common, compute_dtype, reduce_tokens
-from ._base import TokenLoss, exp_in_place
+from ._base import TokenLoss, cap_in_place, exp_in_place
 
 
 class CrossEntropy(TokenLoss):
@@ -81,10 +81,7 @@ class CrossEntropy(TokenLoss):
         """
         eps, s, num_classes = self.label_smoothing, self.z_loss, logits.shape[-1]
         w = self._weight(logits)
-        tanh = None
-        if self.softcap is not None:
-            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
-            logits = torch.mul(tanh, self.softcap, out=logits)
+        logits, tanh = cap_in_place(logits, self.softcap)
         w_sum = float(num_classes) if w is None else w.sum()
         if eps > 0.0:
             weighted_z = logits.sum(dim=-1) if w is None else logits @ w

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._reduce import compute_dtype, reduce_tokens
-from ..losses._base import TokenLoss
+from ..losses._base import TokenLoss, cap_in_place
 
 # The slice sizes travel in the compute dtype of the MAX reduction; float32 holds integers exactly
 # below 2**24.
@@ -146,10 +146,7 @@ class ShardGrad(TokenLoss):
     def value_and_grad(self, logits, index, scale):
         # logits [C, V_r] raw (overwritten with the gradient), index [C] into the stats, scale [C].
         s = self.stats
-        tanh = None
-        if self.softcap is not None:
-            tanh = torch.tanh(logits / self.softcap)  # kept for the chain rule
-            logits = torch.mul(tanh, self.softcap, out=logits)
+        logits, tanh = cap_in_place(logits, self.softcap)
         grad = logits.sub_(s.lse[index].unsqueeze(-1)).exp_()  # p_j
         grad.mul_((s.coef[index] * scale).unsqueeze(-1))
         owned = s.owned[index]

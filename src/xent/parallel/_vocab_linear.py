@@ -107,19 +107,6 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return (*grads, None)
 
 
-def _check_target_ids_tensor(target, lead_shape, lead_name):
-    # V.check_target's type and shape half: the id range needs the global V (after the first all-reduce).
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class ids, got dtype={target.dtype}")
-    if tuple(target.shape) != tuple(lead_shape):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match {lead_name} shape without its last "
-            f"dimension {tuple(lead_shape)}"
-        )
-
-
 @torch.compiler.disable
 def vocab_parallel_linear_cross_entropy(
     hidden: torch.Tensor,
@@ -166,7 +153,8 @@ def vocab_parallel_linear_cross_entropy(
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
-    _check_target_ids_tensor(target, hidden.shape[:-1], "hidden")
+    # the id range needs the global V, known after the first all-reduce
+    V.check_ids_tensor(target, hidden.shape[:-1], lead_name="hidden")
     size = local_weight.shape[0]
     V.check_options(num_classes=size, weight=weight_classes, weight_name="weight_classes",
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
