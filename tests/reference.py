@@ -22,12 +22,14 @@ def ref_cross_entropy(
     softcap=None,
     num_items=None,
 ):
-    """REFERENCE.md §1 token by token in float64; returns float64."""
+    """REFERENCE.md §1 token by token in float64; returns float64. Under "mean" the class-weighted part is
+    divided by Σ_valid w_y whatever its sign (as torch) and the z-loss part by the count of valid tokens;
+    num_items divides both; nothing valid (or num_items = 0) gives 0."""
     V = logits.shape[-1]
     x = logits.detach().to(torch.float64).reshape(-1, V)
     t = target.reshape(-1).tolist()
     w = torch.ones(V, dtype=torch.float64) if weight is None else weight.detach().to(torch.float64)
-    per_token, denom = [], 0.0
+    per_token, z_terms, denom = [], [], 0.0
     for i, y in enumerate(t):
         if y == ignore_index:
             per_token.append(0.0)
@@ -44,17 +46,23 @@ def ref_cross_entropy(
         nll = -(w * onehot * logq).sum()
         smooth = -(w * logq).sum()
         lse = m + torch.log(e.sum())
-        loss = (1 - label_smoothing) * nll + label_smoothing / V * smooth + z_loss * lse**2
+        z_term = z_loss * lse**2
+        loss = (1 - label_smoothing) * nll + label_smoothing / V * smooth + z_term
         per_token.append(loss.item())
+        z_terms.append(z_term.item())
         denom += w[y].item()
     out = torch.tensor(per_token, dtype=torch.float64)
     if reduction == "none":
         return out.reshape(target.shape)
     if reduction == "sum":
         return out.sum()
+    zero = torch.tensor(0.0, dtype=torch.float64)
     if num_items is not None:
-        return out.sum() / float(num_items)
-    return out.sum() / denom if denom > 0 else torch.tensor(0.0, dtype=torch.float64)
+        return out.sum() / float(num_items) if float(num_items) else zero
+    if not z_terms:
+        return zero
+    z_sum = sum(z_terms)
+    return (out.sum() - z_sum) / denom + z_sum / len(z_terms)
 
 
 def ref_causal(logits, labels, *, ignore_index=-100, position_ids=None, **kw):

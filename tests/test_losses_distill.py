@@ -225,7 +225,8 @@ def test_loss_object_caps_both_inputs():
         (lambda: xent.distill_loss(S, T, Y, hard_weight=1.5),
          r"hard_weight must be in \[0\.0, 1\.0\], got 1\.5"),
         (lambda: xent.distill_loss(S, T, Y[:2]), r"target shape \(2,\) does not match student_logits shape"),
-        (lambda: xent.distill_loss(S, T, Y, softcap=-1.0), r"softcap must be None or > 0, got -1\.0"),
+        (lambda: xent.distill_loss(S, T, Y, softcap=-1.0),
+         r"softcap must be None or a finite number > 0, got -1\.0"),
     ],
 )
 def test_bad_input(call, message):

@@ -286,7 +286,7 @@ def test_softcap_is_applied_first():
         (lambda: xent.focal_loss(X, Y, gamma=-1.0), r"gamma must be a finite number >= 0, got -1\.0"),
         (lambda: xent.focal_loss(X, Y, alpha=0.0), r"alpha must be a finite number > 0, got 0\.0"),
         (lambda: xent.poly_loss(X, Y, epsilon=-2.0), r"epsilon must be a finite number >= -1, got -2\.0"),
-        (lambda: xent.poly_loss(X, Y, softcap=0.0), r"softcap must be None or > 0, got 0\.0"),
+        (lambda: xent.poly_loss(X, Y, softcap=0.0), r"softcap must be None or a finite number > 0, got 0\.0"),
         (lambda: xent.focal_loss(X, torch.tensor([0, 3, 1])), r"target has 1 id\(s\) outside \[0, 3\)"),
         (lambda: xent.gold_loss(X, Y, reduction="avg"), r"reduction must be one of .* got 'avg'"),
         (lambda: xent.tailr_loss(X, Y, gamma=0.1, reduction="sum", num_items=3),

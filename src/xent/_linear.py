@@ -22,14 +22,15 @@ float32 from a float32 copy of the weight (:func:`matmul_dtype`).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 from . import _validate as V
-from ._reduce import mean_denominator
-from .losses._base import TokenLoss
+from ._reduce import mean_denominator, mean_loss
+from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
 
 #: Memory for one chunk's [C, V] logits buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
@@ -48,9 +49,23 @@ def auto_chunk_size(num_tokens: int, num_classes: int, bytes_per_logit: int = 4)
     """Tokens per chunk such that the chunk's [C, V] buffers (``bytes_per_logit`` bytes per token and
     class in all) fit the budget (XENT_CHUNK_MB, default 64 MiB), but at least MIN_AUTO_CHUNK tokens and
     at most every token."""
-    budget = float(os.environ.get("XENT_CHUNK_MB", DEFAULT_CHUNK_MB)) * 2**20
+    budget = chunk_budget_mb() * 2**20
     chunk = int(budget // (bytes_per_logit * num_classes))
     return max(1, min(max(chunk, MIN_AUTO_CHUNK), num_tokens))
+
+
+def chunk_budget_mb() -> float:
+    """XENT_CHUNK_MB (MiB of logits per chunk) if set, else DEFAULT_CHUNK_MB."""
+    raw = os.environ.get("XENT_CHUNK_MB")
+    if raw is None:
+        return float(DEFAULT_CHUNK_MB)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"XENT_CHUNK_MB must be a number of MiB > 0, got {raw!r}")
+    return value
 
 
 def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -235,6 +250,7 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        check_first_order("the fused path (xent.linear_loss)")
         if ctx.grads is not None:
             # Rescale in place (no second float32 [V, D] copy) and drop the reference so the stored
             # gradients are freed as soon as autograd has accumulated them. A second backward
@@ -286,7 +302,7 @@ def _valid_rows(hidden, target, ignore_index, shift):
     (shifted) target. With shift, hidden[..., t, :] predicts target[..., t+1]: no copy of hidden."""
     T = hidden.shape[-2] if shift else 1
     tgt = target[..., 1:] if shift else target
-    flat = tgt.reshape(-1)
+    flat = V.as_ids(tgt.reshape(-1))
     positions = (flat != ignore_index).nonzero().squeeze(-1)
     rows = positions + positions // (T - 1) if shift and T > 1 else positions
     return rows, flat[positions], positions, tuple(tgt.shape)
@@ -326,30 +342,37 @@ def linear_loss(
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
         raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
+    if loss.num_extra != len(_extra_heads):
+        raise TypeError(
+            f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher's "
+            "logits), which linear_loss cannot supply: use xent.linear_distill_loss"
+        )
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_linear(hidden, weight, bias, target, ignore_index, shift)
     num_classes = weight.shape[0]
     loss.check(num_classes)
-    if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}")
+    V.check_chunk_size(chunk_size)
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
     n = rows.numel()
+    V.check_num_items_covers(num_items, n)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mm = matmul_dtype(hidden.dtype, hidden.device)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
     chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize) if chunk_size == "auto"
              else chunk_size)
     extras = tuple((h.reshape(-1, h.shape[-1]), w, b) for h, w, b in _extra_heads)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm)
     denom = None
     if reduction == "sum":
         denom = torch.ones((), dtype=dtype, device=hidden.device)
     elif reduction == "mean":
         valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
-        denom = mean_denominator(valid, num_items, loss.token_weight(tgt), dtype)
+        token_weight = loss.token_weight(tgt)
+        denom = mean_denominator(valid, num_items, token_weight, dtype)
+        loss = mean_loss(loss, valid, num_items, token_weight, dtype)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm)
     grad_wanted = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

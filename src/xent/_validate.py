@@ -7,6 +7,9 @@ of never hitting a device-side assert.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,11 +47,18 @@ def check_target(
 ) -> None:
     """Integer class ids of shape ``lead_shape``, each in [offset, offset + num_classes) or ignore_index."""
     check_ids_tensor(target, lead_shape, name=name, lead_name=lead_name)
+    check_ignore_index(ignore_index)
     check_ids_in_range(target, offset, offset + num_classes, ignore_index, name=name)
 
 
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
 def check_ids_tensor(target, lead_shape, *, name: str = "target", lead_name: str = "logits") -> None:
-    """An integer tensor of shape ``lead_shape`` (the range is checked apart: check_ids_in_range)."""
+    """An integer tensor of shape ``lead_shape`` (the range is checked apart: check_ids_in_range). Any
+    integer dtype is accepted; the losses index with it as int64 (:func:`as_ids`)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -58,6 +68,11 @@ def check_ids_tensor(target, lead_shape, *, name: str = "target", lead_name: str
             f"{name} shape {tuple(target.shape)} does not match {lead_name} shape without its last "
             f"dimension {tuple(lead_shape)}"
         )
+
+
+def as_ids(target: torch.Tensor) -> torch.Tensor:
+    """Class ids as int64, what gather and indexing take (uint8/int8/int16/int32 are widened)."""
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def check_ids_in_range(target: torch.Tensor, lo: int, hi: int, ignore_index: int, *, name: str = "target"):
@@ -92,13 +107,31 @@ def check_options(
                 f"{weight_name} must have shape [V] = [{num_classes}], got shape {tuple(weight.shape)}"
             )
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not check_number("z_loss", z_loss) >= 0.0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and not check_number("softcap", softcap) > 0.0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+
+
+def check_number(name: str, value) -> float:
+    """A finite real number (Python or numpy scalar; not a bool, a string or a tensor): its float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_chunk_size(chunk_size) -> None:
+    ok = chunk_size == "auto" if isinstance(chunk_size, str) else (
+        isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1)
+    if not ok:
+        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}")
 
 
 def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
     ok = (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         left = "(" if lo_open else "["
@@ -116,10 +149,22 @@ def check_num_items(num_items, reduction: str, name: str = "num_items") -> None:
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(num_items.shape)}")
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"{name} must be a number, got a tensor of dtype {num_items.dtype}")
         value = num_items.item()
-    elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
+    elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
         value = num_items
     else:
-        raise TypeError(f"{name} must be an int or a scalar tensor, got {type(num_items).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise TypeError(f"{name} must be a number or a scalar tensor, got {num_items!r}")
+    # 0 is a step whose every target is ignored: the loss is 0 (checked against the targets later)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_num_items_covers(num_items, num_valid) -> None:
+    """num_items = 0 only where nothing is valid: Σℓ/0 is not a loss. ``num_valid`` an int or a tensor."""
+    if num_items is not None and float(num_items) == 0.0 and int(num_valid) > 0:
+        raise ValueError(
+            f"num_items is 0 but {int(num_valid)} target(s) are valid: num_items must count the valid "
+            "targets of every micro-batch and rank (xent.count_items)"
+        )

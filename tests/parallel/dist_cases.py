@@ -38,22 +38,23 @@ TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 
 def torch_reference(logits, target, *, reduction="mean", weight=None, label_smoothing=0.0, z_loss=0.0,
                     softcap=None, num_items=None, ignore_index=-100):
-    """One process, whole vocabulary: torch's cross-entropy plus z-loss and soft-capping, autograd-able."""
+    """One process, whole vocabulary: torch's cross-entropy plus z-loss and soft-capping, autograd-able.
+    Under "mean" torch's part is divided by Σ_valid w_y, the z-loss by the count of valid tokens."""
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     z2, t = z.reshape(-1, z.shape[-1]), target.reshape(-1)
     per = F.cross_entropy(z2, t, weight=weight, ignore_index=ignore_index, reduction="none",
                           label_smoothing=label_smoothing)
     valid = t != ignore_index
-    if z_loss:
-        per = per + z_loss * torch.where(valid, torch.logsumexp(z2, dim=-1), 0.0) ** 2
+    zt = z_loss * torch.where(valid, torch.logsumexp(z2, dim=-1), 0.0) ** 2
     if reduction == "none":
-        return per.view(target.shape)
+        return (per + zt).view(target.shape)
     if reduction == "sum":
-        return per.sum()
+        return (per + zt).sum()
     if num_items is not None:
-        return per.sum() / num_items
-    denom = valid.sum() if weight is None else weight[t[valid]].sum()
-    return per.sum() / denom if denom > 0 else per.sum() * 0.0
+        return (per + zt).sum() / num_items
+    count = valid.sum()
+    denom = count if weight is None else weight[t[valid]].sum()
+    return per.sum() / denom + zt.sum() / count if count > 0 else per.sum() * 0.0
 
 
 def _generator(name):

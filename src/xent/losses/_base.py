@@ -44,6 +44,14 @@ class TokenLoss:
     def check(self, num_classes: int) -> None:
         """Validates options that depend on the vocabulary size (e.g. a class-weight length)."""
 
+    def for_mean(self, count_scale: torch.Tensor) -> TokenLoss:
+        """The loss to use under a class-weighted reduction="mean", whose denominator is Σ_valid w_y.
+
+        ``count_scale`` = Σ_valid w_y / (count of valid tokens). A term that must be averaged over the
+        valid tokens rather than over Σ w_y (cross-entropy's z-loss) is multiplied by it, so Σℓ / Σ w_y
+        gives that term's plain mean. Losses without such a term return themselves."""
+        return self
+
     # A closed-form gradient, when a loss has one, lets the fused path skip autograd.
     has_closed_form_grad: bool = False
 
@@ -65,19 +73,57 @@ def cap_in_place(logits: torch.Tensor, softcap: float | None):
     return torch.mul(tanh, softcap, out=logits), tanh
 
 
-def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | None, mean: bool = False):
+def row_max(logits: torch.Tensor) -> torch.Tensor:
+    """m = max_c z_c [..., 1], the shift of every log-sum-exp here (0 for a row of all −inf, which then
+    stays −inf); no gradient flows through it (the results do not depend on it)."""
+    m = logits.detach().amax(dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def nll_and_lse(logits: torch.Tensor, target: torch.Tensor):
+    """(−log q_y, m, rel) per token for logits [..., V] and in-range ids [...]: m the row max and
+    rel = log Σ_c exp(z_c − m), so lse z = m + rel (use rel itself where lse − m is wanted).
+
+    −log q_y = (m − z_y) + log Σ_c exp(z_c − m): both parts are small where the logits are large, so the
+    precision does not fall as the logits grow (lse − z_y loses the digits of lse: at an offset of 1e4,
+    5e-4 in float32). A row of equal values gives exactly log V."""
+    m = row_max(logits)
+    rel = torch.logsumexp(logits - m, dim=-1)  # log Σ exp(z − m) ∈ [0, log V]
+    m = m.squeeze(-1)
+    z_y = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (m - z_y) + rel, m, rel
+
+
+def check_first_order(what: str) -> None:
+    """Called in a closed-form backward: under create_graph=True (a double backward, e.g. a gradient
+    penalty) the returned gradient would have no graph and the second-order term would be silently 0."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} computes its gradient in closed form and is first-order only: it cannot differentiate "
+            "twice (backward with create_graph=True). Use the plain path on materialised logits for a "
+            "gradient penalty or other double backward."
+        )
+
+
+def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | None, centred: bool = False,
+                 w: torch.Tensor | None = None):
     """The shared start of a closed-form gradient on a [N, V] chunk, which it overwrites.
 
-    Caps (z ← c·tanh(z/c)), then turns the buffer into e = exp(z − max z). Returns (rows, tanh or None
-    (for the chain factor 1 − tanh²), e [N, V], Σe [N], lse [N], −log q_y [N], mean z [N] or None).
+    Caps (z ← c·tanh(z/c)), then turns the buffer into e = exp(z − m), m = max z. Returns (rows, tanh or
+    None (for the chain factor 1 − tanh²), e [N, V], Σe [N], lse [N], −log q_y [N], centred [N] or None)
+    with −log q_y = (m − z_y) + log Σe (no cancellation at large logits) and, when asked, the centred
+    sum Σ_c w_c (z_c − m) (w = 1 without ``w``) for label smoothing, formed before the exponential.
     """
     rows = torch.arange(logits.shape[0], device=logits.device)
     logits, tanh = cap_in_place(logits, softcap)
     z_y = logits[rows, target]
-    mean_z = logits.mean(dim=-1) if mean else None
-    m = logits.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all −inf stays −inf
-    e = logits.sub_(m).exp_()  # in place: the logits are not needed past this point
+    m = row_max(logits)
+    shifted = logits.sub_(m)  # in place: the logits are not needed past this point
+    summed = None
+    if centred:
+        summed = shifted.sum(dim=-1) if w is None else shifted @ w
+    e = shifted.exp_()
     sumexp = e.sum(dim=-1)
-    lse = m.squeeze(-1) + sumexp.log()
-    return rows, tanh, e, sumexp, lse, lse - z_y, mean_z
+    rel = sumexp.log()
+    m = m.squeeze(-1)
+    return rows, tanh, e, sumexp, m + rel, (m - z_y) + rel, summed

@@ -5,11 +5,13 @@ shared/REFERENCE.md §1–2 is the contract.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .. import _validate as V
 from .._reduce import apply_token_loss, check_common, compute_dtype, reduce_tokens
-from ._base import TokenLoss, cap_in_place, exp_in_place
+from ._base import TokenLoss, exp_in_place, nll_and_lse
 
 
 class CrossEntropy(TokenLoss):
@@ -22,8 +24,10 @@ class CrossEntropy(TokenLoss):
 
     with ε = ``label_smoothing`` (as ``torch.nn.functional.cross_entropy``), s = ``z_loss`` (PaLM, t5x,
     OLMo; Liger's ``lse_square_scale``; 1e-4 is typical) and z ← c·tanh(z/c) first when ``softcap`` = c
-    (Gemma 2 uses 30 on the final logits). Under reduction="mean" everything is divided by Σ_valid w_y,
-    the class-weighted count, as torch does for the smoothing term.
+    (Gemma 2 uses 30 on the final logits). Under reduction="mean" the class-weighted terms are divided by
+    Σ_valid w_y, as torch does, and the z-loss by the count of valid tokens (as Liger), so scaling every
+    class weight never changes the z-loss. lse − z_y is computed as (m − z_y) + log Σ exp(z − m), m the
+    row max, so the precision does not fall as the logits grow.
     """
 
     has_closed_form_grad = True
@@ -41,6 +45,8 @@ class CrossEntropy(TokenLoss):
         self.weight = weight
         self.label_smoothing = float(label_smoothing)
         self.z_loss = float(z_loss)
+        # the z-loss's multiplier under a class-weighted mean: Σ_valid w_y / count (see for_mean)
+        self.z_scale: torch.Tensor | float = 1.0
 
     def check(self, num_classes: int) -> None:
         V.check_options(num_classes=num_classes, weight=self.weight)
@@ -48,28 +54,40 @@ class CrossEntropy(TokenLoss):
     def token_weight(self, target: torch.Tensor) -> torch.Tensor | None:
         return None if self.weight is None else self.weight.to(target.device)[target]
 
+    def for_mean(self, count_scale: torch.Tensor) -> CrossEntropy:
+        if self.z_loss == 0.0:
+            return self
+        scaled = copy.copy(self)
+        scaled.z_scale = count_scale
+        return scaled
+
     def _weight(self, like: torch.Tensor) -> torch.Tensor | None:
         return None if self.weight is None else self.weight.to(device=like.device, dtype=like.dtype)
+
+    def _z_coef(self, like: torch.Tensor):
+        """s, times the class-weighted mean's count scale: a float or a scalar tensor on like's device."""
+        if isinstance(self.z_scale, torch.Tensor):
+            return self.z_loss * self.z_scale.to(device=like.device, dtype=like.dtype)
+        return self.z_loss * self.z_scale
 
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # logits [..., V], target [...] in range.
         eps, num_classes = self.label_smoothing, logits.shape[-1]
         w = self._weight(logits)
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = lse - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        nll, m, rel = nll_and_lse(logits, target)
         if w is not None:
             nll = nll * w[target]
         loss = nll
         if eps > 0.0:
-            # Σ_c w_c (lse − z_c) without a [..., V] temporary. Written as V·(lse − mean z) when
-            # unweighted: the difference is small, so float32 cancellation is avoided.
-            if w is None:
-                smooth = num_classes * (lse - logits.mean(dim=-1))
-            else:
-                smooth = lse * w.sum() - logits @ w
+            # Σ_c w_c (lse − z_c) = rel·Σw − Σ_c w_c (z_c − m): every part small, no cancellation at
+            # large logits (one [..., V] temporary, only with smoothing).
+            centred = logits - m.unsqueeze(-1)
+            w_sum = num_classes if w is None else w.sum()
+            smooth = rel * w_sum - (centred.sum(dim=-1) if w is None else centred @ w)
             loss = (1.0 - eps) * nll + (eps / num_classes) * smooth
         if self.z_loss > 0.0:
-            loss = loss + self.z_loss * lse.square()
+            lse = m + rel
+            loss = loss + self._z_coef(lse) * lse.square()
         return loss
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
@@ -79,20 +97,18 @@ class CrossEntropy(TokenLoss):
         under soft-capping. ``scale`` [N] multiplies each token's gradient (1/denominator, or the
         upstream gradient for reduction="none").
         """
-        eps, s, num_classes = self.label_smoothing, self.z_loss, logits.shape[-1]
+        eps, num_classes = self.label_smoothing, logits.shape[-1]
         w = self._weight(logits)
-        logits, tanh = cap_in_place(logits, self.softcap)
         w_sum = float(num_classes) if w is None else w.sum()
-        if eps > 0.0:
-            weighted_z = logits.sum(dim=-1) if w is None else logits @ w
-        # The buffer becomes e = exp(z − max z); nll = lse − z_y.
-        rows, _, e, sumexp, lse, nll, _ = exp_in_place(logits, target, None)
+        # The buffer becomes e = exp(z − m); nll = (m − z_y) + log Σe; centred = Σ_c w_c (z_c − m).
+        rows, tanh, e, sumexp, lse, nll, centred = exp_in_place(logits, target, self.softcap, eps > 0.0, w)
         w_y = torch.ones_like(nll) if w is None else w[target]
         loss = (1.0 - eps) * w_y * nll
         if eps > 0.0:
-            loss = loss + (eps / num_classes) * (lse * w_sum - weighted_z)
+            loss = loss + (eps / num_classes) * (sumexp.log() * w_sum - centred)
         coef = (1.0 - eps) * w_y + (eps / num_classes) * w_sum
-        if s > 0.0:
+        if self.z_loss > 0.0:
+            s = self._z_coef(lse)
             loss = loss + s * lse.square()
             coef = coef + 2.0 * s * lse
         grad = e.mul_((coef * scale / sumexp).unsqueeze(-1))  # p_j · coef · scale

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validate as V
 from .._reduce import apply_token_loss
-from ._base import TokenLoss
+from ._base import TokenLoss, check_first_order
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
@@ -55,6 +55,7 @@ class _ClosedFormGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream):
+        check_first_order("xent.distill_loss")
         (grad,) = ctx.saved_tensors
         return grad * upstream.unsqueeze(-1), None, None, None
 
@@ -129,12 +130,14 @@ class Distill(TokenLoss):
             return value, (1.0 - beta) * _x_log_ratio(q, log_q, log_m), (1.0 - beta) * kl_qm
         if kind == "skew_kl":
             log_m = _log_mix(log_p, alpha, log_q, 1.0 - alpha)
-            qg = -(1.0 - alpha) * _exp_over_mix(log_p + log_q, log_m)  # g = −(1−α)·p/m
+            # g = −(1−α)·p/m; the weight inside the exponent: (1−α)·p·q/m ≤ p never overflows
+            qg = -_exp_over_mix(_log_weight(1.0 - alpha) + log_p + log_q, log_m)
             return _kl(log_p, log_m), qg, qg.sum(dim=-1)
         if kind == "skew_reverse_kl":
             log_m = _log_mix(log_p, 1.0 - alpha, log_q, alpha)
             kl = _kl(log_q, log_m, q)  # g = log q − log m + 1 − α·q/m
-            skew = alpha * _exp_over_mix(2.0 * log_q, log_m)
+            # α·q²/m ≤ q, formed in log space: at α = 0 it is exp(−inf) = 0, never 0·exp(overflow) = NaN
+            skew = _exp_over_mix(_log_weight(alpha) + 2.0 * log_q, log_m)
             return kl, _x_log_ratio(q, log_q, log_m) - skew, kl - skew.sum(dim=-1)
         p = log_p.exp()  # tvd: g = ½·sign(q − p)
         qg = 0.5 * q * torch.sign(q - p)

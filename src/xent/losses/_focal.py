@@ -11,12 +11,12 @@ import math
 import torch
 
 from .._reduce import apply_token_loss, check_common
-from ._base import TokenLoss, exp_in_place
+from ._base import TokenLoss, exp_in_place, nll_and_lse
 
 
 def nll_of_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """−log q_y = logsumexp(z) − z_y, per token; never forms log_softmax over V."""
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    """−log q_y = (m − z_y) + log Σ exp(z − m) per token (m the row max); never forms log_softmax."""
+    return nll_and_lse(logits, target)[0]
 
 
 def one_minus_q(nll: torch.Tensor) -> torch.Tensor:
@@ -46,13 +46,12 @@ class NLLLoss(TokenLoss):
 
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # logits [..., V], target [...] in range.
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = lse - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        nll, m, rel = nll_and_lse(logits, target)
         loss = self.nll_terms(nll)[0]
         eps = self.label_smoothing
         if eps > 0.0:
-            # (ε/V)·Σ_c (lse − z_c) = ε·(lse − mean z): the difference is formed once, no cancellation.
-            loss = (1.0 - eps) * loss + eps * (lse - logits.mean(dim=-1))
+            # (ε/V)·Σ_c (lse − z_c) = ε·(rel − mean (z − m)): small parts, no cancellation.
+            loss = (1.0 - eps) * loss + eps * (rel - (logits - m.unsqueeze(-1)).mean(dim=-1))
         return loss
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
@@ -61,11 +60,11 @@ class NLLLoss(TokenLoss):
         ``scale`` [N] multiplies each token's gradient; soft-capping adds the factor 1 − (z/c)².
         """
         eps, num_classes = self.label_smoothing, logits.shape[-1]
-        rows, tanh, e, sumexp, lse, nll, mean_z = exp_in_place(logits, target, self.softcap, eps > 0.0)
+        rows, tanh, e, sumexp, _, nll, centred = exp_in_place(logits, target, self.softcap, eps > 0.0)
         value, slope = self.nll_terms(nll)
         coef = (1.0 - eps) * slope
         if eps > 0.0:
-            value = (1.0 - eps) * value + eps * (lse - mean_z)
+            value = (1.0 - eps) * value + eps * (sumexp.log() - centred / num_classes)
         grad = e.mul_(((coef + eps) * scale / sumexp).unsqueeze(-1))  # q_j · (coef + ε) · scale
         grad[rows, target] -= coef * scale
         if eps > 0.0:

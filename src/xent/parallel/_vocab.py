@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._reduce import compute_dtype, reduce_tokens
-from ..losses._base import TokenLoss, cap_in_place
+from ..losses._base import TokenLoss, cap_in_place, check_first_order
 
 # The slice sizes travel in the compute dtype of the MAX reduction; float32 holds integers exactly
 # below 2**24.
@@ -89,6 +89,8 @@ class GlobalStats:
 
     loss: torch.Tensor  # ℓ (not yet masked at ignored tokens)
     lse: torch.Tensor
+    m: torch.Tensor  # the global row max; lse = m + rel
+    rel: torch.Tensor  # log Σ_c exp(z_c − m)
     coef: torch.Tensor  # ∂ℓ/∂z_j = p_j·coef − (1−ε)w_y[j=y] − (ε/V)w_j
     w_y: torch.Tensor  # the target's class weight, 0 at ignored tokens
     owned: torch.Tensor  # bool: y is in this rank's slice
@@ -96,28 +98,38 @@ class GlobalStats:
 
 
 def all_sum(
-    m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum_local, *, owned, local_y, shard, eps, z_loss, group
+    m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum_local, *, owned, local_y, shard, eps, z_loss, group,
+    z_count: int | torch.Tensor | None = None,
 ) -> GlobalStats:
     """All-reduce 2 (SUM) of the local sums moved to the global shift m, then the loss per token.
 
-    z_y and w_y are this rank's contributions (0 where it does not own the target)."""
+    z_y and w_y are this rank's contributions (0 where it does not own the target, or where the target
+    is ignored). ``z_count``: under a class-weighted mean, the count of valid tokens; the z-loss is then
+    scaled by Σ w_y / z_count, so that divided by Σ w_y it averages over the valid tokens
+    (:meth:`xent.losses.TokenLoss.for_mean`)."""
     shift = m_local - m  # ≤ 0; −inf for a masked slice, whose sumexp is 0
     cols = torch.stack([sumexp_local * shift.exp(), z_y, w_y, dev_local - shift * w_sum_local])
     buf = torch.cat([cols.reshape(-1), w_sum_local.reshape(1)])
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     sumexp, z_y, w_y, dev = buf[:-1].view(4, -1)
     w_sum = buf[-1]
-    lse = m + sumexp.log()
-    loss = (1.0 - eps) * w_y * (lse - z_y)
+    rel = sumexp.log()
+    lse = m + rel
+    # lse − z_y as (m − z_y) + rel: no cancellation at large logits
+    loss = (1.0 - eps) * w_y * ((m - z_y) + rel)
     coef = (1.0 - eps) * w_y
     if eps > 0.0:
         # Σ_c w_c (lse − z_c) = (lse − m)·Σw + Σ_c w_c (m − z_c)
-        loss = loss + (eps / shard.total) * ((lse - m) * w_sum + dev)
+        loss = loss + (eps / shard.total) * (rel * w_sum + dev)
         coef = coef + (eps / shard.total) * w_sum
     if z_loss > 0.0:
-        loss = loss + z_loss * lse.square()
-        coef = coef + 2.0 * z_loss * lse
-    return GlobalStats(loss, lse, coef, w_y, owned, local_y)
+        s = z_loss
+        if z_count is not None:
+            count = torch.as_tensor(z_count, device=w_y.device)
+            s = z_loss * torch.where(count > 0, w_y.sum() / count.clamp(min=1), 1.0)
+        loss = loss + s * lse.square()
+        coef = coef + 2.0 * s * lse
+    return GlobalStats(loss, lse, m, rel, coef, w_y, owned, local_y)
 
 
 def owned_targets(target: torch.Tensor, valid: torch.Tensor, shard: Shard):
@@ -147,7 +159,8 @@ class ShardGrad(TokenLoss):
         # logits [C, V_r] raw (overwritten with the gradient), index [C] into the stats, scale [C].
         s = self.stats
         logits, tanh = cap_in_place(logits, self.softcap)
-        grad = logits.sub_(s.lse[index].unsqueeze(-1)).exp_()  # p_j
+        # p_j = exp((z_j − m) − rel): z − lse directly would lose the digits of lse at large logits
+        grad = logits.sub_(s.m[index].unsqueeze(-1)).sub_(s.rel[index].unsqueeze(-1)).exp_()
         grad.mul_((s.coef[index] * scale).unsqueeze(-1))
         owned = s.owned[index]
         rows = owned.nonzero().squeeze(-1)
@@ -162,9 +175,9 @@ class ShardGrad(TokenLoss):
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_logits, target, w, eps, z_loss, softcap, ignore_index, group):
+    def forward(ctx, local_logits, target, w, eps, z_loss, softcap, ignore_index, group, z_per_count):
         # local_logits [..., V_r], target [...] global ids. Returns per-token ℓ [...] (0 where ignored)
-        # and w_y [...] (for the mean's denominator).
+        # and w_y [...] (for the mean's denominator). z_per_count: a class-weighted mean (all_sum's z_count).
         size = local_logits.shape[-1]
         dt = compute_dtype(local_logits)
         logits2d = local_logits.reshape(-1, size)  # [N, V_r]
@@ -175,7 +188,7 @@ class _VocabParallelCE(torch.autograd.Function):
         m, shard = all_max(m_local, size, group)
         # every rank holds the same target, so every rank raises here alike (no rank left waiting)
         V.check_target(target, local_logits.shape[:-1], shard.total, ignore_index)
-        t = target.reshape(-1)
+        t = V.as_ids(target.reshape(-1))
         valid = t != ignore_index
         owned, local_y = owned_targets(t, valid, shard)
         z_y = softcapped(logits2d.gather(1, local_y.unsqueeze(-1)).squeeze(-1).to(dt), softcap)
@@ -183,7 +196,8 @@ class _VocabParallelCE(torch.autograd.Function):
         w_y = owned.to(dt) if w is None else torch.where(owned, w[local_y], 0.0)
         w_sum = torch.tensor(float(size), dtype=dt, device=m.device) if w is None else w.sum()
         stats = all_sum(m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum, owned=owned, local_y=local_y,
-                        shard=shard, eps=eps, z_loss=z_loss, group=group)
+                        shard=shard, eps=eps, z_loss=z_loss, group=group,
+                        z_count=valid.sum() if z_per_count else None)
         ctx.shard_grad = ShardGrad(stats, shard, w=w, eps=eps, softcap=softcap)
         ctx.valid = valid
         ctx.save_for_backward(local_logits)
@@ -194,6 +208,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_w_y):
+        check_first_order("vocab_parallel_cross_entropy")
         (local_logits,) = ctx.saved_tensors
         size = local_logits.shape[-1]
         dt = compute_dtype(local_logits)
@@ -201,7 +216,7 @@ class _VocabParallelCE(torch.autograd.Function):
         scale = torch.where(ctx.valid, grad_loss.reshape(-1).to(dt), 0.0)
         index = torch.arange(z.shape[0], device=z.device)
         grad = ctx.shard_grad.value_and_grad(z, index, scale)[1]
-        return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 7)
+        return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 8)
 
 
 @torch.compiler.disable
@@ -252,8 +267,10 @@ def vocab_parallel_cross_entropy(
     V.check_options(num_classes=local_logits.shape[-1], weight=weight, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap)
     group_place(group)
+    z_per_count = reduction == "mean" and weight is not None and num_items is None
     per_token, w_y = _VocabParallelCE.apply(local_logits, target, weight, float(label_smoothing),
-                                            float(z_loss), softcap, ignore_index, group)
+                                            float(z_loss), softcap, ignore_index, group, z_per_count)
     valid = target != ignore_index
+    V.check_num_items_covers(num_items, valid.sum())
     return reduce_tokens(per_token, valid, reduction, num_items, None if weight is None else w_y)
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .. import _validate as V
 from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, auto_chunk_size
 from .._reduce import reduce_tokens
+from ..losses._base import check_first_order
 from ._vocab import ShardGrad, all_max, all_sum, group_place, local_stats, owned_targets, softcapped
 
 
@@ -34,6 +35,7 @@ class _Setup:
     ignore_index: int
     group: object
     sum_hidden_grad: bool
+    z_per_count: bool  # a class-weighted mean: the z-loss averages over the tokens (all_sum's z_count)
 
 
 def _spans(n: int, chunk: int):
@@ -83,7 +85,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         w_y = owned.to(dt) if wc is None else torch.where(owned, wc[local_y], 0.0)
         w_sum = torch.tensor(float(size), dtype=dt, device=m.device) if wc is None else wc.sum()
         stats = all_sum(m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum, owned=owned, local_y=local_y,
-                        shard=shard, eps=setup.eps, z_loss=setup.z_loss, group=setup.group)
+                        shard=shard, eps=setup.eps, z_loss=setup.z_loss, group=setup.group,
+                        z_count=setup.rows.numel() if setup.z_per_count else None)
         grad_fn = ShardGrad(stats, shard, w=wc, eps=setup.eps, softcap=setup.softcap)
         n = setup.rows.numel()
         # the chunk loop's "targets" are indices into the per-token global statistics
@@ -96,6 +99,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_w_y):
+        check_first_order("vocab_parallel_linear_cross_entropy")
         hidden2d, weight, bias = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         grads = _run(ctx.plan, hidden2d, weight, bias, grad_loss.to(ctx.plan.compute_dtype), need)[1:]
@@ -158,18 +162,20 @@ def vocab_parallel_linear_cross_entropy(
     size = local_weight.shape[0]
     V.check_options(num_classes=size, weight=weight_classes, weight_name="weight_classes",
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}")
+    V.check_chunk_size(chunk_size)
+    V.check_ignore_index(ignore_index)
     group_place(group)
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
     n = rows.numel()
+    V.check_num_items_covers(num_items, n)
     # local_stats holds about four [C, V_r] float32 temporaries
     chunk = auto_chunk_size(max(n, 1), size, 4 * 4) if chunk_size == "auto" else chunk_size
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
-                   ignore_index, group, sum_hidden_grad)
+                   ignore_index, group, sum_hidden_grad,
+                   reduction == "mean" and weight_classes is not None and num_items is None)
     per_token, w_y = _VocabParallelLinearCE.apply(hidden2d, local_weight, local_bias, setup)
     if reduction == "none":
         flat = per_token.new_zeros(torch.Size(out_shape).numel())
