@@ -31,6 +31,7 @@ OPTION_CASES = [f"{o}-{r}" for o in OPTIONS for r in REDUCTIONS]
 OTHER_CASES = [
     "all_ignored", "float32", "bfloat16", "golden", "one_rank_owns_all", "masked_slice", "subgroup",
     "fused_shift", "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "allreduce_count", "errors",
+    "corners",
 ]
 CASES = [f"plain:{c}" for c in OPTION_CASES] + [f"fused:{c}" for c in OPTION_CASES] + OTHER_CASES
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -432,6 +433,39 @@ def check_errors(rank, sizes):
     # after the errors the ranks are still in step
     torch.testing.assert_close(vocab_parallel_cross_entropy(local, target),
                                xent.cross_entropy(logits, target))
+
+
+def check_corners(rank, sizes):
+    """Issue 10's corners on a sharded vocabulary: a negative class-weight sum (torch's value), num_items
+    = 0 on an all-ignored step (0, zero gradient), logits around 1e4 (float64 digits), int8 targets."""
+    g, V = _generator("corners"), sum(sizes)
+    x = torch.randn(4, V, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, V - 1, -100, 1])
+    w = torch.linspace(-2.0, 1.0, V, dtype=torch.float64)  # Σ_valid w_y < 0
+    local = x.split(sizes, dim=-1)[rank].clone().requires_grad_()
+    got = vocab_parallel_cross_entropy(local, y, weight=w.split(sizes)[rank])
+    full = x.clone().requires_grad_()
+    want = F.cross_entropy(full, y, weight=w)
+    torch.testing.assert_close(got, want, **TOL64)
+    (gl,) = torch.autograd.grad(got, local)
+    (gf,) = torch.autograd.grad(want, full)
+    torch.testing.assert_close(gl, gf.split(sizes, dim=-1)[rank], **TOL64)
+    ignored = torch.full_like(y, -100)
+    zero = vocab_parallel_cross_entropy(local, ignored, num_items=0)
+    (gz,) = torch.autograd.grad(zero, local)
+    assert float(zero) == 0.0 and not gz.any()
+    # exact float32 logits around 1e4 (multiples of 1/256): the float64 loss of the same logits
+    D = 8
+    h = torch.randint(-16, 17, (4, D), generator=g).float() / 16
+    W = torch.randint(-16, 17, (V, D), generator=g).float() / 16
+    b = torch.full((V,), 1e4)
+    z = torch.addmm(b, h, W.T)
+    ref = F.cross_entropy(z.double(), y, reduction="none")
+    got = vocab_parallel_cross_entropy(z.split(sizes, dim=-1)[rank], y.to(torch.int8), reduction="none")
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+    fused = vocab_parallel_linear_cross_entropy(h, W.split(sizes)[rank], y, local_bias=b.split(sizes)[rank],
+                                                reduction="none", chunk_size=3)
+    torch.testing.assert_close(fused.double(), ref, rtol=0, atol=2e-6)
 
 
 def vocab_worker(rank, world, names, sizes):
