@@ -80,7 +80,7 @@ def row_max(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def nll_and_lse(logits: torch.Tensor, target: torch.Tensor):
+def nll_and_shift(logits: torch.Tensor, target: torch.Tensor):
     """(−log q_y, m, rel) per token for logits [..., V] and in-range ids [...]: m the row max and
     rel = log Σ_c exp(z_c − m), so lse z = m + rel (use rel itself where lse − m is wanted).
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import _validate as V
 from .._reduce import apply_token_loss, check_common, compute_dtype, reduce_tokens
-from ._base import TokenLoss, exp_in_place, nll_and_lse
+from ._base import TokenLoss, exp_in_place, nll_and_shift
 
 
 class CrossEntropy(TokenLoss):
@@ -74,7 +74,7 @@ class CrossEntropy(TokenLoss):
         # logits [..., V], target [...] in range.
         eps, num_classes = self.label_smoothing, logits.shape[-1]
         w = self._weight(logits)
-        nll, m, rel = nll_and_lse(logits, target)
+        nll, m, rel = nll_and_shift(logits, target)
         if w is not None:
             nll = nll * w[target]
         loss = nll

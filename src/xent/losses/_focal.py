@@ -11,12 +11,12 @@ import math
 import torch
 
 from .._reduce import apply_token_loss, check_common
-from ._base import TokenLoss, exp_in_place, nll_and_lse
+from ._base import TokenLoss, exp_in_place, nll_and_shift
 
 
 def nll_of_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """−log q_y = (m − z_y) + log Σ exp(z − m) per token (m the row max); never forms log_softmax."""
-    return nll_and_lse(logits, target)[0]
+    return nll_and_shift(logits, target)[0]
 
 
 def one_minus_q(nll: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class NLLLoss(TokenLoss):
 
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # logits [..., V], target [...] in range.
-        nll, m, rel = nll_and_lse(logits, target)
+        nll, m, rel = nll_and_shift(logits, target)
         loss = self.nll_terms(nll)[0]
         eps = self.label_smoothing
         if eps > 0.0:
