@@ -80,6 +80,26 @@ def row_max(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+class _LogSumExpAbout(torch.autograd.Function):
+    """rel = log Σ_c exp(z_c − m) about a constant shift m [..., 1]. Autograd would keep the [..., V]
+    temporary z − m for backward; this keeps only z (alive anyway) and m, and forms the gradient
+    softmax(z) = exp((z − m) − rel) when it is needed. Under create_graph rel is recomputed from z, so a
+    double backward (a gradient penalty) differentiates through it exactly."""
+
+    @staticmethod
+    def forward(ctx, z, m):
+        rel = torch.logsumexp(z - m, dim=-1)
+        ctx.save_for_backward(z, m, rel)
+        return rel
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, m, rel = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            rel = torch.logsumexp(z - m, dim=-1)
+        return grad.unsqueeze(-1) * torch.exp((z - m) - rel.unsqueeze(-1)), None
+
+
 def nll_and_shift(logits: torch.Tensor, target: torch.Tensor):
     """(−log q_y, m, rel) per token for logits [..., V] and in-range ids [...]: m the row max and
     rel = log Σ_c exp(z_c − m), so lse z = m + rel (use rel itself where lse − m is wanted).
@@ -88,7 +108,7 @@ def nll_and_shift(logits: torch.Tensor, target: torch.Tensor):
     precision does not fall as the logits grow (lse − z_y loses the digits of lse: at an offset of 1e4,
     5e-4 in float32). A row of equal values gives exactly log V."""
     m = row_max(logits)
-    rel = torch.logsumexp(logits - m, dim=-1)  # log Σ exp(z − m) ∈ [0, log V]
+    rel = _LogSumExpAbout.apply(logits, m)  # log Σ exp(z − m) ∈ [0, log V]
     m = m.squeeze(-1)
     z_y = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return (m - z_y) + rel, m, rel
