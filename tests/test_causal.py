@@ -20,16 +20,18 @@ def _batch(B=3, T=9, V=17, seed=0, ignore_frac=0.25, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_num_items", [False, True])
 @pytest.mark.parametrize("shape", [(1, 2, 5), (3, 9, 17), (2, 33, 101)])
-def test_matches_transformers(shape, with_num_items, dtype):
+def test_matches_transformers(shape, with_num_items, dtype, device):
     logits, labels = _batch(*shape, dtype=dtype)
-    n = torch.tensor(50) if with_num_items else None
+    logits, labels = logits.to(device), labels.to(device)
+    n = torch.tensor(50, device=device) if with_num_items else None
     ours = xent.causal_lm_loss(logits, labels, num_items_in_batch=n)
     theirs = ForCausalLMLoss(logits, labels, shape[-1], num_items_in_batch=n)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_gradient_matches_transformers():
+def test_gradient_matches_transformers(device):
     logits, labels = _batch(2, 12, 31, seed=1)
+    logits, labels = logits.to(device), labels.to(device)
     a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     xent.causal_lm_loss(a, labels).backward()
     ForCausalLMLoss(b, labels, 31).backward()

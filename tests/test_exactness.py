@@ -164,14 +164,15 @@ def test_numpy_num_items_is_accepted():
 OFFSETS = [0.0, 1e3, 1e4]
 
 
-def _exact_logits(offset, *, seed=0, n=12, V=40, D=8):
+def _exact_logits(offset, *, seed=0, n=12, V=40, D=8, device="cpu"):
     """hidden, weight, bias whose float32 logits h @ W.T + b are exact (multiples of 1/256 around the
     offset: 22 bits), so the fused path and the float64 reference see the very same logits."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randint(-16, 17, (n, D), generator=g).float() / 16
     W = torch.randint(-16, 17, (V, D), generator=g).float() / 16
     b = torch.full((V,), offset)
-    return h, W, b, torch.randint(0, V, (n,), generator=g)
+    y = torch.randint(0, V, (n,), generator=g)
+    return h.to(device), W.to(device), b.to(device), y.to(device)
 
 
 def _ref_nll(logits64, y):
@@ -179,8 +180,8 @@ def _ref_nll(logits64, y):
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_plain_losses_keep_their_digits_at_large_logits(offset):
-    h, W, b, y = _exact_logits(offset)
+def test_plain_losses_keep_their_digits_at_large_logits(offset, device):
+    h, W, b, y = _exact_logits(offset, device=device)
     z = torch.addmm(b, h, W.T)  # exact in float32
     ref = _ref_nll(z.double(), y)
     tol = dict(rtol=0, atol=2e-6)  # lse − z_y in float32 was 4.8e-4 off at 1e4 (torch: 1.3e-6)
@@ -191,21 +192,21 @@ def test_plain_losses_keep_their_digits_at_large_logits(offset):
     smooth_ref = 0.9 * ref - 0.1 * logq.mean(dim=-1)
     torch.testing.assert_close(xent.cross_entropy(z, y, label_smoothing=0.1, reduction="none").double(),
                                smooth_ref, **tol)
-    w = torch.linspace(0.5, 2.0, z.shape[-1])
+    w = torch.linspace(0.5, 2.0, z.shape[-1], device=device)
     wsmooth_ref = 0.9 * w.double()[y] * ref - 0.1 / z.shape[-1] * (w.double() * logq).sum(-1)
     torch.testing.assert_close(
         xent.cross_entropy(z, y, weight=w, label_smoothing=0.1, reduction="none").double(), wsmooth_ref,
         rtol=0, atol=4e-6)
     # causal: the same rows as a [1, T, V] sequence
-    labels = torch.cat([torch.tensor([-100]), y])[None]
+    labels = torch.cat([torch.tensor([-100], device=device), y])[None]
     causal = xent.causal_lm_loss(torch.cat([z, z[:1]])[None], labels, reduction="none")
     torch.testing.assert_close(causal[0].double(), ref, **tol)
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-8}], ids=str)
-def test_fused_keeps_its_digits_at_large_logits(offset, opts):
-    h, W, b, y = _exact_logits(offset, seed=1)
+def test_fused_keeps_its_digits_at_large_logits(offset, opts, device):
+    h, W, b, y = _exact_logits(offset, seed=1, device=device)
     h.requires_grad_()
     fused = xent.linear_cross_entropy(h, W, y, bias=b, reduction="none", chunk_size=5, **opts)
     z64 = torch.addmm(b, h.detach(), W.T).double().requires_grad_()
@@ -217,8 +218,8 @@ def test_fused_keeps_its_digits_at_large_logits(offset, opts):
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_losses_beyond_ce_keep_their_digits(offset):
-    h, W, b, y = _exact_logits(offset, seed=2)
+def test_losses_beyond_ce_keep_their_digits(offset, device):
+    h, W, b, y = _exact_logits(offset, seed=2, device=device)
     z = torch.addmm(b, h, W.T)
     z64 = z.double()
     for loss in (losses.TaiLr(gamma=0.1), losses.GOLD(), losses.Focal(gamma=2.0), losses.Poly(epsilon=1.0)):
@@ -230,17 +231,17 @@ def test_losses_beyond_ce_keep_their_digits(offset):
 
 
 @pytest.mark.parametrize("value", [1.0, 1e4, 3e5])
-def test_bfloat16_row_of_equal_logits_is_log_v(value):
+def test_bfloat16_row_of_equal_logits_is_log_v(value, device):
     V = 64
-    z = torch.full((3, V), value, dtype=torch.bfloat16)
-    y = torch.tensor([0, 5, 63])
-    assert torch.allclose(xent.cross_entropy(z, y, reduction="none"), torch.full((3,), math.log(V)),
-                          rtol=0, atol=1e-6)
+    z = torch.full((3, V), value, dtype=torch.bfloat16, device=device)
+    y = torch.tensor([0, 5, 63], device=device)
+    log_v = torch.full((3,), math.log(V), device=device)
+    assert torch.allclose(xent.cross_entropy(z, y, reduction="none"), log_v, rtol=0, atol=1e-6)
     # fused in bfloat16: every head row identical, so every logit is the same bf16 number
-    h = torch.ones(3, 4, dtype=torch.bfloat16)
-    W = torch.full((V, 4), value / 4, dtype=torch.bfloat16)
+    h = torch.ones(3, 4, dtype=torch.bfloat16, device=device)
+    W = torch.full((V, 4), value / 4, dtype=torch.bfloat16, device=device)
     fused = xent.linear_cross_entropy(h, W, y, reduction="none")
-    assert torch.allclose(fused, torch.full((3,), math.log(V)), rtol=0, atol=1e-6)
+    assert torch.allclose(fused, log_v, rtol=0, atol=1e-6)
 
 
 # ---------- skew reverse KL at alpha = 0 is reverse KL, gradients included ----------

@@ -36,27 +36,28 @@ LOSSES = [
 IDS = [repr(obj) for obj, _ in LOSSES]
 
 
-def _data(dtype=torch.float64, seed=0):
+def _data(dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(3, 7, D_, generator=g, dtype=dtype)).requires_grad_()
-    weight = (torch.randn(V_, D_, generator=g, dtype=dtype) / 2).requires_grad_()
-    bias = (torch.randn(V_, generator=g, dtype=dtype) / 3).requires_grad_()
+    hidden = torch.randn(3, 7, D_, generator=g, dtype=dtype).to(device).requires_grad_()
+    weight = (torch.randn(V_, D_, generator=g, dtype=dtype) / 2).to(device).requires_grad_()
+    bias = (torch.randn(V_, generator=g, dtype=dtype) / 3).to(device).requires_grad_()
     target = torch.randint(0, V_, (3, 7), generator=g)
     target[0, :3] = -100
     target[2, 5] = -100
-    return hidden, weight, bias, target
+    return hidden, weight, bias, target.to(device)
 
 
 def _grads(out, inputs, seed=1):
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    upstream = upstream.to(out.device)
     return torch.autograd.grad(out, inputs, upstream)
 
 
 @pytest.mark.parametrize("loss, plain", LOSSES, ids=IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_fused_equals_plain(loss, plain, reduction, chunk_size):
-    hidden, weight, bias, target = _data()
+def test_fused_equals_plain(loss, plain, reduction, chunk_size, device):
+    hidden, weight, bias, target = _data(device=device)
     fused = xent.linear_loss(hidden, weight, target, loss=loss, bias=bias, chunk_size=chunk_size,
                              reduction=reduction)
     expected = plain(hidden @ weight.T + bias, target, reduction=reduction)
@@ -67,8 +68,8 @@ def test_fused_equals_plain(loss, plain, reduction, chunk_size):
 
 
 @pytest.mark.parametrize("loss, plain", LOSSES[1::2], ids=IDS[1::2])
-def test_fused_float32_shift_and_num_items(loss, plain):
-    hidden, weight, _, target = _data(torch.float32, seed=3)
+def test_fused_float32_shift_and_num_items(loss, plain, device):
+    hidden, weight, _, target = _data(torch.float32, seed=3, device=device)
     fused = xent.linear_loss(hidden, weight, target, loss=loss, shift=True, chunk_size=5, num_items=11)
     logits = (hidden @ weight.T)[:, :-1]
     expected = plain(logits, target[:, 1:], num_items=11)
@@ -97,11 +98,11 @@ def test_emo_fused_checks_the_embedding_vocabulary():
 
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd", "skew_reverse_kl", "tvd"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_linear_distill_equals_plain_for_every_chunk_size(kind, chunk_size):
-    hidden, weight, bias, target = _data(seed=4)
+def test_linear_distill_equals_plain_for_every_chunk_size(kind, chunk_size, device):
+    hidden, weight, bias, target = _data(seed=4, device=device)
     g = torch.Generator().manual_seed(5)
-    teacher_hidden = torch.randn(3, 7, 6, generator=g, dtype=torch.float64)
-    teacher_weight = torch.randn(V_, 6, generator=g, dtype=torch.float64)
+    teacher_hidden = torch.randn(3, 7, 6, generator=g, dtype=torch.float64).to(device)
+    teacher_weight = torch.randn(V_, 6, generator=g, dtype=torch.float64).to(device)
     options = dict(kind=kind, beta=0.2, alpha=0.3, temperature=1.5, softcap=4.0, hard_weight=0.1)
     fused = xent.linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, target,
                                      student_bias=bias, chunk_size=chunk_size, **options)
