@@ -135,10 +135,12 @@ def test_half_precision(dtype, device):
         assert abs(fused.double() - truth) <= abs(plain.double() - truth) + 1e-6
 
 
-def test_bfloat16_weight_gradient_is_accumulated_in_float32():
+def test_bfloat16_weight_gradient_is_accumulated_in_float32(device):
     """One token per chunk: 512 bfloat16 partial products summed. Accumulated in float32 the error stays
-    at one bfloat16 rounding, as with a single chunk; accumulated in bfloat16 it would grow with every add."""
-    h, W, b, y = _inputs(shape=(512,), D=16, V=64, seed=14, ignore_frac=0.0, dtype=torch.bfloat16)
+    at one bfloat16 rounding, as with a single chunk; accumulated in bfloat16 it would grow with every add.
+    (On CUDA the GEMM writes float32 itself: xent._linear.float_out_mm.)"""
+    h, W, b, y = _inputs(shape=(512,), D=16, V=64, seed=14, ignore_frac=0.0, dtype=torch.bfloat16,
+                         device=device)
     _, (_, gW64, gb64), _ = _truth(h, W, b, y)
     errors = {}
     for chunk in (1, 512):
@@ -380,6 +382,10 @@ def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch)
     assert auto_chunk_size(10**6, 32000, 2) == 1048  # bfloat16 logits: twice the tokens
     assert auto_chunk_size(10**6, 128256, 4) == 512  # the floor: 64 MiB would be 130 tokens
     assert auto_chunk_size(100, 32000, 4) == 100  # never more than every token
+    # CUDA: 1 GiB, at least 1024 tokens (bfloat16 logits of the TRL shape's V = 248320: 2162 tokens)
+    assert auto_chunk_size(10**6, 248320, 2, "cuda") == 2**30 // (2 * 248320) == 2162
+    assert auto_chunk_size(10**6, 128256, 8, "cuda") == 1046
+    assert auto_chunk_size(10**6, 10**6, 4, "cuda") == 1024
     monkeypatch.setenv("XENT_CHUNK_MB", "256")
     assert auto_chunk_size(10**6, 32000, 4) == 2097
     # what linear_loss passes: one buffer per head, in the projection dtype

@@ -34,31 +34,35 @@ from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
 
 #: Memory for one chunk's [C, V] logits buffers when chunk_size="auto"; XENT_CHUNK_MB overrides it.
-DEFAULT_CHUNK_MB = 64
+#: On the CPU a cache-friendly 64 MiB; on CUDA 1 GiB, because small chunks leave the GEMMs short of
+#: rows (Liger and PyTorch's chunked loss size chunks by the inputs' footprint for the same reason).
+#: The CUDA numbers are provisional: benchmarks/gpu_check.sh sweeps XENT_CHUNK_MB to fix them.
+DEFAULT_CHUNK_MB = {"cpu": 64, "cuda": 1024}
 #: Fewer tokens than this per chunk make the call markedly slower per token: every chunk reads and
 #: writes the [V, D] float32 weight-gradient accumulator once, 8·V·D bytes against 6·C·V·D flops (at
-#: 2048×512×128256 float32: 1.21× the three-matmul floor with C = 256, 1.13× with C = 512). So "auto"
-#: never goes below it unless there are fewer tokens.
-MIN_AUTO_CHUNK = 512
+#: 2048×512×128256 float32 on the CPU: 1.21× the three-matmul floor with C = 256, 1.13× with C = 512).
+#: So "auto" never goes below it unless there are fewer tokens.
+MIN_AUTO_CHUNK = {"cpu": 512, "cuda": 1024}
 #: The loss sees a chunk a block of rows at a time, about this many bytes of float32 logits: the block
 #: stays in cache across the loss's passes over it, and an autograd loss's temporaries are per block.
 BLOCK_BYTES = 8 * 2**20
 
 
-def auto_chunk_size(num_tokens: int, num_classes: int, bytes_per_logit: int = 4) -> int:
+def auto_chunk_size(num_tokens: int, num_classes: int, bytes_per_logit: int = 4, device="cpu") -> int:
     """Tokens per chunk such that the chunk's [C, V] buffers (``bytes_per_logit`` bytes per token and
-    class in all) fit the budget (XENT_CHUNK_MB, default 64 MiB), but at least MIN_AUTO_CHUNK tokens and
-    at most every token."""
-    budget = chunk_budget_mb() * 2**20
+    class in all) fit the budget (XENT_CHUNK_MB, else 64 MiB on the CPU and 1 GiB on CUDA), but at least
+    MIN_AUTO_CHUNK tokens (512; 1024 on CUDA) and at most every token."""
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    budget = chunk_budget_mb(kind) * 2**20
     chunk = int(budget // (bytes_per_logit * num_classes))
-    return max(1, min(max(chunk, MIN_AUTO_CHUNK), num_tokens))
+    return max(1, min(max(chunk, MIN_AUTO_CHUNK[kind]), num_tokens))
 
 
-def chunk_budget_mb() -> float:
-    """XENT_CHUNK_MB (MiB of logits per chunk) if set, else DEFAULT_CHUNK_MB."""
+def chunk_budget_mb(kind: str = "cpu") -> float:
+    """XENT_CHUNK_MB (MiB of logits per chunk) if set, else DEFAULT_CHUNK_MB for the device kind."""
     raw = os.environ.get("XENT_CHUNK_MB")
     if raw is None:
-        return float(DEFAULT_CHUNK_MB)
+        return float(DEFAULT_CHUNK_MB[kind])
     try:
         value = float(raw)
     except ValueError:
@@ -66,6 +70,25 @@ def chunk_budget_mb() -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"XENT_CHUNK_MB must be a number of MiB > 0, got {raw!r}")
     return value
+
+
+_FLOAT_OUT_MM: dict[str, bool] = {}
+
+
+def float_out_mm(device: torch.device) -> bool:
+    """Whether half GEMMs can write float32 results directly here (``torch.addmm(..., out_dtype=
+    torch.float32)``, CUDA in recent PyTorch): then the half weight gradient is accumulated in float32 by
+    the GEMM itself, with no [V, D] temporary per chunk. Probed once per device type."""
+    kind = device.type
+    if kind not in _FLOAT_OUT_MM:
+        try:
+            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+            acc = torch.ones((2, 2), dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _FLOAT_OUT_MM[kind] = bool((acc == 3.0).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FLOAT_OUT_MM[kind] = False
+    return _FLOAT_OUT_MM[kind]
 
 
 def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -206,7 +229,12 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
             else:
                 grad_h.index_copy_(0, rows, gh)
         if need[1]:
-            if mt != dt:  # half [V_s, D] products accumulated in float32, a cache-sized slice at a time
+            if mt != dt and float_out_mm(dev):  # the GEMM accumulates into the float32 gradient itself
+                fresh = grad_w is None
+                if fresh:
+                    grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
+                torch.addmm(grad_w, z.t(), h, beta=0.0 if fresh else 1.0, alpha=f, out_dtype=dt, out=grad_w)
+            elif mt != dt:  # half [V_s, D] products accumulated in float32, a cache-sized slice at a time
                 fresh = grad_w is None  # the first chunk writes, the others accumulate
                 if fresh:
                     grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
@@ -361,8 +389,8 @@ def linear_loss(
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mm = matmul_dtype(hidden.dtype, hidden.device)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
-    chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize) if chunk_size == "auto"
-             else chunk_size)
+    chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize, hidden.device)
+             if chunk_size == "auto" else chunk_size)
     extras = tuple((h.reshape(-1, h.shape[-1]), w, b) for h, w, b in _extra_heads)
     denom = None
     if reduction == "sum":

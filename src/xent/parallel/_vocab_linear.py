@@ -171,7 +171,7 @@ def vocab_parallel_linear_cross_entropy(
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
     # local_stats holds about four [C, V_r] float32 temporaries
-    chunk = auto_chunk_size(max(n, 1), size, 4 * 4) if chunk_size == "auto" else chunk_size
+    chunk = auto_chunk_size(max(n, 1), size, 4 * 4, hidden.device) if chunk_size == "auto" else chunk_size
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
                    ignore_index, group, sum_hidden_grad,
