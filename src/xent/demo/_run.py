@@ -21,8 +21,9 @@ QUICK_OBJECTIVES = ("ce", "ce_ls", "emo", "tailr")
 @dataclass
 class DemoConfig:
     """The demo's sizes. The default trains each objective on ~820k tokens (400 steps of 32×64, about
-    four passes over the stream) in about 37 CPU-seconds on one thread: enough for the 2-layer model to
-    get within ~0.11 nats/word of the Markov source with cross-entropy. :meth:`quick` (d = 64, an
+    four passes over the stream) in about 45 CPU-seconds on one thread, 7 of them for the training
+    curves (every held-out token, at 8 points): enough for the 2-layer model to get within ~0.11
+    nats/word of the Markov source with cross-entropy. :meth:`quick` (d = 64, an
     eighth of the tokens) is for tests. ``jobs`` changes only the speed; ``threads`` > 1 can change
     the last digits (another order of float reductions).
     """
