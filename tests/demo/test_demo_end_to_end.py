@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 import os
@@ -40,12 +41,27 @@ def test_files_and_summary(demo_dir):
     for name, s in objectives.items():
         assert (demo_dir / s["checkpoint"] / "model.safetensors").is_file()
         for key in ("nll_mean", "perplexity", "bits_per_byte", "ece", "synthetic_gap_bits_per_byte",
-                    "synthetic_kl_nats_per_word", "synthetic_kl_nats_per_word_se", "train_seconds"):
+                    "synthetic_kl_nats_per_word", "synthetic_kl_nats_per_word_se", "train_seconds",
+                    "train_cpu_seconds"):
             assert math.isfinite(s[key]), (name, key)
+        # the curves score every held-out token: their last point is the table's value up to where the
+        # contexts restart (a 16×64-token subset was 0.02–0.07 nats below it here)
+        for which in ("heldout", "synthetic"):
+            assert abs(s["eval_history"][-1][which] - s[which]["nll_mean"]) < 0.005, (name, which)
+            # the per-document sums are the evaluator's
+            assert sum(s[which]["doc_tokens"]) == s[which]["tokens"]
+            assert math.fsum(s[which]["doc_nll"]) / s[which]["tokens"] == pytest.approx(s[which]["nll_mean"],
+                                                                                         rel=1e-12)
         lo, hi = s["perplexity_ci95"]
         assert lo < s["perplexity"] < hi
         assert s["perplexity"] == pytest.approx(math.exp(s["nll_mean"]), rel=1e-9)
         assert len(s["history"]) == summary["config"]["steps"]
+    # the passage figure ends at the end of a word of the passage
+    shown, text = "".join(summary["passage"]["tokens"]), summary["passage"]["text"]
+    assert text.startswith(shown) and 10 < len(summary["passage"]["tokens"]) < summary["config"]["seq_len"]
+    assert len(shown) == len(text) or not (shown[-1].isalnum() and text[len(shown)].isalnum())
+    # CPU time per objective (the work), not wall time (the work plus waits for a busy core)
+    assert 0 < sum(s["train_cpu_seconds"] for s in objectives.values()) <= summary["total_cpu_seconds"]
     # Cross-entropy's value on the synthetic text is bounded below by the source's exact −log p
     # only in expectation; at this size every model is far above it.
     assert all(s["synthetic_kl_nats_per_word"] > 0 for s in objectives.values())
@@ -70,6 +86,40 @@ def test_summary_agrees_with_xent_eval_on_the_checkpoints(demo_dir, which, capsy
             model_nats = got["nll_mean"] * got["tokens"] / words
             assert ours["kl_nats_per_word"] == pytest.approx(model_nats - ours["true_nll_nats_per_word"],
                                                              rel=1e-6)
+
+
+@pytest.mark.slow
+def test_paired_differences_with_ce_and_the_findings(demo_dir):
+    from test_parts import _paired_reference
+
+    from xent.demo._report import findings
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    objectives = summary["objectives"]
+    assert summary["baseline"] == "ce" and "vs_baseline" not in objectives["ce"]
+    ce = objectives["ce"]
+    words = [len(json.loads(line)["text"].split(" "))
+             for line in (demo_dir / "data" / "synthetic.jsonl").read_text().splitlines()]
+    for name, s in objectives.items():
+        if name == "ce":
+            continue
+        for key, which, counts in (("heldout_nll_nats_per_token", "heldout", ce["heldout"]["doc_tokens"]),
+                                   ("synthetic_nats_per_word", "synthetic", words)):
+            got = s["vs_baseline"][key]
+            delta, se = _paired_reference(s[which]["doc_nll"], ce[which]["doc_nll"], counts)
+            assert got["diff"] == pytest.approx(delta, rel=1e-9) and got["se"] == pytest.approx(se, rel=1e-9)
+            assert got["significant"] == (abs(delta) > 1.96 * se)
+        # on the same tokens the paired difference is the difference of the two mean losses
+        assert s["vs_baseline"]["heldout_nll_nats_per_token"]["diff"] == pytest.approx(
+            s["nll_mean"] - ce["nll_mean"], rel=1e-9, abs=1e-12)
+    page = (demo_dir / "report.html").read_text()
+    for item in findings(summary):
+        assert html.escape(item) in page
+    held = findings(summary)[0]
+    better = [n for n, s in objectives.items() if n != "ce"
+              and s["vs_baseline"]["heldout_nll_nats_per_token"]["significant"]
+              and s["vs_baseline"]["heldout_nll_nats_per_token"]["diff"] < 0]
+    assert held.startswith("Significantly lower" if better else "No objective has a significantly lower")
 
 
 @pytest.mark.slow
@@ -168,3 +218,6 @@ def test_every_objective_runs_through_the_demo(tmp_path):
     page = (tmp_path / "report.html").read_text()
     for name in OBJECTIVES:
         assert f"<dt>{name}</dt>" in page and f"<td>{name}</td>" in page
+    assert "<th>train CPU s</th>" in page and "<th>train s</th>" not in page
+    for term in ("ECE", "bits/byte", "Markov gap bpb"):  # each column is defined under the table
+        assert f"<dt>{term}</dt>" in page

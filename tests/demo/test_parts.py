@@ -111,3 +111,145 @@ def test_tokenizer_round_trips_and_reloads(tmp_path, source, corpus):
     again = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert again(held[1].text, add_special_tokens=False)["input_ids"] == \
         tok(held[1].text, add_special_tokens=False)["input_ids"]
+
+
+# -- paired differences, findings, the curves' sequences, the passage cut (items 14, 16, 17) --------------
+
+def _paired_reference(a, b, n):
+    """Paired difference Δ = Σ_d (a_d − b_d) / Σ_d n_d and its document-clustered SE, in float64 loops."""
+    e = [x - y for x, y in zip(a, b)]
+    N, D = sum(n), len(n)
+    delta = math.fsum(e) / N
+    se = math.sqrt(D / (D - 1) * math.fsum((ed - delta * nd) ** 2 for ed, nd in zip(e, n))) / N
+    return delta, se
+
+
+def _doc_sums(gen, D, shift, noise):
+    """Per-document summed losses of two models on D documents: B = A + shift·n_d + noise·√n_d·N(0,1)."""
+    n = torch.randint(20, 400, (D,), generator=gen).tolist()
+    a = [nd * (3 + torch.rand(1, generator=gen).item()) for nd in n]
+    b = [x + shift * nd + noise * math.sqrt(nd) * torch.randn(1, generator=gen).item() for x, nd in zip(a, n)]
+    return a, b, n
+
+
+def test_paired_difference_matches_a_float64_reference():
+    from xent.demo._run import paired_difference
+
+    gen = torch.Generator().manual_seed(0)
+    for shift, noise in ((0.0, 0.5), (0.01, 0.05), (-0.2, 1.0)):
+        a, b, n = _doc_sums(gen, 50, shift, noise)
+        got = paired_difference(b, a, n)
+        delta, se = _paired_reference(b, a, n)
+        assert got["diff"] == pytest.approx(delta, rel=1e-9, abs=1e-12)
+        assert got["se"] == pytest.approx(se, rel=1e-9)
+        assert got["z"] == pytest.approx(delta / se, rel=1e-8)
+        assert got["significant"] == (abs(delta) > 1.96 * se)
+    # the nearly-tied case of the issue: +0.0013 ± 0.0054 is not significant; a document with no tokens
+    # is left out; identical models are not significantly different (z undefined)
+    a, b, n = _doc_sums(gen, 40, 0.0013, 0.11)
+    got = paired_difference(b + [0.0], a + [0.0], n + [0])
+    delta, se = _paired_reference(b, a, n)
+    assert got["diff"] == pytest.approx(delta, rel=1e-9) and got["se"] == pytest.approx(se, rel=1e-9)
+    same = paired_difference(a, a, n)
+    assert same["diff"] == 0 and same["se"] == 0 and math.isnan(same["z"]) and not same["significant"]
+    assert math.isnan(paired_difference([1.0], [2.0], [3])["se"])  # one document: no SE
+    with pytest.raises(ValueError, match="one entry per document"):
+        paired_difference([1.0, 2.0], [1.0], [3, 4])
+
+
+def _summary(objectives: dict) -> dict:
+    """A demo summary with the per-document sums of each objective: name -> (heldout, synthetic) lists,
+    documents of 100 tokens (held out) and 64 words (Markov)."""
+    from xent.demo._run import compare_with_baseline
+
+    words = ["a" + " a" * 63] * len(next(iter(objectives.values()))[1])
+    summary = {"objectives": {
+        name: {"ece": 0.01 * (i + 1),
+               "heldout": {"doc_nll": h, "doc_tokens": [100] * len(h)},
+               "synthetic": {"doc_nll": s, "doc_tokens": [80] * len(s)}}
+        for i, (name, (h, s)) in enumerate(objectives.items())}}
+    summary["baseline"] = compare_with_baseline(summary, words)
+    return summary
+
+
+def test_findings_name_a_winner_only_where_the_paired_difference_is_significant():
+    from xent.demo._report import findings, table_rows
+
+    gen = torch.Generator().manual_seed(1)
+    ce = [400 + 50 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    syn = [120 + 10 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    wiggle = [(-1) ** d * 0.5 + 0.02 for d in range(30)]  # mean +0.02 nats/doc: tiny, noisy
+
+    def shifted(xs, per_doc):
+        return [x + p for x, p in zip(xs, per_doc)]
+
+    tied = _summary({"ce": (ce, syn), "ce_ls": (shifted(ce, wiggle), shifted(syn, wiggle))})
+    d = tied["objectives"]["ce_ls"]["vs_baseline"]["heldout_nll_nats_per_token"]
+    delta, se = _paired_reference(shifted(ce, wiggle), ce, [100] * 30)
+    assert d["diff"] == pytest.approx(delta) and d["se"] == pytest.approx(se) and abs(delta) < 1.96 * se
+    held, markov, ece = findings(tied)
+    assert held.startswith("No objective has a significantly lower held-out perplexity than ce")
+    assert markov.startswith("No objective is significantly closer to the Markov source than ce")
+    assert "ce_ls (+0.0002 ± " in held and "Significantly worse" not in held
+    assert "no objective is named the best calibrated" in ece
+
+    better = [-3.0 + 0.1 * (-1) ** d for d in range(30)]  # −0.03 nats/token on every document
+    worse = [2.0 + 0.3 * (-1) ** d for d in range(30)]
+    s = _summary({"ce": (ce, syn), "emo": (shifted(ce, better), shifted(syn, wiggle)),
+                  "tailr": (shifted(ce, worse), shifted(syn, better))})
+    held, markov, _ = findings(s)
+    assert held.startswith("Significantly lower held-out perplexity than ce: emo (-0.0300 ± ")
+    assert "Significantly worse than ce: tailr (+0.0200 ± " in held
+    assert markov.startswith("Significantly closer to the Markov source than ce (lower loss on its text): "
+                             "tailr (-0.0469 ± ")  # −3 nats per 64-word document
+    assert "emo" not in markov.split("Significantly worse")[0].split(":")[1]
+    rows = {r[0]: r for r in table_rows({**s, "objectives": {
+        n: {**o, "perplexity": 1.0, "perplexity_ci95": [1.0, 1.0], "bits_per_byte": 1.0,
+            "synthetic_kl_nats_per_word": 0.1, "synthetic_gap_bits_per_byte": 0.1, "train_cpu_seconds": 1.0}
+        for n, o in s["objectives"].items()}})}
+    assert rows["ce"][3] == "(baseline)"
+    assert rows["emo"][3].startswith("-0.0300 ± ") and rows["emo"][3].endswith(" *")
+    tied_row = table_rows({**tied, "objectives": {
+        n: {**o, "perplexity": 1.0, "perplexity_ci95": [1.0, 1.0], "bits_per_byte": 1.0,
+            "synthetic_kl_nats_per_word": 0.1, "synthetic_gap_bits_per_byte": 0.1, "train_cpu_seconds": 1.0}
+        for n, o in tied["objectives"].items()}})[1]
+    assert not tied_row[3].endswith("*")
+
+
+def test_word_cut_never_splits_a_word():
+    from xent.demo._run import word_cut
+
+    tokens = ["The", " optional", " s", "ki", "p", " argument", ".", "\n", "mo", "dule", " name"]
+    text = "".join(tokens)
+    for limit in range(1, len(tokens) + 3):
+        k = word_cut(tokens, limit)
+        assert k <= max(limit, 1)
+        cut = len("".join(tokens[:k]))
+        if k < len(tokens):  # the characters either side of the cut are not both parts of a word
+            assert not (text[cut - 1].isalnum() and text[cut].isalnum()), (limit, k)
+    assert [word_cut(tokens, k) for k in (2, 3, 4, 5, 6, 9, 10)] == [2, 2, 2, 5, 6, 8, 10]
+    assert word_cut(["abc", "def"], 1) == 1  # no boundary at all: the limit
+
+
+def test_curve_sequences_score_every_heldout_token_once_from_its_own_document(corpus):
+    pytest.importorskip("transformers")
+    from xent.demo import tokenize_documents, train_tokenizer
+    from xent.demo._run import curve_sequences
+
+    train, held = corpus
+    tok = train_tokenizer([d.text for d in train[:60]], vocab_size=300)
+    texts = [d.text for d in held[:6]] + ["x"]  # a one-token document too
+    seqs = curve_sequences(tok, texts, 16)
+    assert seqs.shape[1] == 16
+    docs = tokenize_documents(tok, texts)
+    predicted, d, pos = [], 0, 0  # walk the documents: each sequence continues one of them
+    for row in seqs.tolist():
+        real = [t for t in row if t != -100]
+        assert row[len(real):] == [-100] * (16 - len(real))  # padding only at the end
+        if pos + 1 >= len(docs[d]):
+            d, pos = d + 1, 0
+        assert real == docs[d][pos : pos + len(real)]  # inputs from one document, its eot first
+        predicted.extend(real[1:])
+        pos += len(real) - 1
+    assert d == len(docs) - 1
+    assert predicted == [t for doc in docs for t in doc[1:]]  # every token once, in order

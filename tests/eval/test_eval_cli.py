@@ -127,6 +127,13 @@ def test_per_token_parquet_and_html(capsys, model_dir, model_and_tokenizer, corp
     for png in ("reliability.png", "loss_by_position.png"):
         assert f'src="{png}"' in page and (out / png).stat().st_size > 1000
     assert f'title="loss {rows[0]["loss"]:.3f} nats' in page
+    # the summary is rounded for reading (summary.json keeps every digit) and each metric is defined
+    nll = summary["nll_mean"]
+    assert f"<td>nll_mean</td><td class=num>{nll:.{3 - math.floor(math.log10(nll))}f}</td>" in page
+    for key in ("nll_mean", "nll_se_document", "perplexity", "ece", "brier"):
+        assert repr(summary[key]) not in page, key
+    for words in ("expected calibration error", "Σℓ / (B·ln 2)", "clustered by document"):
+        assert words in page
     assert not (out / ".tokens").exists() and not (out / "checkpoint.json").exists()
 
 

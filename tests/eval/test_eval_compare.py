@@ -30,9 +30,10 @@ def _percentile(values, q):
 
 
 def _reference(base, model, tok, docs):
-    kl, same, dp, lb, lm = [], [], [], [], []
+    """Per-token float64 values, and the document index of each token."""
+    kl, same, dp, lb, lm, doc_of = [], [], [], [], [], []
     with torch.no_grad():
-        for doc in docs:
+        for d, doc in enumerate(docs):
             ids = tok(doc, add_special_tokens=False)["input_ids"]
             src = torch.tensor([[tok.bos_token_id] + ids])
             zb, zm = base(input_ids=src).logits[0].double(), model(input_ids=src).logits[0].double()
@@ -44,13 +45,24 @@ def _reference(base, model, tok, docs):
                 dp.append(q[y] - p[y])
                 lb.append(-math.log(p[y]))
                 lm.append(-math.log(q[y]))
-    return kl, same, dp, lb, lm
+                doc_of.append(d)
+    return kl, same, dp, lb, lm, doc_of
+
+
+def _clustered_se(values, doc_of):
+    """√(D/(D−1)·Σ_d (S_d − m·n_d)²)/N, by explicit loops over the documents (REFERENCE.md §4)."""
+    docs = sorted(set(doc_of))
+    S = {d: math.fsum(v for v, e in zip(values, doc_of) if e == d) for d in docs}
+    n = {d: sum(1 for e in doc_of if e == d) for d in docs}
+    N, D = len(values), len(docs)
+    m = math.fsum(values) / N
+    return math.sqrt(D / (D - 1) * math.fsum((S[d] - m * n[d]) ** 2 for d in docs)) / N
 
 
 def test_compare_matches_explicit_formulas(two_models, documents):
     base, model, tok = two_models
     docs = [d for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) < 64]
-    kl, same, dp, lb, lm = _reference(base, model, tok, docs)
+    kl, same, dp, lb, lm, doc_of = _reference(base, model, tok, docs)
     r = xent.eval.compare(base, model, tok, docs, model_tokenizer=tok, batch_size=3)
     N = len(kl)
     d = [b - a for a, b in zip(lb, lm)]
@@ -72,6 +84,13 @@ def test_compare_matches_explicit_formulas(two_models, documents):
     assert r.delta_nll_mean == approx(md)
     assert r.delta_nll_se == approx(math.sqrt(sum((x - md) ** 2 for x in d) / (N - 1) / N))
     assert r.ppl_ratio == approx(math.exp(sum(lm) / N) / math.exp(sum(lb) / N))
+    # the same means' document-clustered SEs, from per-document float64 sums
+    assert r.kl_se_document == approx(_clustered_se(kl, doc_of))
+    assert r.delta_nll_se_document == approx(_clustered_se(d, doc_of))
+    assert r.same_top_rate_se_document == approx(_clustered_se([float(x) for x in same], doc_of))
+    ms = sum(same) / N
+    assert r.same_top_rate_se == approx(math.sqrt(ms * (1 - ms) / (N - 1)))
+    assert r.kl_se_document != approx(r.kl_se)  # a different quantity, not a copy
 
 
 def test_a_model_against_itself(two_models, documents):
@@ -94,7 +113,12 @@ def test_compare_cli_report_and_summary(capsys, model_dir, other_model_dir, tmp_
             "delta_p_percentiles", "nll_base", "nll_model", "delta_nll_mean", "delta_nll_se", "ppl_ratio"]
     assert all(k in s for k in keys)
     assert list(s["kl_percentiles"]) == ["99.9", "99", "95", "90", "50", "10", "1", "0.1"]
-    assert f"{s['kl_mean']:10.6f}" in out
+    # every ± names its standard error: tokens iid (llama.cpp's) and clustered by document
+    assert (f"Mean    KLD: {s['kl_mean']:10.6f} ± {s['kl_se']:10.6f} (SE, tokens iid) ± "
+            f"{s['kl_se_document']:10.6f} (SE, by document)") in out
+    assert (f": {s['delta_nll_mean']:12.6f} ± {s['delta_nll_se']:10.6f} (SE, tokens iid) ± "
+            f"{s['delta_nll_se_document']:10.6f} (SE, by document)") in out
+    assert out.count("(SE, tokens iid)") == out.count("(SE, by document)") == out.count("±") // 2 == 4
 
 
 def test_different_tokenizers_are_refused(capsys, model_dir, tmp_path, documents):

@@ -1,8 +1,9 @@
 """``xent compare``: a model against a base model on the same tokens.
 
-KL(base‖model) per token (mean ± SE, max, percentiles), how often the top token agrees, the change Δp
-of the correct token's probability, and the paired difference of the losses: what is run to judge a
-quantised or distilled model. The tokenizers must give the same ids; the windows are those of
+KL(base‖model) per token (mean, max, percentiles), how often the top token agrees, the change Δp of
+the correct token's probability, and the paired difference of the losses: what is run to judge a
+quantised or distilled model. Each mean has two standard errors, named where printed: tokens iid (as
+llama.cpp prints) and clustered by document. The tokenizers must give the same ids; the windows are those of
 ``xent eval`` (same options).
 """
 

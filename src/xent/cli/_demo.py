@@ -41,7 +41,7 @@ def run(args) -> int:
     import time
 
     from ..demo import DemoConfig, run_demo
-    from ..demo._report import TABLE_HEADER, table_rows
+    from ..demo._report import SIGNIFICANT, findings, table_header, table_rows
     from ..training import OBJECTIVES
 
     if args.threads < 1 or args.jobs < 1:
@@ -61,7 +61,11 @@ def run(args) -> int:
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     start = time.perf_counter()
     summary = run_demo(args.out, cfg, progress=not args.no_progress)
-    _print_table(summary, TABLE_HEADER, table_rows(summary))
+    _print_table(summary, table_header(summary), table_rows(summary))
+    print(f"{SIGNIFICANT} significant: the paired per-document difference is more than 1.96 standard errors "
+          "from 0 (definitions in report.html)")
+    for item in findings(summary):
+        print(f"- {item}")
     print(f"\nwrote {args.out}/report.html, summary.json, {len(summary['files']) - 1} figures and "
           f"{len(summary['objectives'])} checkpoints in {time.perf_counter() - start:.0f}s")
     return 0
@@ -84,4 +88,4 @@ def _print_table(summary, header, rows) -> None:
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(140, Console().width)).print(table)

@@ -6,6 +6,8 @@ import html
 import math
 import os
 
+from ..eval._html import THIN_BIN_SHARE, draw_reliability
+
 COLORS = {"ce": "#1f77b4", "ce_ls": "#ff7f0e", "ce_zloss": "#8c564b", "emo": "#2ca02c", "tailr": "#d62728",
           "gold": "#9467bd", "focal": "#e377c2", "poly": "#7f7f7f"}
 
@@ -95,9 +97,11 @@ def _training_curves(out: str, summary: dict) -> str:
         ev = s["eval_history"]
         for ax, key in ((axes[1], "heldout"), (axes[2], "synthetic")):
             ax.plot([e["step"] for e in ev], [e[key] for e in ev], "o-", color=c, label=name, ms=3)
+            if ev:  # the table's value (xent.eval.evaluate on the same documents) at the last step
+                ax.plot([ev[-1]["step"]], [s[key]["nll_mean"]], "x", color=c, ms=8, mew=1.5)
     axes[0].set_title("training objective (each its own loss; smoothed)")
-    axes[1].set_title("held-out docstrings: cross-entropy")
-    axes[2].set_title("held-out Markov text: cross-entropy")
+    axes[1].set_title("all held-out docstrings: cross-entropy\n(×: the table's value)")
+    axes[2].set_title("all held-out Markov text: cross-entropy\n(×: the evaluator's value)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -147,21 +151,12 @@ def _reliability(out: str, summary: dict) -> str:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         s = summary["objectives"][name]
-        bins = [b for b in s["heldout"]["calibration"] if b["tokens"]]
-        centers = [(b["bin"][0] + b["bin"][1]) / 2 for b in bins]
-        ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15, edgecolor="black", lw=0.5,
-               color=COLORS.get(name), alpha=0.8, label="accuracy")
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "k.", ms=4,
-                label="(confidence, accuracy)")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        draw_reliability(ax, s["heldout"]["calibration"], color=COLORS.get(name, "C0"))
         ax.set_title(f"{name}: ECE {s['ece']:.3f}")
-        ax.set_xlabel("top-1 probability")
-        ax.set_ylabel("top-1 accuracy")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Reliability on held-out docstrings (15 bins)")
+    fig.suptitle(f"Reliability on held-out docstrings (15 bins; tokens per bin over each bar, bins with "
+                 f"under {THIN_BIN_SHARE:.0%} of the tokens in grey)")
     fig.tight_layout()
     return _save(fig, out, "reliability.png")
 
@@ -209,15 +204,16 @@ def _loss_vs_p(out: str, cfg, vocab_size: int) -> str:
 def _passage(out: str, summary: dict, passage_losses: dict) -> str:
     plt = _plt()
     names = list(passage_losses)
-    tokens = passage_losses[names[0]]["tokens"][:64]
-    grid = [passage_losses[n]["nll"][: len(tokens)] for n in names]
+    tokens = passage_losses[names[0]]["tokens"]  # cut at the end of a word (_run.word_cut)
+    grid = [passage_losses[n]["nll"] for n in names]
     fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(tokens)), 0.5 * len(names) + 1.8))
     im = ax.imshow(grid, aspect="auto", cmap="magma_r")
     ax.set_yticks(range(len(names)), names)
     labels = [t.replace("\n", "⏎").replace(" ", "·") for t in tokens]
     ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=7, family="monospace")
     fig.colorbar(im, ax=ax, label="−log q(token) nats", pad=0.01)
-    ax.set_title(f"per-token loss on a held-out passage ({summary['passage']['source']})")
+    ax.set_title(f"per-token loss on the first {len(tokens)} tokens of a held-out passage "
+                 f"({summary['passage']['source']})")
     return _save(fig, out, "passage.png")
 
 
@@ -225,54 +221,133 @@ def _fmt(x: float, nd: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+SIGNIFICANT = "*"  # marks a paired difference with |Δ| > 1.96 SE
+
+
+def table_header(summary: dict) -> list[str]:
+    """The column names of :func:`table_rows` (the baseline named in the Δ column)."""
+    return ["objective", "held-out ppl", "95% CI", f"Δ NLL vs {summary.get('baseline', 'ce')} ± SE",
+            "bits/byte", "ECE", "Markov KL/word", "Markov gap bpb", "train CPU s"]
+
+
+def _delta(entry: dict, key: str) -> str:
+    if "vs_baseline" not in entry:
+        return "(baseline)"
+    d = entry["vs_baseline"][key]
+    mark = f" {SIGNIFICANT}" if d["significant"] else ""
+    return f"{d['diff']:+.4f} ± {_fmt(d['se'], 4)}{mark}"
+
+
 def table_rows(summary: dict) -> list[list[str]]:
     """The summary table, shared by the terminal and the report."""
     rows = []
     for name, s in summary["objectives"].items():
         lo, hi = s["perplexity_ci95"] or [math.nan, math.nan]
-        rows.append([name, f"{s['perplexity']:.2f}", f"[{lo:.2f}, {hi:.2f}]", _fmt(s["bits_per_byte"]),
-                     _fmt(s["ece"]), _fmt(s["synthetic_kl_nats_per_word"], 4),
-                     _fmt(s["synthetic_gap_bits_per_byte"], 4), f"{s['train_seconds']:.1f}"])
+        rows.append([name, f"{s['perplexity']:.2f}", f"[{lo:.2f}, {hi:.2f}]",
+                     _delta(s, "heldout_nll_nats_per_token"), _fmt(s["bits_per_byte"]), _fmt(s["ece"]),
+                     _fmt(s["synthetic_kl_nats_per_word"], 4), _fmt(s["synthetic_gap_bits_per_byte"], 4),
+                     f"{s['train_cpu_seconds']:.1f}"])
     return rows
 
 
-TABLE_HEADER = ["objective", "held-out ppl", "95% CI", "bits/byte", "ECE", "Markov KL/word",
-                "Markov gap bpb", "train s"]
+# What each column of the table means (the report prints these under it).
+DEFINITIONS = [
+    ("held-out ppl", "perplexity e<sup>L̄</sup>, L̄ the mean loss −ln q(token) in nats over every token of "
+     "the held-out docstring documents (each document scored from its start, in windows of the model's "
+     "context); 95% CI: e<sup>L̄ ± 1.96·SE</sup> with the standard error clustered by document."),
+    ("Δ NLL vs BASE ± SE", "the paired difference of the held-out mean loss from BASE's, on the same "
+     "tokens: Σ<sub>d</sub> (S<sub>d</sub> − S<sub>d</sub><sup>BASE</sup>) / Σ<sub>d</sub> n<sub>d</sub> "
+     "(S<sub>d</sub> a document's summed loss, n<sub>d</sub> its tokens), ± its standard error clustered by"
+     " document, √(D/(D−1)·Σ<sub>d</sub> (e<sub>d</sub> − Δ·n<sub>d</sub>)²) / Σ<sub>d</sub> n<sub>d</sub>"
+     " with e<sub>d</sub> the document's difference. Negative is better; * marks |Δ| > 1.96·SE "
+     "(significant at 5 %). Pairing removes what the models share (the hard documents are hard for "
+     "all), so it resolves far smaller differences than the two perplexity intervals."),
+    ("bits/byte", "the summed loss in bits divided by the UTF-8 bytes of the text, Σℓ / (B·ln 2): "
+     "unlike perplexity, comparable across tokenizers."),
+    ("ECE", "expected calibration error: the tokens are put in 15 equal-width bins of the model's top-1 "
+     "probability, and ECE = Σ<sub>b</sub> (n<sub>b</sub>/N)·|accuracy<sub>b</sub> − "
+     "confidence<sub>b</sub>|, the token-weighted gap between how often the most probable token is right"
+     " and how probable the model said it was. 0 is perfectly calibrated. No standard error is computed "
+     "for it here."),
+    ("Markov KL/word", "on the held-out Markov documents: (the model's summed loss − the source's exact "
+     "−ln p of the same text) / words. Its expectation is KL(source ‖ model) per word, 0 only for the "
+     "source itself; at this size every model is far above 0."),
+    ("Markov gap bpb", "the same difference per byte, in bits: the model's bits/byte on the Markov text "
+     "minus the source's exact bits/byte (the Markov gap)."),
+    ("train CPU s", "CPU time of the process that trained the objective (its steps, the evaluations of "
+     "the training curves, saving the checkpoint), from the process's CPU clock: unlike wall time it "
+     "does not grow when the objectives share busy cores."),
+]
 
 
-def _findings(summary: dict) -> str:
-    """One sentence per headline metric, naming the best objective (computed, not written by hand)."""
+def _fmt(x: float, nd: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _verdict(summary: dict, key: str, unit: str, better: str, none: str) -> str:
+    """One sentence on ``key`` of every objective's vs_baseline: the objectives significantly better
+    (Δ < 0) and worse than the baseline, or that none is significantly better. ``better`` and ``none``
+    are the sentence's openings, with {base} for the baseline's name."""
+    base = summary["baseline"]
+    rows = [(n, s["vs_baseline"][key]) for n, s in summary["objectives"].items() if "vs_baseline" in s]
+    rows.sort(key=lambda r: r[1]["diff"])
+
+    def show(n, d):
+        return f"{n} ({d['diff']:+.4f} ± {d['se']:.4f} {unit}, z = {d['z']:+.1f})"
+
+    wins = [(n, d) for n, d in rows if d["significant"] and d["diff"] < 0]
+    losses = [(n, d) for n, d in rows if d["significant"] and d["diff"] > 0]
+    if wins:
+        text = better.format(base=base) + ": " + "; ".join(show(n, d) for n, d in wins) + "."
+    else:
+        text = none.format(base=base)
+        text += f" (the best difference: {show(*rows[0])})." if not rows[0][1]["significant"] else "."
+    if losses:
+        text += f" Significantly worse than {base}: {'; '.join(show(n, d) for n, d in losses)}."
+    return text
+
+
+def findings(summary: dict) -> list[str]:
+    """The headline comparisons, computed from the paired per-document differences with the baseline
+    (``vs_baseline``): a winner is named only where its difference is significant."""
     objs = summary["objectives"]
-    if len(objs) < 2:
-        return ""
-
-    def best(key):
-        return min(objs, key=lambda n: objs[n][key])
-
-    p, e, k = best("perplexity"), best("ece"), best("synthetic_kl_nats_per_word")
-    items = [
-        f"Lowest held-out perplexity: <code>{p}</code> ({objs[p]['perplexity']:.2f}).",
-        f"Best calibrated (lowest ECE): <code>{e}</code> ({objs[e]['ece']:.3f}).",
-        f"Closest to the Markov source (smallest KL): <code>{k}</code> "
-        f"({objs[k]['synthetic_kl_nats_per_word']:.4f} nats/word).",
+    if len(objs) < 2 or "baseline" not in summary:
+        return []
+    ece = sorted(objs, key=lambda n: objs[n]["ece"])
+    return [
+        _verdict(summary, "heldout_nll_nats_per_token", "nats/token",
+                 "Significantly lower held-out perplexity than {base}",
+                 "No objective has a significantly lower held-out perplexity than {base}"),
+        _verdict(summary, "synthetic_nats_per_word", "nats/word",
+                 "Significantly closer to the Markov source than {base} (lower loss on its text)",
+                 "No objective is significantly closer to the Markov source than {base}"),
+        f"ECE ranges from {objs[ece[0]]['ece']:.3f} ({ece[0]}) to {objs[ece[-1]]['ece']:.3f} ({ece[-1]}); "
+        "ECE has no standard error here, so no objective is named the best calibrated.",
     ]
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 
 def _html(out: str, summary: dict, figures: list[str]) -> str:
     e = html.escape
     d, c, env = summary["data"], summary["config"], summary["environment"]
-    head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
+    items = findings(summary)
+    head = "".join(f"<th>{e(h)}</th>" for h in table_header(summary))
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
                    for row in table_rows(summary))
+    base = e(summary.get("baseline", "ce"))
+    defs = "".join(f"<dt>{e(term.replace('BASE', base))}</dt><dd>{text.replace('BASE', base)}</dd>"
+                   for term, text in DEFINITIONS)
     expl = "".join(
         f"<dt>{e(n)}</dt><dd>{EXPLANATIONS.get(n, e(summary['objectives'][n]['description']))}</dd>"
         for n in summary["objectives"])
     captions = {
         "training_curves.png": (
             "Left: each objective's own training loss (not comparable across objectives, except EMO-1 whose "
-            "value is the cross-entropy). Middle and right: cross-entropy of every model on the same held-out"
-            " sequences during training."
+            "value is the cross-entropy). Middle and right: cross-entropy of every model during training on "
+            "every held-out document (the same tokens as the table), cut into sequences of "
+            f"{c['seq_len']} tokens that start every {c['seq_len'] - 1} tokens and overlap by one, so each "
+            "token is scored once from its own document; the table's evaluator uses windows of "
+            f"{c['seq_len']} inputs that predict {c['seq_len']} tokens, so its contexts differ slightly and "
+            "the last point of a curve (•) is close to, not equal to, the evaluator's value (×)."
         ),
         "perplexity.png": (
             "Left: held-out perplexity with a 95% interval from the document-clustered standard error. Right:"
@@ -280,8 +355,11 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
             "text, per word: an estimate of KL(source ‖ model), 0 for a perfect model."
         ),
         "reliability.png": (
-            "Reliability diagrams: top-1 accuracy against top-1 probability. On the diagonal a model is "
-            "calibrated; below it, over-confident; above, under-confident."
+            "Reliability diagrams: top-1 accuracy against top-1 probability, in 15 bins (dots: each bin's "
+            "mean probability and accuracy); the number over a bar is its tokens. Bins with fewer than "
+            f"{THIN_BIN_SHARE:.0%} of the tokens are drawn in grey "
+            "(their accuracy rests on few tokens and is noisy). On the diagonal a model is calibrated; "
+            "below it, over-confident; above, under-confident."
         ),
         "loss_vs_p.png": (
             "What each objective asks of one token, computed with the loss objects: its value and its pull on"
@@ -290,7 +368,8 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
             "GOLD and EMO pull less there, focal pulls less on the tokens it already predicts well."
         ),
         "passage.png": (
-            "Per-token loss of each model on one held-out passage: darker is more surprised."
+            f"Per-token loss of each model on the first {len(summary['passage']['tokens'])} tokens of one "
+            "held-out passage (cut at the end of a word): darker is more surprised."
         ),
     }
     figs = "".join(f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(captions.get(f, ""))}'
@@ -306,6 +385,7 @@ th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; font-family: monospace; }}
 figure {{ margin: 2em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.92em; }}
 dt {{ font-family: monospace; font-weight: bold; margin-top: 0.6em; }} code {{ background: #f3f3f3; }}
+.note {{ color: #555; font-size: 0.92em; }} .defs dd {{ font-size: 0.95em; }}
 </style></head>
 <body>
 <h1>xent demo: the same tiny model, trained with different objectives</h1>
@@ -318,10 +398,12 @@ of {c['batch_size']} × {c['seq_len']} tokens from the same initial weights on t
 modules, and {d['synthetic_documents']} held-out Markov documents, whose true entropy is known exactly
 ({d['entropy_rate_nats_per_word']:.4f} nats/word).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-{_findings(summary)}
-<p>Held-out metrics are computed by <code>xent.eval.evaluate</code> (the same numbers as
-<code>xent eval --model models/NAME --data data/heldout.jsonl</code>).
-</p>
+<p class="note">{SIGNIFICANT} significant: the paired difference is more than 1.96 standard errors from 0.
+Held-out metrics are computed by <code>xent.eval.evaluate</code> (the same numbers as
+<code>xent eval --model models/NAME --data data/heldout.jsonl</code>).</p>
+{"<h2>Findings</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>" if items else ""}
+<h2>What the columns mean</h2>
+<dl class="defs">{defs}</dl>
 <h2>The objectives</h2>
 <dl>{expl}</dl>
 <h2>Figures</h2>

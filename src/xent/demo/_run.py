@@ -21,8 +21,9 @@ QUICK_OBJECTIVES = ("ce", "ce_ls", "emo", "tailr")
 @dataclass
 class DemoConfig:
     """The demo's sizes. The default trains each objective on ~820k tokens (400 steps of 32×64, about
-    four passes over the stream) in about 37 CPU-seconds on one thread: enough for the 2-layer model to
-    get within ~0.11 nats/word of the Markov source with cross-entropy. :meth:`quick` (d = 64, an
+    four passes over the stream) in about 45 CPU-seconds on one thread, 7 of them for the training
+    curves (every held-out token, at 8 points): enough for the 2-layer model to get within ~0.11
+    nats/word of the Markov source with cross-entropy. :meth:`quick` (d = 64, an
     eighth of the tokens) is for tests. ``jobs`` changes only the speed; ``threads`` > 1 can change
     the last digits (another order of float reductions).
     """
@@ -88,15 +89,25 @@ def _write_jsonl(path: str, texts: list[str]) -> None:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
 
 
-def _eval_blocks(tokenizer, texts, seq_len, limit):
-    """Held-out sequences for the training curves: each document from its eot, cut to seq_len."""
+def curve_sequences(tokenizer, texts: list[str], seq_len: int):
+    """Every held-out document as training-loop sequences [S, seq_len] (−100 pads), for the curves.
+
+    Document d is [eot, x_1 … x_n]; its sequences start every seq_len − 1 tokens and overlap by one, so
+    each of the n tokens is predicted exactly once, from its own document only: the curves score the
+    same tokens as the table. A sequence of seq_len inputs predicts seq_len − 1 of them, one fewer than
+    the evaluator's windows of seq_len inputs (which also predict the next window's first token), so
+    the contexts restart at other places and the last curve point is close to the table, not equal.
+    """
     import torch
 
     from ._model import tokenize_documents
 
-    stream = [t for doc in tokenize_documents(tokenizer, texts) for t in doc]
-    n = min(limit, len(stream) // seq_len)
-    return torch.tensor(stream[: n * seq_len]).reshape(n, seq_len)
+    rows = []
+    for doc in tokenize_documents(tokenizer, texts):
+        for start in range(0, len(doc) - 1, seq_len - 1):
+            piece = doc[start : start + seq_len]
+            rows.append(piece + [-100] * (seq_len - len(piece)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def synthetic_gap(result, texts: list[str], source, doc_nll: list[float] | None = None) -> dict:
@@ -118,10 +129,8 @@ def synthetic_gap(result, texts: list[str], source, doc_nll: list[float] | None 
     ln2 = math.log(2)
     kl = (model_total - true_total) / words
     se = math.nan
-    if doc_nll is not None and len(texts) > 1:
-        D = len(texts)
-        dev = sum((m - t - kl * n) ** 2 for m, t, n in zip(doc_nll, true_nll, n_words))
-        se = math.sqrt(D / (D - 1) * dev) / words
+    if doc_nll is not None:
+        _, se = clustered_mean([m - t for m, t in zip(doc_nll, true_nll)], n_words)
     return {
         "documents": len(texts), "words": words, "bytes": nbytes,
         "entropy_rate_nats_per_word": source.entropy_rate,
@@ -133,6 +142,69 @@ def synthetic_gap(result, texts: list[str], source, doc_nll: list[float] | None 
         "model_bits_per_byte": result.bits_per_byte,
         "gap_bits_per_byte": (model_total - true_total) / (nbytes * ln2),
     }
+
+
+def clustered_mean(values: list[float], counts: list[int]) -> tuple[float, float]:
+    """(m, SE): the ratio mean m = Σ_d v_d / Σ_d n_d of per-document sums v_d over n_d units (tokens,
+    words) and its document-clustered standard error √(D/(D−1)·Σ_d (v_d − m·n_d)²) / Σ_d n_d
+    (REFERENCE.md §4), with xent.eval's exact arithmetic: each v_d is rounded to a multiple of 2^-32
+    (1e-10 nats) and everything after that is integer sums. SE is NaN for fewer than two documents."""
+    import torch
+
+    from ..eval._sums import SCALE, clustered_se, fixed
+
+    v = fixed(torch.tensor(values, dtype=torch.float64)).tolist()
+    n = [int(c) for c in counts]
+    N, total = sum(n), sum(v)
+    if N == 0:
+        return math.nan, math.nan
+    se = clustered_se(total, sum(x * x for x in v), sum(x * c for x, c in zip(v, n)), sum(c * c for c in n),
+                      N, len(n))
+    return total / SCALE / N, se
+
+
+def paired_difference(a: list[float], b: list[float], counts: list[int]) -> dict:
+    """A minus B on the same documents (the same tokens): Δ = Σ_d (a_d − b_d) / Σ_d n_d from the summed
+    losses a_d, b_d of document d over its n_d units, its document-clustered SE (the documents are
+    the independent units; pairing removes what the two models share), z = Δ/SE and
+    ``significant`` = |z| > 1.96 (two-sided, 5 %). Documents with n_d = 0 are left out."""
+    if not len(a) == len(b) == len(counts):
+        raise ValueError(f"a, b and counts must have one entry per document, got {len(a)}, {len(b)} "
+                         f"and {len(counts)}")
+    keep = [i for i, n in enumerate(counts) if n > 0]
+    diff, se = clustered_mean([a[i] - b[i] for i in keep], [counts[i] for i in keep])
+    if math.isnan(se) or math.isnan(diff):
+        z = math.nan
+    elif se > 0:
+        z = diff / se
+    else:  # identical on every document (z = 0/0), or a shift with no spread at all
+        z = math.nan if diff == 0 else math.copysign(math.inf, diff)
+    return {"diff": diff, "se": se, "z": z, "significant": bool(abs(z) > 1.96)}
+
+
+def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
+    """Adds ``vs_baseline`` to each objective of ``summary`` but the baseline (ce when it was trained,
+    else the first objective), and returns the baseline's name: the paired per-document differences of
+    the held-out loss (nats/token) and of the loss on the Markov text (nats/word, which is the difference
+    of the two KL estimates: the source's −log p cancels)."""
+    objs = summary["objectives"]
+    baseline = "ce" if "ce" in objs else next(iter(objs))
+    base = objs[baseline]
+    words = [len(t.split(" ")) for t in synthetic_texts]
+    for name, entry in objs.items():
+        for key in ("heldout", "synthetic"):
+            if entry[key]["doc_tokens"] != base[key]["doc_tokens"]:  # one tokenizer: never, unless a bug
+                raise RuntimeError(f"{name} and {baseline} scored different tokens of the {key} documents")
+        if name == baseline:
+            continue
+        entry["vs_baseline"] = {
+            "baseline": baseline,
+            "heldout_nll_nats_per_token": paired_difference(
+                entry["heldout"]["doc_nll"], base["heldout"]["doc_nll"], base["heldout"]["doc_tokens"]),
+            "synthetic_nats_per_word": paired_difference(
+                entry["synthetic"]["doc_nll"], base["synthetic"]["doc_nll"], words),
+        }
+    return baseline
 
 
 def _metrics(r) -> dict:
@@ -184,8 +256,8 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     _write_jsonl(os.path.join(out, "data", "synthetic.jsonl"), data.synthetic)
     tokenizer = train_tokenizer(data.train_texts, cfg.vocab_size)
     stream = torch.tensor([t for doc in tokenize_documents(tokenizer, data.train_texts) for t in doc])
-    eval_sets = {"heldout": _eval_blocks(tokenizer, data.heldout, cfg.seq_len, 16),
-                 "synthetic": _eval_blocks(tokenizer, data.synthetic, cfg.seq_len, 8)}
+    eval_sets = {"heldout": curve_sequences(tokenizer, data.heldout, cfg.seq_len),
+                 "synthetic": curve_sequences(tokenizer, data.synthetic, cfg.seq_len)}
     log(f"tokenizer: {len(tokenizer)} tokens; training stream {stream.numel():,} tokens "
         f"({len(data.train_texts)} documents); held out: {len(data.heldout)} docstring documents, "
         f"{len(data.synthetic)} Markov documents")
@@ -214,10 +286,11 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     for name, entry, losses in _map(job, cfg.objectives, cfg.jobs):
         summary["objectives"][name] = entry
         passage_losses[name] = losses
-        log(f"  {name:<9} trained in {entry['train_seconds']:5.1f}s: "
+        log(f"  {name:<9} trained in {entry['train_cpu_seconds']:5.1f} CPU-s: "
             f"held-out ppl {entry['perplexity']:7.2f}, "
             f"synthetic KL {entry['synthetic_kl_nats_per_word']:.4f} nats/word")
 
+    summary["baseline"] = compare_with_baseline(summary, data.synthetic)
     log("plotting")
     summary["passage"] = {"source": data.heldout_sources[passage_doc], "text": passage,
                           "tokens": passage_losses[cfg.objectives[0]]["tokens"]}
@@ -269,7 +342,6 @@ def _train_one(job: _Job, name: str):
     from transformers.utils import logging as hf_logging
 
     import xent
-    from xent.eval import evaluate
 
     from ..training import OBJECTIVES
     from ._model import build_model
@@ -279,26 +351,24 @@ def _train_one(job: _Job, name: str):
     hf_logging.disable_progress_bar()
     model = build_model(len(tokenizer), seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, eot_id=tokenizer.eos_token_id, seed=cfg.seed)
+    cpu_start = time.process_time()  # this process's CPU time: the work, not the wait for a busy core
     result = xent.train(
         model, job.stream, objective=name, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
         lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
         eval_every=cfg.eval_every, save_dir=os.path.join(job.out, "models", name), progress=job.progress,
         eval_data=job.eval_sets, tokenizer=tokenizer,
     )
+    train_cpu = time.process_time() - cpu_start
     model.eval()
-    heldout = evaluate(model, tokenizer, job.heldout, max_length=cfg.seq_len)
-    doc_nll = torch.zeros(len(job.synthetic), dtype=torch.float64)  # per-document summed loss
-
-    def add_doc_losses(stats):
-        doc_nll.index_add_(0, stats["doc"], stats["loss"].double())
-
-    synthetic = evaluate(model, tokenizer, job.synthetic, max_length=cfg.seq_len, on_tokens=add_doc_losses)
-    gap = synthetic_gap(synthetic, job.synthetic, job.source, doc_nll.tolist())
+    heldout, heldout_docs = _evaluate_by_document(model, tokenizer, job.heldout, cfg.seq_len)
+    synthetic, synthetic_docs = _evaluate_by_document(model, tokenizer, job.synthetic, cfg.seq_len)
+    gap = synthetic_gap(synthetic, job.synthetic, job.source, synthetic_docs["doc_nll"])
     entry = {
         "description": OBJECTIVES[name][0],
         "loss": result.objective,
         "checkpoint": f"models/{name}",
-        "train_seconds": result.seconds,
+        "train_seconds": result.seconds,  # wall clock: includes any wait for a core
+        "train_cpu_seconds": train_cpu,
         "train_tokens": result.tokens,
         "final_train_loss": result.final_loss,
         "nll_mean": heldout.nll_mean,
@@ -309,12 +379,31 @@ def _train_one(job: _Job, name: str):
         "synthetic_gap_bits_per_byte": gap["gap_bits_per_byte"],
         "synthetic_kl_nats_per_word": gap["kl_nats_per_word"],
         "synthetic_kl_nats_per_word_se": gap["kl_nats_per_word_se"],
-        "heldout": _metrics(heldout),
-        "synthetic": {**_metrics(synthetic), **gap},
+        "heldout": {**_metrics(heldout), **heldout_docs},
+        "synthetic": {**_metrics(synthetic), **gap, **synthetic_docs},
         "history": result.history,
         "eval_history": result.eval_history,
     }
     return name, entry, _token_losses(model, tokenizer, job.passage, cfg.seq_len)
+
+
+def _evaluate_by_document(model, tokenizer, texts: list[str], max_length: int):
+    """(xent.eval.evaluate's result, {"doc_nll": summed loss of each document in nats, "doc_tokens":
+    its scored tokens}): the per-document sums are the evaluator's own, exact (multiples of 2^-32)."""
+    import torch
+
+    from ..eval import evaluate
+    from ..eval._sums import SCALE, fixed
+
+    sums = torch.zeros(len(texts), dtype=torch.int64)
+    counts = torch.zeros(len(texts), dtype=torch.int64)
+
+    def add(stats):
+        sums.index_add_(0, stats["doc"], fixed(stats["loss"]))
+        counts.index_add_(0, stats["doc"], torch.ones_like(stats["doc"]))
+
+    result = evaluate(model, tokenizer, texts, max_length=max_length, on_tokens=add)
+    return result, {"doc_nll": [k / SCALE for k in sums.tolist()], "doc_tokens": counts.tolist()}
 
 
 def _cpu_seconds() -> float:
@@ -331,19 +420,35 @@ def _pick_passage(texts: list[str]) -> tuple[int, str]:
     return 0, texts[0][:300]
 
 
+def word_cut(tokens: list[str], limit: int) -> int:
+    """The largest k ≤ limit such that tokens[:k] ends at a word boundary (the next token starts with
+    whitespace or punctuation, or the k-th ends with either, or nothing follows); limit if there is none."""
+    if limit >= len(tokens):
+        return len(tokens)
+
+    def boundary(k: int) -> bool:
+        before, after = tokens[k - 1][-1:], tokens[k][:1]
+        return not (before.isalnum() or before == "_") or not (after.isalnum() or after == "_")
+
+    return next((k for k in range(limit, 0, -1) if boundary(k)), limit)
+
+
 def _token_losses(model, tokenizer, text: str, seq_len: int) -> dict:
-    """Per-token −log q_y (nats) and q_y of ``text`` after eot, in one window of ``seq_len``."""
+    """Per-token −log q_y (nats) of ``text`` after eot, in one window of ``seq_len``, cut at the end of a
+    word (or of the text)."""
     import torch
 
     from ._model import tokenize_documents
 
-    ids = tokenize_documents(tokenizer, [text])[0][:seq_len]
-    x = torch.tensor([ids])
+    ids = tokenize_documents(tokenizer, [text])[0]
+    tokens = [tokenizer.decode([i]) for i in ids[1:]]
+    k = word_cut(tokens, seq_len - 1)
+    x = torch.tensor([ids[: k + 1]])
     with torch.no_grad():
         logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
         logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
     nll = -logp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)
-    return {"tokens": [tokenizer.decode([i]) for i in ids[1:]], "nll": nll.tolist()}
+    return {"tokens": tokens[:k], "nll": nll.tolist()}
 
 
 def _jsonable(d: dict) -> dict:

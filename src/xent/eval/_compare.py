@@ -2,9 +2,12 @@
 
 Per scored token, with p = softmax(base logits), q = softmax(model logits) in float32 and y the target:
 KL(p‖q) = Σ_c p_c (log p_c − log q_c); same top = [argmax p = argmax q]; Δp = q_y − p_y;
-Δℓ = ℓ_model − ℓ_base. Means are exact integer sums (see _sums); standard errors treat tokens as
-independent, s/√N (the paired SE of Δℓ is far smaller than the SEs of the two NLLs: the models err on
-the same tokens). Percentiles (numpy's linear interpolation) need every value: 8 bytes per token.
+Δℓ = ℓ_model − ℓ_base. Means are exact integer sums (see _sums). Each mean ± has two standard errors:
+``*_se`` treats tokens as independent, s/√N (what llama.cpp prints); ``*_se_document`` clusters by
+document, √(D/(D−1)·Σ_d (S_d − m·n_d)²)/N with S_d the document's sum (REFERENCE.md §4), honest when
+tokens of a document are correlated, and often several times larger. (The paired SE of Δℓ is far smaller
+than the SEs of the two NLLs: the models err on the same tokens.) Percentiles (numpy's linear
+interpolation) need every value: 8 bytes per token.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from ._files import state_dict_sha256
 from ._options import resolve_options
 from ._runner import ChunkedScorer, eval_mode
 from ._score import by_row_chunks, forward_logits, scored_index
-from ._sums import SCALE, fixed
+from ._sums import SCALE, clustered_se, fixed
 
 PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
 _SUMS = ("tokens", "documents", "skipped_empty", "skipped_unscored", "same_top", "kl", "kl_sq", "dp",
-         "dp_sq", "nll_base", "nll_model", "dnll", "dnll_sq")
+         "dp_sq", "nll_base", "nll_model", "dnll", "dnll_sq",
+         # per-document sums S_d (fixed point) for the clustered SEs: Σ S_d², Σ S_d·n_d, and Σ n_d²
+         "doc_kl_sq", "doc_kl_n", "doc_dnll_sq", "doc_dnll_n", "doc_top_sq", "doc_top_n", "doc_n_sq")
+# the per-document quantities, in the column order of CompareRunner's per-document accumulator
+_PER_DOC = ("kl", "dnll", "top")
 
 
 @dataclass
@@ -37,10 +44,13 @@ class CompareResult:
     tokens: int
     documents: int
     kl_mean: float
-    kl_se: float
+    kl_se: float  # tokens iid
+    kl_se_document: float  # clustered by document
     kl_max: float
     kl_percentiles: dict[str, float]
     same_top_rate: float
+    same_top_rate_se: float
+    same_top_rate_se_document: float
     delta_p_mean: float
     delta_p_rms: float
     delta_p_percentiles: dict[str, float]
@@ -48,6 +58,7 @@ class CompareResult:
     nll_model: float
     delta_nll_mean: float
     delta_nll_se: float
+    delta_nll_se_document: float
     ppl_ratio: float
     skipped_empty: int = 0
     skipped_unscored: int = 0
@@ -104,7 +115,8 @@ class CompareRunner(ChunkedScorer):
     def _score_chunk(self, docs, items, on_tokens, progress):
         base_dev = next(self.base.parameters()).device
         model_dev = next(self.model.parameters()).device
-        scored = [0] * len(docs)
+        # per document of the chunk: Σ KL, Σ Δℓ, Σ same-top (fixed point), scored tokens
+        per_doc = torch.zeros(len(docs), len(_PER_DOC) + 1, dtype=torch.int64)
         for batch, slots in self._batches(items):
             rows, cols = scored_index(batch)
             targets = batch["labels"][rows, cols]
@@ -125,15 +137,21 @@ class CompareRunner(ChunkedScorer):
             s["nll_model"] += int(fixed(st["nll_model"]).sum())
             self.kl_values.append(st["kl"].float())
             self.dp_values.append(st["dp"].float())
-            for k in slots[rows].tolist():
-                scored[k] += 1
+            cols = [fixed(st["kl"]), fixed(dnll), fixed(st["same_top"].double()),
+                    torch.ones_like(targets)]
+            per_doc.index_add_(0, slots[rows], torch.stack(cols, 1))
             if progress is not None:
                 progress(len(targets))
-        for (_, file, _, _), n in zip(docs, scored):
+        for (_, file, _, _), row in zip(docs, per_doc.tolist()):
+            *sums, n = row
             if n == 0:
                 self._skip(file, "skipped_unscored")
-            else:
-                self.sums["documents"] += 1
+                continue
+            self.sums["documents"] += 1
+            self.sums["doc_n_sq"] += n * n
+            for name, S in zip(_PER_DOC, sums):
+                self.sums[f"doc_{name}_sq"] += S * S
+                self.sums[f"doc_{name}_n"] += S * n
 
 
 def _mean_se(total: int, total_sq: int, n: int) -> tuple[float, float]:
@@ -184,18 +202,26 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     kl_mean, kl_se = _mean_se(s["kl"], s["kl_sq"], N)
     dp_mean, _ = _mean_se(s["dp"], s["dp_sq"], N)
     dnll_mean, dnll_se = _mean_se(s["dnll"], s["dnll_sq"], N)
+    same = s["same_top"] / N
+    D = s["documents"]
+
+    def se_document(name: str, total: int) -> float:
+        return clustered_se(total, s[f"doc_{name}_sq"], s[f"doc_{name}_n"], s["doc_n_sq"], N, D)
     if model_sha256 is None:
         model_sha256 = {"base": state_dict_sha256(base), "model": state_dict_sha256(model)}
     if data_sha256 is None and corpus is not None:
         data_sha256 = corpus.sha256()
     return CompareResult(
-        tokens=N, documents=s["documents"], kl_mean=kl_mean, kl_se=kl_se, kl_max=float(kl_all.max()),
-        kl_percentiles=_percentiles(kl_all), same_top_rate=s["same_top"] / N, delta_p_mean=dp_mean,
+        tokens=N, documents=D, kl_mean=kl_mean, kl_se=kl_se, kl_se_document=se_document("kl", s["kl"]),
+        kl_max=float(kl_all.max()), kl_percentiles=_percentiles(kl_all), same_top_rate=same,
+        same_top_rate_se=math.sqrt(same * (1 - same) / (N - 1)) if N > 1 else math.nan,
+        same_top_rate_se_document=se_document("top", s["same_top"] * SCALE), delta_p_mean=dp_mean,
         delta_p_rms=math.sqrt(float(Fraction(s["dp_sq"], SCALE) / N)),
         delta_p_percentiles=_percentiles(dp_all),
         nll_base=float(Fraction(s["nll_base"], SCALE) / N),
         nll_model=float(Fraction(s["nll_model"], SCALE) / N),
-        delta_nll_mean=dnll_mean, delta_nll_se=dnll_se, ppl_ratio=math.exp(dnll_mean),
+        delta_nll_mean=dnll_mean, delta_nll_se=dnll_se, delta_nll_se_document=se_document("dnll", s["dnll"]),
+        ppl_ratio=math.exp(dnll_mean),
         skipped_empty=s["skipped_empty"], skipped_unscored=s["skipped_unscored"],
         config={**opts.config(), "world_size": world, **(extra_config or {})}, model_sha256=model_sha256,
         data_sha256=data_sha256,
@@ -203,26 +229,31 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
 
 
 def print_compare(summary: dict, file=None) -> None:
-    """A report laid out like llama.cpp's ``--kl-divergence`` output."""
+    """A report laid out like llama.cpp's ``--kl-divergence`` output, each ± with both standard errors
+    named: tokens iid (llama.cpp's) and clustered by document."""
     import sys
 
     out = file or sys.stdout
     n = summary["tokens"]
-    same = summary["same_top_rate"]
-    same_se = math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else math.nan
+    ratio = summary["ppl_ratio"]
+
+    def pm(se_iid: float, se_doc: float, width: int = 10, digits: int = 6, unit: str = "") -> str:
+        return (f" ± {se_iid:{width}.{digits}f}{unit} (SE, tokens iid)"
+                f" ± {se_doc:{width}.{digits}f}{unit} (SE, by document)")
+
     lines = [
         f"tokens: {n} in {summary['documents']} documents",
         "",
         "====== Perplexity statistics ======",
         f"Mean PPL(Q)                   : {math.exp(summary['nll_model']):12.6f}",
         f"Mean PPL(base)                : {math.exp(summary['nll_base']):12.6f}",
-        f"Mean ln(PPL(Q)/PPL(base))     : {summary['delta_nll_mean']:12.6f} ± "
-        f"{summary['delta_nll_se']:10.6f}",
-        f"Mean PPL(Q)/PPL(base)         : {summary['ppl_ratio']:12.6f} ± "
-        f"{summary['ppl_ratio'] * summary['delta_nll_se']:10.6f}",
+        f"Mean ln(PPL(Q)/PPL(base))     : {summary['delta_nll_mean']:12.6f}"
+        + pm(summary["delta_nll_se"], summary["delta_nll_se_document"]),
+        f"Mean PPL(Q)/PPL(base)         : {ratio:12.6f}"
+        + pm(ratio * summary["delta_nll_se"], ratio * summary["delta_nll_se_document"]),
         "",
         "====== KL divergence statistics ======",
-        f"Mean    KLD: {summary['kl_mean']:10.6f} ± {summary['kl_se']:10.6f}",
+        f"Mean    KLD: {summary['kl_mean']:10.6f}" + pm(summary["kl_se"], summary["kl_se_document"]),
         f"Maximum KLD: {summary['kl_max']:10.6f}",
         *(f"{q + '%':<7} KLD: {v:10.6f}" for q, v in summary["kl_percentiles"].items()),
         "",
@@ -230,6 +261,7 @@ def print_compare(summary: dict, file=None) -> None:
         f"Mean    Δp: {100 * summary['delta_p_mean']:8.3f} %",
         *(f"{q + '%':<7} Δp: {100 * v:8.3f} %" for q, v in summary["delta_p_percentiles"].items()),
         f"RMS Δp    : {100 * summary['delta_p_rms']:8.3f} %",
-        f"Same top p: {100 * same:8.3f} ± {100 * same_se:6.3f} %",
+        f"Same top p: {100 * summary['same_top_rate']:8.3f} %"
+        + pm(100 * summary["same_top_rate_se"], 100 * summary["same_top_rate_se_document"], 6, 3, " %"),
     ]
     print("\n".join(lines), file=out)

@@ -32,6 +32,18 @@ def position_buckets(max_length: int) -> list[tuple[int, int]]:
     return edges
 
 
+def clustered_se(total: int, doc_sq: int, doc_cross: int, doc_n_sq: int, n: int, d: int) -> float:
+    """Document-clustered standard error of the mean m = Σ_d S_d / N (REFERENCE.md §4):
+    √(D/(D−1) · Σ_d (S_d − m·n_d)²) / N, the square expanded and computed exactly from the integer
+    sums total = Σ S_d, doc_sq = Σ S_d², doc_cross = Σ S_d·n_d (S_d in fixed point, k / 2^32),
+    doc_n_sq = Σ n_d², n = N = Σ n_d and d = D. NaN when D < 2 or N = 0."""
+    if d < 2 or n == 0:
+        return math.nan
+    mean = Fraction(total, SCALE) / n
+    resid = Fraction(doc_sq, SCALE * SCALE) - 2 * mean * Fraction(doc_cross, SCALE) + mean * mean * doc_n_sq
+    return math.sqrt(d / (d - 1) * max(float(resid), 0.0)) / n
+
+
 FIELDS = (
     "tokens", "documents", "bytes", "words", "skipped_empty", "skipped_unscored",
     "nll", "nll_sq", "entropy", "brier", "top1", "top5",
@@ -125,13 +137,7 @@ class Totals:
         # iid: s/√N with the sample variance (N − 1), as llama.cpp: √((E[ℓ²] − E[ℓ]²)/(N − 1)).
         var_pop = Fraction(self.nll_sq, SCALE) / N - mean * mean
         se_token = math.sqrt(max(float(var_pop), 0.0) / (N - 1)) if N > 1 else nan
-        # clustered: √(D/(D−1) · Σ_d (S_d − L̄ n_d)²) / N, the square expanded and computed exactly.
-        if D > 1:
-            resid = (Fraction(self.doc_nll_sq, SCALE * SCALE) - 2 * mean * Fraction(self.doc_nll_n, SCALE)
-                     + mean * mean * self.doc_n_sq)
-            se_doc = math.sqrt(D / (D - 1) * max(float(resid), 0.0)) / N
-        else:
-            se_doc = nan
+        se_doc = clustered_se(self.nll, self.doc_nll_sq, self.doc_nll_n, self.doc_n_sq, N, D)
         total = float(S)
         ln2 = math.log(2)
         ece = sum(abs(Fraction(c, 1) - Fraction(p, SCALE)) for c, p in zip(self.ece_correct, self.ece_conf))
