@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from eval_reference import scored_text_size
 
 import xent.eval
 
@@ -59,14 +60,20 @@ def test_lm_eval_preset_reproduces_rolling_loglikelihood(model_and_tokenizer, do
 
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_llama_cpp_preset_reproduces_perplexity(model_and_tokenizer, documents, add_bos):
-    # llama-perplexity: tokens = [BOS] + text if add_bos; n_chunk = len // n_ctx; with add_bos each
-    # chunk's first token is set to BOS; nll over j in [n_ctx/2, n_ctx − 1) of
-    # −log p(tokens[start + j + 1] | chunk[: j + 1])
+    # llama-perplexity: tokens = [BOS] + text if add_bos; fewer than 2·n_ctx tokens: refused ("you need
+    # at least 2*n_ctx tokens"); n_chunk = len // n_ctx; with add_bos each chunk's first token is set to
+    # BOS; nll over j in [n_ctx/2, n_ctx − 1) of −log p(tokens[start + j + 1] | chunk[: j + 1]).
+    # Bits per byte and word perplexity divide by the bytes and words of those scored tokens only.
     model, tok = model_and_tokenizer
     n_ctx = 32
-    nll, count = 0.0, 0
+    nll, count, nbytes, words, refused = 0.0, 0, 0, 0, 0
     for doc in documents:
-        tokens = [tok.bos_token_id] * add_bos + tok(doc, add_special_tokens=False)["input_ids"]
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        tokens = [tok.bos_token_id] * add_bos + ids
+        if len(tokens) < 2 * n_ctx:
+            refused += 1
+            continue
+        scored = []
         for i in range(len(tokens) // n_ctx):
             start = i * n_ctx
             chunk = tokens[start : start + n_ctx]
@@ -76,12 +83,20 @@ def test_llama_cpp_preset_reproduces_perplexity(model_and_tokenizer, documents, 
             for j in range(n_ctx // 2, n_ctx - 1):
                 nll -= logp[j, tokens[start + j + 1]].item()
                 count += 1
+                scored.append(start + j + 1 - add_bos)
+        b, w = scored_text_size(tok, doc, ids, scored)
+        nbytes, words = nbytes + b, words + w
     r = xent.eval.evaluate(model, tok, documents, max_length=n_ctx, preset="llama.cpp", batch_size=3,
                            bos="first" if add_bos else "none")
-    assert r.tokens == count and count > 0
+    assert r.tokens == count and count > 0 and refused > 0
     assert r.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
-    assert r.skipped_unscored == sum(
-        1 for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) + add_bos < n_ctx)
+    assert r.skipped_unscored == refused
+    assert (r.bytes, r.words) == (nbytes, words)
+    assert r.bits_per_byte == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
+    assert r.word_perplexity == pytest.approx(math.exp(nll / words), rel=1e-5)
+    # about half of each scored document's text: bits per byte near the default run's, not half of it
+    whole = sum(len(d.encode()) for d in documents if len(tok(d)["input_ids"]) + add_bos >= 2 * n_ctx)
+    assert 0.35 * whole < nbytes < 0.65 * whole
 
 
 @pytest.mark.parametrize("L,S", [(32, 32), (32, 12)])
@@ -92,7 +107,7 @@ def test_transformers_preset_reproduces_the_page_loop(model_and_tokenizer, docum
     text = documents[1]
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     seq_len = ids.size(1)
-    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    nll_sum, n_tokens, prev_end_loc, scored = 0.0, 0, 0, []
     for begin_loc in range(0, seq_len, S):
         end_loc = min(begin_loc + L, seq_len)
         trg_len = end_loc - prev_end_loc
@@ -102,6 +117,7 @@ def test_transformers_preset_reproduces_the_page_loop(model_and_tokenizer, docum
         with torch.no_grad():
             loss = model(input_ids, labels=target_ids).loss
         n = int((target_ids[:, 1:] != -100).sum())
+        scored += [begin_loc + 1 + j for j in (target_ids[0, 1:] != -100).nonzero()[:, 0].tolist()]
         nll_sum += loss.item() * n
         n_tokens += n
         prev_end_loc = end_loc
@@ -112,6 +128,10 @@ def test_transformers_preset_reproduces_the_page_loop(model_and_tokenizer, docum
     assert r.nll_mean == pytest.approx(nll_sum / n_tokens, rel=2e-6)
     windows = -(-(seq_len - L) // S) + 1
     assert n_tokens == (seq_len - 1 - (windows - 1) if S == L else seq_len - 1)
+    # bits per byte: the bytes of the scored tokens (not the first, nor each window's first with S = L)
+    nbytes, words = scored_text_size(tok, text, ids[0].tolist(), scored)
+    assert (r.bytes, r.words) == (nbytes, words) and nbytes < len(text.encode())
+    assert r.bits_per_byte == pytest.approx(nll_sum / nbytes / math.log(2), rel=2e-6)
 
 
 def test_a_preset_fixes_stride_and_bos(model_and_tokenizer):

@@ -20,12 +20,12 @@ import xent
 from . import _distributed as dist
 from ._data import Corpus
 from ._errors import EvalError
-from ._evaluate import texts
+from ._evaluate import document_stream
 from ._files import state_dict_sha256
 from ._options import resolve_options
-from ._runner import ChunkedScorer, eval_mode
+from ._runner import ChunkedScorer, check_finite, eval_mode
 from ._score import by_row_chunks, forward_logits, scored_index
-from ._sums import SCALE, fixed
+from ._sums import SCALE, fixed_sum
 
 PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
 _SUMS = ("tokens", "documents", "skipped_empty", "skipped_unscored", "same_top", "kl", "kl_sq", "dp",
@@ -87,7 +87,7 @@ class CompareRunner(ChunkedScorer):
         self.dp_values: list[torch.Tensor] = []
 
     def _encode(self, texts):
-        ids = super()._encode(texts)
+        ids, offsets = super()._encode(texts)
         if self.model_tokenizer is not None and texts:
             other = self.model_tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
             for text, a, b in zip(texts, ids, other):
@@ -96,44 +96,46 @@ class CompareRunner(ChunkedScorer):
                     got = [a[i] if i < len(a) else "end", b[i] if i < len(b) else "end"]
                     raise EvalError(f"the two tokenizers give different token ids (token {i} of the text "
                                     f"{text[:30]!r}: {got[0]} vs {got[1]}); compare needs the same tokens")
-        return ids
+        return ids, offsets
 
-    def _skip(self, file, kind):
+    def _count_skip(self, file, kind, text):
         self.sums[kind] += 1
 
-    def _score_chunk(self, docs, items, on_tokens, progress):
+    def _score_batch(self, docs, batch, slots, on_tokens, progress):
         base_dev = next(self.base.parameters()).device
         model_dev = next(self.model.parameters()).device
-        scored = [0] * len(docs)
-        for batch, slots in self._batches(items):
-            rows, cols = scored_index(batch)
-            targets = batch["labels"][rows, cols]
-            zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
-            zm = forward_logits(self.model, batch, model_dev)
-            st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
-            del zb, zm
-            if not st:
-                continue
-            s = self.sums
-            s["tokens"] += len(targets)
-            s["same_top"] += int(st["same_top"].sum())
-            dnll = st["nll_model"].double() - st["nll_base"].double()
-            for name, v in (("kl", st["kl"]), ("dp", st["dp"]), ("dnll", dnll)):
-                s[name] += int(fixed(v).sum())
-                s[name + "_sq"] += int(fixed(v.double().square()).sum())
-            s["nll_base"] += int(fixed(st["nll_base"]).sum())
-            s["nll_model"] += int(fixed(st["nll_model"]).sum())
-            self.kl_values.append(st["kl"].float())
-            self.dp_values.append(st["dp"].float())
-            for k in slots[rows].tolist():
-                scored[k] += 1
-            if progress is not None:
-                progress(len(targets))
-        for (_, file, _, _), n in zip(docs, scored):
-            if n == 0:
-                self._skip(file, "skipped_unscored")
-            else:
-                self.sums["documents"] += 1
+        rows, cols = scored_index(batch)
+        targets = batch["labels"][rows, cols]
+        zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
+        zm = forward_logits(self.model, batch, model_dev)
+        st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
+        del zb, zm
+        if not st:
+            return
+        doc = torch.tensor([docs[k].index for k in slots[rows].tolist()], dtype=torch.long)
+        check_finite({k: st[k] for k in ("nll_base", "nll_model", "kl", "dp")}, doc,
+                     batch["positions"][rows, cols])
+        s = self.sums
+        s["tokens"] += len(targets)
+        s["same_top"] += int(st["same_top"].sum())
+        dnll = st["nll_model"].double() - st["nll_base"].double()
+        for name, v in (("kl", st["kl"]), ("dp", st["dp"]), ("dnll", dnll)):
+            s[name] += fixed_sum(v)
+            s[name + "_sq"] += fixed_sum(v.double().square())
+        s["nll_base"] += fixed_sum(st["nll_base"])
+        s["nll_model"] += fixed_sum(st["nll_model"])
+        self.kl_values.append(st["kl"].float())
+        self.dp_values.append(st["dp"].float())
+        for k in slots[rows].tolist():
+            docs[k].n += 1
+        if progress is not None:
+            progress(len(targets))
+
+    def _finish(self, d):
+        if d.n == 0:
+            self.sums["skipped_unscored"] += 1
+        else:
+            self.sums["documents"] += 1
 
 
 def _mean_se(total: int, total_sq: int, n: int) -> tuple[float, float]:
@@ -155,7 +157,8 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
 
     ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
-    (EvalError otherwise). Under torch.distributed the documents are sharded across ranks.
+    (EvalError otherwise). Under torch.distributed the batches are shared out across ranks, as in
+    evaluate. A non-finite per-token value of either model raises EvalError (nothing is summed).
     """
     import numpy as np
 
@@ -164,7 +167,7 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     resolve_options(model, tokenizer, max_length=opts.max_length, stride=None if preset else opts.stride,
                     bos=None if preset else opts.bos, preset=preset)  # the model must take these windows too
     corpus = documents if isinstance(documents, Corpus) else None
-    stream = iter(corpus) if corpus is not None else texts(documents)
+    stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
     runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
     with eval_mode(base, model):
