@@ -66,6 +66,9 @@ def resolve_options(
     checkpoint_every: int = 100,
 ) -> Options:
     """Fill in defaults and check every option; EvalError names the first bad one."""
+    from ._load import check_tokenizer
+
+    check_tokenizer(model, tokenizer)
     context = model_context(model)
     if max_length is None:
         if context is None:
