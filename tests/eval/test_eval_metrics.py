@@ -137,3 +137,34 @@ def test_a_model_in_training_mode_is_evaluated_without_dropout(model_and_tokeniz
     finally:
         model.eval()
     assert got.nll_mean == ref.nll_mean
+
+
+class _NoOffsets:
+    """The test tokenizer seen as a slow one: no character offsets."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __call__(self, texts, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tok(texts, **kwargs)
+
+
+def test_bytes_of_a_partly_scored_text_are_omitted_without_offsets(model_and_tokenizer, documents):
+    model, tok = model_and_tokenizer
+    slow = _NoOffsets(tok)
+    whole = xent.eval.evaluate(model, slow, documents, max_length=32)  # bos first: every token scored
+    assert whole.bytes == sum(len(d.encode("utf-8")) for d in documents) and whole.bytes_omitted is None
+    part = xent.eval.evaluate(model, slow, documents, max_length=32, bos="none")
+    assert part.bytes is None and part.words is None
+    assert math.isnan(part.bits_per_byte) and math.isnan(part.word_perplexity)
+    assert "gives no character offsets" in part.bytes_omitted
+    assert part.nll_mean == xent.eval.evaluate(model, tok, documents, max_length=32, bos="none").nll_mean
