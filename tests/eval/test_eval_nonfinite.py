@@ -29,6 +29,7 @@ class Poisoned(torch.nn.Module):
     def __init__(self, model, positions, kind):
         super().__init__()
         self.inner, self.config, self.positions, self.kind = model, model.config, positions, kind
+        self.train(model.training)  # evaluate gives it back in this mode: the shared model stays in eval
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
         z = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
