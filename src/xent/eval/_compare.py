@@ -182,8 +182,10 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     dp_all = np.concatenate([g[2] for g in gathered])
     N = s["tokens"]
     if N == 0:
+        short = (f" (--preset llama.cpp: fewer than 2 × {opts.max_length} tokens, which llama-perplexity "
+                 "refuses)") if opts.preset == "llama.cpp" and s["skipped_unscored"] else ""
         raise EvalError(f"no tokens to score: {s['skipped_empty']} empty and {s['skipped_unscored']} "
-                        "too-short documents")
+                        f"too-short documents{short}")
     kl_mean, kl_se = _mean_se(s["kl"], s["kl_sq"], N)
     dp_mean, _ = _mean_se(s["dp"], s["dp_sq"], N)
     dnll_mean, dnll_se = _mean_se(s["dnll"], s["dnll_sq"], N)
