@@ -35,8 +35,9 @@ def records_one_window(model, docs_ids, bos_id):
     return per_doc
 
 
-def metrics(per_doc, texts, *, bins=15):
-    """Every metric of REFERENCE.md §4 from per-document records, by explicit loops."""
+def metrics(per_doc, texts, *, bins=15, size=None):
+    """Every metric of REFERENCE.md §4 from per-document records, by explicit loops. Bytes and words are
+    those of the whole texts, or ``size`` = (bytes, words) of the scored text when given."""
     losses, doc_sums, doc_counts = [], [], []
     ent, top1, top5, brier, conf, correct, ctx = [], [], [], [], [], [], []
     for recs in per_doc:
@@ -65,6 +66,8 @@ def metrics(per_doc, texts, *, bins=15):
     se_doc = math.sqrt(D / (D - 1) * resid) / N if D > 1 else math.nan
     B = sum(len(t.encode("utf-8")) for t in texts)
     W = sum(len(t.split()) for t in texts)
+    if size is not None:
+        B, W = size
     ece = 0.0
     for b in range(bins):
         idx = [i for i, c in enumerate(conf) if min(int(c * bins), bins - 1) == b]
@@ -85,3 +88,25 @@ def metrics(per_doc, texts, *, bins=15):
         "entropy_mean": sum(ent) / N, "ece": ece, "brier": sum(brier) / N,
         "losses": losses, "contexts": ctx,
     }
+
+
+def scored_text_size(tok, text, ids, positions):
+    """(UTF-8 bytes, words) of the text of the tokens at ``positions``, by decoding prefixes: token i
+    stands for the characters that decoding ids[: i + 1] adds to decoding ids[: i] (a trailing U+FFFD is
+    an incomplete character, left to the token that completes it); a word (str.split) counts with the
+    token that adds its first character."""
+    ends = []
+    for i in range(1, len(ids) + 1):
+        piece = tok.decode(ids[:i])
+        while piece.endswith("\ufffd") and i < len(ids):
+            piece = piece[:-1]
+        assert text.startswith(piece), "decoding is not prefix-consistent for this tokenizer"
+        ends.append(len(piece))
+    assert ends[-1] == len(text)
+    starts = [0] + ends[:-1]
+    nbytes = words = 0
+    for p in positions:
+        a, b = starts[p], ends[p]
+        nbytes += len(text[a:b].encode("utf-8"))
+        words += sum(1 for c in range(a, b) if not text[c].isspace() and (c == 0 or text[c - 1].isspace()))
+    return nbytes, words

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from eval_reference import metrics, records_one_window, token_records
+from eval_reference import metrics, records_one_window, scored_text_size, token_records
 
 import xent.eval
 
@@ -51,7 +51,9 @@ def test_long_document_sliding_window_numbers(model_and_tokenizer, documents):
     for t in range(1, len(x)):
         k = next(k for k in range(len(x)) if k * S <= t - 1 < k * S + L)
         pairs.append((x[k * S : t], x[t]))
-    want = metrics([token_records(model, pairs)], [text])
+    # bos "none" leaves the first token unscored: its text is not in the bytes and words
+    want = metrics([token_records(model, pairs)], [text],
+                   size=scored_text_size(tok, text, x, range(1, len(x))))
     got = xent.eval.evaluate(model, tok, [text], max_length=L, stride=S, bos="none", batch_size=3)
     assert got.tokens == len(x) - 1
     assert got.documents == 1 and math.isnan(got.nll_se_document)
@@ -135,3 +137,34 @@ def test_a_model_in_training_mode_is_evaluated_without_dropout(model_and_tokeniz
     finally:
         model.eval()
     assert got.nll_mean == ref.nll_mean
+
+
+class _NoOffsets:
+    """The test tokenizer seen as a slow one: no character offsets."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __call__(self, texts, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tok(texts, **kwargs)
+
+
+def test_bytes_of_a_partly_scored_text_are_omitted_without_offsets(model_and_tokenizer, documents):
+    model, tok = model_and_tokenizer
+    slow = _NoOffsets(tok)
+    whole = xent.eval.evaluate(model, slow, documents, max_length=32)  # bos first: every token scored
+    assert whole.bytes == sum(len(d.encode("utf-8")) for d in documents) and whole.bytes_omitted is None
+    part = xent.eval.evaluate(model, slow, documents, max_length=32, bos="none")
+    assert part.bytes is None and part.words is None
+    assert math.isnan(part.bits_per_byte) and math.isnan(part.word_perplexity)
+    assert "gives no character offsets" in part.bytes_omitted
+    assert part.nll_mean == xent.eval.evaluate(model, tok, documents, max_length=32, bos="none").nll_mean

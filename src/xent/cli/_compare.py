@@ -40,7 +40,7 @@ def _run(args) -> int:
     corpus = open_corpus(args)
     rank, _ = dist.rank_and_world()
     kw = dict(dtype=args.dtype, device=device_for(args), trust_remote_code=args.trust_remote_code,
-              allow_pickle=args.allow_pickle)
+              allow_pickle=args.allow_pickle, allow_missing_weights=args.allow_missing_weights)
     base, tokenizer, base_sha = load_model(args.base, **kw)
     model, model_tokenizer, model_sha = load_model(args.model, **kw)
     progress = Progress(enabled=rank == 0, desc="comparing")

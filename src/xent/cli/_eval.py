@@ -35,6 +35,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle weights (.bin), read with weights_only=True (default: "
                         "safetensors only)")
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="evaluate even if the checkpoint lacks weights of the model (initialised at random) "
+                        "or holds unknown ones (default: refused, naming them)")
     p.add_argument("--out", metavar="DIR", help="write summary.json (and checkpoints) to DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout, no table")
 
@@ -109,10 +112,20 @@ def run(args) -> int:
     return checked(_run, args)
 
 
+def too_short_note(summary: dict) -> str:
+    """Under --preset llama.cpp, why documents went unscored (llama-perplexity refuses short texts)."""
+    cfg = summary["config"]
+    if cfg.get("preset") != "llama.cpp" or not summary["skipped_unscored"]:
+        return ""
+    return (f" (--preset llama.cpp: fewer than 2 × {cfg['max_length']} tokens, which llama-perplexity "
+            "refuses)")
+
+
 def _run(args) -> int:
     import json
     import os
     import shutil
+    import sys
 
     from xent.eval import EvalError, _files, evaluate
     from xent.eval import _distributed as dist
@@ -125,7 +138,8 @@ def _run(args) -> int:
     rank, _ = dist.rank_and_world()
     model, tokenizer, model_sha = load_model(args.model, dtype=args.dtype, device=device_for(args),
                                              trust_remote_code=args.trust_remote_code,
-                                             allow_pickle=args.allow_pickle)
+                                             allow_pickle=args.allow_pickle,
+                                             allow_missing_weights=args.allow_missing_weights)
     out_existed = args.out is not None and os.path.isdir(args.out)
 
     def discard() -> None:
@@ -162,10 +176,14 @@ def _run(args) -> int:
     if args.stop_after is not None:
         return 3  # interrupted on purpose (tests): the checkpoint is in --out
     summary = result.to_dict()
+    short = too_short_note(summary)
     if summary["tokens"] == 0:
         discard()
         raise CommandError(f"no tokens to score in {' '.join(args.data)}: {summary['skipped_empty']} empty "
-                           f"and {summary['skipped_unscored']} too-short documents")
+                           f"and {summary['skipped_unscored']} too-short documents{short}")
+    if short and rank == 0:
+        print(f"xent eval: warning: {summary['skipped_unscored']} documents not scored{short}",
+              file=sys.stderr)
     if rank == 0:
         if args.out:
             if sink is not None:

@@ -74,7 +74,9 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer, _ = load_model(args.model, device=args.device)
+        # --from-scratch re-initialises every weight: a checkpoint lacking some is no matter then
+        model, tokenizer, _ = load_model(args.model, device=args.device,
+                                         allow_missing_weights=args.from_scratch)
         docs = _documents(args.data, args.split, args.text_field)
         eval_docs = _documents(args.eval_data, args.split, args.text_field) if args.eval_data else None
     except EvalError as err:

@@ -23,12 +23,12 @@ import xent
 from . import _distributed as dist
 from ._data import Corpus
 from ._errors import EvalError
-from ._evaluate import texts
+from ._evaluate import document_stream
 from ._files import state_dict_sha256
 from ._options import resolve_options
-from ._runner import ChunkedScorer, eval_mode
+from ._runner import ChunkedScorer, check_finite, eval_mode
 from ._score import by_row_chunks, forward_logits, scored_index
-from ._sums import SCALE, clustered_se, fixed
+from ._sums import SCALE, clustered_se, fixed, fixed_sum
 
 PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
 _SUMS = ("tokens", "documents", "skipped_empty", "skipped_unscored", "same_top", "kl", "kl_sq", "dp",
@@ -98,7 +98,7 @@ class CompareRunner(ChunkedScorer):
         self.dp_values: list[torch.Tensor] = []
 
     def _encode(self, texts):
-        ids = super()._encode(texts)
+        ids, offsets = super()._encode(texts)
         if self.model_tokenizer is not None and texts:
             other = self.model_tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
             for text, a, b in zip(texts, ids, other):
@@ -107,51 +107,60 @@ class CompareRunner(ChunkedScorer):
                     got = [a[i] if i < len(a) else "end", b[i] if i < len(b) else "end"]
                     raise EvalError(f"the two tokenizers give different token ids (token {i} of the text "
                                     f"{text[:30]!r}: {got[0]} vs {got[1]}); compare needs the same tokens")
-        return ids
+        return ids, offsets
 
-    def _skip(self, file, kind):
+    def _count_skip(self, file, kind, text):
         self.sums[kind] += 1
 
-    def _score_chunk(self, docs, items, on_tokens, progress):
+    def _score_batch(self, docs, batch, slots, on_tokens, progress):
         base_dev = next(self.base.parameters()).device
         model_dev = next(self.model.parameters()).device
-        # per document of the chunk: Σ KL, Σ Δℓ, Σ same-top (fixed point), scored tokens
+        rows, cols = scored_index(batch)
+        targets = batch["labels"][rows, cols]
+        zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
+        zm = forward_logits(self.model, batch, model_dev)
+        st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
+        del zb, zm
+        if not st:
+            return
+        doc = torch.tensor([docs[k].index for k in slots[rows].tolist()], dtype=torch.long)
+        check_finite({k: st[k] for k in ("nll_base", "nll_model", "kl", "dp")}, doc,
+                     batch["positions"][rows, cols])
+        s = self.sums
+        s["tokens"] += len(targets)
+        s["same_top"] += int(st["same_top"].sum())
+        dnll = st["nll_model"].double() - st["nll_base"].double()
+        for name, v in (("kl", st["kl"]), ("dp", st["dp"]), ("dnll", dnll)):
+            s[name] += fixed_sum(v)
+            s[name + "_sq"] += fixed_sum(v.double().square())
+        s["nll_base"] += fixed_sum(st["nll_base"])
+        s["nll_model"] += fixed_sum(st["nll_model"])
+        self.kl_values.append(st["kl"].float())
+        self.dp_values.append(st["dp"].float())
+        # per document: Σ KL, Σ Δℓ, Σ same-top (fixed point) and the token count, for the clustered SEs;
+        # partial on this rank until the chunk's exchange sums them over the ranks
+        slot = slots[rows]
+        cols = [fixed(st["kl"]), fixed(dnll), fixed(st["same_top"].double()), torch.ones_like(targets)]
         per_doc = torch.zeros(len(docs), len(_PER_DOC) + 1, dtype=torch.int64)
-        for batch, slots in self._batches(items):
-            rows, cols = scored_index(batch)
-            targets = batch["labels"][rows, cols]
-            zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
-            zm = forward_logits(self.model, batch, model_dev)
-            st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
-            del zb, zm
-            if not st:
-                continue
-            s = self.sums
-            s["tokens"] += len(targets)
-            s["same_top"] += int(st["same_top"].sum())
-            dnll = st["nll_model"].double() - st["nll_base"].double()
-            for name, v in (("kl", st["kl"]), ("dp", st["dp"]), ("dnll", dnll)):
-                s[name] += int(fixed(v).sum())
-                s[name + "_sq"] += int(fixed(v.double().square()).sum())
-            s["nll_base"] += int(fixed(st["nll_base"]).sum())
-            s["nll_model"] += int(fixed(st["nll_model"]).sum())
-            self.kl_values.append(st["kl"].float())
-            self.dp_values.append(st["dp"].float())
-            cols = [fixed(st["kl"]), fixed(dnll), fixed(st["same_top"].double()),
-                    torch.ones_like(targets)]
-            per_doc.index_add_(0, slots[rows], torch.stack(cols, 1))
-            if progress is not None:
-                progress(len(targets))
-        for (_, file, _, _), row in zip(docs, per_doc.tolist()):
-            *sums, n = row
-            if n == 0:
-                self._skip(file, "skipped_unscored")
-                continue
-            self.sums["documents"] += 1
-            self.sums["doc_n_sq"] += n * n
-            for name, S in zip(_PER_DOC, sums):
-                self.sums[f"doc_{name}_sq"] += S * S
-                self.sums[f"doc_{name}_n"] += S * n
+        per_doc.index_add_(0, slot, torch.stack(cols, 1))
+        for k in slot.unique().tolist():
+            *sums, n = per_doc[k].tolist()
+            d = docs[k]
+            d.sums = [a + b for a, b in zip(d.sums, sums)] if d.sums else sums
+            d.n += n
+        if progress is not None:
+            progress(len(targets))
+
+    def _finish(self, d):
+        if d.n == 0:
+            self.sums["skipped_unscored"] += 1
+            return
+        s, n = self.sums, d.n
+        s["documents"] += 1
+        s["doc_n_sq"] += n * n
+        for name, S in zip(_PER_DOC, d.sums):
+            s[f"doc_{name}_sq"] += S * S
+            s[f"doc_{name}_n"] += S * n
 
 
 def _mean_se(total: int, total_sq: int, n: int) -> tuple[float, float]:
@@ -173,7 +182,8 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
 
     ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
-    (EvalError otherwise). Under torch.distributed the documents are sharded across ranks.
+    (EvalError otherwise). Under torch.distributed the batches are shared out across ranks, as in
+    evaluate. A non-finite per-token value of either model raises EvalError (nothing is summed).
     """
     import numpy as np
 
@@ -182,7 +192,7 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     resolve_options(model, tokenizer, max_length=opts.max_length, stride=None if preset else opts.stride,
                     bos=None if preset else opts.bos, preset=preset)  # the model must take these windows too
     corpus = documents if isinstance(documents, Corpus) else None
-    stream = iter(corpus) if corpus is not None else texts(documents)
+    stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
     runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
     with eval_mode(base, model):
@@ -197,8 +207,10 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     dp_all = np.concatenate([g[2] for g in gathered])
     N = s["tokens"]
     if N == 0:
+        short = (f" (--preset llama.cpp: fewer than 2 × {opts.max_length} tokens, which llama-perplexity "
+                 "refuses)") if opts.preset == "llama.cpp" and s["skipped_unscored"] else ""
         raise EvalError(f"no tokens to score: {s['skipped_empty']} empty and {s['skipped_unscored']} "
-                        "too-short documents")
+                        f"too-short documents{short}")
     kl_mean, kl_se = _mean_se(s["kl"], s["kl_sq"], N)
     dp_mean, _ = _mean_se(s["dp"], s["dp_sq"], N)
     dnll_mean, dnll_se = _mean_se(s["dnll"], s["dnll_sq"], N)

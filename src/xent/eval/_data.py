@@ -173,3 +173,27 @@ def count_words_lm_eval(text: str) -> int:
     import re
 
     return len(re.split(r"\s+", text))
+
+
+def token_text_sizes(text: str, offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(UTF-8 bytes, words) of the text each token stands for, from a fast tokenizer's character
+    offsets: the text is cut at each boundary c_i = max(c_{i−1}, min(start_i, end_{i−1})) (c_0 = 0, the
+    last token runs to the end), so the pieces tile the text. Whitespace trimmed from a token's offsets
+    goes with the token after it, and a character split over several byte-level tokens goes to the token
+    that completes it (as the text of tokens.parquet). A word (a run of non-whitespace, as str.split)
+    belongs to the token holding its first character."""
+    import bisect
+    import re
+
+    n = len(offsets)
+    if n == 0:
+        return [], []
+    cuts = [0]
+    for i in range(1, n):
+        cuts.append(max(cuts[-1], min(offsets[i][0], offsets[i - 1][1], len(text))))
+    cuts.append(len(text))
+    nbytes = [len(text[cuts[i] : cuts[i + 1]].encode("utf-8")) for i in range(n)]
+    words = [0] * n
+    for m in re.finditer(r"\S+", text):  # \s is str.isspace, so these are str.split()'s words
+        words[min(bisect.bisect_right(cuts, m.start()) - 1, n - 1)] += 1
+    return nbytes, words

@@ -1,6 +1,6 @@
-"""Data parallelism: under torchrun every rank scores its share of the documents; the exact integer
-totals are gathered (all_gather_object, any backend) and summed, so K processes give bit for bit the
-result of one. Rank 0 writes the files."""
+"""Data parallelism: under torchrun every rank runs its share of the batches one process would run (see
+_runner); the exact integer totals are gathered (all_gather_object, any backend) and summed, so K
+processes give bit for bit the result of one. Rank 0 writes the files."""
 
 from __future__ import annotations
 

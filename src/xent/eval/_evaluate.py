@@ -21,9 +21,16 @@ class EvalResult:
 
     nll_mean is in nats per scored token; nll_se_token is s/√N (tokens independent, as llama.cpp
     prints) and nll_se_document the document-clustered SE; perplexity_ci95 = e^(L̄ ± 1.96·SE_doc).
-    bits_per_byte, byte_perplexity and word_perplexity divide the summed loss by the UTF-8 bytes and
-    words of the scored documents, whole (as lm-evaluation-harness does): where some tokens are not
-    scored (bos "none", the llama.cpp and transformers presets) they flatter the model.
+    bytes and words are those of the scored text, and bits_per_byte = Σℓ / (bytes · ln 2),
+    byte_perplexity = 2^bits_per_byte, word_perplexity = e^(Σℓ / words). Where every token of a
+    document is scored (bos "first" or "every", the lm-eval preset) that is the whole document: its
+    UTF-8 bytes, and its words as str.split() counts them (lm-eval: len(re.split(r"\\s+", text)), and
+    the lm-eval preset also counts an empty document's one word). Where some are not (bos "none": the
+    first token; the llama.cpp and transformers presets: the unscored parts of each window) only the
+    scored tokens' text counts: each token stands for the characters between its offsets' boundaries
+    (_data.token_text_sizes) and a word counts with the token holding its first character. Without
+    character offsets (a slow tokenizer) bytes and words are None, the three metrics NaN (null in
+    summary.json), and ``bytes_omitted`` says why.
     ece: 15 equal-width bins of the top-1 probability vs top-1 correctness.
     brier: the multi-class Brier score Σ_c (q_c − [c = y])², in [0, 2], averaged over tokens.
     nll_by_position: mean loss per bucket of context length [start, end) in tokens (BOS included).
@@ -32,8 +39,8 @@ class EvalResult:
 
     tokens: int
     documents: int
-    bytes: int
-    words: int
+    bytes: int | None
+    words: int | None
     nll_mean: float
     nll_se_token: float
     nll_se_document: float
@@ -53,6 +60,7 @@ class EvalResult:
     skipped_empty: int
     skipped_unscored: int
     invalid_utf8: int = 0
+    bytes_omitted: str | None = None
     config: dict = field(default_factory=dict)
     model_sha256: str | None = None
     data_sha256: str | None = None
@@ -105,8 +113,12 @@ def evaluate(
             the weights to the CPU once: pass any string to skip it). data_sha256 likewise (a Corpus
             hashes its files).
 
-    Under torch.distributed each rank scores documents i ≡ rank (mod world); every rank returns the
-    pooled result. Raises EvalError (a ValueError) for bad options or input.
+    Under torch.distributed every rank forms the batches one process would and runs every world-th of
+    them (so the numbers do not depend on the number of ranks); every rank returns the pooled result.
+
+    Raises EvalError (a ValueError) for bad options or input, and when the model gives a non-finite
+    per-token value (nothing is summed; the message names how many tokens of the batch are affected
+    and the first document and position).
 
     Example:
         >>> r = xent.eval.evaluate(model, tokenizer, ["Some text.", "More text."], max_length=512)
@@ -117,7 +129,7 @@ def evaluate(
                            checkpoint_every=checkpoint_every)
     corpus = documents if isinstance(documents, Corpus) else None
     names = corpus.paths if corpus is not None else ["<documents>"]
-    stream = iter(corpus) if corpus is not None else texts(documents)
+    stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
     runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world)
     if model_sha256 is None:
@@ -160,8 +172,24 @@ def evaluate(
     per_file = None
     if len(names) > 1:
         per_file = {name: t.metrics() for name, t in zip(names, per_file_totals)}
-    return _result(pooled.metrics(), invalid_utf8=invalid, config=config, model_sha256=model_sha256,
-                   data_sha256=data_sha256, per_file=per_file)
+    omitted = None
+    if pooled.bytes_unknown:
+        omitted = (f"{type(tokenizer).__name__} gives no character offsets (not a fast tokenizer), so the "
+                   f"bytes and words of the scored part of {pooled.bytes_unknown} partly scored documents "
+                   "cannot be counted: bits per byte and word perplexity are omitted")
+    return _result(pooled.metrics(), invalid_utf8=invalid, bytes_omitted=omitted, config=config,
+                   model_sha256=model_sha256, data_sha256=data_sha256, per_file=per_file)
+
+
+def document_stream(documents: Iterable[str] | Corpus, preset: str | None):
+    """(file index, text) of each document. ``--preset llama.cpp`` reads a whole .txt file as
+    ``llama-perplexity -f`` does: one trailing newline is dropped (llama.cpp's common argument parser)."""
+    if not isinstance(documents, Corpus):
+        return texts(documents)
+    if preset != "llama.cpp" or documents.split != "none":
+        return iter(documents)
+    return ((file, text[:-1] if documents.formats[file] == "txt" and text.endswith("\n") else text)
+            for file, text in documents)
 
 
 def texts(documents: Iterable[str]):

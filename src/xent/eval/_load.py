@@ -17,8 +17,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, allow_pickle: bool = False):
-    """(model in eval mode on device, tokenizer, sha256 of the weight files)."""
+               trust_remote_code: bool = False, allow_pickle: bool = False,
+               allow_missing_weights: bool = False):
+    """(model in eval mode on device, tokenizer, sha256 of the weight files).
+
+    Refused before any work: weights the model has but the checkpoint lacks (transformers would
+    initialise them at random, so two runs would differ) or that the checkpoint has and the model does
+    not (unless ``allow_missing_weights``); a tokenizer with no vocabulary (a directory without tokenizer
+    files gives one); a tokenizer whose ids reach past the model's embedding rows."""
     import torch
     import transformers
     from transformers.models.auto.modeling_auto import (
@@ -65,9 +71,19 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
     else:
         kwargs.update(use_safetensors=False, weights_only=True)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True,
+                                                                        **kwargs)
     except Exception as err:
         raise EvalError(f"cannot load the weights in {model_dir}: {_first_line(err)}") from None
+    if not allow_missing_weights:
+        for kind, what in (("missing_keys", "lacks weights the model needs (they would be initialised at "
+                                            "random)"),
+                           ("unexpected_keys", "holds weights the model does not use")):
+            names = sorted(info.get(kind) or ())
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                raise EvalError(f"the checkpoint in {model_dir} {what}: {shown} (--allow-missing-weights "
+                                "to evaluate it anyway)")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -75,8 +91,25 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
         raise EvalError(f"cannot load the tokenizer in {model_dir}: {_first_line(err)}") from None
     if isinstance(tokenizer, bool) or not callable(tokenizer):
         raise EvalError(f"cannot load the tokenizer in {model_dir}")
+    check_tokenizer(model, tokenizer, where=model_dir)
     model = model.to(device).eval()
     return model, tokenizer, weights_sha256(model_dir)
+
+
+def check_tokenizer(model, tokenizer, *, where: str | None = None) -> None:
+    """EvalError unless the tokenizer has a vocabulary and its ids are all rows of the model's input
+    embedding (an id past them is an IndexError on the CPU and a device-side assert on CUDA)."""
+    prefix = f"{where}: " if where else ""
+    size = len(tokenizer)
+    empty = getattr(tokenizer, "vocab_size", None) == 0
+    if empty or not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        raise EvalError(f"{prefix}the tokenizer has no vocabulary ({size} special tokens, no token for "
+                        "text): are the tokenizer files missing?")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    if rows is not None and size > rows:
+        raise EvalError(f"{prefix}the tokenizer has {size} tokens but the model's embedding has {rows} rows: "
+                        f"ids {rows}..{size - 1} would index past it")
 
 
 def _has_auto_map(config) -> bool:

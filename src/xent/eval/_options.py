@@ -2,16 +2,20 @@
 
 Presets reproduce other tools' numbers on the same tokens:
 
-- ``"lm-eval"``: lm-evaluation-harness ``loglikelihood_rolling`` (wikitext-style perplexity tasks):
-  the document is prefixed with BOS (EOS when the tokenizer has no BOS), cut into disjoint windows of
-  max_length predictions (each later window's first input is the previous window's last target: one
-  token of carried context), the last window moved back to hold max_length inputs; words counted as
-  ``len(re.split(r"\\s+", text))`` and bytes as UTF-8 bytes of the document, as the harness does.
+- ``"lm-eval"``: lm-evaluation-harness 0.4.13 ``loglikelihood_rolling`` (wikitext-style perplexity
+  tasks): the document is prefixed with BOS (EOS when the tokenizer has no BOS), cut into disjoint
+  windows of max_length predictions (each later window's first input is the previous window's last
+  target: one token of carried context), the last window moved back to hold max_length inputs; words
+  counted as ``len(re.split(r"\\s+", text))`` and bytes as UTF-8 bytes of the document, as the harness
+  does. Whitespace-only documents are scored; an empty one has no window but counts its one word and 0
+  bytes. (lm-eval ≥ 0.4.9.2 lets the tokenizer add BOS: with one that does, lm-eval matches only with
+  its model argument ``add_bos_token=False``.)
 - ``"llama.cpp"``: ``llama-perplexity`` (default mode): chunks of max_length tokens (``-c``) of the
   BOS-prefixed text, the remainder dropped, each chunk's first token replaced by BOS, only the
-  predictions of the second half scored (L/2 ... L − 2 → tokens L/2 + 1 ... L − 1). llama.cpp
-  tokenizes a file as one text: use it with whole-file documents (the default for .txt). Its BOS
-  follows the model's add_bos metadata: ``bos="none"`` reproduces models without it (GPT-2 style).
+  predictions of the second half scored (L/2 ... L − 2 → tokens L/2 + 1 ... L − 1); a text of fewer
+  than 2·max_length tokens is refused (not scored). llama.cpp tokenizes a file as one text: use it with
+  whole-file documents (the default for .txt), which lose one trailing newline as ``-f`` reads them. Its
+  BOS follows the model's add_bos metadata: ``bos="none"`` reproduces models without it (GPT-2 style).
 - ``"transformers"``: the loop of transformers' page "Perplexity of fixed-length models" exactly
   (see _windows.transformers_windows): BOS none unless ``bos="first"``, the stride as given; the
   tokens are counted from the labels (the page's own count is off by one per later window).
@@ -66,6 +70,9 @@ def resolve_options(
     checkpoint_every: int = 100,
 ) -> Options:
     """Fill in defaults and check every option; EvalError names the first bad one."""
+    from ._load import check_tokenizer
+
+    check_tokenizer(model, tokenizer)
     context = model_context(model)
     if max_length is None:
         if context is None:

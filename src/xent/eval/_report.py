@@ -54,6 +54,8 @@ def print_summary(summary: dict, file=None) -> None:
         notes.append(f"{summary['skipped_empty']} empty documents skipped")
     if summary.get("skipped_unscored"):
         notes.append(f"{summary['skipped_unscored']} documents too short to score skipped")
+    if summary.get("bytes_omitted"):
+        notes.append(summary["bytes_omitted"])
     if summary.get("invalid_utf8"):
         notes.append(f"{summary['invalid_utf8']} invalid UTF-8 sequences replaced by U+FFFD")
     for note in notes:

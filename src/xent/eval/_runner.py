@@ -3,17 +3,30 @@
 Documents are numbered in corpus order; chunk k holds documents [kK, (k+1)K). A chunk is tokenized,
 cut into windows, scored in batches and folded into the totals; then ``on_chunk`` may checkpoint. Batches
 never cross a chunk boundary, so a run resumed at a chunk boundary computes exactly the same batches
-as an uninterrupted one. Under data parallelism rank r scores the documents with index ≡ r (mod world).
+as an uninterrupted one.
+
+Data parallelism: every rank forms the chunk's batches exactly as one process does and rank r runs
+batches r, r + world, r + 2·world, ... Each batch is then the very forward pass one process runs, so the
+per-token values, and with them the integer totals, do not depend on the number of ranks (the batch
+composition would change the float rounding of the logits). At the end of a chunk the ranks exchange
+each document's partial sums (and any error, so that all stop together); document d is counted by rank
+d mod world.
+
+A non-finite per-token value (NaN or ±inf: a broken model) is never summed: the batch raises EvalError
+naming how many of its tokens are affected and the first document and position.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from . import _data
+from . import _distributed as dist
+from ._errors import EvalError
 from ._options import Options
 from ._score import batch_token_stats, collate, forward_logits
 from ._sums import Totals, fixed
@@ -53,9 +66,41 @@ def _chunks(docs: Iterable[tuple[int, str]], size: int):
         yield chunk
 
 
+@dataclass
+class Doc:
+    """A document with something to score, while its chunk is scored."""
+
+    index: int  # in corpus order
+    file: int
+    size: tuple[int, int] | None  # (UTF-8 bytes, words) of its scored text; None: cannot be counted
+    nll: int = 0  # Σ loss, fixed point (this rank's batches until the chunk's exchange)
+    n: int = 0  # tokens scored (likewise)
+    sums: list[int] = field(default_factory=list)  # a scorer's other per-document sums (likewise)
+
+
+def check_finite(values: dict[str, torch.Tensor], doc: torch.Tensor, position: torch.Tensor) -> None:
+    """EvalError unless every per-token value [N] is finite: names the values, how many of the batch's
+    tokens are affected, and the first (document, position) in corpus order."""
+    bad = torch.zeros(doc.shape, dtype=torch.bool)
+    names = []
+    for name, v in values.items():
+        nonfinite = ~torch.isfinite(v)
+        if bool(nonfinite.any()):
+            bad |= nonfinite
+            names.append(name)
+    if names:
+        first = min(zip(doc[bad].tolist(), position[bad].tolist()))
+        raise EvalError(f"non-finite {', '.join(names)} (NaN or ±inf) at {int(bad.sum())} of the "
+                        f"{len(doc)} tokens of a batch, the first at document {first[0]} token {first[1]} "
+                        "(0-based): the model's logits are not finite; nothing was summed")
+
+
 class ChunkedScorer:
     """The loop shared by evaluate and compare: chunks of documents, tokenized, windowed, batched.
-    Subclasses score batches (``_score_chunk``) and count skipped documents (``_skip``)."""
+    Subclasses score one batch (``_score_batch``), count a skipped document (``_count_skip``) and
+    a finished one (``_finish``)."""
+
+    offsets = False  # ask a fast tokenizer for character offsets (to count the scored text)
 
     def __init__(self, tokenizer, opts: Options, *, rank: int = 0, world: int = 1):
         self.tokenizer, self.opts = tokenizer, opts
@@ -80,47 +125,98 @@ class ChunkedScorer:
             end = chunk[-1][0] + 1
             if end <= start:
                 continue
-            mine = [c for c in chunk if c[0] >= start and c[0] % self.world == self.rank]
-            docs_, items = self._prepare(mine)
+            docs_, items = self._prepare([c for c in chunk if c[0] >= start])
             self._score_chunk(docs_, items, on_tokens, progress)
             if on_chunk is not None:
                 on_chunk(end)
             if stop_after is not None and end >= stop_after:
                 return
 
+    def _owns(self, index: int) -> bool:
+        return index % self.world == self.rank
+
     def _prepare(self, chunk):
-        """(docs, items): docs[k] = (doc index, file, text, [Σ loss fixed, tokens]) for the documents
-        with something to score; items = [(k, window)] in document order."""
+        """(docs, items): the Doc of each document with something to score; items = [(k, window)] in
+        document order, k indexing docs."""
         items, docs = [], []
-        texts = [text for _, _, text in chunk]
-        ids = self._encode(texts)
-        for (index, file, text), doc_ids in zip(chunk, ids):
-            if not text.strip():
-                self._skip(file, "skipped_empty")
+        ids, offsets = self._encode([text for _, _, text in chunk])
+        for j, ((index, file, text), doc_ids) in enumerate(zip(chunk, ids)):
+            blank = not text.strip()
+            if blank and self.opts.preset != "lm-eval":  # lm-eval scores whitespace-only documents
+                self._skip(index, file, "skipped_empty", text)
                 continue
             windows = document_windows(doc_ids, self.opts)
             if not windows:
-                self._skip(file, "skipped_unscored")
+                self._skip(index, file, "skipped_empty" if blank else "skipped_unscored", text)
                 continue
-            docs.append((index, file, text, [0, 0]))
+            size = self._text_size(text, doc_ids, offsets[j] if offsets is not None else None, windows)
+            docs.append(Doc(index, file, size))
             items.extend((len(docs) - 1, w) for w in windows)
         return docs, items
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
+    def _encode(self, texts: list[str]) -> tuple[list[list[int]], list | None]:
+        """(token ids, character offsets or None) of each text, without special tokens."""
+        if not texts:
+            return [], None
         # verbose=False: documents longer than the model's context are expected (they are windowed)
-        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        want = self.offsets and getattr(self.tokenizer, "is_fast", False)
+        enc = self.tokenizer(texts, add_special_tokens=False, verbose=False,
+                             **({"return_offsets_mapping": True} if want else {}))
+        return enc["input_ids"], (enc["offset_mapping"] if want else None)
 
     def _batches(self, items):
-        """(batch, slots [B]) for groups of batch_size windows."""
-        for s in range(0, len(items), self.opts.batch_size):
-            group = items[s : s + self.opts.batch_size]
+        """(batch, slots [B]) for this rank's batches of the chunk: the chunk's items cut into groups of
+        batch_size as one process cuts them; rank r takes groups r, r + world, ..."""
+        size = self.opts.batch_size
+        for b, s in enumerate(range(0, len(items), size)):
+            if b % self.world != self.rank:
+                continue
+            group = items[s : s + size]
             batch = collate([w for _, w in group], pad_id=self.pad_id, padding_side=self.opts.padding_side)
             yield batch, torch.tensor([k for k, _ in group])
 
-    def _skip(self, file: int, kind: str) -> None:
+    def _score_chunk(self, docs: list[Doc], items, on_tokens, progress) -> None:
+        error = None
+        try:
+            for batch, slots in self._batches(items):
+                self._score_batch(docs, batch, slots, on_tokens, progress)
+        except EvalError as err:
+            if self.world == 1:
+                raise
+            error = str(err)  # raised below on every rank, so that none waits for the others forever
+        self._exchange(docs, error)
+        for d in docs:
+            if self._owns(d.index):
+                self._finish(d)
+
+    def _exchange(self, docs: list[Doc], error: str | None) -> None:
+        """Sum each document's partial (Σ loss, tokens) over the ranks; raise the first rank's error."""
+        if self.world == 1:
+            return
+        gathered = dist.all_gather(([(d.nll, d.n, d.sums) for d in docs], error))
+        for _, err in gathered:
+            if err is not None:
+                raise EvalError(err)
+        for i, d in enumerate(docs):
+            d.nll = sum(parts[i][0] for parts, _ in gathered)
+            d.n = sum(parts[i][1] for parts, _ in gathered)
+            partial = [parts[i][2] for parts, _ in gathered if parts[i][2]]
+            d.sums = [sum(col) for col in zip(*partial)] if partial else []
+
+    def _skip(self, index: int, file: int, kind: str, text: str) -> None:
+        if self._owns(index):
+            self._count_skip(file, kind, text)
+
+    def _text_size(self, text, ids, offsets, windows) -> tuple[int, int] | None:
+        return None
+
+    def _score_batch(self, docs, batch, slots, on_tokens, progress) -> None:
         raise NotImplementedError
 
-    def _score_chunk(self, docs, items, on_tokens, progress) -> None:
+    def _count_skip(self, file: int, kind: str, text: str) -> None:
+        raise NotImplementedError
+
+    def _finish(self, doc: Doc) -> None:
         raise NotImplementedError
 
 
@@ -133,33 +229,50 @@ class Runner(ChunkedScorer):
         self.device = next(model.parameters()).device
         self.totals = [Totals(opts.max_length) for _ in range(n_files)]
         self.count_words = _data.count_words_lm_eval if opts.words == "lm-eval" else _data.count_words
+        # offsets are needed where some tokens of a document may go unscored
+        self.offsets = opts.preset in ("llama.cpp", "transformers") or opts.bos == "none"
 
-    def _skip(self, file: int, kind: str) -> None:
-        setattr(self.totals[file], kind, getattr(self.totals[file], kind) + 1)
+    def _count_skip(self, file: int, kind: str, text: str) -> None:
+        t = self.totals[file]
+        setattr(t, kind, getattr(t, kind) + 1)
+        if self.opts.preset == "lm-eval":  # lm-eval counts the words and bytes of every document
+            t.add_text(len(text.encode("utf-8")), self.count_words(text))
 
-    def _score_chunk(self, docs, items, on_tokens, progress) -> None:
-        for batch, slots in self._batches(items):
-            logits = forward_logits(self.model, batch, self.device)
-            stats = batch_token_stats(logits, batch, exact_rank=on_tokens is not None)
-            del logits
-            slot = slots[stats["row"]]
-            file = torch.tensor([docs[k][1] for k in slots.tolist()])[stats["row"]]
-            for f in file.unique().tolist():
-                mask = file == f
-                self.totals[f].add_tokens({k: v[mask] for k, v in stats.items()})
-            for k, v, n in zip(*_group_sums(slot, fixed(stats["loss"]))):
-                docs[k][3][0] += v
-                docs[k][3][1] += n
-            if on_tokens is not None:
-                doc = torch.tensor([docs[k][0] for k in slot.tolist()], dtype=torch.long)
-                on_tokens({**stats, "doc": doc})
-            if progress is not None:
-                progress(int(stats["loss"].numel()))
-        for _, file, text, (nll, n) in docs:
-            if n == 0:
-                self._skip(file, "skipped_unscored")
-                continue
-            self.totals[file].add_document(nll, n, len(text.encode("utf-8")), self.count_words(text))
+    def _text_size(self, text, ids, offsets, windows) -> tuple[int, int] | None:
+        """(UTF-8 bytes, words) of the document's scored tokens (see _data.token_text_sizes); the whole
+        document when every token is scored; None when some are not and offsets are missing."""
+        scored = {p for w in windows for p in w.positions if p >= 0}
+        if len(scored) == len(ids):
+            return len(text.encode("utf-8")), self.count_words(text)
+        if offsets is None:
+            return None
+        nbytes, words = _data.token_text_sizes(text, offsets)
+        return sum(nbytes[p] for p in scored), sum(words[p] for p in scored)
+
+    def _score_batch(self, docs, batch, slots, on_tokens, progress) -> None:
+        logits = forward_logits(self.model, batch, self.device)
+        stats = batch_token_stats(logits, batch, exact_rank=on_tokens is not None)
+        del logits
+        slot = slots[stats["row"]]
+        doc = torch.tensor([docs[k].index for k in slot.tolist()], dtype=torch.long)
+        check_finite({k: stats[k] for k in ("loss", "entropy", "top1_prob", "brier")}, doc, stats["position"])
+        file = torch.tensor([docs[k].file for k in slots.tolist()])[stats["row"]]
+        for f in file.unique().tolist():
+            mask = file == f
+            self.totals[f].add_tokens({k: v[mask] for k, v in stats.items()})
+        for k, v, n in zip(*_group_sums(slot, fixed(stats["loss"]))):
+            docs[k].nll += v
+            docs[k].n += n
+        if on_tokens is not None:
+            on_tokens({**stats, "doc": doc})
+        if progress is not None:
+            progress(int(stats["loss"].numel()))
+
+    def _finish(self, d: Doc) -> None:
+        if d.n == 0:  # windows, but none with a label (a one-token document, transformers preset)
+            self.totals[d.file].skipped_unscored += 1
+        else:
+            self.totals[d.file].add_document(d.nll, d.n, d.size)
 
 
 def _group_sums(keys: torch.Tensor, values: torch.Tensor):

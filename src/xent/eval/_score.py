@@ -66,9 +66,9 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, exact_rank: bool
                 ) -> dict[str, torch.Tensor]:
     """Per-token statistics of logits [N, V] (any dtype) against targets [N], in float32:
     loss −log q_y (xent.cross_entropy), entropy −Σ q log q, top-1 probability, rank of the target by
-    its logit (1 = most probable; ties count in the target's favour), multi-class Brier
-    Σ_c (q_c − [c = y])². Without ``exact_rank`` ranks past 5 are reported as 6 (a top-5 instead of a
-    pass over the vocabulary: enough for the top-1/top-5 accuracies)."""
+    its logit (1 = most probable; ties count in the target's favour; V + 1 where the loss is not finite),
+    multi-class Brier Σ_c (q_c − [c = y])². Without ``exact_rank`` ranks past 5 are reported as 6 (a
+    top-5 instead of a pass over the vocabulary: enough for the top-1/top-5 accuracies)."""
     z = logits.float()
     loss = xent.cross_entropy(z, targets, reduction="none")
     logq = torch.log_softmax(z, dim=-1)
@@ -83,6 +83,9 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, exact_rank: bool
         rank = (z > z_y).sum(-1) + 1
     else:
         rank = (torch.topk(z, min(5, z.shape[-1]), dim=-1).values > z_y).sum(-1) + 1
+    # NaN compares false, so a row of NaN logits would rank its target first: a row whose loss is not
+    # finite gets rank V + 1 (below every class), never a top-1 or top-5 hit
+    rank = torch.where(torch.isfinite(loss), rank, torch.full_like(rank, z.shape[-1] + 1))
     return {
         "loss": loss,
         "entropy": entropy,

@@ -2,6 +2,8 @@
 
 Every per-token value (a float32 loss, entropy, probability...) is rounded to a multiple of 2^-32
 (error below 1.2e-10 per token, under the float32 resolution of a loss) and summed as an integer.
+A non-finite value is never summed (as int64 it would become −2^63 and an even count of them would
+wrap to nothing): ``fixed`` raises EvalError, and so it does for values too large for int64 sums.
 Integer sums are exact and associative, so the totals do not depend on batch size, order, sharding
 across ranks or a resume from a checkpoint; they are also stored exactly in JSON. Memory is a fixed
 set of integers: the document-clustered SE needs only Σ S_d², Σ S_d·n_d and Σ n_d² (expanded exactly).
@@ -14,13 +16,40 @@ from fractions import Fraction
 
 import torch
 
+from ._errors import EvalError
+
 SCALE = 1 << 32  # fixed point: an integer k stands for k / 2^32
 ECE_BINS = 15
+_INT64_SAFE = float(1 << 62)  # a bound on Σ|k| that leaves int64 sums room for rounding
 
 
 def fixed(x: torch.Tensor) -> torch.Tensor:
-    """float tensor -> int64 multiples of 2^-32 (round to nearest)."""
-    return torch.round(x.double() * SCALE).to(torch.int64)
+    """float tensor -> int64 multiples of 2^-32 (round to nearest), small enough that any sum of its
+    elements fits in int64. EvalError for a NaN or ±inf, or when Σ|x| reaches 2^30."""
+    xd = x.double()
+    finite = torch.isfinite(xd)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise EvalError(f"{bad} non-finite value(s) (NaN or ±inf) out of {xd.numel()} cannot be summed")
+    if float(xd.abs().sum()) * SCALE >= _INT64_SAFE:
+        raise EvalError(f"per-token values up to {float(xd.abs().max()):.6g} are too large to sum exactly "
+                        "(fixed point 2^-32 in int64)")
+    return torch.round(xd * SCALE).to(torch.int64)
+
+
+def fixed_sum(x: torch.Tensor) -> int:
+    """Σ fixed(x) as a Python int; x is halved until each part's int64 sum is safe, so only a single
+    value of 2^30 or more (or a non-finite one) raises."""
+    xd = x.double().reshape(-1)
+    if xd.numel() > 1 and bool(torch.isfinite(xd).all()) and float(xd.abs().sum()) * SCALE >= _INT64_SAFE:
+        half = xd.numel() // 2
+        return fixed_sum(xd[:half]) + fixed_sum(xd[half:])
+    return int(fixed(xd).sum())
+
+
+def _exp(x: float) -> float:
+    """e^x, inf past the float range (a word perplexity of text with few spaces can get there)."""
+    return math.exp(x) if x < 709.78 else math.inf
 
 
 def position_buckets(max_length: int) -> list[tuple[int, int]]:
@@ -47,7 +76,7 @@ def clustered_se(total: int, doc_sq: int, doc_cross: int, doc_n_sq: int, n: int,
 FIELDS = (
     "tokens", "documents", "bytes", "words", "skipped_empty", "skipped_unscored",
     "nll", "nll_sq", "entropy", "brier", "top1", "top5",
-    "doc_nll_sq", "doc_nll_n", "doc_n_sq",
+    "doc_nll_sq", "doc_nll_n", "doc_n_sq", "bytes_unknown",
 )
 
 
@@ -70,10 +99,10 @@ class Totals:
         """stats: per-token tensors [N] of one batch (see _score.token_stats), all from this set."""
         loss = stats["loss"]
         self.tokens += int(loss.numel())
-        self.nll += int(fixed(loss).sum())
-        self.nll_sq += int(fixed(loss.double().square()).sum())
-        self.entropy += int(fixed(stats["entropy"]).sum())
-        self.brier += int(fixed(stats["brier"]).sum())
+        self.nll += fixed_sum(loss)
+        self.nll_sq += fixed_sum(loss.double().square())
+        self.entropy += fixed_sum(stats["entropy"])
+        self.brier += fixed_sum(stats["brier"])
         self.top1 += int((stats["rank"] == 1).sum())
         self.top5 += int((stats["rank"] <= 5).sum())
         conf = stats["top1_prob"].double()
@@ -93,14 +122,23 @@ class Totals:
         for i, v in enumerate(values.tolist()):
             acc[i] += v
 
-    def add_document(self, nll_fixed: int, n: int, nbytes: int, nwords: int) -> None:
-        """A finished document: its summed loss (fixed point) and scored-token count."""
+    def add_document(self, nll_fixed: int, n: int, size: tuple[int, int] | None) -> None:
+        """A finished document: its summed loss (fixed point), scored-token count, and the (UTF-8 bytes,
+        words) of its scored text (None where they cannot be counted: bytes and words are then omitted)."""
         self.documents += 1
-        self.bytes += nbytes
-        self.words += nwords
+        if size is None:
+            self.bytes_unknown += 1
+        else:
+            self.add_text(*size)
         self.doc_nll_sq += nll_fixed * nll_fixed
         self.doc_nll_n += nll_fixed * n
         self.doc_n_sq += n * n
+
+    def add_text(self, nbytes: int, nwords: int) -> None:
+        """Bytes and words that count in bits/byte and word perplexity (lm-eval counts an empty
+        document's one word)."""
+        self.bytes += nbytes
+        self.words += nwords
 
     def merge(self, other: Totals) -> Totals:
         for name in FIELDS:
@@ -128,8 +166,10 @@ class Totals:
         """The summary keys of issue 5 (REFERENCE.md §4). NaN where undefined (no tokens, D < 2...)."""
         N, D = self.tokens, self.documents
         nan = float("nan")
+        # bytes and words of the scored text; None when some document's could not be counted
+        B, W = (None, None) if self.bytes_unknown else (self.bytes, self.words)
         if N == 0:
-            return {"tokens": 0, "documents": D, "bytes": self.bytes, "words": self.words,
+            return {"tokens": 0, "documents": D, "bytes": B, "words": W,
                     "skipped_empty": self.skipped_empty, "skipped_unscored": self.skipped_unscored}
         S = Fraction(self.nll, SCALE)
         mean = S / N
@@ -144,17 +184,17 @@ class Totals:
         return {
             "tokens": N,
             "documents": D,
-            "bytes": self.bytes,
-            "words": self.words,
+            "bytes": B,
+            "words": W,
             "nll_mean": nll_mean,
             "nll_se_token": se_token,
             "nll_se_document": se_doc,
-            "perplexity": math.exp(nll_mean),
-            "perplexity_ci95": [math.exp(nll_mean - 1.96 * se_doc), math.exp(nll_mean + 1.96 * se_doc)],
+            "perplexity": _exp(nll_mean),
+            "perplexity_ci95": [_exp(nll_mean - 1.96 * se_doc), _exp(nll_mean + 1.96 * se_doc)],
             "bits_per_token": nll_mean / ln2,
-            "bits_per_byte": total / (self.bytes * ln2) if self.bytes else nan,
-            "byte_perplexity": 2 ** (total / (self.bytes * ln2)) if self.bytes else nan,
-            "word_perplexity": math.exp(total / self.words) if self.words else nan,
+            "bits_per_byte": total / (B * ln2) if B else nan,
+            "byte_perplexity": _exp(total / B) if B else nan,  # 2^bpb
+            "word_perplexity": _exp(total / W) if W else nan,
             "top1_accuracy": self.top1 / N,
             "top5_accuracy": self.top5 / N,
             "entropy_mean": float(Fraction(self.entropy, SCALE) / N),

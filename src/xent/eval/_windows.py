@@ -111,10 +111,14 @@ def transformers_windows(ids: list[int], *, max_length: int, stride: int, bos_id
 def llama_cpp_windows(ids: list[int], *, max_length: int, bos_id: int | None) -> list[Window]:
     """llama.cpp ``perplexity``: the text (BOS first when the tokenizer has one) is cut into
     len // max_length chunks (the remainder is dropped); each chunk's first token is replaced by BOS and
-    only the second half is scored: the logits at j in [L/2, L−1) predicting chunk[j + 1]."""
+    only the second half is scored: the logits at j in [L/2, L−1) predicting chunk[j + 1]. A text of
+    fewer than 2·max_length tokens (BOS included) gives no window: llama-perplexity refuses it ("you need
+    at least 2·n_ctx tokens")."""
     src = ([bos_id] if bos_id is not None else []) + list(ids)
     shift = len(src) - len(ids)
     L, first = max_length, max_length // 2
+    if len(src) < 2 * L:
+        return []
     windows = []
     for k in range(len(src) // L):
         chunk = src[k * L : (k + 1) * L]
