@@ -9,6 +9,8 @@ the loss history); ``xent eval --model OUT`` reads it.
 
 from __future__ import annotations
 
+from ._output import OutputDir, check_device, describe
+
 # objective-option flags -> (option name, type)
 _OPTION_FLAGS = {"label_smoothing": float, "z_loss": float, "gamma": float, "threshold": float,
                  "epsilon": float, "ratio_cap": float}
@@ -56,6 +58,42 @@ def _documents(paths, split, text_field):
     return [text for _, text in Corpus(paths, split=split, text_field=text_field) if text.strip()]
 
 
+def check_arguments(args) -> None:
+    """The options, checked before anything is loaded: CommandError names the first bad one."""
+    import math
+
+    from ..training._objectives import OBJECTIVES, objective_options
+    from . import CommandError
+
+    if args.objective not in OBJECTIVES:
+        raise CommandError(f"unknown objective {args.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    accepted = objective_options(args.objective)
+    for name in _OPTION_FLAGS:
+        if getattr(args, name) is not None and name not in accepted:
+            flags = [_flag(n) for n in _OPTION_FLAGS if n in accepted]
+            raise CommandError(f"{_flag(name)} does not apply to objective {args.objective!r} (its options: "
+                               f"{', '.join(flags) or 'none'})")
+    for name, low in (("steps", 1), ("batch_size", 1), ("micro_batch_size", 1), ("seq_len", 2),
+                      ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise CommandError(f"{_flag(name)} must be at least {low}, got {value}")
+    if args.micro_batch_size is not None and args.batch_size % args.micro_batch_size:
+        raise CommandError(f"--micro-batch-size {args.micro_batch_size} does not divide --batch-size "
+                           f"{args.batch_size}")
+    for name, positive in (("lr", True), ("min_lr", False), ("weight_decay", False), ("grad_clip", False),
+                           *((n, False) for n in _OPTION_FLAGS)):
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
+            need = "a positive" if positive else "a non-negative"
+            raise CommandError(f"{_flag(name)} must be {need} finite number, got {value}")
+    check_device(args.device)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def run(args) -> int:
     from . import CommandError
 
@@ -63,14 +101,23 @@ def run(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise CommandError("xent train needs transformers: pip install 'xent[hf]'") from None
+    check_arguments(args)
+    try:
+        with OutputDir(args.out) as out:
+            return _run(args, out)
+    except OSError as err:
+        raise CommandError(describe(err)) from None
+
+
+def _run(args, out) -> int:
     import torch
 
     from ..eval import EvalError
     from ..eval._load import load_model
-    from ..training import OBJECTIVES, TrainConfig, train
+    from ..training import TrainConfig, train
+    from ..training._loop import SaveError
+    from . import CommandError
 
-    if args.objective not in OBJECTIVES:
-        raise CommandError(f"unknown objective {args.objective!r}; choose from {', '.join(OBJECTIVES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -86,7 +133,7 @@ def run(args) -> int:
         model = type(model)(model.config).to(args.device)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    seq_len = args.seq_len or min(context or 512, 512)
+    seq_len = args.seq_len if args.seq_len is not None else min(context or 512, 512)
     if context and seq_len > context:
         raise CommandError(f"--seq-len {seq_len} is beyond the model's {context} positions")
     options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
@@ -103,7 +150,9 @@ def run(args) -> int:
     eval_stream = _tokenize(tokenizer, eval_docs, sep) if eval_docs else None
     try:
         result = train(model.train(), stream, cfg, eval_data=eval_stream, tokenizer=tokenizer)
-    except (ValueError, TypeError) as err:
+    except SaveError as err:
+        raise CommandError(_save_elsewhere(model, tokenizer, err)) from None
+    except (ValueError, TypeError, FloatingPointError) as err:
         raise CommandError(str(err)) from None
     last = result.history[-1]
     msg = (f"{args.objective}: {cfg.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s; "
@@ -113,6 +162,22 @@ def run(args) -> int:
     print(msg)
     print(f"saved to {args.out}")
     return 0
+
+
+def _save_elsewhere(model, tokenizer, err) -> str:
+    """After a failed save (a full disk, ...): save the model (trained in place, intact in memory) and its
+    log to a new directory under the system's temporary directory; the one-line error says where."""
+    import tempfile
+
+    from ..training._loop import _save
+
+    what = f"{err} (the model after step {err.step})"
+    try:
+        fallback = tempfile.mkdtemp(prefix="xent-train-")
+        _save(model, tokenizer, fallback, err.log)
+    except OSError as again:
+        return f"{what}; saving it to {tempfile.gettempdir()} failed too ({describe(again)}): it is lost"
+    return f"{what}; it was saved to {fallback} instead"
 
 
 def _tokenize(tokenizer, docs, sep):
