@@ -75,7 +75,7 @@ def check_arguments(args) -> None:
     for flag in ("resume", "per_token", "html"):
         if getattr(args, flag, False) and not args.out:
             raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
-    if args.max_document_mb <= 0:
+    if not args.max_document_mb > 0:  # NaN too
         raise CommandError(f"--max-document-mb must be positive, got {args.max_document_mb:g}")
     check_device(args.device)
 

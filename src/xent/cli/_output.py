@@ -28,6 +28,7 @@ class OutputDir:
         self.lock = None
 
     def open(self) -> OutputDir:
+        from xent.eval import EvalError
         from xent.eval._files import OutputLock
 
         from . import CommandError
@@ -47,6 +48,9 @@ class OutputDir:
         except OSError as err:
             self._remove_if_created()
             raise CommandError(f"{self.flag} {path} cannot be written ({describe(err)})") from None
+        except EvalError as err:  # in use by another run
+            self._remove_if_created()
+            raise CommandError(str(err)) from None
         except BaseException:
             self._remove_if_created()
             raise

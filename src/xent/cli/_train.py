@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--split", default="none", choices=("none", "lines", "paragraphs"),
                    help=".txt files: one document per file, line or blank-line paragraph")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--max-document-mb", type=float, default=16, metavar="MB",
+                   help="refuse a document larger than this many MiB (default 16; see xent eval --help)")
     p.add_argument("--eval-data", nargs="+", metavar="PATH",
                    help="held-out documents: cross-entropy every --eval-every steps")
     p.add_argument("--objective", default="ce",
@@ -52,10 +54,15 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _documents(paths, split, text_field):
+def _corpus(paths, args):
     from ..eval import Corpus
 
-    return [text for _, text in Corpus(paths, split=split, text_field=text_field) if text.strip()]
+    return Corpus(paths, split=args.split, text_field=args.text_field,
+                  max_document_bytes=int(args.max_document_mb * (1 << 20)))
+
+
+def _documents(corpus) -> list[str]:
+    return [text for _, text in corpus if text.strip()]
 
 
 def check_arguments(args) -> None:
@@ -81,12 +88,17 @@ def check_arguments(args) -> None:
     if args.micro_batch_size is not None and args.batch_size % args.micro_batch_size:
         raise CommandError(f"--micro-batch-size {args.micro_batch_size} does not divide --batch-size "
                            f"{args.batch_size}")
-    for name, positive in (("lr", True), ("min_lr", False), ("weight_decay", False), ("grad_clip", False),
-                           *((n, False) for n in _OPTION_FLAGS)):
+    for name, positive in (("lr", True), ("min_lr", False), ("weight_decay", False), ("grad_clip", False)):
         value = getattr(args, name)
         if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
             need = "a positive" if positive else "a non-negative"
             raise CommandError(f"{_flag(name)} must be {need} finite number, got {value}")
+    for name in _OPTION_FLAGS:  # their ranges are the losses' to check (Poly's epsilon may be negative)
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"{_flag(name)} must be a finite number, got {value}")
+    if not args.max_document_mb > 0:
+        raise CommandError(f"--max-document-mb must be positive, got {args.max_document_mb:g}")
     check_device(args.device)
 
 
@@ -121,9 +133,11 @@ def _run(args, out) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        corpus = _corpus(args.data, args)  # the paths (and whole-file sizes) before the model
+        eval_corpus = _corpus(args.eval_data, args) if args.eval_data else None
         model, tokenizer, _ = load_model(args.model, device=args.device)
-        docs = _documents(args.data, args.split, args.text_field)
-        eval_docs = _documents(args.eval_data, args.split, args.text_field) if args.eval_data else None
+        docs = _documents(corpus)
+        eval_docs = _documents(eval_corpus) if eval_corpus else None
     except EvalError as err:
         raise CommandError(str(err)) from None
     if not docs:

@@ -37,10 +37,12 @@ MAX_DOCUMENT_BYTES = 16 << 20
 
 
 def _too_large(where: str, nbytes: int | None, limit: int) -> EvalError:
-    size = f"of {nbytes / (1 << 20):.1f} MiB" if nbytes is not None else "of more"
-    return EvalError(f"{where}: a document {size} is over the {limit / (1 << 20):g} MiB limit "
-                     "(--max-document-mb): cut it into smaller documents (.txt: --split lines or "
-                     "paragraphs)")
+    def size(n: int, digits: str) -> str:
+        return f"{n / (1 << 20):{digits}} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+    of = f"of {size(nbytes, '.1f')} " if nbytes is not None else ""
+    return EvalError(f"{where}: a document {of}is over the {size(limit, 'g')} limit (--max-document-mb): "
+                     "cut it into smaller documents (.txt: --split lines or paragraphs)")
 
 
 def _lines(f, path: str, limit: int) -> Iterator[tuple[int, bytes]]:
