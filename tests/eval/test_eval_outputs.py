@@ -95,6 +95,7 @@ def test_compare_is_refused_too(capsys, model_dir, other_model_dir, jsonl, tmp_p
     assert "is in use by another xent run" in err
 
 
+@pytest.mark.slow
 def test_two_processes(model_dir, jsonl, tmp_path):
     """The real thing: a second xent process while this one holds the lock."""
     out = tmp_path / "out"

@@ -181,3 +181,15 @@ def test_a_failed_save_does_not_lose_the_trained_model(model_dir, tmp_path, caps
     saved = transformers.AutoModelForCausalLM.from_pretrained(fallback)
     for name, p in trained[0].state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name], p, rtol=0, atol=0)
+
+
+def test_a_finished_run_leaves_only_its_files(model_dir, tmp_path, capsys):
+    import os
+
+    out = tmp_path / "out"
+    (out / ".xent-save-k3j").mkdir(parents=True)  # a save killed half-way by an earlier run
+    (out / ".xent-save-k3j" / "model.safetensors").write_bytes(b"half")
+    assert _train(model_dir, out, "--steps", "1") == 0
+    names = os.listdir(out)
+    assert "model.safetensors" in names and "xent_train.json" in names
+    assert not [n for n in names if n.startswith(".xent")]  # no stale save, no lock file

@@ -42,8 +42,12 @@ class OutputDir:
             raise CommandError(f"{self.flag} {path} exists and is not a directory")
         try:
             if not os.path.isdir(path):
-                os.makedirs(path)
-                self.created = True
+                try:
+                    os.makedirs(path)
+                    self.created = True
+                except FileExistsError:  # made meanwhile (by another rank of this run)
+                    if not os.path.isdir(path):
+                        raise
             self.lock = OutputLock(path, self.rank).acquire()
         except OSError as err:
             self._remove_if_created()

@@ -9,6 +9,8 @@ the loss history); ``xent eval --model OUT`` reads it.
 
 from __future__ import annotations
 
+import os
+
 from ._output import OutputDir, check_device, describe
 
 # objective-option flags -> (option name, type)
@@ -175,7 +177,17 @@ def _run(args, out) -> int:
         msg += f", held-out cross-entropy {result.eval_history[-1]['eval_ce']:.4f} nats/token"
     print(msg)
     print(f"saved to {args.out}")
+    _remove_stale_saves(args.out)
     return 0
+
+
+def _remove_stale_saves(directory: str) -> None:
+    """The temporary directories of saves interrupted by a kill (this run's own are gone)."""
+    import glob
+    import shutil
+
+    for tmp in glob.glob(os.path.join(glob.escape(directory), ".xent-save-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_elsewhere(model, tokenizer, err) -> str:

@@ -229,6 +229,10 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
             ("eval_ce" when a single set is given).
         tokenizer: saved next to the model when ``save_dir`` is set.
 
+    Raises FloatingPointError at the first step whose loss or gradient norm is not finite, before
+    that step's update (the model keeps the previous steps' weights; the end of the run is not saved),
+    and SaveError (an OSError carrying the run's log) when ``save_dir`` cannot be written.
+
     The objective's value is what ``history`` records (for ``tailr``, ``gold``, ``focal`` and ``poly`` it
     is not the cross-entropy; ``emo`` in mode emo1 has the cross-entropy's value); ``eval_history``
     holds the cross-entropy of every objective on the same held-out sequences.
