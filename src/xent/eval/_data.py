@@ -98,9 +98,12 @@ def _text_of(value, where: str, field: str, limit: int) -> str:
 
 
 def _parse_int(digits: str):
-    """JSON integers of any length (Python's int() refuses more than 4300 digits); they are never the
-    text, so a longer one is kept as a Decimal."""
-    return int(digits) if len(digits) <= 4000 else Decimal(digits)
+    """JSON integers of any length: Python's int() refuses more than sys.get_int_max_str_digits() (4300)
+    digits; such a number is never the text, so it is kept as a Decimal."""
+    try:
+        return int(digits)
+    except ValueError:
+        return Decimal(digits)
 
 
 def _jsonl(path: str, field: str, counter: list[int], limit: int) -> Iterator[str]:

@@ -169,12 +169,14 @@ def evaluate_ce(model, seqs: torch.Tensor, batch_size: int = 16, chunk_size="aut
 def check_config(cfg: TrainConfig) -> None:
     """ValueError naming the first option of ``cfg`` that is out of range (TypeError: not a number)."""
 
+    import numbers
+
     def number(name, *, integer=False, low=None, above=None, none_ok=False):
         value = getattr(cfg, name)
         if value is None and none_ok:
             return
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = numbers.Integral if integer else numbers.Real  # numpy scalars too
+        if isinstance(value, bool) or not isinstance(value, kind):
             raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}")
@@ -187,8 +189,9 @@ def check_config(cfg: TrainConfig) -> None:
         number(name, integer=True, low=1)
     number("micro_batch_size", integer=True, low=1, none_ok=True)
     number("seq_len", integer=True, low=2)  # one input and its next-token target at least
-    for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+    for name in ("warmup_steps", "eval_every", "save_every"):
         number(name, integer=True, low=0)
+    number("seed", integer=True)
     number("lr", above=0)
     for name in ("min_lr", "weight_decay"):
         number(name, low=0)
@@ -302,9 +305,10 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
                       for name, s in eval_sets.items()}
             eval_history.append({"step": step + 1, **scores})
         if cfg.save_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            path = os.path.join(cfg.save_dir, f"step-{step + 1}")
-            so_far = TrainResult(history, eval_history, time.perf_counter() - start, tokens, repr(loss_fn))
-            _save_or_raise(model, tokenizer, path, None, step + 1, _log(cfg, so_far))
+            seconds = time.perf_counter() - start
+            _save_or_raise(model, tokenizer, os.path.join(cfg.save_dir, f"step-{step + 1}"), None, step + 1,
+                           lambda s=seconds, n=tokens: _log(cfg, TrainResult(history, eval_history, s, n,
+                                                                             repr(loss_fn))))
         if bar is not None:
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
@@ -312,7 +316,8 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         bar.close()
     result = TrainResult(history, eval_history, time.perf_counter() - start, tokens, repr(loss_fn))
     if cfg.save_dir:
-        _save_or_raise(model, tokenizer, cfg.save_dir, _log(cfg, result), cfg.steps, _log(cfg, result))
+        log = _log(cfg, result)
+        _save_or_raise(model, tokenizer, cfg.save_dir, log, cfg.steps, lambda: log)
     return result
 
 
@@ -321,14 +326,14 @@ def _log(cfg: TrainConfig, result: TrainResult) -> dict:
     return {"config": _jsonable(asdict(cfg)), **result.to_dict()}
 
 
-def _save_or_raise(model, tokenizer, directory: str, log: dict | None, step: int, run_log: dict) -> None:
-    """_save, or SaveError carrying ``run_log`` (the run so far) so that the caller can save elsewhere."""
+def _save_or_raise(model, tokenizer, directory: str, log: dict | None, step: int, run_log) -> None:
+    """_save, or SaveError carrying ``run_log()`` (the run so far) so that the caller can save elsewhere."""
     try:
         _save(model, tokenizer, directory, log)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
         raise SaveError(f"cannot save the model after step {step} to {directory}: {reason}",
-                        directory=directory, step=step, log=run_log) from err
+                        directory=directory, step=step, log=run_log()) from err
 
 
 def _progress(cfg: TrainConfig):
