@@ -157,6 +157,36 @@ def test_cli_rejects_unknown_objectives(capsys):
     assert "unknown objective(s) xe" in capsys.readouterr().err
 
 
+
+def test_cli_checks_out_before_any_work(capsys, tmp_path, monkeypatch):
+    from xent import demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran before --out was seen"))
+    (tmp_path / "file").write_text("mine")
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    for out, message in ((tmp_path / "file", "exists and is not a directory"),
+                         (tmp_path / "link", "is a broken symbolic link"),
+                         ("/proc/xent-no-such-dir/out", "cannot be written")):
+        assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"xent demo: error: --out {out} {message}" in err
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "gone").exists()
+
+
+def test_cli_write_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from xent import demo
+
+    def disk_full(out, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(out, "summary.json"))
+
+    monkeypatch.setattr(demo, "run_demo", disk_full)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"xent demo: error: {tmp_path / 'o' / 'summary.json'}: No space left on device\n"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
 

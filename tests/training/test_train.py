@@ -170,3 +170,80 @@ def test_trains_a_llama_with_an_untied_head_too():
     xent.train(model, data, objective=loss, steps=10, batch_size=16, lr=1e-2, warmup_steps=2, progress=False)
     assert objective_value(model, loss, data) < before - 0.1
     assert not torch.equal(model.lm_head.weight, head_before)  # the head trains through the fused path
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("micro_batch_size", 0, "micro_batch_size must be at least 1, got 0"),  # was: silently the batch size
+    ("seq_len", 1, "seq_len must be at least 2, got 1"),
+    ("seq_len", 0, "seq_len must be at least 2, got 0"),
+    ("warmup_steps", -5, "warmup_steps must be at least 0, got -5"),
+    ("lr", float("inf"), "lr must be finite, got inf"),
+    ("lr", -1e-3, "lr must be positive, got -0.001"),
+    ("grad_clip", 0.0, "grad_clip must be positive, got 0.0"),
+    ("eval_every", -1, "eval_every must be at least 0, got -1"),
+])
+def test_config_out_of_range_is_refused(option, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        xent.train(tiny(), bigram_data(), steps=1, batch_size=8, progress=False, **{option: value})
+
+
+def test_config_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match=r"steps must be an integer, got 2.0"):
+        xent.train(tiny(), bigram_data(), steps=2.0, progress=False)
+
+
+def test_training_stops_at_the_first_non_finite_loss(tmp_path):
+    model = tiny()
+    steps = []
+    with pytest.raises(FloatingPointError, match=r"step (\d+) of 30: the (loss|gradient norm) is (nan|inf)") \
+            as err:
+        xent.train(model, bigram_data(), steps=30, batch_size=8, lr=1e10, warmup_steps=0, grad_clip=None,
+                   save_dir=str(tmp_path / "out"), progress=False)
+    steps.append(int(err.value.args[0].split()[1]))
+    assert "the model was not saved" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    # the step that went non-finite was not applied: the weights are what the earlier steps made them
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert steps[0] >= 2  # step 1 starts from a sane model
+
+
+def test_objective_options_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"objective 'ce' takes no option 'gamma'; its options: weight, "
+                                         r"label_smoothing, z_loss, softcap"):
+        make_objective("ce", gamma=2.0)
+    with pytest.raises(ValueError, match=r"objective 'focal' takes no option 'epsilon', 'z'; its options: "
+                                         r"gamma, alpha, detach_factor, softcap"):
+        make_objective("focal", z=1, epsilon=0.1)
+    assert make_objective("focal", gamma=0.5).gamma == 0.5
+
+
+def test_an_interrupted_save_leaves_no_weights_file(tmp_path, monkeypatch):
+    from xent.training import _loop
+
+    class Tok:
+        def save_pretrained(self, directory):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(_loop.SaveError, match="cannot save the model after step 1 to .*: No space left") as e:
+        xent.train(tiny(), bigram_data(), steps=1, batch_size=8, progress=False, tokenizer=Tok(),
+                   save_dir=str(tmp_path / "out"))
+    assert isinstance(e.value, OSError) and [h["step"] for h in e.value.log["history"]] == [1]
+    assert list((tmp_path / "out").iterdir()) == []  # model.safetensors was written, but not moved in
+
+
+def test_a_failed_periodic_save_stops_with_the_run_so_far(tmp_path, monkeypatch):
+    from xent.training import _loop
+
+    real = _loop._save
+
+    def no_space_at_step_2(model, tokenizer, directory, log):
+        if directory.endswith("step-2"):
+            raise OSError(28, "No space left on device")
+        real(model, tokenizer, directory, log)
+
+    monkeypatch.setattr(_loop, "_save", no_space_at_step_2)
+    with pytest.raises(_loop.SaveError, match=r"after step 2 to .*step-2: No space left on device") as e:
+        xent.train(tiny(), bigram_data(), steps=4, batch_size=8, save_every=1, progress=False,
+                   save_dir=str(tmp_path / "out"))
+    assert e.value.step == 2 and [h["step"] for h in e.value.log["history"]] == [1, 2]
+    assert (tmp_path / "out" / "step-1" / "model.safetensors").exists()

@@ -64,3 +64,132 @@ def test_missing_model_directory(tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "x.txt"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# -- options are checked before anything is loaded; errors are one line without Python internals ----------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from xent.eval import _load
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(_load, "load_model", refuse)
+
+
+def _train(model_dir, out, *extra):
+    return main(["train", "--model", str(model_dir / "init"), "--data", str(model_dir / "train.jsonl"),
+                 "--out", str(out), "--steps", "3", "--batch-size", "4", "--no-progress", *map(str, extra)])
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xent train: error: "), err
+    assert "Traceback" not in err and "__init__" not in err and "keyword argument" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1, got 0"),
+    (["--micro-batch-size", "3"], "--micro-batch-size 3 does not divide --batch-size 4"),
+    (["--seq-len", "0"], "--seq-len must be at least 2, got 0"),
+    (["--seq-len", "-4"], "--seq-len must be at least 2, got -4"),
+    (["--seq-len", "1"], "--seq-len must be at least 2, got 1"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be at least 0, got -5"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--min-lr=-1e-4"], "--min-lr must be a non-negative finite number, got -0.0001"),
+    (["--grad-clip", "-1"], "--grad-clip must be a non-negative finite number, got -1.0"),
+    (["--gamma", "inf", "--objective", "focal"], "--gamma must be a finite number, got inf"),
+    (["--objective", "ce", "--gamma", "2"],
+     "--gamma does not apply to objective 'ce' (its options: --label-smoothing, --z-loss)"),
+    (["--objective", "gold", "--epsilon", "1"],
+     "--epsilon does not apply to objective 'gold' (its options: --threshold)"),
+    (["--device", "tpu"], "--device 'tpu' is not a device (cpu, cuda, cuda:N, mps)"),
+    (["--max-document-mb", "0"], "--max-document-mb must be positive, got 0"),
+])
+def test_bad_options_are_refused_before_loading(model_dir, tmp_path, capsys, no_model_load, extra, message):
+    assert _train(model_dir, tmp_path / "out", *extra) == 2
+    assert message in _one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _train(model_dir, out, "--lr", "1e10", "--warmup-steps", "0", "--steps", "20") == 2
+    err = _one_line(capsys)
+    import re
+
+    assert re.search(r"step \d+ of 20: the (loss|gradient norm) is (nan|inf|-inf): training stopped before "
+                     r"this step's update and the model was not saved", err), err
+    assert not out.exists()  # nothing saved as if it had finished
+
+
+def test_out_problems_are_found_before_loading(model_dir, tmp_path, capsys, no_model_load):
+    (tmp_path / "file").write_text("mine")
+    assert _train(model_dir, tmp_path / "file") == 2
+    assert "--out " + str(tmp_path / "file") + " exists and is not a directory" in _one_line(capsys)
+    import fcntl
+    import os
+
+    (tmp_path / "busy").mkdir()
+    fd = os.open(tmp_path / "busy" / ".xent.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert _train(model_dir, tmp_path / "busy") == 2
+    finally:
+        os.close(fd)
+    assert "is in use by another xent run" in _one_line(capsys)
+
+
+def test_a_failed_save_does_not_lose_the_trained_model(model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    import torch
+
+    from xent.training import _loop
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    real_dump, calls = _loop.json.dump, [0]
+
+    def disk_full_once(*a, **k):  # the first xent_train.json write fails: the model was written before
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dump(*a, **k)
+
+    monkeypatch.setattr(_loop.json, "dump", disk_full_once)
+    trained = []
+    real_train = _loop.train
+    monkeypatch.setattr("xent.training.train", lambda model, *a, **k: (trained.append(model),
+                                                                         real_train(model, *a, **k))[1])
+    assert _train(model_dir, out) == 2
+    err = _one_line(capsys)
+    assert f"cannot save the model after step 3 to {out}: No space left on device" in err
+    fallback = err.split("it was saved to ")[1].split(" instead")[0]
+    assert fallback.startswith(str(tmp_path / "tmp" / "xent-train-"))
+    assert not out.exists()  # no half-written weights where a loader would find them (it was created empty)
+    log = json.loads(open(os.path.join(fallback, "xent_train.json")).read())
+    assert [h["step"] for h in log["history"]] == [1, 2, 3]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(fallback)
+    for name, p in trained[0].state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], p, rtol=0, atol=0)
+
+
+def test_a_finished_run_leaves_only_its_files(model_dir, tmp_path, capsys):
+    import os
+
+    out = tmp_path / "out"
+    (out / ".xent-save-k3j").mkdir(parents=True)  # a save killed half-way by an earlier run
+    (out / ".xent-save-k3j" / "model.safetensors").write_bytes(b"half")
+    assert _train(model_dir, out, "--steps", "1") == 0
+    names = os.listdir(out)
+    assert "model.safetensors" in names and "xent_train.json" in names
+    assert not [n for n in names if n.startswith(".xent")]  # no stale save, no lock file

@@ -27,7 +27,7 @@ def run(args) -> int:
     return checked(_run, args)
 
 
-def _run(args) -> int:
+def _run(args, out) -> int:
     import json
     import os
 
@@ -59,6 +59,7 @@ def _run(args) -> int:
     if rank == 0:
         if args.out:
             _files.write_json(os.path.join(args.out, "summary.json"), summary)
+            _files.remove_stale_temporaries(args.out, ["summary.json"])
         if args.json:
             print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
         else:

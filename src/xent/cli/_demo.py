@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from ._output import OutputDir, describe
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
@@ -60,7 +62,11 @@ def run(args) -> int:
         overrides["steps"] = args.steps
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     start = time.perf_counter()
-    summary = run_demo(args.out, cfg, progress=not args.no_progress)
+    try:
+        with OutputDir(args.out):  # checked (and locked) before the work
+            summary = run_demo(args.out, cfg, progress=not args.no_progress)
+    except OSError as err:
+        raise CommandError(describe(err)) from None
     _print_table(summary, table_header(summary), table_rows(summary))
     print(f"{SIGNIFICANT} significant: the paired per-document difference is more than 1.96 standard errors "
           "from 0 (definitions in report.html)")

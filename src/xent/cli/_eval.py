@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._output import OutputDir, check_device, describe
+
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """--data and the windowing options, shared by eval and compare."""
@@ -18,6 +20,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["none", "lines", "paragraphs"], default="none",
                    help=".txt files: one document per file (none), per line, or per blank-line paragraph")
     p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
+    p.add_argument("--max-document-mb", type=float, default=16, metavar="MB",
+                   help="refuse a document larger than this many MiB of UTF-8 (default 16): the tokenizer "
+                        "needs ~100-200 bytes of memory per byte of a document; use --split to cut files")
     p.add_argument("--max-length", type=int, help="inputs per window (default: the model's context)")
     p.add_argument("--stride", type=int, help="window step (default: max-length, disjoint windows)")
     p.add_argument("--bos", choices=["first", "every", "none"],
@@ -73,12 +78,16 @@ def check_arguments(args) -> None:
     for flag in ("resume", "per_token", "html"):
         if getattr(args, flag, False) and not args.out:
             raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
+    if not args.max_document_mb > 0:  # NaN too
+        raise CommandError(f"--max-document-mb must be positive, got {args.max_document_mb:g}")
+    check_device(args.device)
 
 
 def open_corpus(args):
     from xent.eval import Corpus
 
-    return Corpus(args.data, split=args.split, text_field=args.text_field)
+    return Corpus(args.data, split=args.split, text_field=args.text_field,
+                  max_document_bytes=int(args.max_document_mb * (1 << 20)))
 
 
 def device_for(args) -> str:
@@ -90,8 +99,9 @@ def device_for(args) -> str:
 
 
 def checked(body, args) -> int:
-    """Check the arguments, join the torchrun process group if there is one, and run body(args) with
-    xent.eval's input errors as one-line CLI errors."""
+    """Check the arguments, join the torchrun process group if there is one, and run body(args, out)
+    with --out checked and locked (see _output.OutputDir), xent.eval's input errors and OSErrors (a
+    full disk...) as one-line CLI errors."""
     from xent.eval import EvalError
     from xent.eval import _distributed as dist
 
@@ -100,9 +110,13 @@ def checked(body, args) -> int:
     check_arguments(args)
     joined = dist.init_from_env(args.device)
     try:
-        return body(args)
+        rank, _ = dist.rank_and_world()
+        with OutputDir(args.out, rank=rank) as out:
+            return body(args, out)
     except EvalError as err:
         raise CommandError(str(err)) from None
+    except OSError as err:
+        raise CommandError(describe(err)) from None
     finally:
         if joined:
             dist.shutdown()
@@ -121,7 +135,7 @@ def too_short_note(summary: dict) -> str:
             "refuses)")
 
 
-def _run(args) -> int:
+def _run(args, out) -> int:
     import json
     import os
     import shutil
@@ -140,7 +154,7 @@ def _run(args) -> int:
                                              trust_remote_code=args.trust_remote_code,
                                              allow_pickle=args.allow_pickle,
                                              allow_missing_weights=args.allow_missing_weights)
-    out_existed = args.out is not None and os.path.isdir(args.out)
+    checkpoint = _files.checkpoint_path(args.out, rank) if args.out else None
 
     def discard() -> None:
         """After bad input: remove what this run wrote (a resumed run keeps its checkpoint)."""
@@ -148,14 +162,14 @@ def _run(args) -> int:
             return
         _files.remove_checkpoint(args.out, rank)
         shutil.rmtree(os.path.join(args.out, ".tokens"), ignore_errors=True)
-        if rank == 0 and not out_existed and os.path.isdir(args.out) and not os.listdir(args.out):
-            os.rmdir(args.out)
 
     sink = None
     if args.per_token or args.html:
         from xent.eval._tokens import TokenWriter
 
-        sink = TokenWriter(args.out, tokenizer, resume=args.resume, rank=rank)
+        # parts of earlier chunks are kept only when there is a checkpoint to continue
+        sink = TokenWriter(args.out, tokenizer, resume=args.resume and os.path.lexists(checkpoint),
+                           rank=rank)
         dist.barrier()  # rank 0 clears old parts before any rank writes new ones
     progress = Progress(enabled=rank == 0)
     try:
@@ -165,9 +179,16 @@ def _run(args) -> int:
             checkpoint_dir=args.out, resume=args.resume, progress=progress,
             on_tokens=sink.add if sink else None, on_checkpoint=sink.flush if sink else None,
             model_sha256=model_sha, stop_after=args.stop_after,
+            # the outputs belong to the checkpoint's fingerprint: a resume that adds --per-token would
+            # lack the rows of the documents scored before it
             extra_config={"model": args.model, "data": list(args.data), "split": args.split,
-                          "text_field": args.text_field, "dtype": args.dtype, "device": args.device},
+                          "text_field": args.text_field, "dtype": args.dtype, "device": args.device,
+                          "per_token": bool(args.per_token), "html": bool(args.html)},
         )
+    except OSError as err:
+        kept = checkpoint is not None and os.path.lexists(checkpoint)
+        raise CommandError(describe(err) + (f"; {checkpoint} is kept: rerun with --resume once this is "
+                                            "fixed" if kept else "")) from None
     except EvalError:
         discard()
         raise
@@ -187,7 +208,7 @@ def _run(args) -> int:
     if rank == 0:
         if args.out:
             if sink is not None:
-                sink.finish()
+                sink.finish(expected_rows=summary["tokens"])
             if args.html:
                 from xent.eval._html import write_report
 
@@ -200,4 +221,7 @@ def _run(args) -> int:
     if args.out:
         dist.barrier()
         _files.remove_checkpoint(args.out, rank)
+        if rank == 0:
+            _files.remove_stale_temporaries(args.out, ["summary.json", "tokens.parquet", "report.html",
+                                                         "reliability.png", "loss_by_position.png"])
     return 0

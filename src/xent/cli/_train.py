@@ -9,6 +9,10 @@ the loss history); ``xent eval --model OUT`` reads it.
 
 from __future__ import annotations
 
+import os
+
+from ._output import OutputDir, check_device, describe
+
 # objective-option flags -> (option name, type)
 _OPTION_FLAGS = {"label_smoothing": float, "z_loss": float, "gamma": float, "threshold": float,
                  "epsilon": float, "ratio_cap": float}
@@ -24,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--split", default="none", choices=("none", "lines", "paragraphs"),
                    help=".txt files: one document per file, line or blank-line paragraph")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--max-document-mb", type=float, default=16, metavar="MB",
+                   help="refuse a document larger than this many MiB (default 16; see xent eval --help)")
     p.add_argument("--eval-data", nargs="+", metavar="PATH",
                    help="held-out documents: cross-entropy every --eval-every steps")
     p.add_argument("--objective", default="ce",
@@ -50,10 +56,56 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _documents(paths, split, text_field):
+def _corpus(paths, args):
     from ..eval import Corpus
 
-    return [text for _, text in Corpus(paths, split=split, text_field=text_field) if text.strip()]
+    return Corpus(paths, split=args.split, text_field=args.text_field,
+                  max_document_bytes=int(args.max_document_mb * (1 << 20)))
+
+
+def _documents(corpus) -> list[str]:
+    return [text for _, text in corpus if text.strip()]
+
+
+def check_arguments(args) -> None:
+    """The options, checked before anything is loaded: CommandError names the first bad one."""
+    import math
+
+    from ..training._objectives import OBJECTIVES, objective_options
+    from . import CommandError
+
+    if args.objective not in OBJECTIVES:
+        raise CommandError(f"unknown objective {args.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    accepted = objective_options(args.objective)
+    for name in _OPTION_FLAGS:
+        if getattr(args, name) is not None and name not in accepted:
+            flags = [_flag(n) for n in _OPTION_FLAGS if n in accepted]
+            raise CommandError(f"{_flag(name)} does not apply to objective {args.objective!r} (its options: "
+                               f"{', '.join(flags) or 'none'})")
+    for name, low in (("steps", 1), ("batch_size", 1), ("micro_batch_size", 1), ("seq_len", 2),
+                      ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise CommandError(f"{_flag(name)} must be at least {low}, got {value}")
+    if args.micro_batch_size is not None and args.batch_size % args.micro_batch_size:
+        raise CommandError(f"--micro-batch-size {args.micro_batch_size} does not divide --batch-size "
+                           f"{args.batch_size}")
+    for name, positive in (("lr", True), ("min_lr", False), ("weight_decay", False), ("grad_clip", False)):
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
+            need = "a positive" if positive else "a non-negative"
+            raise CommandError(f"{_flag(name)} must be {need} finite number, got {value}")
+    for name in _OPTION_FLAGS:  # their ranges are the losses' to check (Poly's epsilon may be negative)
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"{_flag(name)} must be a finite number, got {value}")
+    if not args.max_document_mb > 0:
+        raise CommandError(f"--max-document-mb must be positive, got {args.max_document_mb:g}")
+    check_device(args.device)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run(args) -> int:
@@ -63,22 +115,33 @@ def run(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise CommandError("xent train needs transformers: pip install 'xent[hf]'") from None
+    check_arguments(args)
+    try:
+        with OutputDir(args.out) as out:
+            return _run(args, out)
+    except OSError as err:
+        raise CommandError(describe(err)) from None
+
+
+def _run(args, out) -> int:
     import torch
 
     from ..eval import EvalError
     from ..eval._load import load_model
-    from ..training import OBJECTIVES, TrainConfig, train
+    from ..training import TrainConfig, train
+    from ..training._loop import SaveError
+    from . import CommandError
 
-    if args.objective not in OBJECTIVES:
-        raise CommandError(f"unknown objective {args.objective!r}; choose from {', '.join(OBJECTIVES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        corpus = _corpus(args.data, args)  # the paths (and whole-file sizes) before the model
+        eval_corpus = _corpus(args.eval_data, args) if args.eval_data else None
         # --from-scratch re-initialises every weight: a checkpoint lacking some is no matter then
         model, tokenizer, _ = load_model(args.model, device=args.device,
                                          allow_missing_weights=args.from_scratch)
-        docs = _documents(args.data, args.split, args.text_field)
-        eval_docs = _documents(args.eval_data, args.split, args.text_field) if args.eval_data else None
+        docs = _documents(corpus)
+        eval_docs = _documents(eval_corpus) if eval_corpus else None
     except EvalError as err:
         raise CommandError(str(err)) from None
     if not docs:
@@ -88,7 +151,7 @@ def run(args) -> int:
         model = type(model)(model.config).to(args.device)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    seq_len = args.seq_len or min(context or 512, 512)
+    seq_len = args.seq_len if args.seq_len is not None else min(context or 512, 512)
     if context and seq_len > context:
         raise CommandError(f"--seq-len {seq_len} is beyond the model's {context} positions")
     options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
@@ -105,7 +168,9 @@ def run(args) -> int:
     eval_stream = _tokenize(tokenizer, eval_docs, sep) if eval_docs else None
     try:
         result = train(model.train(), stream, cfg, eval_data=eval_stream, tokenizer=tokenizer)
-    except (ValueError, TypeError) as err:
+    except SaveError as err:
+        raise CommandError(_save_elsewhere(model, tokenizer, err)) from None
+    except (ValueError, TypeError, FloatingPointError) as err:
         raise CommandError(str(err)) from None
     last = result.history[-1]
     msg = (f"{args.objective}: {cfg.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s; "
@@ -114,7 +179,33 @@ def run(args) -> int:
         msg += f", held-out cross-entropy {result.eval_history[-1]['eval_ce']:.4f} nats/token"
     print(msg)
     print(f"saved to {args.out}")
+    _remove_stale_saves(args.out)
     return 0
+
+
+def _remove_stale_saves(directory: str) -> None:
+    """The temporary directories of saves interrupted by a kill (this run's own are gone)."""
+    import glob
+    import shutil
+
+    for tmp in glob.glob(os.path.join(glob.escape(directory), ".xent-save-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_elsewhere(model, tokenizer, err) -> str:
+    """After a failed save (a full disk, ...): save the model (trained in place, intact in memory) and its
+    log to a new directory under the system's temporary directory; the one-line error says where."""
+    import tempfile
+
+    from ..training._loop import _save
+
+    what = f"{err} (the model after step {err.step})"
+    try:
+        fallback = tempfile.mkdtemp(prefix="xent-train-")
+        _save(model, tokenizer, fallback, err.log)
+    except OSError as again:
+        return f"{what}; saving it to {tempfile.gettempdir()} failed too ({describe(again)}): it is lost"
+    return f"{what}; it was saved to {fallback} instead"
 
 
 def _tokenize(tokenizer, docs, sep):

@@ -4,14 +4,22 @@ Formats: .txt (the whole file is one document; ``split="lines"`` or ``"paragraph
 (one JSON object per line, text under ``text_field``), .parquet (column ``text_field``, read in record
 batches), and a directory written by ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow).
 Invalid UTF-8 is replaced by U+FFFD and counted in ``Corpus.invalid_utf8``.
+
+A document larger than ``max_document_bytes`` of UTF-8 (default 16 MiB) is refused with an EvalError
+while it is read, before it reaches the tokenizer: a fast tokenizer holds ~100-200 bytes per byte of a
+document (a 50 MB line took 9.4 GB), and the token ids of one text cannot in general be computed
+from pieces of it (the pre-tokenizer's boundaries depend on the model). Whole ``.txt`` files are checked
+by size when the Corpus is made; lines are read at most that many bytes at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
+from decimal import Decimal
 
 from ._errors import EvalError
 
@@ -25,48 +33,100 @@ def _decode(raw: bytes, counter: list[int]) -> str:
     return text
 
 
-def _txt(path: str, split: str, counter: list[int]) -> Iterator[str]:
+MAX_DOCUMENT_BYTES = 16 << 20
+
+
+def _too_large(where: str, nbytes: int | None, limit: int) -> EvalError:
+    def size(n: int, digits: str) -> str:
+        return f"{n / (1 << 20):{digits}} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+    of = f"of {size(nbytes, '.1f')} " if nbytes is not None else ""
+    return EvalError(f"{where}: a document {of}is over the {size(limit, 'g')} limit (--max-document-mb): "
+                     "cut it into smaller documents (.txt: --split lines or paragraphs)")
+
+
+def _lines(f, path: str, limit: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a binary file, reading at most limit + 2 bytes at a time: EvalError for a
+    longer line (its end of line excluded)."""
+    for lineno in itertools.count(1):
+        line = f.readline(limit + 3)
+        if not line:
+            return
+        if len(line.rstrip(b"\r\n")) > limit:
+            raise _too_large(f"{path}:{lineno}", None, limit)
+        yield lineno, line
+
+
+def _txt(path: str, split: str, counter: list[int], limit: int) -> Iterator[str]:
     if split == "none":
         with open(path, "rb") as f:
-            yield _decode(f.read(), counter)
+            raw = f.read(limit + 1)  # the size was checked by Corpus; the file may have grown since
+            if len(raw) > limit:
+                raise _too_large(path, None, limit)
+            yield _decode(raw, counter)
         return
     with open(path, "rb") as f:
         if split == "lines":
-            for line in f:
+            for _, line in _lines(f, path, limit):
                 yield _decode(line.rstrip(b"\r\n"), counter)
             return
         block: list[bytes] = []  # paragraphs: runs of non-blank lines
-        for line in f:
+        size, first = 0, 0
+        for lineno, line in _lines(f, path, limit):
             if line.strip():
+                first = first or lineno
                 block.append(line)
+                size += len(line)
+                if size - (len(line) - len(line.rstrip(b"\r\n"))) > limit:  # the text joined, as yielded
+                    raise _too_large(f"{path}:{first}", None, limit)
             elif block:
                 yield _decode(b"".join(block).rstrip(b"\r\n"), counter)
-                block = []
+                block, size, first = [], 0, 0
         if block:
             yield _decode(b"".join(block).rstrip(b"\r\n"), counter)
 
 
-def _text_of(value, where: str, field: str) -> str:
+def _text_of(value, where: str, field: str, limit: int) -> str:
     if not isinstance(value, str):
-        raise EvalError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+        kind = "int" if isinstance(value, Decimal) else type(value).__name__
+        raise EvalError(f"{where}: field {field!r} is {kind}, not a string")
+    if len(value) > limit // 4:  # a character is at most 4 bytes: only then count the bytes
+        nbytes = len(value.encode("utf-8", errors="surrogatepass"))
+        if nbytes > limit:
+            raise _too_large(where, nbytes, limit)
     return value
 
 
-def _jsonl(path: str, field: str, counter: list[int]) -> Iterator[str]:
+def _parse_int(digits: str):
+    """JSON integers of any length: Python's int() refuses more than sys.get_int_max_str_digits() (4300)
+    digits; such a number is never the text, so it is kept as a Decimal."""
+    try:
+        return int(digits)
+    except ValueError:
+        return Decimal(digits)
+
+
+def _jsonl(path: str, field: str, counter: list[int], limit: int) -> Iterator[str]:
+    # a line may be up to 6x its text (\uXXXX escapes): refuse lines beyond that, check the text after
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, path, 6 * limit + 1024):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                obj = json.loads(_decode(line, counter))
+                obj = json.loads(_decode(line, counter), parse_int=_parse_int)
             except json.JSONDecodeError as err:
-                raise EvalError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                raise EvalError(f"{where}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise EvalError(f"{where}: JSON nested too deeply to read") from None
+            except ValueError as err:
+                raise EvalError(f"{where}: not valid JSON ({_first_line(err)})") from None
             if not isinstance(obj, dict) or field not in obj:
-                raise EvalError(f"{path}:{lineno}: no field {field!r} (use --text-field)")
-            yield _text_of(obj[field], f"{path}:{lineno}", field)
+                raise EvalError(f"{where}: no field {field!r} (use --text-field)")
+            yield _text_of(obj[field], where, field, limit)
 
 
-def _parquet(path: str, field: str) -> Iterator[str]:
+def _parquet(path: str, field: str, limit: int) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -77,10 +137,10 @@ def _parquet(path: str, field: str) -> Iterator[str]:
         raise EvalError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            yield _text_of(value, path, field)
+            yield _text_of(value, path, field, limit)
 
 
-def _hf_dir(path: str, field: str) -> Iterator[str]:
+def _hf_dir(path: str, field: str, limit: int) -> Iterator[str]:
     import datasets
 
     try:
@@ -93,7 +153,7 @@ def _hf_dir(path: str, field: str) -> Iterator[str]:
         raise EvalError(f"{path}: no column {field!r} (columns: {', '.join(ds.column_names)})")
     for start in range(0, len(ds), 1024):
         for value in ds[start : start + 1024][field]:
-            yield _text_of(value, path, field)
+            yield _text_of(value, path, field, limit)
 
 
 def _first_line(err: BaseException) -> str:
@@ -122,26 +182,35 @@ def check_path(path: str) -> str:
 class Corpus:
     """Documents of several paths, read lazily in order: iterate to get (file index, text)."""
 
-    def __init__(self, paths: list[str], *, split: str = "none", text_field: str = "text"):
+    def __init__(self, paths: list[str], *, split: str = "none", text_field: str = "text",
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES):
         if split not in SPLITS:
             raise EvalError(f"split must be one of {SPLITS}, got {split!r}")
+        if isinstance(max_document_bytes, bool) or not isinstance(max_document_bytes, int) or \
+                max_document_bytes < 1:
+            raise EvalError(f"max_document_bytes must be a positive integer, got {max_document_bytes!r}")
         self.paths = list(paths)
         self.formats = [check_path(p) for p in self.paths]
         self.split, self.text_field = split, text_field
+        self.max_document_bytes = max_document_bytes
         self.invalid_utf8 = 0
+        for path, fmt in zip(self.paths, self.formats):
+            if fmt == "txt" and split == "none" and os.path.getsize(path) > max_document_bytes:
+                raise _too_large(path, os.path.getsize(path), max_document_bytes)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         counter = [0]
         try:
             for i, (path, fmt) in enumerate(zip(self.paths, self.formats)):
+                limit = self.max_document_bytes
                 if fmt == "txt":
-                    docs = _txt(path, self.split, counter)
+                    docs = _txt(path, self.split, counter, limit)
                 elif fmt == "jsonl":
-                    docs = _jsonl(path, self.text_field, counter)
+                    docs = _jsonl(path, self.text_field, counter, limit)
                 elif fmt == "parquet":
-                    docs = _parquet(path, self.text_field)
+                    docs = _parquet(path, self.text_field, limit)
                 else:
-                    docs = _hf_dir(path, self.text_field)
+                    docs = _hf_dir(path, self.text_field, limit)
                 for text in docs:
                     yield i, text
         finally:

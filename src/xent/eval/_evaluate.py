@@ -147,8 +147,8 @@ def evaluate(
         if resume:
             state = _files.load_checkpoint(checkpoint_dir, fingerprint, rank)
             if state is not None:
-                start = state["next_document"]
-                runner.totals = [Totals.from_state(s) for s in state["totals"]]
+                start, runner.totals = _restore(state, opts, len(names), rank, world,
+                                                _files.checkpoint_path(checkpoint_dir, rank))
 
         def on_chunk(next_doc: int) -> None:
             if on_checkpoint is not None:
@@ -157,9 +157,14 @@ def evaluate(
                                    {"next_document": next_doc, "totals": [t.state() for t in runner.totals]},
                                    rank)
 
+    seen = _Counted(stream)
     with eval_mode(model):
-        runner.run(stream, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
+        runner.run(seen, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
                    stop_after=stop_after)
+    if seen.exhausted and (seen.count < start or (start % opts.checkpoint_every and seen.count != start)):
+        raise EvalError(f"{_files.checkpoint_path(checkpoint_dir, rank)} says {start} documents are done "
+                        f"but the data has {seen.count}: it belongs to other data; remove it and drop "
+                        "--resume")
     gathered = dist.all_gather([t.state() for t in runner.totals])
     per_file_totals = [Totals(opts.max_length) for _ in names]
     for states in gathered:
@@ -190,6 +195,65 @@ def document_stream(documents: Iterable[str] | Corpus, preset: str | None):
         return iter(documents)
     return ((file, text[:-1] if documents.formats[file] == "txt" and text.endswith("\n") else text)
             for file, text in documents)
+
+
+class _Counted:
+    """An iterator that counts what it yields and notes whether its source ran out."""
+
+    def __init__(self, items):
+        self.items, self.count, self.exhausted = iter(items), 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            item = next(self.items)
+        except StopIteration:
+            self.exhausted = True
+            raise
+        self.count += 1
+        return item
+
+
+def _restore(state: dict, opts, n_files: int, rank: int, world: int, path: str):
+    """(next document, per-file Totals) from a checkpoint, after checking that they fit together:
+    the next document is a positive integer, a multiple of checkpoint_every unless it is the corpus
+    end (checked after the run), and the totals count exactly this rank's documents before it."""
+    damaged = f"{path} is damaged"
+    start = state.get("next_document")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+        raise EvalError(f"{damaged} (next_document {start!r} is not a positive integer): remove it and "
+                        "drop --resume")
+    saved = state.get("totals")
+    template = Totals(opts.max_length).state()
+    if not isinstance(saved, list) or len(saved) != n_files or not all(_fits(s, template) for s in saved):
+        raise EvalError(f"{damaged} (its totals are not those of {n_files} data file(s)): remove it and "
+                        "drop --resume")
+    counted = sum(s["documents"] + sum(v for k, v in s.items() if k.startswith("skipped_")) for s in saved)
+    mine = len(range(rank, start, world))
+    if counted != mine:
+        raise EvalError(f"{damaged} (its totals count {counted} documents, next_document {start} means "
+                        f"{mine}): remove it and drop --resume")
+    return start, [Totals.from_state(s) for s in saved]
+
+
+def _fits(saved, template: dict) -> bool:
+    """saved has template's keys, with integers where it has integers and lists of as many integers."""
+    if not isinstance(saved, dict) or set(saved) != set(template):
+        return False
+    for k, t in template.items():
+        v = saved[k]
+        if isinstance(t, list):
+            if not isinstance(v, list) or len(v) != len(t) or not all(_is_int(x) for x in v):
+                return False
+        elif not _is_int(v) or (k == "max_length" and v != t):
+            return False
+    return True
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def texts(documents: Iterable[str]):

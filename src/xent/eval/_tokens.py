@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from ._errors import EvalError
 from ._files import atomic_write
 
 COLUMNS = ("doc", "position", "token_id", "token", "loss", "entropy", "rank", "top1_prob")
@@ -66,8 +67,10 @@ class TokenWriter:
         atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         self.rows = {c: [] for c in COLUMNS}
 
-    def finish(self) -> str:
-        """Merge the parts (rank 0, after every rank is done) into DIR/tokens.parquet."""
+    def finish(self, expected_rows: int | None = None) -> str:
+        """Merge the parts (rank 0, after every rank is done) into DIR/tokens.parquet. With
+        ``expected_rows`` (the scored tokens of the summary), a part missing or left over is an EvalError
+        and no tokens.parquet is written."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -79,11 +82,17 @@ class TokenWriter:
         path = os.path.join(self.out_dir, "tokens.parquet")
 
         def write(tmp):
+            rows = 0
             writer = pq.ParquetWriter(tmp, _table({c: [] for c in COLUMNS}, pa).schema)
             for key in sorted(chunks):
                 table = pa.concat_tables([pq.read_table(p) for p in chunks[key]])
                 writer.write_table(table.sort_by([("doc", "ascending"), ("position", "ascending")]))
+                rows += table.num_rows
             writer.close()
+            if expected_rows is not None and rows != expected_rows:
+                raise EvalError(f"{self.parts} holds {rows} per-token rows but {expected_rows} tokens were "
+                                "scored (parts were removed or added by something else): tokens.parquet "
+                                "not written; run again without --resume")
 
         atomic_write(path, write)
         shutil.rmtree(self.parts)

@@ -166,6 +166,57 @@ def evaluate_ce(model, seqs: torch.Tensor, batch_size: int = 16, chunk_size="aut
     return value
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first option of ``cfg`` that is out of range (TypeError: not a number)."""
+
+    import numbers
+
+    def number(name, *, integer=False, low=None, above=None, none_ok=False):
+        value = getattr(cfg, name)
+        if value is None and none_ok:
+            return
+        kind = numbers.Integral if integer else numbers.Real  # numpy scalars too
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        if low is not None and value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value!r}")
+        if above is not None and value <= above:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+    for name in ("steps", "batch_size"):
+        number(name, integer=True, low=1)
+    number("micro_batch_size", integer=True, low=1, none_ok=True)
+    number("seq_len", integer=True, low=2)  # one input and its next-token target at least
+    for name in ("warmup_steps", "eval_every", "save_every"):
+        number(name, integer=True, low=0)
+    number("seed", integer=True)
+    number("lr", above=0)
+    for name in ("min_lr", "weight_decay"):
+        number(name, low=0)
+    number("grad_clip", above=0, none_ok=True)
+    if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
+        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must divide batch_size "
+                         f"({cfg.batch_size})")
+
+
+class SaveError(OSError):
+    """Saving the model failed. The model, trained in place, is intact in memory; ``log`` is what
+    xent_train.json would have held (config, result so far) and ``step`` the steps done."""
+
+    def __init__(self, message: str, *, directory: str, step: int, log: dict):
+        super().__init__(message)
+        self.directory, self.step, self.log = directory, step, log
+
+    def __reduce__(self):  # picklable: the demo trains in worker processes
+        return _save_error, (str(self), self.directory, self.step, self.log)
+
+
+def _save_error(message, directory, step, log) -> SaveError:
+    return SaveError(message, directory=directory, step=step, log=log)
+
+
 def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tokenizer=None,
           **overrides) -> TrainResult:
     """Train a transformers causal LM in place with any xent objective; returns the loss history.
@@ -181,6 +232,10 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
             ("eval_ce" when a single set is given).
         tokenizer: saved next to the model when ``save_dir`` is set.
 
+    Raises FloatingPointError at the first step whose loss or gradient norm is not finite, before
+    that step's update (the model keeps the previous steps' weights; the end of the run is not saved),
+    and SaveError (an OSError carrying the run's log) when ``save_dir`` cannot be written.
+
     The objective's value is what ``history`` records (for ``tailr``, ``gold``, ``focal`` and ``poly`` it
     is not the cross-entropy; ``emo`` in mode emo1 has the cross-entropy's value); ``eval_history``
     holds the cross-entropy of every objective on the same held-out sequences.
@@ -191,11 +246,8 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         if unknown:
             raise TypeError(f"unknown training option(s) {unknown}; see xent.training.TrainConfig")
         cfg = TrainConfig(**{**asdict(cfg), **overrides})
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
-    micro = cfg.micro_batch_size or cfg.batch_size
-    if micro < 1 or cfg.batch_size % micro:
-        raise ValueError(f"micro_batch_size ({micro}) must divide batch_size ({cfg.batch_size})")
+    check_config(cfg)
+    micro = cfg.batch_size if cfg.micro_batch_size is None else cfg.micro_batch_size
 
     seqs = as_sequences(data, cfg.seq_len)
     if eval_data is not None and not isinstance(eval_data, dict):
@@ -229,8 +281,19 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
             group["lr"] = lr
         batch = seqs[next(batches)].to(device)  # [batch_size, T]
         step_loss, num_items = accumulate_gradients(model, loss_fn, batch, micro, cfg.chunk_size)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                     if cfg.grad_clip else math.nan)
+        # the norm is computed without clipping too (max_norm inf scales by exactly 1): a non-finite
+        # gradient must stop the run before the update writes it into the weights
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        grad_norm = norm if cfg.grad_clip else math.nan  # recorded when clipping, as before
+        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            if bar is not None:
+                bar.close()
+            what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else \
+                f"the gradient norm is {norm}"
+            saved = " and the model was not saved" if cfg.save_dir else ""
+            raise FloatingPointError(
+                f"step {step + 1} of {cfg.steps}: {what}: training stopped before this step's update"
+                f"{saved} (the model in memory is the one after step {step}); lower lr or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += num_items
@@ -242,7 +305,10 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
                       for name, s in eval_sets.items()}
             eval_history.append({"step": step + 1, **scores})
         if cfg.save_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            _save(model, tokenizer, os.path.join(cfg.save_dir, f"step-{step + 1}"), None)
+            seconds = time.perf_counter() - start
+            _save_or_raise(model, tokenizer, os.path.join(cfg.save_dir, f"step-{step + 1}"), None, step + 1,
+                           lambda s=seconds, n=tokens: _log(cfg, TrainResult(history, eval_history, s, n,
+                                                                             repr(loss_fn))))
         if bar is not None:
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
@@ -250,8 +316,24 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         bar.close()
     result = TrainResult(history, eval_history, time.perf_counter() - start, tokens, repr(loss_fn))
     if cfg.save_dir:
-        _save(model, tokenizer, cfg.save_dir, {"config": _jsonable(asdict(cfg)), **result.to_dict()})
+        log = _log(cfg, result)
+        _save_or_raise(model, tokenizer, cfg.save_dir, log, cfg.steps, lambda: log)
     return result
+
+
+def _log(cfg: TrainConfig, result: TrainResult) -> dict:
+    """xent_train.json: the config and the result."""
+    return {"config": _jsonable(asdict(cfg)), **result.to_dict()}
+
+
+def _save_or_raise(model, tokenizer, directory: str, log: dict | None, step: int, run_log) -> None:
+    """_save, or SaveError carrying ``run_log()`` (the run so far) so that the caller can save elsewhere."""
+    try:
+        _save(model, tokenizer, directory, log)
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise SaveError(f"cannot save the model after step {step} to {directory}: {reason}",
+                        directory=directory, step=step, log=run_log()) from err
 
 
 def _progress(cfg: TrainConfig):
@@ -283,10 +365,27 @@ def json_safe(obj):
 
 
 def _save(model, tokenizer, directory: str, log: dict | None) -> None:
+    """save_pretrained (safetensors), the tokenizer and xent_train.json into ``directory``. Written into
+    a temporary directory inside it first, then moved in file by file: a failure (a full disk) leaves
+    no half-written weights file where a loader would read it."""
+    import shutil
+    import tempfile
+
     os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)  # safetensors
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    if log is not None:
-        with open(os.path.join(directory, "xent_train.json"), "w") as f:
-            json.dump(json_safe(log), f, indent=1, allow_nan=False)
+    tmp = tempfile.mkdtemp(prefix=".xent-save-", dir=directory)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if log is not None:
+            with open(os.path.join(tmp, "xent_train.json"), "w") as f:
+                json.dump(json_safe(log), f, indent=1, allow_nan=False)
+                f.flush()
+                os.fsync(f.fileno())
+        for name in sorted(os.listdir(tmp)):
+            target = os.path.join(directory, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

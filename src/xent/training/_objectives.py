@@ -18,27 +18,34 @@ OBJECTIVES = {
 }
 
 
+_CLASSES = {"ce": losses.CrossEntropy, "ce_ls": losses.CrossEntropy, "ce_zloss": losses.CrossEntropy,
+            "emo": losses.EMO, "tailr": losses.TaiLr, "gold": losses.GOLD, "focal": losses.Focal,
+            "poly": losses.Poly}
+
+
+def objective_options(name: str) -> tuple[str, ...]:
+    """The option names objective ``name`` accepts (the keyword arguments of its loss class)."""
+    import inspect
+
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return tuple(inspect.signature(_CLASSES[name]).parameters)
+
+
 def make_objective(name: str, model=None, **options) -> losses.TokenLoss:
     """The loss object of objective ``name`` (a key of :data:`OBJECTIVES`); ``options`` override defaults.
 
     ``emo`` needs ``model``: its cost embedding is a frozen copy of the model's output embeddings taken
     now, before training (as the EMO paper does), unless ``cost_embedding`` is given.
     """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    accepted = objective_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"objective {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(accepted)}")
     opts = {**OBJECTIVES[name][1], **options}
-    if name in ("ce", "ce_ls", "ce_zloss"):
-        return losses.CrossEntropy(**opts)
-    if name == "emo":
-        if "cost_embedding" not in opts:
-            if model is None:
-                raise ValueError("objective 'emo' needs the model (or cost_embedding=) to build its cost")
-            opts["cost_embedding"] = model.get_output_embeddings().weight.detach().clone().float()
-        return losses.EMO(**opts)
-    if name == "tailr":
-        return losses.TaiLr(**opts)
-    if name == "gold":
-        return losses.GOLD(**opts)
-    if name == "focal":
-        return losses.Focal(**opts)
-    return losses.Poly(**opts)
+    if name == "emo" and "cost_embedding" not in opts:
+        if model is None:
+            raise ValueError("objective 'emo' needs the model (or cost_embedding=) to build its cost")
+        opts["cost_embedding"] = model.get_output_embeddings().weight.detach().clone().float()
+    return _CLASSES[name](**opts)
