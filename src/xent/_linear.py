@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as V
-from ._reduce import mean_denominator, mean_loss
+from ._reduce import as_token_weights, denominator_weight, mean_denominator, mean_loss
 from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
 
@@ -89,6 +89,7 @@ class _Plan:
     compute_dtype: torch.dtype  # the loss's: float32, or float64 for float64 inputs
     extras: tuple  # ((hidden2d, weight, bias), ...) heads projected without gradient, e.g. a teacher
     mm_dtype: torch.dtype | None = None  # the projections'; None: compute_dtype
+    weights: torch.Tensor | None = None  # [n] per-token weights w_t (compute dtype), None: all 1
 
 
 def _chunks(plan: _Plan):
@@ -125,6 +126,10 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
 
     need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...).
 
+    Per-token weights (``plan.weights``) are applied here and nowhere else: the losses come back as
+    w_t·ℓ_t and each token's upstream gradient is w_t·scale_t, so no loss, closed-form or autograd, knows
+    of them.
+
     Per chunk: project to a [C, V] buffer in the matmul dtype; hand it to the loss a block of rows at a
     time in the compute dtype (half blocks are copied to a float32 block, the gradient copied back); then
     the two gradient matmuls read the chunk's gradient from the same buffer. The weight and bias
@@ -132,6 +137,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     """
     dt = plan.compute_dtype
     mt = plan.mm_dtype or dt
+    if scale is not None and plan.weights is not None:
+        scale = scale * plan.weights  # d(Σ w_t·ℓ_t)/dℓ_t: the weight joins the upstream gradient
     w = _as(weight, mt)  # a float32 copy once for float16 on CPU; the same tensor otherwise
     b = _as(bias, mt)
     extras = [(h2, _as(w2, mt), _as(b2, mt)) for h2, w2, b2 in plan.extras]
@@ -223,6 +230,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
             else:
                 grad_w.addmm_(z.t(), h)
         del z
+    if plan.weights is not None:
+        per_token.mul_(plan.weights)
     return per_token, grad_h, grad_w, grad_b
 
 
@@ -297,15 +306,24 @@ def _check_head(hidden, weight, bias, shift, name="hidden", weight_name="weight"
         raise ValueError(f"shift=True needs {name} of shape [..., T, D], got shape {tuple(hidden.shape)}")
 
 
-def _valid_rows(hidden, target, ignore_index, shift):
-    """Rows of hidden.reshape(-1, D) with a valid target, their targets, and their flat positions in the
-    (shifted) target. With shift, hidden[..., t, :] predicts target[..., t+1]: no copy of hidden."""
+def _valid_rows(hidden, target, ignore_index, shift, token_weights=None):
+    """Rows of hidden.reshape(-1, D) with a valid target, their targets, their flat positions in the
+    (shifted) target and their token weights ([n], or None without token_weights, which are shaped like
+    target and shifted like it). A token whose weight is 0 is not valid, like an ignored one. With shift,
+    hidden[..., t, :] predicts target[..., t+1]: no copy of hidden."""
     T = hidden.shape[-2] if shift else 1
     tgt = target[..., 1:] if shift else target
     flat = V.as_ids(tgt.reshape(-1))
-    positions = (flat != ignore_index).nonzero().squeeze(-1)
+    keep = flat != ignore_index
+    weights = None
+    if token_weights is not None:
+        weights = (token_weights[..., 1:] if shift else token_weights).reshape(-1)
+        keep = keep & (weights != 0)
+    positions = keep.nonzero().squeeze(-1)
     rows = positions + positions // (T - 1) if shift and T > 1 else positions
-    return rows, flat[positions], positions, tuple(tgt.shape)
+    if weights is not None:
+        weights = weights[positions]
+    return rows, flat[positions], positions, tuple(tgt.shape), weights
 
 
 @torch.compiler.disable
@@ -321,6 +339,7 @@ def linear_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
     _extra_heads: tuple = (),
 ) -> torch.Tensor:
     """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
@@ -338,6 +357,10 @@ def linear_loss(
         chunk_size: tokens per chunk, or "auto": as many as fit 64 MiB of logits in the projection
             dtype (XENT_CHUNK_MB overrides the budget), at least 512 tokens.
         reduction, num_items: as :func:`xent.cross_entropy`.
+        token_weights: ``[...]`` per-token weights w_t shaped like ``target`` (shifted like it), as
+            :func:`xent.cross_entropy`: ℓ_t ← w_t·ℓ_t, "mean" divides by Σ_valid w_t·w_y. The fused engine
+            multiplies each token's upstream gradient by w_t, so every loss takes them; tokens with
+            w_t = 0 are dropped before the projection like ignored ones.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
@@ -350,15 +373,17 @@ def linear_loss(
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_linear(hidden, weight, bias, target, ignore_index, shift)
+    V.check_token_weights(token_weights, target.shape)
     num_classes = weight.shape[0]
     loss.check(num_classes)
     V.check_chunk_size(chunk_size)
 
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
+    token_weights = as_token_weights(token_weights, dtype, hidden.device)
+    rows, tgt, positions, out_shape, tw = _valid_rows(hidden, target, ignore_index, shift, token_weights)
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mm = matmul_dtype(hidden.dtype, hidden.device)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
     chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize) if chunk_size == "auto"
@@ -369,10 +394,10 @@ def linear_loss(
         denom = torch.ones((), dtype=dtype, device=hidden.device)
     elif reduction == "mean":
         valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
-        token_weight = loss.token_weight(tgt)
-        denom = mean_denominator(valid, num_items, token_weight, dtype)
-        loss = mean_loss(loss, valid, num_items, token_weight, dtype)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm)
+        class_weight = loss.token_weight(tgt)
+        denom = mean_denominator(valid, num_items, denominator_weight(class_weight, tw), dtype)
+        loss = mean_loss(loss, valid, num_items, class_weight, dtype, tw)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw)
     grad_wanted = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
@@ -395,6 +420,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
@@ -418,7 +444,8 @@ def linear_cross_entropy(
     loss = CrossEntropy(weight=weight_classes, label_smoothing=label_smoothing, z_loss=z_loss,
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
-                       ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+                       ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+                       token_weights=token_weights)
 
 
 def linear_distill_loss(
@@ -442,6 +469,7 @@ def linear_distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`xent.distill_loss` of ``student_hidden @ student_weight.T`` against
     ``teacher_hidden @ teacher_weight.T`` without holding either model's full logits.
@@ -450,7 +478,8 @@ def linear_distill_loss(
     :class:`xent.losses.Distill` per-token loss the plain path uses. student_hidden ``[..., D_s]`` and
     teacher_hidden ``[..., D_t]`` cover the same tokens; both heads have the same V. ``target`` (optional)
     masks ignored tokens and labels the hard CE term when ``hard_weight`` > 0; ``shift`` as in
-    :func:`xent.linear_loss`. Gradients reach the student's hidden, weight and bias only.
+    :func:`xent.linear_loss`. ``token_weights`` ``[...]`` (shaped like ``student_hidden.shape[:-1]``) as
+    :func:`xent.distill_loss`. Gradients reach the student's hidden, weight and bias only.
     """
     from .losses._distill import Distill, distill_target
 
@@ -475,5 +504,5 @@ def linear_distill_loss(
     return linear_loss(
         student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+        token_weights=token_weights, _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
     )

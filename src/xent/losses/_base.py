@@ -38,7 +38,8 @@ class TokenLoss:
         raise NotImplementedError
 
     def token_weight(self, target: torch.Tensor) -> torch.Tensor | None:
-        """Per-token weight in the denominator of reduction="mean" (class weights); None means 1."""
+        """Per-token class weight w_y in the denominator of reduction="mean"; None means 1. (Per-token
+        weights w_t are the caller's, applied by the reduction and the fused engine: no loss sees them.)"""
         return None
 
     def check(self, num_classes: int) -> None:
@@ -47,9 +48,10 @@ class TokenLoss:
     def for_mean(self, count_scale: torch.Tensor) -> TokenLoss:
         """The loss to use under a class-weighted reduction="mean", whose denominator is Σ_valid w_y.
 
-        ``count_scale`` = Σ_valid w_y / (count of valid tokens). A term that must be averaged over the
-        valid tokens rather than over Σ w_y (cross-entropy's z-loss) is multiplied by it, so Σℓ / Σ w_y
-        gives that term's plain mean. Losses without such a term return themselves."""
+        ``count_scale`` = Σ_valid w_t·w_y / Σ_valid w_t (w_t the per-token weights, 1 without them: then
+        Σ_valid w_y / the count of valid tokens). A term that must be averaged over the valid tokens rather
+        than over Σ w_t·w_y (cross-entropy's z-loss) is multiplied by it, so Σ w_t·ℓ / Σ w_t·w_y gives that
+        term's w_t-weighted mean. Losses without such a term return themselves."""
         return self
 
     # A closed-form gradient, when a loss has one, lets the fused path skip autograd.
