@@ -11,6 +11,7 @@ from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._emo import emo_loss
 from .losses._focal import focal_loss, poly_loss
+from .losses._regularized import dft_loss, entropy_regularized_loss
 from .losses._tailr import gold_loss, tailr_loss
 
 __version__ = "0.1.0"
@@ -20,8 +21,10 @@ __all__ = [
     "causal_lm_loss",
     "count_items",
     "cross_entropy",
+    "dft_loss",
     "distill_loss",
     "emo_loss",
+    "entropy_regularized_loss",
     "focal_loss",
     "gold_loss",
     "linear_cross_entropy",
