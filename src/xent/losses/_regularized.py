@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._base import TokenLoss, cap_in_place, nll_and_lse, row_max
+from ._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_lse
 from ._focal import plain_loss
 from ._tailr import GOLD
 
@@ -64,43 +64,15 @@ class EntropyRegularized(TokenLoss):
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # logits [..., V], target [...] in range.
         nll, m, rel = nll_and_lse(logits, target)
-        s = _shifted(logits, m.unsqueeze(-1))  # z − m ≤ 0
-        q = torch.exp(s - rel.unsqueeze(-1))
-        entropy = rel - (q * s).sum(dim=-1)  # −Σ q (s − rel) = rel + Σ q·(m − z) ≥ 0
-        return nll - self.beta * entropy
+        return nll - self.beta * entropy(logits, m, rel)
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
-        """Closed form on a [N, V] buffer that is overwritten with the gradient (one more [N, V] block).
-
-        With s = z − m and q = softmax(z): dℓ/dz_i = q_i − [i=y] + β·q_i·(log q_i + H), and
-        log q_i + H = s_i − Σ_j q_j s_j, so the gradient is β·q_i s_i + q_i (1 − β Σ_j q_j s_j) − [i=y]
-        (q_i s_i stays finite where q_i = 0), times ``scale`` per token and 1 − (z/c)² under soft-capping.
-        """
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        logits, tanh = cap_in_place(logits, self.softcap)
-        z_y = logits[rows, target]
-        m = row_max(logits)
-        s = _shifted(logits, m, out=logits)  # in place: the logits are not needed past this point
-        q = torch.exp(s)
-        sumexp = q.sum(dim=-1)
-        q.div_(sumexp.unsqueeze(-1))
-        rel = sumexp.log()
-        mean_s = (q.unsqueeze(1) @ s.unsqueeze(2)).reshape(-1)  # Σ q s ≤ 0, a batched dot (no temporary)
-        entropy = rel - mean_s
-        value = ((m.squeeze(-1) - z_y) + rel) - self.beta * entropy
-        grad = s.mul_(q).mul_(self.beta).addcmul_(q, (1.0 - self.beta * mean_s).unsqueeze(-1))
-        grad.mul_(scale.unsqueeze(-1))
-        grad[rows, target] -= scale
-        if tanh is not None:
-            grad.mul_(1.0 - tanh.square_())
-        return value, grad
-
-
-def _shifted(logits: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """s = z − m, with −inf (a masked logit) floored at the dtype's lowest finite value: exp(s) is still
-    exactly 0, and q·s = 0 instead of 0·(−inf) = NaN."""
-    s = torch.sub(logits, m, out=out) if out is not None else logits - m
-    return s.clamp_(min=torch.finfo(s.dtype).min)
+        """Closed form on a [N, V] buffer that is overwritten with the gradient (one more [N, V] block):
+        ℓ = −log q_y − β·H is Σ a·log q_y + b·H with a = −1, b = −β, so dℓ/dz_i = q_i − [i=y] +
+        β·q_i·(log q_i + H) (:func:`log_prob_entropy_and_grad`), times ``scale`` per token."""
+        log_q_y, ent, grad = log_prob_entropy_and_grad(logits, target, self.softcap, 1.0, -scale,
+                                                       -self.beta * scale)
+        return -log_q_y - self.beta * ent, grad
 
 
 def dft_loss(
