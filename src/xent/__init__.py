@@ -7,6 +7,7 @@ objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs o
 from . import losses
 from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
+from ._logprobs import linear_log_probs, log_probs
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._emo import emo_loss
@@ -29,7 +30,9 @@ __all__ = [
     "gold_loss",
     "linear_cross_entropy",
     "linear_distill_loss",
+    "linear_log_probs",
     "linear_loss",
+    "log_probs",
     "losses",
     "nn",
     "poly_loss",

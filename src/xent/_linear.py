@@ -124,7 +124,9 @@ def _as(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     """One pass over the chunks. ``scale`` [n] is each token's upstream gradient, None for no gradient.
 
-    need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...).
+    need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...). A loss
+    with K = ``loss.num_outputs`` > 1 values per token (log-probs with their entropy) gives [n, K]
+    values and takes a [n, K] ``scale``; nothing else changes.
 
     Per-token weights (``plan.weights``) are applied here and nowhere else: the losses come back as
     w_t·ℓ_t and each token's upstream gradient is w_t·scale_t, so no loss, closed-form or autograd, knows
@@ -137,8 +139,10 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     """
     dt = plan.compute_dtype
     mt = plan.mm_dtype or dt
-    if scale is not None and plan.weights is not None:
-        scale = scale * plan.weights  # d(Σ w_t·ℓ_t)/dℓ_t: the weight joins the upstream gradient
+    value_shape = () if plan.loss.num_outputs == 1 else (plan.loss.num_outputs,)
+    weights = None if plan.weights is None else plan.weights.view(-1, *(1,) * len(value_shape))
+    if scale is not None and weights is not None:
+        scale = scale * weights  # d(Σ w_t·ℓ_t)/dℓ_t: the weight joins the upstream gradient
     w = _as(weight, mt)  # a float32 copy once for float16 on CPU; the same tensor otherwise
     b = _as(bias, mt)
     extras = [(h2, _as(w2, mt), _as(b2, mt)) for h2, w2, b2 in plan.extras]
@@ -146,7 +150,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     # Every row valid (no ignored token, no shift): chunks are slices, no gather/scatter of rows.
     dense = n == hidden2d.shape[0]
     dev = hidden2d.device
-    per_token = torch.empty(n, dtype=dt, device=dev)
+    per_token = torch.empty((n, *value_shape), dtype=dt, device=dev)
     want = scale is not None
     grad_h = grad_w = grad_b = None
     if want and need[0]:
@@ -230,8 +234,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
             else:
                 grad_w.addmm_(z.t(), h)
         del z
-    if plan.weights is not None:
-        per_token.mul_(plan.weights)
+    if weights is not None:
+        per_token.mul_(weights)
     return per_token, grad_h, grad_w, grad_b
 
 
@@ -241,7 +245,7 @@ class _LinearLoss(torch.autograd.Function):
         # denom: None for reduction="none", else the scalar Σℓ is divided by (1 for "sum").
         # precompute: gradients are wanted and the reduction is a scalar, so the forward computes them
         # with scale 1/denom and backward only rescales.
-        ctx.plan, ctx.positions, ctx.denom = plan, positions, denom
+        ctx.plan, ctx.positions, ctx.denom, ctx.out_shape = plan, positions, denom, tuple(out_shape)
         ctx.need = (hidden2d.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         if precompute:
@@ -253,8 +257,9 @@ class _LinearLoss(torch.autograd.Function):
         ctx.save_for_backward(hidden2d, weight, bias)  # references only: to recompute if needed
         if denom is not None:
             return per_token.sum() / denom
-        out = torch.zeros(out_shape, dtype=per_token.dtype, device=per_token.device)
-        out.view(-1)[positions] = per_token
+        value_shape = tuple(per_token.shape[1:])  # (K,) for a loss with K values per token, else ()
+        out = torch.zeros((*out_shape, *value_shape), dtype=per_token.dtype, device=per_token.device)
+        out.view(-1, *value_shape)[positions] = per_token
         return out
 
     @staticmethod
@@ -271,7 +276,7 @@ class _LinearLoss(torch.autograd.Function):
             if grad_out.dim() == 0:  # a scalar reduction: every token gets grad_out / denom
                 scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
             else:
-                scale = grad_out.reshape(-1)[ctx.positions]
+                scale = grad_out.reshape(-1, *grad_out.shape[len(ctx.out_shape):])[ctx.positions]
             grads = _run(ctx.plan, hidden2d, weight, bias, scale.to(ctx.plan.compute_dtype), ctx.need)[1:]
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None)

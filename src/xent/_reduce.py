@@ -115,10 +115,11 @@ def apply_token_loss(
     class_weight = loss.token_weight(safe)
     if reduction == "mean":
         loss = mean_loss(loss, valid, num_items, class_weight, z.dtype, tw)
-    per_token = loss(z, safe, *extra)
+    per_token = loss(z, safe, *extra)  # [...], or [..., K] for a loss with K values per token
+    extra_dims = (1,) * (per_token.dim() - valid.dim())
     if tw is not None:
-        per_token = per_token * tw
-    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+        per_token = per_token * tw.view(*tw.shape, *extra_dims)
+    per_token = torch.where(valid.view(*valid.shape, *extra_dims), per_token, torch.zeros_like(per_token))
     return reduce_tokens(per_token, valid, reduction, num_items, denominator_weight(class_weight, tw))
 
 
