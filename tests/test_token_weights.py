@@ -403,15 +403,16 @@ def test_fused_equals_plain(loss, plain, reduction, chunk_size):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, "auto"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_linear_distill_equals_plain(reduction):
+def test_linear_distill_equals_plain(reduction, chunk_size):
     h, W, b, y, w = _head(seed=18)
     g = torch.Generator().manual_seed(19)
     th = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
     tW = torch.randn(V_, 5, generator=g, dtype=torch.float64)
     kw = _reduction_kwargs(reduction)
     opts = dict(kind="jsd", beta=0.3, temperature=1.5, hard_weight=0.2)
-    fused = xent.linear_distill_loss(h, W, th, tW, y, student_bias=b, chunk_size=3, token_weights=w,
+    fused = xent.linear_distill_loss(h, W, th, tW, y, student_bias=b, chunk_size=chunk_size, token_weights=w,
                                      **opts, **kw)
     plain = xent.distill_loss(h @ W.T + b, th @ tW.T, y, token_weights=w, **opts, **kw)
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
