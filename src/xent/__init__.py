@@ -7,10 +7,12 @@ objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs o
 from . import losses
 from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
+from ._logprobs import linear_log_probs, log_probs
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._emo import emo_loss
 from .losses._focal import focal_loss, poly_loss
+from .losses._regularized import dft_loss, entropy_regularized_loss
 from .losses._tailr import gold_loss, tailr_loss
 
 __version__ = "0.1.0"
@@ -20,13 +22,17 @@ __all__ = [
     "causal_lm_loss",
     "count_items",
     "cross_entropy",
+    "dft_loss",
     "distill_loss",
     "emo_loss",
+    "entropy_regularized_loss",
     "focal_loss",
     "gold_loss",
     "linear_cross_entropy",
     "linear_distill_loss",
+    "linear_log_probs",
     "linear_loss",
+    "log_probs",
     "losses",
     "nn",
     "poly_loss",

@@ -57,6 +57,7 @@ def causal_lm_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token loss of a causal LM: logits[:, t] predict labels[:, t+1].
 
@@ -67,7 +68,9 @@ def causal_lm_loss(
     packed documents: a token whose position_id is 0 is not predicted from the previous document.
 
     reduction="none" returns ``[B, T−1]`` (``[B, T]`` with shift_labels): the loss of predicting each
-    next token, 0 where ignored. Other options as :func:`xent.cross_entropy`.
+    next token, 0 where ignored. ``token_weights`` are shaped like ``labels`` (like ``shift_labels`` when
+    given) and shifted like them: the weight of label t+1 weighs the prediction of position t. Other
+    options as :func:`xent.cross_entropy`.
     """
     V.check_logits(logits)
     if shift_labels is None:
@@ -78,15 +81,21 @@ def causal_lm_loss(
                 f"labels shape {tuple(labels.shape)} does not match logits shape without its last "
                 f"dimension {tuple(logits.shape[:-1])}"
             )
+        V.check_token_weights(token_weights, labels.shape, like="labels shape")
         target = shifted_targets(labels, ignore_index=ignore_index, position_ids=position_ids)
         logits = logits[..., :-1, :]  # a view: no copy of the logits
+        if token_weights is not None:
+            token_weights = token_weights[..., 1:]
     else:
+        if isinstance(shift_labels, torch.Tensor):
+            V.check_token_weights(token_weights, shift_labels.shape, like="shift_labels shape")
         target = shift_labels.to(logits.device)
         if position_ids is not None:
             target = _mask_shift_labels(target, position_ids.to(target.device), ignore_index)
     return cross_entropy(
         logits, target, ignore_index=ignore_index, reduction=reduction, weight=weight,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, num_items=num_items_in_batch,
+        token_weights=token_weights,
     )
 
 

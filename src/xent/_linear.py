@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as V
-from ._reduce import mean_denominator, mean_loss
+from ._reduce import as_token_weights, denominator_weight, mean_denominator, mean_loss
 from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
 
@@ -112,6 +112,7 @@ class _Plan:
     compute_dtype: torch.dtype  # the loss's: float32, or float64 for float64 inputs
     extras: tuple  # ((hidden2d, weight, bias), ...) heads projected without gradient, e.g. a teacher
     mm_dtype: torch.dtype | None = None  # the projections'; None: compute_dtype
+    weights: torch.Tensor | None = None  # [n] per-token weights w_t (compute dtype), None: all 1
 
 
 def _chunks(plan: _Plan):
@@ -146,7 +147,13 @@ def _as(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     """One pass over the chunks. ``scale`` [n] is each token's upstream gradient, None for no gradient.
 
-    need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...).
+    need = (grad hidden?, grad weight?, grad bias?). Returns (per-token losses [n], grads...). A loss
+    with K = ``loss.num_outputs`` > 1 values per token (log-probs with their entropy) gives [n, K]
+    values and takes a [n, K] ``scale``; nothing else changes.
+
+    Per-token weights (``plan.weights``) are applied here and nowhere else: the losses come back as
+    w_t·ℓ_t and each token's upstream gradient is w_t·scale_t, so no loss, closed-form or autograd, knows
+    of them.
 
     Per chunk: project to a [C, V] buffer in the matmul dtype; hand it to the loss a block of rows at a
     time in the compute dtype (half blocks are copied to a float32 block, the gradient copied back); then
@@ -155,6 +162,10 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     """
     dt = plan.compute_dtype
     mt = plan.mm_dtype or dt
+    value_shape = () if plan.loss.num_outputs == 1 else (plan.loss.num_outputs,)
+    weights = None if plan.weights is None else plan.weights.view(-1, *(1,) * len(value_shape))
+    if scale is not None and weights is not None:
+        scale = scale * weights  # d(Σ w_t·ℓ_t)/dℓ_t: the weight joins the upstream gradient
     w = _as(weight, mt)  # a float32 copy once for float16 on CPU; the same tensor otherwise
     b = _as(bias, mt)
     extras = [(h2, _as(w2, mt), _as(b2, mt)) for h2, w2, b2 in plan.extras]
@@ -162,7 +173,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     # Every row valid (no ignored token, no shift): chunks are slices, no gather/scatter of rows.
     dense = n == hidden2d.shape[0]
     dev = hidden2d.device
-    per_token = torch.empty(n, dtype=dt, device=dev)
+    per_token = torch.empty((n, *value_shape), dtype=dt, device=dev)
     want = scale is not None
     grad_h = grad_w = grad_b = None
     if want and need[0]:
@@ -251,6 +262,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
             else:
                 grad_w.addmm_(z.t(), h)
         del z
+    if weights is not None:
+        per_token.mul_(weights)
     return per_token, grad_h, grad_w, grad_b
 
 
@@ -260,7 +273,7 @@ class _LinearLoss(torch.autograd.Function):
         # denom: None for reduction="none", else the scalar Σℓ is divided by (1 for "sum").
         # precompute: gradients are wanted and the reduction is a scalar, so the forward computes them
         # with scale 1/denom and backward only rescales.
-        ctx.plan, ctx.positions, ctx.denom = plan, positions, denom
+        ctx.plan, ctx.positions, ctx.denom, ctx.out_shape = plan, positions, denom, tuple(out_shape)
         ctx.need = (hidden2d.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         if precompute:
@@ -272,8 +285,9 @@ class _LinearLoss(torch.autograd.Function):
         ctx.save_for_backward(hidden2d, weight, bias)  # references only: to recompute if needed
         if denom is not None:
             return per_token.sum() / denom
-        out = torch.zeros(out_shape, dtype=per_token.dtype, device=per_token.device)
-        out.view(-1)[positions] = per_token
+        value_shape = tuple(per_token.shape[1:])  # (K,) for a loss with K values per token, else ()
+        out = torch.zeros((*out_shape, *value_shape), dtype=per_token.dtype, device=per_token.device)
+        out.view(-1, *value_shape)[positions] = per_token
         return out
 
     @staticmethod
@@ -290,7 +304,7 @@ class _LinearLoss(torch.autograd.Function):
             if grad_out.dim() == 0:  # a scalar reduction: every token gets grad_out / denom
                 scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
             else:
-                scale = grad_out.reshape(-1)[ctx.positions]
+                scale = grad_out.reshape(-1, *grad_out.shape[len(ctx.out_shape):])[ctx.positions]
             grads = _run(ctx.plan, hidden2d, weight, bias, scale.to(ctx.plan.compute_dtype), ctx.need)[1:]
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None)
@@ -325,15 +339,24 @@ def _check_head(hidden, weight, bias, shift, name="hidden", weight_name="weight"
         raise ValueError(f"shift=True needs {name} of shape [..., T, D], got shape {tuple(hidden.shape)}")
 
 
-def _valid_rows(hidden, target, ignore_index, shift):
-    """Rows of hidden.reshape(-1, D) with a valid target, their targets, and their flat positions in the
-    (shifted) target. With shift, hidden[..., t, :] predicts target[..., t+1]: no copy of hidden."""
+def _valid_rows(hidden, target, ignore_index, shift, token_weights=None):
+    """Rows of hidden.reshape(-1, D) with a valid target, their targets, their flat positions in the
+    (shifted) target and their token weights ([n], or None without token_weights, which are shaped like
+    target and shifted like it). A token whose weight is 0 is not valid, like an ignored one. With shift,
+    hidden[..., t, :] predicts target[..., t+1]: no copy of hidden."""
     T = hidden.shape[-2] if shift else 1
     tgt = target[..., 1:] if shift else target
     flat = V.as_ids(tgt.reshape(-1))
-    positions = (flat != ignore_index).nonzero().squeeze(-1)
+    keep = flat != ignore_index
+    weights = None
+    if token_weights is not None:
+        weights = (token_weights[..., 1:] if shift else token_weights).reshape(-1)
+        keep = keep & (weights != 0)
+    positions = keep.nonzero().squeeze(-1)
     rows = positions + positions // (T - 1) if shift and T > 1 else positions
-    return rows, flat[positions], positions, tuple(tgt.shape)
+    if weights is not None:
+        weights = weights[positions]
+    return rows, flat[positions], positions, tuple(tgt.shape), weights
 
 
 @torch.compiler.disable
@@ -349,6 +372,7 @@ def linear_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
     _extra_heads: tuple = (),
 ) -> torch.Tensor:
     """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
@@ -366,6 +390,10 @@ def linear_loss(
         chunk_size: tokens per chunk, or "auto": as many as fit 64 MiB of logits in the projection
             dtype (XENT_CHUNK_MB overrides the budget), at least 512 tokens.
         reduction, num_items: as :func:`xent.cross_entropy`.
+        token_weights: ``[...]`` per-token weights w_t shaped like ``target`` (shifted like it), as
+            :func:`xent.cross_entropy`: ℓ_t ← w_t·ℓ_t, "mean" divides by Σ_valid w_t·w_y. The fused engine
+            multiplies each token's upstream gradient by w_t, so every loss takes them; tokens with
+            w_t = 0 are dropped before the projection like ignored ones.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
@@ -378,15 +406,17 @@ def linear_loss(
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_linear(hidden, weight, bias, target, ignore_index, shift)
+    V.check_token_weights(token_weights, target.shape)
     num_classes = weight.shape[0]
     loss.check(num_classes)
     V.check_chunk_size(chunk_size)
 
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
+    token_weights = as_token_weights(token_weights, dtype, hidden.device)
+    rows, tgt, positions, out_shape, tw = _valid_rows(hidden, target, ignore_index, shift, token_weights)
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mm = matmul_dtype(hidden.dtype, hidden.device)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
     chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize, hidden.device)
@@ -397,10 +427,10 @@ def linear_loss(
         denom = torch.ones((), dtype=dtype, device=hidden.device)
     elif reduction == "mean":
         valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
-        token_weight = loss.token_weight(tgt)
-        denom = mean_denominator(valid, num_items, token_weight, dtype)
-        loss = mean_loss(loss, valid, num_items, token_weight, dtype)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm)
+        class_weight = loss.token_weight(tgt)
+        denom = mean_denominator(valid, num_items, denominator_weight(class_weight, tw), dtype)
+        loss = mean_loss(loss, valid, num_items, class_weight, dtype, tw)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw)
     grad_wanted = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
@@ -423,6 +453,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
@@ -446,7 +477,8 @@ def linear_cross_entropy(
     loss = CrossEntropy(weight=weight_classes, label_smoothing=label_smoothing, z_loss=z_loss,
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
-                       ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+                       ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+                       token_weights=token_weights)
 
 
 def linear_distill_loss(
@@ -470,6 +502,7 @@ def linear_distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`xent.distill_loss` of ``student_hidden @ student_weight.T`` against
     ``teacher_hidden @ teacher_weight.T`` without holding either model's full logits.
@@ -478,7 +511,8 @@ def linear_distill_loss(
     :class:`xent.losses.Distill` per-token loss the plain path uses. student_hidden ``[..., D_s]`` and
     teacher_hidden ``[..., D_t]`` cover the same tokens; both heads have the same V. ``target`` (optional)
     masks ignored tokens and labels the hard CE term when ``hard_weight`` > 0; ``shift`` as in
-    :func:`xent.linear_loss`. Gradients reach the student's hidden, weight and bias only.
+    :func:`xent.linear_loss`. ``token_weights`` ``[...]`` (shaped like ``student_hidden.shape[:-1]``) as
+    :func:`xent.distill_loss`. Gradients reach the student's hidden, weight and bias only.
     """
     from .losses._distill import Distill, distill_target
 
@@ -503,5 +537,5 @@ def linear_distill_loss(
     return linear_loss(
         student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+        token_weights=token_weights, _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
     )

@@ -1,15 +1,19 @@
-"""The one place where ignored tokens, reductions and ``num_items`` are handled.
+"""The one place where ignored tokens, reductions, ``num_items`` and per-token weights are handled.
 
 Every loss in xent is a per-token definition (a :class:`xent.losses.TokenLoss`); this module turns
 per-token losses into what the caller asked for. Conventions (shared/REFERENCE.md §1):
 
-- ignored tokens (target == ignore_index) give 0 and no gradient;
+- ignored tokens (target == ignore_index) give 0 and no gradient; so do tokens whose per-token weight
+  w_t is 0 (a zero weight is exactly an ignored token: not counted either);
+- per-token weights w_t (``token_weights``, shaped like the target): ℓ_t ← w_t·ℓ_t;
 - "none": per-token tensor shaped like the target; "sum": Σℓ;
-- "mean": Σℓ / Σ_valid w_y (w_y = 1 without class weights) exactly as torch, whatever the sign of
-  Σ_valid w_y, or Σℓ / num_items when num_items is given;
+- "mean": Σℓ / Σ_valid w_t·w_{y_t} (w_y the class weight, w_t the token weight, each 1 when not given)
+  exactly as torch for class weights, whatever the sign of the sum, or Σℓ / num_items when num_items is
+  given;
 - every token ignored (or num_items = 0): 0 with a zero gradient, never NaN (torch returns NaN there);
-- terms that are not class-weighted (the z-loss) are averaged over the valid tokens, never over Σ w_y:
-  under a class-weighted mean the loss scales them by Σ_valid w_y / count (:meth:`TokenLoss.for_mean`).
+- terms that are not class-weighted (the z-loss) are weighted by w_t and averaged over Σ_valid w_t (the
+  count of valid tokens without token weights), never over Σ w_t·w_y: under a class-weighted mean the
+  loss scales them by Σ_valid w_t·w_y / Σ_valid w_t (:meth:`TokenLoss.for_mean`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def reduce_tokens(
     num_items=None,
     token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """per_token is 0 where not valid; token_weight (w_y per token) only changes the mean's denominator."""
+    """per_token is 0 where not valid (and already times w_t); token_weight (w_t·w_y per token, see
+    :func:`denominator_weight`) only changes the mean's denominator."""
     if reduction == "none":
         return per_token
     total = per_token.sum()
@@ -35,10 +40,17 @@ def reduce_tokens(
     return total / mean_denominator(valid, num_items, token_weight, total.dtype)
 
 
+def denominator_weight(class_weight: torch.Tensor | None, token_weights: torch.Tensor | None):
+    """w_t·w_{y_t} per token, what "mean" sums in its denominator; None when both are None (then 1)."""
+    if class_weight is None:
+        return token_weights
+    return class_weight if token_weights is None else class_weight * token_weights
+
+
 def mean_denominator(valid, num_items, token_weight, dtype) -> torch.Tensor:
-    """What Σℓ is divided by under reduction="mean": num_items if given, else Σ_valid w_y (the count of
-    valid tokens without class weights), whatever its sign, as torch. 1 when no target is valid (or
-    num_items is 0), so all-ignored gives an exact 0 with a zero gradient."""
+    """What Σℓ is divided by under reduction="mean": num_items if given, else Σ_valid token_weight
+    (w_t·w_y; the count of valid tokens without weights), whatever its sign, as torch. 1 when no target
+    is valid (or num_items is 0), so all-ignored gives an exact 0 with a zero gradient."""
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
             denom = num_items.to(device=valid.device, dtype=dtype)
@@ -50,15 +62,25 @@ def mean_denominator(valid, num_items, token_weight, dtype) -> torch.Tensor:
     return torch.where(count > 0, denom, torch.ones_like(denom))
 
 
-def mean_loss(loss, valid, num_items, token_weight, dtype):
-    """The loss to run for reduction="mean": ``loss.for_mean(Σ_valid w_y / count)`` under a
-    class-weighted mean without num_items (its unweighted terms then average over the valid tokens),
-    else ``loss`` itself."""
-    if token_weight is None or num_items is not None:
+def mean_loss(loss, valid, num_items, class_weight, dtype, token_weights=None):
+    """The loss to run for reduction="mean": under a class-weighted mean without num_items,
+    ``loss.for_mean(Σ_valid w_t·w_y / Σ_valid w_t)`` (w_t = 1 without token weights), so its unweighted
+    terms (the z-loss) are averaged over Σ_valid w_t; else ``loss`` itself."""
+    if class_weight is None or num_items is not None:
         return loss
     count = valid.sum()
-    weight_sum = torch.where(valid, token_weight.to(dtype), 0).sum()
-    return loss.for_mean(torch.where(count > 0, weight_sum / count.clamp(min=1), 1.0))
+    mass = count.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0).sum()
+    combined = denominator_weight(class_weight.to(dtype), token_weights)
+    weight_sum = torch.where(valid, combined.to(dtype), 0).sum()
+    return loss.for_mean(torch.where(count > 0, weight_sum / torch.where(count > 0, mass, 1.0), 1.0))
+
+
+def as_token_weights(token_weights: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
+    """Validated token weights as data in the compute dtype: no gradient reaches them (on the fused path
+    none could)."""
+    if token_weights is None:
+        return None
+    return token_weights.detach().to(device=device, dtype=dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,23 +96,31 @@ def apply_token_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The plain (materialised-logits) path shared by every loss.
 
-    logits [..., V] any float dtype, target [...] ids already validated. Works on any leading shape
-    without flattening, so a sliced (non-contiguous) logits view is never copied except to upcast.
+    logits [..., V] any float dtype, target [...] ids and token_weights [...] (or None) already
+    validated. Works on any leading shape without flattening, so a sliced (non-contiguous) logits view is
+    never copied except to upcast.
     """
     target = V.as_ids(target)
+    z = logits.to(compute_dtype(logits))
     valid = target != ignore_index
+    tw = as_token_weights(token_weights, z.dtype, z.device)
+    if tw is not None:
+        valid = valid & (tw != 0)  # a zero weight is an ignored token: no loss, no gradient, not counted
     V.check_num_items_covers(num_items, valid.sum())
     safe = torch.where(valid, target, torch.zeros_like(target))  # any in-range id; masked below
-    z = logits.to(compute_dtype(logits))
-    token_weight = loss.token_weight(safe)
+    class_weight = loss.token_weight(safe)
     if reduction == "mean":
-        loss = mean_loss(loss, valid, num_items, token_weight, z.dtype)
-    per_token = loss(z, safe, *extra)
-    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-    return reduce_tokens(per_token, valid, reduction, num_items, token_weight)
+        loss = mean_loss(loss, valid, num_items, class_weight, z.dtype, tw)
+    per_token = loss(z, safe, *extra)  # [...], or [..., K] for a loss with K values per token
+    extra_dims = (1,) * (per_token.dim() - valid.dim())
+    if tw is not None:
+        per_token = per_token * tw.view(*tw.shape, *extra_dims)
+    per_token = torch.where(valid.view(*valid.shape, *extra_dims), per_token, torch.zeros_like(per_token))
+    return reduce_tokens(per_token, valid, reduction, num_items, denominator_weight(class_weight, tw))
 
 
 def check_common(
@@ -100,10 +130,12 @@ def check_common(
     ignore_index: int,
     reduction: str,
     num_items,
+    token_weights=None,
 ) -> int:
     """Validates the arguments every token loss shares; returns V."""
     num_classes = V.check_logits(logits)
     V.check_reduction(reduction)
     V.check_target(target, logits.shape[:-1], num_classes, ignore_index)
     V.check_num_items(num_items, reduction)
+    V.check_token_weights(token_weights, target.shape)
     return num_classes

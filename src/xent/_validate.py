@@ -168,3 +168,22 @@ def check_num_items_covers(num_items, num_valid) -> None:
             f"num_items is 0 but {int(num_valid)} target(s) are valid: num_items must count the valid "
             "targets of every micro-batch and rank (xent.count_items)"
         )
+
+
+def check_token_weights(token_weights, shape, *, name: str = "token_weights", like: str = "target shape"):
+    """Per-token weights: a floating-point tensor of exactly ``shape`` (the target's), every value finite
+    (one synchronisation to count the bad ones). Any sign is accepted (e.g. advantages)."""
+    if token_weights is None:
+        return
+    if not isinstance(token_weights, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(token_weights).__name__}")
+    if not token_weights.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype={token_weights.dtype}")
+    if tuple(token_weights.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(token_weights.shape)} must equal {like} {tuple(shape)}")
+    n_bad = int((~torch.isfinite(token_weights)).sum())
+    if n_bad:
+        first = token_weights[~torch.isfinite(token_weights)][0].item()
+        raise ValueError(
+            f"{name} has {n_bad} non-finite value(s) (the first is {first}); every weight must be finite"
+        )

@@ -21,15 +21,17 @@ def _check_options(fn, options: dict, per_call: tuple) -> None:
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`xent.cross_entropy`; ``forward(logits, target, num_items=None)``."""
+    """Module form of :func:`xent.cross_entropy`; ``forward(logits, target, num_items=None,
+    token_weights=None)``."""
 
     def __init__(self, **options):
         super().__init__()
-        _check_options(cross_entropy, options, per_call=("num_items",))
+        _check_options(cross_entropy, options, per_call=("num_items", "token_weights"))
         self.options = options
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, num_items=None) -> torch.Tensor:
-        return cross_entropy(logits, target, num_items=num_items, **self.options)
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, num_items=None,
+                token_weights=None) -> torch.Tensor:
+        return cross_entropy(logits, target, num_items=num_items, token_weights=token_weights, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -41,13 +43,14 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, **options):
         super().__init__()
         _check_options(causal_lm_loss, options,
-                       per_call=("num_items_in_batch", "shift_labels", "position_ids"))
+                       per_call=("num_items_in_batch", "shift_labels", "position_ids", "token_weights"))
         self.options = options
 
-    def forward(self, logits, labels, num_items_in_batch=None, shift_labels=None, position_ids=None):
+    def forward(self, logits, labels, num_items_in_batch=None, shift_labels=None, position_ids=None,
+                token_weights=None):
         return causal_lm_loss(
             logits, labels, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
-            position_ids=position_ids, **self.options,
+            position_ids=position_ids, token_weights=token_weights, **self.options,
         )
 
     def extra_repr(self) -> str:
@@ -56,15 +59,17 @@ class CausalLMLoss(torch.nn.Module):
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`xent.linear_cross_entropy`: ``forward(hidden, weight, target, bias=None,
-    num_items=None)``. Holds options only; the projection weight is the caller's (e.g. the LM head)."""
+    num_items=None, token_weights=None)``. Holds options only; the projection weight is the caller's
+    (e.g. the LM head)."""
 
     def __init__(self, **options):
         super().__init__()
-        _check_options(linear_cross_entropy, options, per_call=("bias", "num_items"))
+        _check_options(linear_cross_entropy, options, per_call=("bias", "num_items", "token_weights"))
         self.options = options
 
-    def forward(self, hidden, weight, target, bias=None, num_items=None) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, target, bias=bias, num_items=num_items, **self.options)
+    def forward(self, hidden, weight, target, bias=None, num_items=None, token_weights=None) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, target, bias=bias, num_items=num_items,
+                                    token_weights=token_weights, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

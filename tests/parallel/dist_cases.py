@@ -28,25 +28,34 @@ OPTIONS = {
 REDUCTIONS = ("mean", "sum", "none", "num_items")
 NUM_ITEMS = 37
 OPTION_CASES = [f"{o}-{r}" for o in OPTIONS for r in REDUCTIONS]
+# per-token weights (token_weights) with no option, with class weights + z-loss, and with everything
+WEIGHTED_CASES = [f"{o}-{r}" for o in ("plain", "weight", "all") for r in REDUCTIONS]
 OTHER_CASES = [
     "all_ignored", "float32", "bfloat16", "golden", "one_rank_owns_all", "masked_slice", "subgroup",
     "fused_shift", "fused_bfloat16", "fused_partial_hidden_grad", "fused_chunks", "allreduce_count", "errors",
-    "corners",
+    "corners", "weighted_fused_shift",
 ]
-CASES = [f"plain:{c}" for c in OPTION_CASES] + [f"fused:{c}" for c in OPTION_CASES] + OTHER_CASES
+CASES = ([f"plain:{c}" for c in OPTION_CASES] + [f"fused:{c}" for c in OPTION_CASES]
+         + [f"weighted_plain:{c}" for c in WEIGHTED_CASES] + [f"weighted_fused:{c}" for c in WEIGHTED_CASES]
+         + OTHER_CASES)
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def torch_reference(logits, target, *, reduction="mean", weight=None, label_smoothing=0.0, z_loss=0.0,
-                    softcap=None, num_items=None, ignore_index=-100):
+                    softcap=None, num_items=None, ignore_index=-100, token_weights=None):
     """One process, whole vocabulary: torch's cross-entropy plus z-loss and soft-capping, autograd-able.
-    Under "mean" torch's part is divided by Σ_valid w_y, the z-loss by the count of valid tokens."""
+    Under "mean" torch's part is divided by Σ_valid w_y, the z-loss by the count of valid tokens. With
+    per-token weights w_t: each token's loss times w_t, torch's part divided by Σ_valid w_t·w_y, the
+    z-loss by Σ_valid w_t; a token of weight 0 is not valid."""
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     z2, t = z.reshape(-1, z.shape[-1]), target.reshape(-1)
     per = F.cross_entropy(z2, t, weight=weight, ignore_index=ignore_index, reduction="none",
                           label_smoothing=label_smoothing)
     valid = t != ignore_index
     zt = z_loss * torch.where(valid, torch.logsumexp(z2, dim=-1), 0.0) ** 2
+    tw = torch.ones_like(per) if token_weights is None else token_weights.reshape(-1).to(per.dtype)
+    valid = valid & (tw != 0)
+    per, zt = per * tw, zt * tw
     if reduction == "none":
         return (per + zt).view(target.shape)
     if reduction == "sum":
@@ -54,8 +63,8 @@ def torch_reference(logits, target, *, reduction="mean", weight=None, label_smoo
     if num_items is not None:
         return (per + zt).sum() / num_items
     count = valid.sum()
-    denom = count if weight is None else weight[t[valid]].sum()
-    return per.sum() / denom + zt.sum() / count if count > 0 else per.sum() * 0.0
+    denom = (tw[valid] * (1.0 if weight is None else weight[t[valid]])).sum()
+    return per.sum() / denom + zt.sum() / tw[valid].sum() if count > 0 else per.sum() * 0.0
 
 
 def _generator(name):
@@ -79,6 +88,13 @@ def _problem(name, sizes, *, D=6, dtype=torch.float64):
     return hidden, W, b, logits, target, weight, up
 
 
+def _token_weights(name, shape=(2, 5)):
+    """Per-token weights in [0, 2) with a 0 on a valid token, the same on every rank."""
+    w = 2.0 * torch.rand(shape, generator=_generator(name + "/token_weights"), dtype=torch.float64)
+    w[0, -1] = 0.0
+    return w
+
+
 def _kwargs(option, reduction, weight, rank, sizes):
     kw = dict(OPTIONS[option])
     full = dict(kw)
@@ -98,29 +114,38 @@ def _backward(loss, up, *inputs):
     return torch.autograd.grad(loss, inputs, grad_outputs=seed.to(loss.dtype))
 
 
-def check_plain(name, rank, sizes):
+def check_plain(name, rank, sizes, *, weighted=False):
     option, reduction = name.split("-")
     _, _, _, logits, target, weight, up = _problem(name, sizes)
     kw, full_kw = _kwargs(option, reduction, weight, rank, sizes)
+    if weighted:
+        kw["token_weights"] = full_kw["token_weights"] = _token_weights(name)
     local = logits.split(sizes, dim=-1)[rank].clone().requires_grad_()
     full = logits.clone().requires_grad_()
     got = vocab_parallel_cross_entropy(local, target, **kw)
     want = torch_reference(full, target, **full_kw)
     torch.testing.assert_close(got, want.detach(), **TOL64)
-    loop = ref_cross_entropy(logits, target, **{k: v for k, v in full_kw.items()})  # float64 token loop
-    torch.testing.assert_close(got.detach(), loop, **TOL64)
+    if weighted:  # the single-process xent function on the full logits
+        torch.testing.assert_close(got, xent.cross_entropy(logits, target, **full_kw), **TOL64)
+    else:
+        loop = ref_cross_entropy(logits, target, **full_kw)  # float64 token loop
+        torch.testing.assert_close(got.detach(), loop, **TOL64)
     (g_local,) = _backward(got, up, local)
     (g_full,) = _backward(want, up, full)
     torch.testing.assert_close(g_local, g_full.split(sizes, dim=-1)[rank], **TOL64)
 
 
-def check_fused(name, rank, sizes, *, shift=False, dtype=torch.float64, tol=TOL64):
+def check_fused(name, rank, sizes, *, shift=False, dtype=torch.float64, tol=TOL64, weighted=False):
     option, reduction = name.split("-")
     hidden, W, b, _, target, weight, up = _problem(name, sizes)
     hidden, W, b = (x.to(dtype).double() for x in (hidden, W, b))  # the reference sees the rounded inputs
     if shift:
         up = up[:, 1:]
     kw, full_kw = _kwargs(option, reduction, weight, rank, sizes)
+    if weighted:
+        tw = _token_weights(name)
+        kw["token_weights"] = tw  # shaped like target, shifted like it
+        full_kw["token_weights"] = tw[:, 1:] if shift else tw
     if "weight" in kw:
         kw["weight_classes"] = kw.pop("weight")
     h = hidden.to(dtype).requires_grad_()
@@ -149,6 +174,8 @@ def check_fused(name, rank, sizes, *, shift=False, dtype=torch.float64, tol=TOL6
     if shift:
         local = local[:, :-1]
     plain_kw = {("weight" if k == "weight_classes" else k): v for k, v in kw.items()}
+    if weighted and shift:
+        plain_kw["token_weights"] = full_kw["token_weights"]
     plain = vocab_parallel_cross_entropy(local, t, **plain_kw)
     p_h, p_w, p_b = _backward(plain, up, h2, w2, b2)
     dist.all_reduce(p_h)  # the plain path leaves the sum over ranks to the caller
@@ -430,6 +457,12 @@ def check_errors(rank, sizes):
             "weight_classes must have shape [V]")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, chunk_size=0), ValueError,
             "chunk_size")
+    bad_w = torch.ones(2, 5, dtype=torch.float64)
+    bad_w[1, 2] = float("nan")
+    _raises(lambda: vocab_parallel_cross_entropy(local, target, token_weights=bad_w), ValueError,
+            "token_weights has 1 non-finite value(s)")
+    _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, token_weights=bad_w[:, :4]),
+            ValueError, "token_weights shape (2, 4) must equal target shape (2, 5)")
     # after the errors the ranks are still in step
     torch.testing.assert_close(vocab_parallel_cross_entropy(local, target),
                                xent.cross_entropy(logits, target))
@@ -475,6 +508,13 @@ def vocab_worker(rank, world, names, sizes):
             check_plain(rest, rank, sizes)
         elif kind == "fused":
             check_fused(rest, rank, sizes)
+        elif kind == "weighted_plain":
+            check_plain(rest, rank, sizes, weighted=True)
+        elif kind == "weighted_fused":
+            check_fused(rest, rank, sizes, weighted=True)
+        elif name == "weighted_fused_shift":
+            check_fused("all-mean", rank, sizes, shift=True, weighted=True)
+            check_fused("weight-none", rank, sizes, shift=True, weighted=True)
         elif name == "golden":
             check_golden(rank, world)
         elif name == "fused_shift":

@@ -8,6 +8,8 @@ from ._cross_entropy import CrossEntropy
 from ._distill import Distill
 from ._emo import EMO
 from ._focal import Focal, Poly
+from ._regularized import DFT, EntropyRegularized
 from ._tailr import GOLD, TaiLr
 
-__all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "Focal", "Poly", "Distill"]
+__all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "DFT", "Focal", "Poly", "EntropyRegularized",
+           "Distill"]

@@ -21,6 +21,9 @@ class TokenLoss:
 
     #: Extra per-token tensors the loss takes after (logits, target), e.g. teacher logits.
     num_extra: int = 0
+    #: Values per token: K > 1 returns ``[..., K]`` and takes a ``[..., K]`` upstream ``scale`` (token
+    #: log-probs with their entropy, :func:`xent.linear_log_probs`); the reductions take K = 1 only.
+    num_outputs: int = 1
     #: The fused path hands the loss a chunk a cache-sized block of rows at a time; a loss that runs a
     #: matmul of its own per block (EMO's costs) asks for at least this many rows, for BLAS efficiency.
     min_block_rows: int = 1
@@ -38,7 +41,8 @@ class TokenLoss:
         raise NotImplementedError
 
     def token_weight(self, target: torch.Tensor) -> torch.Tensor | None:
-        """Per-token weight in the denominator of reduction="mean" (class weights); None means 1."""
+        """Per-token class weight w_y in the denominator of reduction="mean"; None means 1. (Per-token
+        weights w_t are the caller's, applied by the reduction and the fused engine: no loss sees them.)"""
         return None
 
     def check(self, num_classes: int) -> None:
@@ -47,9 +51,10 @@ class TokenLoss:
     def for_mean(self, count_scale: torch.Tensor) -> TokenLoss:
         """The loss to use under a class-weighted reduction="mean", whose denominator is Σ_valid w_y.
 
-        ``count_scale`` = Σ_valid w_y / (count of valid tokens). A term that must be averaged over the
-        valid tokens rather than over Σ w_y (cross-entropy's z-loss) is multiplied by it, so Σℓ / Σ w_y
-        gives that term's plain mean. Losses without such a term return themselves."""
+        ``count_scale`` = Σ_valid w_t·w_y / Σ_valid w_t (w_t the per-token weights, 1 without them: then
+        Σ_valid w_y / the count of valid tokens). A term that must be averaged over the valid tokens rather
+        than over Σ w_t·w_y (cross-entropy's z-loss) is multiplied by it, so Σ w_t·ℓ / Σ w_t·w_y gives that
+        term's w_t-weighted mean. Losses without such a term return themselves."""
         return self
 
     # A closed-form gradient, when a loss has one, lets the fused path skip autograd.
@@ -147,3 +152,60 @@ def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | No
     rel = sumexp.log()
     m = m.squeeze(-1)
     return rows, tanh, e, sumexp, m + rel, (m - z_y) + rel, summed
+
+
+def floored(s: torch.Tensor) -> torch.Tensor:
+    """s = z − m in place with −inf (a masked logit) floored at the dtype's lowest finite value: exp(s)
+    stays exactly 0, and products with s stay finite (0·s = 0, never 0·(−inf) = NaN)."""
+    return s.clamp_(min=torch.finfo(s.dtype).min)
+
+
+def entropy(logits: torch.Tensor, m: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """H(q) = −Σ q log q per token, differentiable, for logits [..., V] with m their row max and
+    rel = log Σ exp(z − m) [...] (as :func:`nll_and_shift` gives them).
+
+    Formed as rel − Σ q·s with s = z − m ≤ 0: non-negative parts, no cancellation. A −inf logit has
+    q = 0 and adds 0·log 0 = 0, with a zero gradient whatever the upstream gradient."""
+    s = floored(logits - m.unsqueeze(-1))
+    q = torch.exp(s - rel.unsqueeze(-1))
+    qs = torch.where(q > 0, q * s, torch.zeros_like(s))  # a finite 0 (not huge·0) where q = 0
+    return rel - qs.sum(dim=-1)
+
+
+def log_prob_entropy_and_grad(logits, target, softcap, temperature, a, b=None):
+    """The shared closed form of token log-probs, entropy regularisation and their mixtures.
+
+    On a [N, V] chunk of raw logits (overwritten with the gradient), with q = softmax(cap(z)/T):
+    returns (log q_y [N], H(q) [N] or None when ``b`` is None, d(Σ a·log q_y + b·H)/dz [N, V]) for
+    per-token coefficients a, b [N]. With u = cap(z)/T and s = u − max u:
+
+        ∂log q_y/∂u = onehot_y − q,   ∂H/∂u_i = −q_i (log q_i + H),   log q_i + H = s_i − Σ_j q_j s_j,
+
+    so the gradient is a·onehot − b·(q⊙s) − q·(a − b·Σ q s) (q⊙s is finite where q = 0), times 1/T and,
+    under soft-capping, 1 − tanh²(z/c). The entropy needs one more [N, V] block (q beside s).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    logits, tanh = cap_in_place(logits, softcap)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    s = floored(logits.sub_(row_max(logits)))  # s = u − m ≤ 0, in the buffer
+    s_y = s[rows, target]
+    ent = None
+    if b is None:
+        q = s.exp_()  # in place: s is not needed again
+        sumexp = q.sum(dim=-1)
+        grad = q.mul_((-a / sumexp).unsqueeze(-1))  # −a·q
+    else:
+        q = torch.exp(s)
+        sumexp = q.sum(dim=-1)
+        q.div_(sumexp.unsqueeze(-1))
+        mean_s = (q.unsqueeze(1) @ s.unsqueeze(2)).reshape(-1)  # Σ q s ≤ 0, a batched dot
+        ent = sumexp.log() - mean_s
+        grad = s.mul_(q).mul_(-b.unsqueeze(-1)).sub_(q.mul_((a - b * mean_s).unsqueeze(-1)))
+    log_q_y = s_y - sumexp.log()  # (u_y − m) − log Σ exp(u − m): no cancellation at large logits
+    grad[rows, target] += a
+    if temperature != 1.0:
+        grad.div_(temperature)
+    if tanh is not None:
+        grad.mul_(1.0 - tanh.square_())
+    return log_q_y, ent, grad

@@ -10,7 +10,7 @@ import copy
 import torch
 
 from .. import _validate as V
-from .._reduce import apply_token_loss, check_common, compute_dtype, reduce_tokens
+from .._reduce import apply_token_loss, as_token_weights, check_common, compute_dtype, reduce_tokens
 from ._base import TokenLoss, exp_in_place, nll_and_shift
 
 
@@ -26,8 +26,9 @@ class CrossEntropy(TokenLoss):
     OLMo; Liger's ``lse_square_scale``; 1e-4 is typical) and z ← c·tanh(z/c) first when ``softcap`` = c
     (Gemma 2 uses 30 on the final logits). Under reduction="mean" the class-weighted terms are divided by
     Σ_valid w_y, as torch does, and the z-loss by the count of valid tokens (as Liger), so scaling every
-    class weight never changes the z-loss. lse − z_y is computed as (m − z_y) + log Σ exp(z − m), m the
-    row max, so the precision does not fall as the logits grow.
+    class weight never changes the z-loss; with per-token weights w_t (``token_weights`` of the
+    functions) by Σ_valid w_t·w_y and Σ_valid w_t. lse − z_y is computed as (m − z_y) + log Σ exp(z − m),
+    m the row max, so the precision does not fall as the logits grow.
     """
 
     has_closed_form_grad = True
@@ -45,7 +46,7 @@ class CrossEntropy(TokenLoss):
         self.weight = weight
         self.label_smoothing = float(label_smoothing)
         self.z_loss = float(z_loss)
-        # the z-loss's multiplier under a class-weighted mean: Σ_valid w_y / count (see for_mean)
+        # the z-loss's multiplier under a class-weighted mean: Σ_valid w_t·w_y / Σ_valid w_t (for_mean)
         self.z_scale: torch.Tensor | float = 1.0
 
     def check(self, num_classes: int) -> None:
@@ -134,6 +135,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of logits ``[..., V]`` (vocabulary last) against class ids ``[...]``.
 
@@ -145,13 +147,20 @@ def cross_entropy(
     - ``num_items``: reduction "mean" becomes Σℓ / num_items. Pass the count of valid targets over all
       micro-batches and ranks (:func:`xent.count_items`) and the micro-batch losses sum to the
       full-batch mean exactly;
+    - ``token_weights`` w ``[...]`` (float, shaped like ``target``, finite, any sign; no gradient reaches
+      it): ℓ_t ← w_t·ℓ_t, and "mean" divides by Σ_valid w_t·w_{y_t} (w_y the class weight, 1 without
+      ``weight``) or by ``num_items``. The z-loss is weighted by w_t too and averaged over Σ_valid w_t
+      (not over Σ w_t·w_y). A token with w_t = 0 is exactly an ignored one (no loss, no gradient, not
+      counted). Signed weights (advantages) whose sum may be 0 want "sum" or ``num_items``: "mean"
+      divides by the weight sum whatever its sign, as torch does with class weights;
     - every target ignored gives 0 with a zero gradient (torch gives NaN).
 
     Computed in float32 whatever the input dtype (float64 stays float64); half inputs give a float32
     result. ``reduction="none"`` returns a tensor shaped like ``target``, 0 where ignored.
 
     Probability targets (a float ``target`` shaped like ``logits``) are accepted as torch does:
-    ℓ = −Σ_c w_c t_c log q_c, smoothed as t ← (1−ε)t + ε/V, "mean" divides by the number of rows.
+    ℓ = −Σ_c w_c t_c log q_c, smoothed as t ← (1−ε)t + ε/V, "mean" divides by the number of rows (by
+    Σ w_t with ``token_weights``, then shaped like ``target`` without its last dimension).
 
     Example:
         >>> import torch, xent
@@ -163,17 +172,18 @@ def cross_entropy(
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         return _cross_entropy_probs(
             logits, target, reduction=reduction, weight=weight, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, num_items=num_items,
+            z_loss=z_loss, softcap=softcap, num_items=num_items, token_weights=token_weights,
         )
     num_classes = check_common(logits, target, ignore_index=ignore_index, reduction=reduction,
-                               num_items=num_items)
+                               num_items=num_items, token_weights=token_weights)
     loss = CrossEntropy(weight=weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     loss.check(num_classes)
     return apply_token_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                            num_items=num_items)
+                            num_items=num_items, token_weights=token_weights)
 
 
-def _cross_entropy_probs(logits, target, *, reduction, weight, label_smoothing, z_loss, softcap, num_items):
+def _cross_entropy_probs(logits, target, *, reduction, weight, label_smoothing, z_loss, softcap, num_items,
+                         token_weights):
     num_classes = V.check_logits(logits)
     V.check_reduction(reduction)
     if target.shape != logits.shape:
@@ -183,6 +193,7 @@ def _cross_entropy_probs(logits, target, *, reduction, weight, label_smoothing, 
     V.check_options(num_classes=num_classes, weight=weight, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap)
     V.check_num_items(num_items, reduction)
+    V.check_token_weights(token_weights, target.shape[:-1], like="target shape without its last dimension")
     dtype = compute_dtype(logits)
     z = logits.to(dtype)
     if softcap is not None:
@@ -197,4 +208,9 @@ def _cross_entropy_probs(logits, target, *, reduction, weight, label_smoothing, 
     if z_loss > 0.0:
         per_row = per_row + z_loss * torch.logsumexp(z, dim=-1).square()
     valid = torch.ones(per_row.shape, dtype=torch.bool, device=per_row.device)
-    return reduce_tokens(per_row, valid, reduction, num_items)
+    tw = as_token_weights(token_weights, per_row.dtype, per_row.device)
+    if tw is not None:
+        valid = tw != 0  # a zero weight is an ignored row
+        per_row = torch.where(valid, per_row * tw, 0.0)
+    V.check_num_items_covers(num_items, valid.sum())
+    return reduce_tokens(per_row, valid, reduction, num_items, tw)

@@ -211,14 +211,16 @@ def distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distillation loss between ``student_logits`` and ``teacher_logits``, both ``[..., V]``.
 
     Kinds, the order cap → temperature, β/α and the β=0/1 convention are in :class:`Distill`. ``target``
     ``[...]`` (optional) marks ignored tokens with ``ignore_index`` and is the label of the hard CE term
-    when ``hard_weight`` > 0; without it every token counts. ``reduction`` and ``num_items`` behave exactly
-    as in :func:`xent.cross_entropy` ("mean" divides the summed per-token divergence by the valid-token
-    count). Computed in float32 whatever the input dtypes; no gradient reaches the teacher.
+    when ``hard_weight`` > 0; without it every token counts. ``reduction``, ``num_items`` and
+    ``token_weights`` (``[...]``) behave exactly as in :func:`xent.cross_entropy` ("mean" divides the
+    summed per-token divergence by the valid-token count, or by Σ_valid w_t). Computed in float32
+    whatever the input dtypes; no gradient reaches the teacher.
 
     Example:
         >>> import torch, xent
@@ -247,7 +249,8 @@ def distill_loss(
     lead_shape = student_logits.shape[:-1]
     if target is not None:
         V.check_target(target, lead_shape, num_classes, ignore_index, lead_name="student_logits")
+    V.check_token_weights(token_weights, lead_shape, like="student_logits shape without its last dimension")
     target, ignore_index = distill_target(target, lead_shape, student_logits.device, hard_weight,
                                           ignore_index)
     return apply_token_loss(loss, student_logits, target, teacher_logits, ignore_index=ignore_index,
-                            reduction=reduction, num_items=num_items)
+                            reduction=reduction, num_items=num_items, token_weights=token_weights)

@@ -160,12 +160,13 @@ def emo_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """EMO loss of logits ``[..., V]`` against ids ``[...]`` with a frozen ``cost_embedding`` ``[V, d]``.
 
     Formula, modes and settings in :class:`EMO`. For a training loop, build ``xent.losses.EMO`` once:
-    this function row-normalises ``cost_embedding`` on every call. ``ignore_index``, ``reduction`` and
-    ``num_items`` behave exactly as in :func:`xent.cross_entropy`.
+    this function row-normalises ``cost_embedding`` on every call. ``ignore_index``, ``reduction``,
+    ``num_items`` and ``token_weights`` behave exactly as in :func:`xent.cross_entropy`.
 
     Example:
         >>> import torch, xent
@@ -176,4 +177,4 @@ def emo_loss(
     """
     loss = EMO(cost_embedding=cost_embedding, mode=mode, ratio_cap=ratio_cap, softcap=softcap)
     return plain_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                      num_items=num_items)
+                      num_items=num_items, token_weights=token_weights)

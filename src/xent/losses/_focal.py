@@ -135,13 +135,14 @@ class Poly(NLLLoss):
         return nll + self.epsilon * one_minus_q(nll), (1.0 + self.epsilon * torch.exp(-nll)).detach()
 
 
-def plain_loss(loss: TokenLoss, logits, target, *extra, ignore_index, reduction, num_items):
+def plain_loss(loss: TokenLoss, logits, target, *extra, ignore_index, reduction, num_items,
+               token_weights=None):
     """Validate, check V-dependent options, then the shared masking/reduction: every functional's body."""
     num_classes = check_common(logits, target, ignore_index=ignore_index, reduction=reduction,
-                               num_items=num_items)
+                               num_items=num_items, token_weights=token_weights)
     loss.check(num_classes)
     return apply_token_loss(loss, logits, target, *extra, ignore_index=ignore_index, reduction=reduction,
-                            num_items=num_items)
+                            num_items=num_items, token_weights=token_weights)
 
 
 def focal_loss(
@@ -155,10 +156,12 @@ def focal_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Focal loss −α(1−q_y)^γ log q_y of logits ``[..., V]`` against ids ``[...]``; see :class:`Focal`.
 
-    ``ignore_index``, ``reduction`` and ``num_items`` behave exactly as in :func:`xent.cross_entropy`.
+    ``ignore_index``, ``reduction``, ``num_items`` and ``token_weights`` behave exactly as in
+    :func:`xent.cross_entropy`.
 
     Example:
         >>> import torch, xent
@@ -168,7 +171,7 @@ def focal_loss(
     """
     loss = Focal(gamma=gamma, alpha=alpha, detach_factor=detach_factor, softcap=softcap)
     return plain_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                      num_items=num_items)
+                      num_items=num_items, token_weights=token_weights)
 
 
 def poly_loss(
@@ -180,6 +183,7 @@ def poly_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Poly-1 loss −log q_y + ε(1−q_y) of logits ``[..., V]`` against ids ``[...]``; see :class:`Poly`.
 
@@ -191,4 +195,4 @@ def poly_loss(
     """
     loss = Poly(epsilon=epsilon, softcap=softcap)
     return plain_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                      num_items=num_items)
+                      num_items=num_items, token_weights=token_weights)

@@ -74,10 +74,12 @@ def tailr_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TaiLr loss of logits ``[..., V]`` against ids ``[...]``; formula and settings in :class:`TaiLr`.
 
-    ``ignore_index``, ``reduction`` and ``num_items`` behave exactly as in :func:`xent.cross_entropy`.
+    ``ignore_index``, ``reduction``, ``num_items`` and ``token_weights`` behave exactly as in
+    :func:`xent.cross_entropy`.
 
     Example:
         >>> import torch, xent
@@ -87,7 +89,7 @@ def tailr_loss(
     """
     loss = TaiLr(gamma=gamma, threshold=threshold, label_smoothing=label_smoothing, softcap=softcap)
     return plain_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                      num_items=num_items)
+                      num_items=num_items, token_weights=token_weights)
 
 
 def gold_loss(
@@ -99,6 +101,7 @@ def gold_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GOLD-δ loss −sg(max(q_y, threshold))·log q_y; see :class:`GOLD`.
 
@@ -110,5 +113,5 @@ def gold_loss(
     """
     loss = GOLD(threshold=threshold, softcap=softcap)
     return plain_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                      num_items=num_items)
+                      num_items=num_items, token_weights=token_weights)
 

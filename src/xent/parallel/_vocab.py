@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as V
-from .._reduce import compute_dtype, reduce_tokens
+from .._reduce import as_token_weights, compute_dtype, denominator_weight, reduce_tokens
 from ..losses._base import TokenLoss, cap_in_place, check_first_order
 
 # The slice sizes travel in the compute dtype of the MAX reduction; float32 holds integers exactly
@@ -99,14 +99,15 @@ class GlobalStats:
 
 def all_sum(
     m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum_local, *, owned, local_y, shard, eps, z_loss, group,
-    z_count: int | torch.Tensor | None = None,
+    z_count: int | torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
 ) -> GlobalStats:
     """All-reduce 2 (SUM) of the local sums moved to the global shift m, then the loss per token.
 
     z_y and w_y are this rank's contributions (0 where it does not own the target, or where the target
     is ignored). ``z_count``: under a class-weighted mean, the count of valid tokens; the z-loss is then
-    scaled by Σ w_y / z_count, so that divided by Σ w_y it averages over the valid tokens
-    (:meth:`xent.losses.TokenLoss.for_mean`)."""
+    scaled by Σ w_t·w_y / Σ w_t (``token_weights`` w_t [N], 0 where not valid; 1 when None), so that
+    the mean's division by Σ w_t·w_y averages it over Σ_valid w_t (:meth:`xent.losses.TokenLoss.for_mean`).
+    The losses returned are not yet times w_t."""
     shift = m_local - m  # ≤ 0; −inf for a masked slice, whose sumexp is 0
     cols = torch.stack([sumexp_local * shift.exp(), z_y, w_y, dev_local - shift * w_sum_local])
     buf = torch.cat([cols.reshape(-1), w_sum_local.reshape(1)])
@@ -126,7 +127,11 @@ def all_sum(
         s = z_loss
         if z_count is not None:
             count = torch.as_tensor(z_count, device=w_y.device)
-            s = z_loss * torch.where(count > 0, w_y.sum() / count.clamp(min=1), 1.0)
+            if token_weights is None:
+                weighted, mass = w_y.sum(), count.to(w_y.dtype)
+            else:
+                weighted, mass = (w_y * token_weights).sum(), token_weights.sum()
+            s = z_loss * torch.where(count > 0, weighted / torch.where(count > 0, mass, 1.0), 1.0)
         loss = loss + s * lse.square()
         coef = coef + 2.0 * s * lse
     return GlobalStats(loss, lse, m, rel, coef, w_y, owned, local_y)
@@ -175,9 +180,10 @@ class ShardGrad(TokenLoss):
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_logits, target, w, eps, z_loss, softcap, ignore_index, group, z_per_count):
-        # local_logits [..., V_r], target [...] global ids. Returns per-token ℓ [...] (0 where ignored)
-        # and w_y [...] (for the mean's denominator). z_per_count: a class-weighted mean (all_sum's z_count).
+    def forward(ctx, local_logits, target, w, eps, z_loss, softcap, ignore_index, group, z_per_count, tw):
+        # local_logits [..., V_r], target [...] global ids, tw [N] token weights or None. Returns per-token
+        # ℓ [...] (0 where ignored, not yet times w_t) and w_y [...] (for the mean's denominator).
+        # z_per_count: a class-weighted mean (all_sum's z_count).
         size = local_logits.shape[-1]
         dt = compute_dtype(local_logits)
         logits2d = local_logits.reshape(-1, size)  # [N, V_r]
@@ -190,6 +196,8 @@ class _VocabParallelCE(torch.autograd.Function):
         V.check_target(target, local_logits.shape[:-1], shard.total, ignore_index)
         t = V.as_ids(target.reshape(-1))
         valid = t != ignore_index
+        if tw is not None:
+            valid = valid & (tw != 0)  # a zero weight is an ignored token
         owned, local_y = owned_targets(t, valid, shard)
         z_y = softcapped(logits2d.gather(1, local_y.unsqueeze(-1)).squeeze(-1).to(dt), softcap)
         z_y = torch.where(owned, z_y, 0.0)
@@ -197,7 +205,8 @@ class _VocabParallelCE(torch.autograd.Function):
         w_sum = torch.tensor(float(size), dtype=dt, device=m.device) if w is None else w.sum()
         stats = all_sum(m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum, owned=owned, local_y=local_y,
                         shard=shard, eps=eps, z_loss=z_loss, group=group,
-                        z_count=valid.sum() if z_per_count else None)
+                        z_count=valid.sum() if z_per_count else None,
+                        token_weights=None if tw is None else torch.where(valid, tw, 0.0))
         ctx.shard_grad = ShardGrad(stats, shard, w=w, eps=eps, softcap=softcap)
         ctx.valid = valid
         ctx.save_for_backward(local_logits)
@@ -216,7 +225,7 @@ class _VocabParallelCE(torch.autograd.Function):
         scale = torch.where(ctx.valid, grad_loss.reshape(-1).to(dt), 0.0)
         index = torch.arange(z.shape[0], device=z.device)
         grad = ctx.shard_grad.value_and_grad(z, index, scale)[1]
-        return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 8)
+        return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 9)
 
 
 @torch.compiler.disable
@@ -232,6 +241,7 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     num_items=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of logits whose vocabulary is sharded over the ranks of ``group``.
 
@@ -248,6 +258,8 @@ def vocab_parallel_cross_entropy(
         label_smoothing: ε spread over the GLOBAL vocabulary (ε/V per class).
         z_loss, softcap, ignore_index, reduction, num_items: as :func:`xent.cross_entropy` (z-loss on the
             global logsumexp).
+        token_weights: ``[...]`` per-token weights shaped like ``target``, the same on every rank; as
+            :func:`xent.cross_entropy`.
 
     Communication: two all-reduces of ~5 numbers per token (MAX then SUM), none in backward; no
     all-gather of logits. It is a collective: every rank of ``group`` must call it with the same
@@ -266,11 +278,20 @@ def vocab_parallel_cross_entropy(
     V.check_num_items(num_items, reduction)
     V.check_options(num_classes=local_logits.shape[-1], weight=weight, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap)
+    if token_weights is not None:
+        V.check_ids_tensor(target, local_logits.shape[:-1])
+        V.check_token_weights(token_weights, target.shape)
     group_place(group)
     z_per_count = reduction == "mean" and weight is not None and num_items is None
+    tw = as_token_weights(token_weights, compute_dtype(local_logits), local_logits.device)
     per_token, w_y = _VocabParallelCE.apply(local_logits, target, weight, float(label_smoothing),
-                                            float(z_loss), softcap, ignore_index, group, z_per_count)
+                                            float(z_loss), softcap, ignore_index, group, z_per_count,
+                                            None if tw is None else tw.reshape(-1))
     valid = target != ignore_index
+    if tw is not None:
+        valid = valid & (tw != 0)
+        per_token = per_token * tw  # autograd carries w_t into the upstream gradient of each token
     V.check_num_items_covers(num_items, valid.sum())
-    return reduce_tokens(per_token, valid, reduction, num_items, None if weight is None else w_y)
+    return reduce_tokens(per_token, valid, reduction, num_items,
+                         denominator_weight(None if weight is None else w_y, tw))
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, auto_chunk_size
-from .._reduce import reduce_tokens
+from .._reduce import as_token_weights, denominator_weight, reduce_tokens
 from ..losses._base import check_first_order
 from ._vocab import ShardGrad, all_max, all_sum, group_place, local_stats, owned_targets, softcapped
 
@@ -36,6 +36,7 @@ class _Setup:
     group: object
     sum_hidden_grad: bool
     z_per_count: bool  # a class-weighted mean: the z-loss averages over the tokens (all_sum's z_count)
+    token_weights: torch.Tensor | None  # [n] w_t of the valid rows, None: all 1
 
 
 def _spans(n: int, chunk: int):
@@ -86,7 +87,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         w_sum = torch.tensor(float(size), dtype=dt, device=m.device) if wc is None else wc.sum()
         stats = all_sum(m_local, m, sumexp_local, dev_local, z_y, w_y, w_sum, owned=owned, local_y=local_y,
                         shard=shard, eps=setup.eps, z_loss=setup.z_loss, group=setup.group,
-                        z_count=setup.rows.numel() if setup.z_per_count else None)
+                        z_count=setup.rows.numel() if setup.z_per_count else None,
+                        token_weights=setup.token_weights)
         grad_fn = ShardGrad(stats, shard, w=wc, eps=setup.eps, softcap=setup.softcap)
         n = setup.rows.numel()
         # the chunk loop's "targets" are indices into the per-token global statistics
@@ -128,6 +130,7 @@ def vocab_parallel_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     num_items=None,
+    token_weights: torch.Tensor | None = None,
     sum_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ W.T + b`` with the head W ``[V, D]`` sharded over the vocabulary.
@@ -146,8 +149,9 @@ def vocab_parallel_linear_cross_entropy(
             receives the full d loss/d hidden = Σ_r g_r·W_r, what a tensor-parallel head needs. Set False
             when the framework already does it (Megatron's copy-to-tensor-parallel-region): each rank
             then receives its own partial g_r·W_r.
-        shift, chunk_size, label_smoothing, z_loss, softcap, ignore_index, reduction, num_items: as
-            :func:`xent.linear_cross_entropy` and :func:`vocab_parallel_cross_entropy`.
+        shift, chunk_size, label_smoothing, z_loss, softcap, ignore_index, reduction, num_items,
+            token_weights: as :func:`xent.linear_cross_entropy` and :func:`vocab_parallel_cross_entropy`
+            (``token_weights`` shaped like ``target``, the same on every rank).
 
     Gradients: ``local_weight`` and ``local_bias`` receive exactly their rows of the full gradient;
     ``hidden`` see ``sum_hidden_grad``. Communication: two all-reduces of ~5 numbers per token in the
@@ -159,6 +163,7 @@ def vocab_parallel_linear_cross_entropy(
     _check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
     # the id range needs the global V, known after the first all-reduce
     V.check_ids_tensor(target, hidden.shape[:-1], lead_name="hidden")
+    V.check_token_weights(token_weights, target.shape)
     size = local_weight.shape[0]
     V.check_options(num_classes=size, weight=weight_classes, weight_name="weight_classes",
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
@@ -166,19 +171,23 @@ def vocab_parallel_linear_cross_entropy(
     V.check_ignore_index(ignore_index)
     group_place(group)
 
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    rows, tgt, positions, out_shape = _valid_rows(hidden, target, ignore_index, shift)
+    token_weights = as_token_weights(token_weights, dtype, hidden.device)
+    rows, tgt, positions, out_shape, tw = _valid_rows(hidden, target, ignore_index, shift, token_weights)
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
     # local_stats holds about four [C, V_r] float32 temporaries
     chunk = auto_chunk_size(max(n, 1), size, 4 * 4, hidden.device) if chunk_size == "auto" else chunk_size
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
                    ignore_index, group, sum_hidden_grad,
-                   reduction == "mean" and weight_classes is not None and num_items is None)
+                   reduction == "mean" and weight_classes is not None and num_items is None, tw)
     per_token, w_y = _VocabParallelLinearCE.apply(hidden2d, local_weight, local_bias, setup)
+    if tw is not None:
+        per_token = per_token * tw  # autograd carries w_t into the upstream gradient of each token
     if reduction == "none":
         flat = per_token.new_zeros(torch.Size(out_shape).numel())
         return flat.index_copy(0, positions, per_token).view(out_shape)
     valid = torch.ones(n, dtype=torch.bool, device=per_token.device)
-    return reduce_tokens(per_token, valid, reduction, num_items, None if weight_classes is None else w_y)
+    return reduce_tokens(per_token, valid, reduction, num_items,
+                         denominator_weight(None if weight_classes is None else w_y, tw))
