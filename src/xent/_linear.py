@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as V
+from ._compile import compiler_disable
 from ._reduce import mean_denominator
 from .losses._base import TokenLoss
 from .losses._cross_entropy import CrossEntropy
@@ -292,7 +293,7 @@ def _valid_rows(hidden, target, ignore_index, shift):
     return rows, flat[positions], positions, tuple(tgt.shape)
 
 
-@torch.compiler.disable
+@compiler_disable
 def linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

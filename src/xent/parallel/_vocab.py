@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as V
+from .._compile import compiler_disable
 from .._reduce import compute_dtype, reduce_tokens
 from ..losses._base import TokenLoss, cap_in_place
 
@@ -204,7 +205,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 7)
 
 
-@torch.compiler.disable
+@compiler_disable
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor,
     target: torch.Tensor,
