@@ -12,8 +12,10 @@ import os
 
 
 def register(sub) -> None:
+    from . import plain
+
     p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
-                       description=__doc__)
+                       description=plain(__doc__))
     p.add_argument("--out", default="xent-demo", help="output directory (default: ./xent-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute) for tests")
     p.add_argument("--seed", type=int, default=0)
@@ -31,18 +33,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from . import CommandError
-
-    try:
-        import matplotlib  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise CommandError(f"the demo needs {err.name}: pip install 'xent[hf,viz]'") from None
+    import functools
     import time
 
-    from ..demo import DemoConfig, run_demo
-    from ..demo._report import TABLE_HEADER, table_rows
     from ..training import OBJECTIVES
+    from . import CommandError
 
     if args.threads < 1 or args.jobs < 1:
         raise CommandError(f"--threads and --jobs must be at least 1, got {args.threads} and {args.jobs}")
@@ -58,12 +53,24 @@ def run(args) -> int:
         if args.steps < 1:
             raise CommandError(f"--steps must be at least 1, got {args.steps}")
         overrides["steps"] = args.steps
-    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     start = time.perf_counter()
-    summary = run_demo(args.out, cfg, progress=not args.no_progress)
+    log = functools.partial(print, flush=True)  # each line as it happens, also into a pipe or a log file
+    log("xent demo: loading transformers and matplotlib (the first run after an install can take a minute)")
+    try:
+        import matplotlib  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise CommandError(f"the demo needs {err.name}: pip install 'xent[hf,viz]'") from None
+
+    from ..demo import DemoConfig, run_demo
+    from ..demo._report import TABLE_HEADER, table_rows
+
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    summary = run_demo(args.out, cfg, progress=not args.no_progress, log=log)
     _print_table(summary, TABLE_HEADER, table_rows(summary))
     print(f"\nwrote {args.out}/report.html, summary.json, {len(summary['files']) - 1} figures and "
           f"{len(summary['objectives'])} checkpoints in {time.perf_counter() - start:.0f}s")
+    print(f"open the report in a browser: {os.path.abspath(os.path.join(args.out, 'report.html'))}")
     return 0
 
 
