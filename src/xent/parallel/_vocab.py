@@ -1,7 +1,7 @@
 """Cross-entropy with the vocabulary sharded over the ranks of a process group (tensor parallelism).
 
 Rank r holds the contiguous slice [start_r, start_r + V_r) of the vocabulary, slices in group-rank
-order, sizes free. Every term of the loss (shared/REFERENCE.md §1) is a max or a sum over the
+order, sizes free. Every term of the loss (docs/REFERENCE.md §1) is a max or a sum over the
 vocabulary, so per token a few numbers reduced over the ranks give it exactly; the logits are never
 gathered:
 
