@@ -27,7 +27,8 @@ def _captured_ops(fn, *args):
 
 def test_import_does_not_load_dynamo():
     # `@torch.compiler.disable` at import time imported torch._dynamo: ~1 s on top of `import torch`.
-    code = "import sys, xent, xent.parallel, xent.cli; print('torch._dynamo' in sys.modules)"
+    code = ("import sys, xent, xent.parallel, xent.cli; xent.cli.build_parser(); "  # = xent --version
+            "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
