@@ -19,9 +19,15 @@ def _captured_ops(fn, *args):
         graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
         return gm.forward
 
+    import warnings
+
     torch._dynamo.reset()
-    out = torch.compile(fn, backend=backend)(*args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(fn, backend=backend)(*args)
     torch._dynamo.reset()
+    about_the_wrapper = [str(w.message) for w in caught if "_compile.py" in str(w.message)]
+    assert about_the_wrapper == []  # e.g. dynamo's warning on tracing through a functools.cache
     return out, graphs
 
 
