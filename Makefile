@@ -10,11 +10,14 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# pip shows what it downloads and installs (about 1-2 minutes the first time, with the CPU build of torch).
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test]'
+	@test -x $(PY) || { echo "creating $(VENV) (python3 -m venv)"; python3 -m venv $(VENV); }
+	@echo "installing xent, its extras and the test tools into $(VENV) (1-2 minutes the first time)..."
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
+	@echo "installed: the commands are in $(VENV)/bin (source $(VENV)/bin/activate, or run $(VENV)/bin/xent)"
 
 demo: $(STAMP)
 	$(VENV)/bin/xent demo

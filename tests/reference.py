@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-# shared/REFERENCE.md §2
+# docs/REFERENCE.md §2
 X = [[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [1.5, 0.5, 2.0]]
 Y = [0, -100, 2]
 

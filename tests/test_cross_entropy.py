@@ -11,7 +11,7 @@ from reference import X, Y, close, ref_cross_entropy
 
 W123 = [1.0, 2.0, 3.0]
 
-# (options, per-token "none" values, mean) from shared/REFERENCE.md §2
+# (options, per-token "none" values, mean) from docs/REFERENCE.md §2
 GOLDEN = [
     ({}, [0.4170300163, 0, 0.6041306053], 0.5105803108),
     ({"weight": W123}, [0.4170300163, 0, 1.8123918160], 0.5573554581),

@@ -1,6 +1,6 @@
 """Per-token weights (``token_weights``) on every loss, plain and fused.
 
-Contract (shared/REFERENCE.md §1): ℓ_t ← w_t·ℓ_t; "mean" divides by Σ_valid w_t·w_{y_t} (class weights
+Contract (docs/REFERENCE.md §1): ℓ_t ← w_t·ℓ_t; "mean" divides by Σ_valid w_t·w_{y_t} (class weights
 w_y) or by num_items; the z-loss is weighted by w_t and averaged over Σ_valid w_t. Checked against
 float64 references written as explicit per-token loops, against torch (uniform weights, integer weights
 as repeated tokens) and against the library's own ignore_index (zero weights), which is an independent

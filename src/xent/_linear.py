@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as V
+from ._compile import compiler_disable
 from ._reduce import as_token_weights, denominator_weight, mean_denominator, mean_loss
 from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
@@ -359,7 +360,7 @@ def _valid_rows(hidden, target, ignore_index, shift, token_weights=None):
     return rows, flat[positions], positions, tuple(tgt.shape), weights
 
 
-@torch.compiler.disable
+@compiler_disable
 def linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -2,7 +2,7 @@
 
 :func:`linear_log_probs` runs the fused engine of :mod:`xent._linear` (never the [N, V] logits) with a
 per-token "loss" of two values, log q_y and H(q); :func:`log_probs` is its plain twin on materialised
-logits. shared/REFERENCE.md §3 ("Token log-probs").
+logits. docs/REFERENCE.md §3 ("Token log-probs").
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
+from ._compile import compiler_disable
 from ._linear import _check_linear, _LinearLoss, _Plan, _valid_rows, auto_chunk_size, matmul_dtype
 from ._reduce import apply_token_loss, check_common
 from .losses._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
@@ -104,7 +105,7 @@ def log_probs(
     return _split(out, with_entropy)
 
 
-@torch.compiler.disable
+@compiler_disable
 def linear_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -144,7 +145,8 @@ def linear_log_probs(
     rows, tgt, positions, out_shape, _ = _valid_rows(hidden, target, ignore_index, shift)
     n, num_classes = rows.numel(), weight.shape[0]
     mm = matmul_dtype(hidden.dtype, hidden.device)
-    chunk = auto_chunk_size(max(n, 1), num_classes, mm.itemsize) if chunk_size == "auto" else chunk_size
+    chunk = (auto_chunk_size(max(n, 1), num_classes, mm.itemsize, hidden.device) if chunk_size == "auto"
+             else chunk_size)
     plan = _Plan(loss, rows, tgt, chunk, dtype, (), mm)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     out = _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, None, False)

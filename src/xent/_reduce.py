@@ -1,7 +1,7 @@
 """The one place where ignored tokens, reductions, ``num_items`` and per-token weights are handled.
 
 Every loss in xent is a per-token definition (a :class:`xent.losses.TokenLoss`); this module turns
-per-token losses into what the caller asked for. Conventions (shared/REFERENCE.md §1):
+per-token losses into what the caller asked for. Conventions (docs/REFERENCE.md §1):
 
 - ignored tokens (target == ignore_index) give 0 and no gradient; so do tokens whose per-token weight
   w_t is 0 (a zero weight is exactly an ignored token: not counted either);

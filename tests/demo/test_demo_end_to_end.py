@@ -132,10 +132,19 @@ def test_report_references_only_existing_files(demo_dir):
         assert (demo_dir / ref).is_file(), ref
 
 
+@pytest.fixture(scope="module")  # before demo_dir: no demo run for nothing
+def browser():
+    """Chromium, or a skip; a failure instead when XENT_REQUIRE_BROWSER=1 (.ci/run sets it: on CI the
+    report must be checked in a real browser, never silently skipped)."""
+    if chromium.executable() is None:
+        reason = "Chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("XENT_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"XENT_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(chromium.executable() is None,
-                    reason="Chromium is not installed (Debian: apt-get install chromium)")
-def test_report_renders_in_headless_chromium_without_console_errors(demo_dir, tmp_path):
+def test_report_renders_in_headless_chromium_without_console_errors(browser, demo_dir, tmp_path):
     # The detector itself: a console error and a missing image must both be caught.
     bad = tmp_path / "bad.html"
     bad.write_text('<html><body><img src="missing.png"><script>console.error("boom")</script></body></html>')

@@ -91,7 +91,8 @@ def test_ctrl_c_then_resume(capsys, monkeypatch, model_dir, documents, tmp_path)
     capsys.readouterr()
     assert main(argv + [str(tmp_path / "cut")]) == 130
     out, err = capsys.readouterr()
-    assert out == "" and err == "xent eval: interrupted\n"
+    assert out == "" and err == (f"xent eval: interrupted; the same command with --resume continues from "
+                                 f"the last checkpoint in {tmp_path / 'cut'} (every 3 documents)\n")
     assert not (tmp_path / "cut" / "summary.json").exists()
     assert 0 < json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["next_document"] < 12
     monkeypatch.undo()

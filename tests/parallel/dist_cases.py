@@ -234,7 +234,7 @@ def check_bfloat16(rank, sizes):
 
 
 def check_golden(rank, world):
-    """shared/REFERENCE.md §2 worked numbers, V = 3 split over the ranks."""
+    """docs/REFERENCE.md §2 worked numbers, V = 3 split over the ranks."""
     sizes = [2, 1] if world == 2 else [1, 1, 1]
     x, y = torch.tensor(X, dtype=torch.float64), torch.tensor(Y)
     w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)

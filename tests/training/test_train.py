@@ -247,3 +247,34 @@ def test_a_failed_periodic_save_stops_with_the_run_so_far(tmp_path, monkeypatch)
                    save_dir=str(tmp_path / "out"))
     assert e.value.step == 2 and [h["step"] for h in e.value.log["history"]] == [1, 2]
     assert (tmp_path / "out" / "step-1" / "model.safetensors").exists()
+
+
+def test_seq_len_is_checked_against_the_model_positions():
+    stream = bigram_data().reshape(-1)  # a 1-D token stream
+    # GPT-2 would index past its position embedding: IndexError (a device-side assert on CUDA)
+    with pytest.raises(ValueError, match=r"seq_len=48 is beyond the model's 24 positions"):
+        xent.train(tiny(), stream, seq_len=48, steps=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"data has sequences of 30 tokens, beyond the model's 24 positions"):
+        xent.train(tiny(), torch.randint(0, V, (8, 30)), steps=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"eval_data\['eval_ce'\] has sequences of 30"):
+        xent.train(tiny(), bigram_data(), eval_data=torch.randint(0, V, (4, 30)), steps=1, batch_size=2,
+                   progress=False)
+
+
+def test_default_seq_len_is_the_model_context(tmp_path):
+    stream = bigram_data().reshape(-1)
+    result = xent.train(tiny(), stream, steps=1, batch_size=2, progress=False, save_dir=str(tmp_path))
+    assert result.tokens == 2 * (T - 1)  # two sequences of the model's T positions, T - 1 targets each
+    config = json.loads((tmp_path / "xent_train.json").read_text())["config"]
+    assert config["seq_len"] == T and config["min_lr"] == pytest.approx(config["lr"] / 10)
+
+
+def test_eval_data_without_eval_every_is_scored_once_at_the_end():
+    data = bigram_data()
+    result = xent.train(tiny(), data[:48], eval_data=data[48:], steps=3, batch_size=8, progress=False)
+    assert [e["step"] for e in result.eval_history] == [3]
+
+
+def test_min_lr_defaults_to_a_tenth_of_lr():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1e-2)
+    assert lr_at(110, cfg) == pytest.approx(1e-3)

@@ -193,3 +193,69 @@ def test_a_finished_run_leaves_only_its_files(model_dir, tmp_path, capsys):
     names = os.listdir(out)
     assert "model.safetensors" in names and "xent_train.json" in names
     assert not [n for n in names if n.startswith(".xent")]  # no stale save, no lock file
+
+
+def test_defaults_are_train_configs_and_help_shows_them(capsys):
+    from dataclasses import fields
+
+    from xent.cli import build_parser
+    from xent.training import TrainConfig
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o"])
+    cfg = TrainConfig()
+    for f in fields(TrainConfig):
+        if hasattr(args, f.name) and f.name not in ("grad_clip",):
+            assert getattr(args, f.name) == getattr(cfg, f.name), f.name
+    assert args.grad_clip == cfg.grad_clip and args.min_lr is None and args.seq_len is None
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, value in [("--lr", f"{cfg.lr:g}"), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
+                        ("--warmup-steps", cfg.warmup_steps), ("--weight-decay", f"{cfg.weight_decay:g}")]:
+        assert f"(default: {value})" in text.split(flag, 2)[2].split(" --", 1)[0], flag
+    assert "(default: lr/10)" in text and "``" not in text
+
+
+@pytest.mark.parametrize("command", ["eval", "compare", "train", "demo"])
+def test_help_is_plain_text(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out  # reStructuredText markup of the docstrings
+    if command != "demo":
+        assert "--threads N" in out
+
+
+def test_eval_data_alone_is_scored_at_the_end(model_dir, capsys):
+    out = model_dir / "ce-end"
+    rc = main(["train", "--model", str(model_dir / "init"), "--data", str(model_dir / "train.jsonl"),
+               "--eval-data", str(model_dir / "heldout.txt"), "--out", str(out), "--steps", "2",
+               "--batch-size", "2", "--no-progress"])
+    assert rc == 0
+    assert "held-out cross-entropy" in capsys.readouterr().out
+    assert [e["step"] for e in json.loads((out / "xent_train.json").read_text())["eval_history"]] == [2]
+
+
+def test_threads_and_ctrl_c(model_dir, capsys, monkeypatch):
+    import torch
+
+    import xent.training
+
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xent.training, "train", interrupted)
+    before = torch.get_num_threads()
+    argv = ["train", "--model", str(model_dir / "init"), "--data", str(model_dir / "train.jsonl"),
+            "--out", str(model_dir / "interrupted"), "--no-progress", "--threads", "2"]
+    assert main(argv) == 130
+    assert seen == [2] and torch.get_num_threads() == before
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "--save-every" in err and err.count("\n") == 1
+    assert main([*argv, "--save-every", "5"]) == 130
+    assert "interrupted/step-N" in capsys.readouterr().err
+    assert main([*argv[:-1], "0"]) == 2
+    assert capsys.readouterr().err == "xent train: error: --threads must be at least 1, got 0\n"

@@ -214,3 +214,22 @@ def test_trainer_evaluate_reports_the_same_loss(tmp_path):
     xt.patch_causal_lm(model)
     fused = transformers.Trainer(model=model, args=args, eval_dataset=rows).evaluate()["eval_loss"]
     assert fused == pytest.approx(plain, rel=1e-6)
+
+
+def test_the_decoder_cache_is_passed_on_without_a_deprecation_warning(caplog):
+    # transformers 5 renamed the outputs' past_key_values to cache; reading or passing the old name logs
+    # "`past_key_values`/`cache_params` are deprecated" (once per process: the cache of warning_once is
+    # cleared first so that an earlier test cannot hide it).
+    import logging
+
+    getattr(logging.Logger, "warning_once", None) and logging.Logger.warning_once.cache_clear()
+    model = tiny("gpt2").eval()
+    ids, mask, labels = batch()
+    ref = model(input_ids=ids, attention_mask=mask, use_cache=True)  # unpatched
+    name = "cache" if "cache" in ref else "past_key_values"
+    assert ref[name] is not None
+    xt.patch_causal_lm(model)
+    with caplog.at_level(logging.WARNING):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=True)
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == []
+    assert out[name] is not None and out[name].get_seq_length() == ref[name].get_seq_length() == ids.shape[1]

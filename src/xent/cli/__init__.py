@@ -1,6 +1,7 @@
 """The ``xent`` command. Each subcommand lives in its own module with ``register(subparsers)``; a
-module imports only argparse at registration and its heavy dependencies when it runs, so
-``xent --version`` stays fast."""
+module imports only argparse (and xent's own light modules) at registration and its heavy dependencies
+when it runs, so ``xent --version`` stays fast. ``set_defaults(run=..., interrupted=...)``: the command,
+and optionally the message Ctrl-C prints."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ COMMANDS = {
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def plain(doc: str) -> str:
+    """A module docstring as --help text: without reStructuredText's double backticks."""
+    return doc.replace("``", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as err:
         print(f"xent {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"xent {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a command may say what Ctrl-C leaves behind and how to continue
+        hint = getattr(args, "interrupted", None)
+        print(f"xent {args.command}: {hint(args) if hint else 'interrupted'}", file=sys.stderr)
         return 130

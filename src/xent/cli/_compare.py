@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import plain
 from ._eval import add_data_arguments, checked, device_for, open_corpus
 
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="KL divergence and loss difference of two causal LMs",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, metavar="DIR", help="the reference model directory")
     p.add_argument("--model", required=True, metavar="DIR", help="the model compared with it")
     add_data_arguments(p)

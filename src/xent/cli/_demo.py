@@ -14,8 +14,10 @@ from ._output import OutputDir, describe
 
 
 def register(sub) -> None:
+    from . import plain
+
     p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
-                       description=__doc__)
+                       description=plain(__doc__))
     p.add_argument("--out", default="xent-demo", help="output directory (default: ./xent-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute) for tests")
     p.add_argument("--seed", type=int, default=0)
@@ -33,18 +35,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from . import CommandError
-
-    try:
-        import matplotlib  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise CommandError(f"the demo needs {err.name}: pip install 'xent[hf,viz]'") from None
+    import functools
     import time
 
-    from ..demo import DemoConfig, run_demo
-    from ..demo._report import SIGNIFICANT, findings, table_header, table_rows
     from ..training import OBJECTIVES
+    from . import CommandError
 
     if args.threads < 1 or args.jobs < 1:
         raise CommandError(f"--threads and --jobs must be at least 1, got {args.threads} and {args.jobs}")
@@ -60,11 +55,22 @@ def run(args) -> int:
         if args.steps < 1:
             raise CommandError(f"--steps must be at least 1, got {args.steps}")
         overrides["steps"] = args.steps
-    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     start = time.perf_counter()
+    log = functools.partial(print, flush=True)  # each line as it happens, also into a pipe or a log file
+    log("xent demo: loading transformers and matplotlib (the first run after an install can take a minute)")
+    try:
+        import matplotlib  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise CommandError(f"the demo needs {err.name}: pip install 'xent[hf,viz]'") from None
+
+    from ..demo import DemoConfig, run_demo
+    from ..demo._report import SIGNIFICANT, findings, table_header, table_rows
+
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     try:
         with OutputDir(args.out):  # checked (and locked) before the work
-            summary = run_demo(args.out, cfg, progress=not args.no_progress)
+            summary = run_demo(args.out, cfg, progress=not args.no_progress, log=log)
     except OSError as err:
         raise CommandError(describe(err)) from None
     _print_table(summary, table_header(summary), table_rows(summary))
@@ -74,6 +80,7 @@ def run(args) -> int:
         print(f"- {item}")
     print(f"\nwrote {args.out}/report.html, summary.json, {len(summary['files']) - 1} figures and "
           f"{len(summary['objectives'])} checkpoints in {time.perf_counter() - start:.0f}s")
+    print(f"open the report in a browser: {os.path.abspath(os.path.join(args.out, 'report.html'))}")
     return 0
 
 

@@ -2,14 +2,16 @@
 
 Every token is scored exactly once (sliding windows), losses are computed in float32 and summed
 exactly, error bars are given both for independent tokens and clustered by document. See
-``xent.eval.evaluate`` for the semantics and REFERENCE.md §4 for the formulas.
+``xent.eval.evaluate`` for the semantics and docs/REFERENCE.md §4 for the formulas.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from . import plain
 from ._output import OutputDir, check_device, describe
+from ._threads import add_threads_argument, check_threads, cpu_threads
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model weights dtype; the softmax is float32 regardless")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    add_threads_argument(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own Python code (off: it is never run)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -49,7 +52,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="cross-entropy and perplexity of a causal LM on a corpus",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
     add_data_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR's checkpoint")
@@ -59,7 +62,15 @@ def register(sub) -> None:
     p.add_argument("--per-token", action="store_true",
                    help="also write DIR/tokens.parquet (doc, position, token, loss, entropy, rank, top-1 p)")
     p.add_argument("--html", action="store_true", help="also write DIR/report.html with plots")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted=interrupted)
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C leaves behind: the checkpoint in --out, and the flag that continues from it."""
+    if not args.out:
+        return "interrupted (nothing saved; with --out DIR, an interrupted run continues with --resume)"
+    return (f"interrupted; the same command with --resume continues from the last checkpoint in {args.out} "
+            f"(every {args.checkpoint_every} documents)")
 
 
 def check_arguments(args) -> None:
@@ -75,6 +86,7 @@ def check_arguments(args) -> None:
                            "between windows would never be scored")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_threads(args.threads)
     for flag in ("resume", "per_token", "html"):
         if getattr(args, flag, False) and not args.out:
             raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
@@ -111,7 +123,7 @@ def checked(body, args) -> int:
     joined = dist.init_from_env(args.device)
     try:
         rank, _ = dist.rank_and_world()
-        with OutputDir(args.out, rank=rank) as out:
+        with OutputDir(args.out, rank=rank) as out, cpu_threads(args.threads):
             return body(args, out)
     except EvalError as err:
         raise CommandError(str(err)) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ._output import OutputDir, check_device, describe
+from ._threads import add_threads_argument, check_threads, cpu_threads
 
 # objective-option flags -> (option name, type)
 _OPTION_FLAGS = {"label_smoothing": float, "z_loss": float, "gamma": float, "threshold": float,
@@ -19,41 +20,62 @@ _OPTION_FLAGS = {"label_smoothing": float, "z_loss": float, "gamma": float, "thr
 
 
 def register(sub) -> None:
+    from ..training._loop import TrainConfig
+    from . import plain
+
+    d = TrainConfig()  # one set of defaults: the CLI's are the API's
     p = sub.add_parser("train", help="train a causal language model with an xent objective",
-                       description=__doc__)
+                       description=plain(__doc__))
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help=".txt, .jsonl, .parquet files or saved datasets directories")
     p.add_argument("--out", required=True, metavar="DIR", help="where the trained model is saved")
     p.add_argument("--split", default="none", choices=("none", "lines", "paragraphs"),
-                   help=".txt files: one document per file, line or blank-line paragraph")
-    p.add_argument("--text-field", default="text")
+                   help=".txt files: one document per file, line or blank-line paragraph (default: none)")
+    p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
     p.add_argument("--max-document-mb", type=float, default=16, metavar="MB",
                    help="refuse a document larger than this many MiB (default 16; see xent eval --help)")
     p.add_argument("--eval-data", nargs="+", metavar="PATH",
-                   help="held-out documents: cross-entropy every --eval-every steps")
-    p.add_argument("--objective", default="ce",
-                   help="ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly (default ce)")
+                   help="held-out documents: cross-entropy every --eval-every steps and at the end")
+    p.add_argument("--objective", default=d.objective,
+                   help=f"ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly (default: {d.objective})")
     for name, typ in _OPTION_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ,
-                       help="objective option (overrides its default)")
+                       help="objective option (overrides the objective's default)")
     p.add_argument("--from-scratch", action="store_true", help="re-initialise the weights from the config")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward (accumulation)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(model context, 512))")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr", type=float, help="end of the cosine decay (default lr/10)")
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: none)")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="also save OUT/step-N every N steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=run)
+    p.add_argument("--steps", type=int, metavar="N", default=d.steps,
+                   help=f"optimizer steps (default: {d.steps})")
+    p.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
+                   help=f"sequences per optimizer step (default: {d.batch_size})")
+    p.add_argument("--micro-batch-size", type=int, metavar="N",
+                   help="sequences per forward/backward, gradients accumulated (default: the batch size)")
+    p.add_argument("--seq-len", type=int, metavar="T",
+                   help="tokens per sequence (default: the model's context, at most 512)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate of AdamW (default: {d.lr:g})")
+    p.add_argument("--min-lr", type=float, help="end of the cosine decay (default: lr/10)")
+    p.add_argument("--warmup-steps", type=int, metavar="N", default=d.warmup_steps,
+                   help=f"linear warm-up from 0 (default: {d.warmup_steps})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"on matrices, not on biases and norms (default: {d.weight_decay:g})")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help=f"max gradient norm, 0: none (default: {d.grad_clip:g})")
+    p.add_argument("--eval-every", type=int, metavar="N", default=d.eval_every,
+                   help="held-out cross-entropy every K steps with --eval-data (default: 0, at the end only)")
+    p.add_argument("--save-every", type=int, metavar="N", default=d.save_every,
+                   help=f"also save OUT/step-N every N steps (default: {d.save_every}, never)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"batch order and dropout (default: {d.seed})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_threads_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run, interrupted=interrupted)
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C leaves behind."""
+    if args.save_every:
+        return (f"interrupted: the last checkpoint is the newest {args.out}/step-N "
+                f"(every {args.save_every} steps)")
+    return "interrupted: nothing was saved (--save-every N keeps a checkpoint every N steps)"
 
 
 def _corpus(paths, args):
@@ -116,8 +138,9 @@ def run(args) -> int:
     except ImportError:
         raise CommandError("xent train needs transformers: pip install 'xent[hf]'") from None
     check_arguments(args)
+    check_threads(args.threads)
     try:
-        with OutputDir(args.out) as out:
+        with OutputDir(args.out) as out, cpu_threads(args.threads):
             return _run(args, out)
     except OSError as err:
         raise CommandError(describe(err)) from None
@@ -129,11 +152,9 @@ def _run(args, out) -> int:
     from ..eval import EvalError
     from ..eval._load import load_model
     from ..training import TrainConfig, train
-    from ..training._loop import SaveError
+    from ..training._loop import SaveError, resolve_seq_len
     from . import CommandError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         corpus = _corpus(args.data, args)  # the paths (and whole-file sizes) before the model
         eval_corpus = _corpus(args.eval_data, args) if args.eval_data else None
@@ -149,18 +170,16 @@ def _run(args, out) -> int:
     if args.from_scratch:
         torch.manual_seed(args.seed)
         model = type(model)(model.config).to(args.device)
-    config = model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    seq_len = args.seq_len if args.seq_len is not None else min(context or 512, 512)
-    if context and seq_len > context:
-        raise CommandError(f"--seq-len {seq_len} is beyond the model's {context} positions")
+    try:
+        seq_len = resolve_seq_len(model, args.seq_len)  # checked before tokenizing
+    except ValueError as err:
+        raise CommandError(f"--seq-len: {err}") from None
     options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
     cfg = TrainConfig(
         objective=args.objective, objective_options=options, steps=args.steps, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, seq_len=seq_len, lr=args.lr,
-        min_lr=args.lr / 10 if args.min_lr is None else args.min_lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, seed=args.seed,
-        eval_every=args.eval_every, save_dir=args.out, save_every=args.save_every,
+        micro_batch_size=args.micro_batch_size, seq_len=seq_len, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
+        seed=args.seed, eval_every=args.eval_every, save_dir=args.out, save_every=args.save_every,
         progress=not args.no_progress,
     )
     sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

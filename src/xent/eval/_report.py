@@ -58,8 +58,11 @@ def print_summary(summary: dict, file=None) -> None:
         notes.append(summary["bytes_omitted"])
     if summary.get("invalid_utf8"):
         notes.append(f"{summary['invalid_utf8']} invalid UTF-8 sequences replaced by U+FFFD")
+    if any(s.get("documents", 0) < 2 for _, s in columns):
+        notes.append("the SE and CI by document need at least 2 documents (–): a .txt file is one document "
+                     "unless --split lines or --split paragraphs")
     for note in notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", soft_wrap=True)
 
 
 class Progress:

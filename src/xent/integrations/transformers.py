@@ -164,10 +164,18 @@ def _fused_forward(model, loss: TokenLoss, named: dict, labels, chunk_size):
         hidden, head.weight, target, loss=fit_loss(loss, head), bias=head.bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, num_items=num_items,
     )
-    return CausalLMOutputWithPast(
-        loss=value,
-        logits=None,
-        past_key_values=getattr(outputs, "past_key_values", None),
-        hidden_states=getattr(outputs, "hidden_states", None),
-        attentions=getattr(outputs, "attentions", None),
-    )
+    return CausalLMOutputWithPast(loss=value, logits=None, **_passed_on(outputs, CausalLMOutputWithPast))
+
+
+def _passed_on(outputs, output_class) -> dict:
+    """The decoder's cache, hidden states and attentions, under the names of this transformers version:
+    the cache is ``cache`` from transformers 5 on (reading or passing ``past_key_values`` logs a
+    deprecation warning there), ``past_key_values`` before. ``.get`` reads a field without that alias."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(output_class)}
+    cache = "cache" if "cache" in names else "past_key_values"
+    wanted = [n for n in (cache, "hidden_states", "attentions") if n in names]
+    if not isinstance(outputs, dict):  # a tuple (return_dict=False): nothing is named
+        return {}
+    return {n: outputs.get(n) for n in wanted}

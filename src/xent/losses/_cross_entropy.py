@@ -1,6 +1,6 @@
 """Cross-entropy: PyTorch's semantics, extended with z-loss, soft-capping and num_items.
 
-shared/REFERENCE.md §1–2 is the contract.
+docs/REFERENCE.md §1–2 is the contract.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Knowledge distillation: a divergence between a teacher's and a student's next-token distributions.
 
-shared/REFERENCE.md §3 is the contract. Per token, teacher P = softmax(cap(z_t)/T) and student
+docs/REFERENCE.md §3 is the contract. Per token, teacher P = softmax(cap(z_t)/T) and student
 Q = softmax(cap(z_s)/T); every mixture is formed in log space with logsumexp, never as log(p + q + eps).
 """
 

@@ -1,6 +1,6 @@
 """EMO: earth mover distance to the one-hot target under a cosine cost between token embeddings.
 
-shared/REFERENCE.md §3 is the contract. The V×V cost matrix is never built: for a one-hot target the
+docs/REFERENCE.md §3 is the contract. The V×V cost matrix is never built: for a one-hot target the
 transport plan is forced, so DEMD = Σ_i q_i C(i, y) = 1 − (Êᵀq)·ê_y costs one [N, V] @ [V, d] product.
 """
 

@@ -1,7 +1,7 @@
 """Losses that are a function of the target's NLL alone: focal loss and PolyLoss here, TaiLr and GOLD in
 ``_tailr.py``. They share one closed-form gradient, so the fused path needs no autograd for them.
 
-shared/REFERENCE.md §3 is the contract; focal and Poly-1 reduce to cross-entropy at γ=0 / ε=0.
+docs/REFERENCE.md §3 is the contract; focal and Poly-1 reduce to cross-entropy at γ=0 / ε=0.
 """
 
 from __future__ import annotations

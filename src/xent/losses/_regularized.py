@@ -1,5 +1,5 @@
 """DFT (dynamic fine-tuning) and entropy-regularised cross-entropy, both with closed-form gradients so
-the fused path runs them without autograd. shared/REFERENCE.md §3 is the contract.
+the fused path runs them without autograd. docs/REFERENCE.md §3 is the contract.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TaiLr and GOLD: cross-entropy with a stop-gradient weight that grows with the model's own q_y.
 
-Both down-weight tokens the model finds unlikely, which are often noise in the data (shared/REFERENCE.md §3).
+Both down-weight tokens the model finds unlikely, which are often noise in the data (docs/REFERENCE.md §3).
 """
 
 from __future__ import annotations

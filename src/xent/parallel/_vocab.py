@@ -1,7 +1,7 @@
 """Cross-entropy with the vocabulary sharded over the ranks of a process group (tensor parallelism).
 
 Rank r holds the contiguous slice [start_r, start_r + V_r) of the vocabulary, slices in group-rank
-order, sizes free. Every term of the loss (shared/REFERENCE.md §1) is a max or a sum over the
+order, sizes free. Every term of the loss (docs/REFERENCE.md §1) is a max or a sum over the
 vocabulary, so per token a few numbers reduced over the ranks give it exactly; the logits are never
 gathered:
 
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as V
+from .._compile import compiler_disable
 from .._reduce import as_token_weights, compute_dtype, denominator_weight, reduce_tokens
 from ..losses._base import TokenLoss, cap_in_place, check_first_order
 
@@ -228,7 +229,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad.view(local_logits.shape).to(local_logits.dtype), *([None] * 9)
 
 
-@torch.compiler.disable
+@compiler_disable
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor,
     target: torch.Tensor,

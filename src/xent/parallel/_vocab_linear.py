@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as V
+from .._compile import compiler_disable
 from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, auto_chunk_size
 from .._reduce import as_token_weights, denominator_weight, reduce_tokens
 from ..losses._base import check_first_order
@@ -113,7 +114,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return (*grads, None)
 
 
-@torch.compiler.disable
+@compiler_disable
 def vocab_parallel_linear_cross_entropy(
     hidden: torch.Tensor,
     local_weight: torch.Tensor,

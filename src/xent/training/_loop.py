@@ -12,12 +12,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from .._causal import count_items
 from .._linear import linear_loss
+from ..eval._options import model_context
 from ..integrations.transformers import fit_loss, output_head
 from ..losses import TokenLoss
 from ._objectives import make_objective
@@ -32,16 +33,16 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 16  # sequences per optimizer step
     micro_batch_size: int | None = None  # sequences per forward/backward; None: the whole batch
-    seq_len: int = 128  # used to cut a 1-D token stream into sequences
+    seq_len: int | None = None  # cuts a 1-D token stream into sequences; None: the model's context, ≤ 512
     lr: float = 3e-3
-    min_lr: float = 3e-4  # the cosine decays from lr to min_lr at the last step
+    min_lr: float | None = None  # the cosine decays from lr to min_lr at the last step; None: lr / 10
     warmup_steps: int = 20  # linear warm-up from 0
     weight_decay: float = 0.1  # on matrices only (not on biases and norms)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0  # max global gradient norm
     seed: int = 0  # batch order and dropout
     chunk_size: int | str = "auto"  # tokens per chunk of the fused head
-    eval_every: int = 0  # held-out cross-entropy every k steps (and at the end) when eval_data is given
+    eval_every: int = 0  # held-out cross-entropy every k steps and at the end (0: at the end only)
     save_dir: str | None = None  # save_pretrained here at the end (and every save_every steps)
     save_every: int = 0
     progress: bool = True  # a tqdm progress bar
@@ -90,11 +91,26 @@ def as_sequences(data, seq_len: int) -> torch.Tensor:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to cfg.min_lr at cfg.steps."""
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to cfg.min_lr (None: lr / 10)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def resolve_seq_len(model, seq_len: int | None) -> int:
+    """``seq_len``, or the model's context (at most 512) when None; ValueError beyond the model's
+    positions (GPT-2 would fail inside its position embedding: an IndexError, a device-side assert on
+    CUDA)."""
+    context = model_context(model)
+    if seq_len is None:
+        return min(context or 512, 512)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if context and seq_len > context:
+        raise ValueError(f"seq_len={seq_len} is beyond the model's {context} positions")
+    return seq_len
 
 
 def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -188,13 +204,13 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size"):
         number(name, integer=True, low=1)
     number("micro_batch_size", integer=True, low=1, none_ok=True)
-    number("seq_len", integer=True, low=2)  # one input and its next-token target at least
+    number("seq_len", integer=True, low=2, none_ok=True)  # input + target at least; None: the model's
     for name in ("warmup_steps", "eval_every", "save_every"):
         number(name, integer=True, low=0)
     number("seed", integer=True)
     number("lr", above=0)
-    for name in ("min_lr", "weight_decay"):
-        number(name, low=0)
+    number("min_lr", low=0, none_ok=True)  # None: lr/10
+    number("weight_decay", low=0)
     number("grad_clip", above=0, none_ok=True)
     if cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must divide batch_size "
@@ -230,7 +246,11 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         eval_data: optional held-out sequences (or a dict name -> sequences), scored with
             cross-entropy every ``eval_every`` steps; ``eval_history`` rows hold one value per name
             ("eval_ce" when a single set is given).
-        tokenizer: saved next to the model when ``save_dir`` is set.
+        tokenizer: saved with the model when ``save_dir`` is set (pass it: ``xent eval`` needs it).
+
+    ``seq_len`` (None: the model's context, at most 512) and sequences given as [S, T] must fit the
+    model's positions; ``min_lr`` None is ``lr / 10``. With ``eval_data`` and ``eval_every=0`` the
+    held-out cross-entropy is measured once, at the end.
 
     Raises FloatingPointError at the first step whose loss or gradient norm is not finite, before
     that step's update (the model keeps the previous steps' weights; the end of the run is not saved),
@@ -249,10 +269,17 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
     check_config(cfg)
     micro = cfg.batch_size if cfg.micro_batch_size is None else cfg.micro_batch_size
 
+    cfg = replace(cfg, seq_len=resolve_seq_len(model, cfg.seq_len),
+                  min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr)
     seqs = as_sequences(data, cfg.seq_len)
     if eval_data is not None and not isinstance(eval_data, dict):
         eval_data = {"eval_ce": eval_data}
     eval_sets = {k: as_sequences(v, cfg.seq_len) for k, v in (eval_data or {}).items()}
+    context = model_context(model)
+    for name, s in {"data": seqs, **{f"eval_data[{k!r}]": v for k, v in eval_sets.items()}}.items():
+        if context and s.shape[1] > context:  # given as [S, T]: T is not seq_len
+            raise ValueError(f"{name} has sequences of {s.shape[1]} tokens, beyond the model's {context} "
+                             "positions")
     if len(seqs) < cfg.batch_size:
         raise ValueError(f"data has {len(seqs)} sequences, fewer than batch_size={cfg.batch_size}")
     device = next(model.parameters()).device
@@ -300,7 +327,7 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens": tokens, "seconds": time.perf_counter() - start})
         last = step + 1 == cfg.steps
-        if eval_sets and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+        if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             scores = {name: evaluate_ce(model, s.to(device), chunk_size=cfg.chunk_size)
                       for name, s in eval_sets.items()}
             eval_history.append({"step": step + 1, **scores})
