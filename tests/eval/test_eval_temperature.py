@@ -40,7 +40,7 @@ def test_fitted_temperature_is_the_argmin_of_the_loss():
             hi = b
         else:
             lo = a
-    assert t_star == pytest.approx((lo + hi) / 2, rel=1e-6)
+    assert t_star == pytest.approx((lo + hi) / 2, rel=1e-5)
     # and an under-confident model is sharpened
     z2, y2 = z / 6, y
     assert fit_temperature(z2, y2) < 1
@@ -51,7 +51,7 @@ def test_scan_by_explicit_loops():
     rows = temperature_scan(z, y, [0.5, 1.0, 2.0])
     for row in rows:
         T = row["temperature"]
-        assert row["nll_mean"] == pytest.approx(_mean_loss(z, y, T), rel=1e-10)
+        assert row["nll_mean"] == pytest.approx(_mean_loss(z, y, T), rel=1e-6)  # float32 inside
         ent, conf, right = [], [], []
         for zr, t in zip(z.double().tolist(), y.tolist()):
             e = [math.exp(v / T) for v in zr]
@@ -60,14 +60,14 @@ def test_scan_by_explicit_loops():
             ent.append(-math.fsum(p * math.log(p) for p in q if p > 0))
             conf.append(max(q))
             right.append(1.0 if zr[t] == max(zr) else 0.0)
-        assert row["entropy_mean"] == pytest.approx(sum(ent) / len(ent), rel=1e-10)
+        assert row["entropy_mean"] == pytest.approx(sum(ent) / len(ent), rel=1e-6)
         assert row["accuracy"] == pytest.approx(sum(right) / len(right))
         bins = {}
         for c, k in zip(conf, right):
             b = min(int(c * 15), 14)
             bins.setdefault(b, []).append((c, k))
         expected = sum(abs(sum(k for _, k in v) - sum(c for c, _ in v)) for v in bins.values()) / len(conf)
-        assert row["ece"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert row["ece"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     entropies = [r["entropy_mean"] for r in rows]
     assert entropies == sorted(entropies)  # entropy rises with τ
     assert rows[0]["accuracy"] == rows[1]["accuracy"] == rows[2]["accuracy"]

@@ -40,9 +40,11 @@ def sample_continuations(model, prefixes, *, max_new_tokens: int, temperature: f
         with torch.no_grad():
             for start in range(0, len(prefixes), batch_size):
                 x = prefixes[start : start + batch_size].to(device)
-                new, past = [], None
+                new, past, seen = [], None, 0
                 for _ in range(max_new_tokens):
-                    o = model(input_ids=x, use_cache=True, **{key: past})
+                    seen += x.shape[1]  # every position is real: no padding
+                    mask = torch.ones(x.shape[0], seen, dtype=torch.long, device=device)
+                    o = model(input_ids=x, attention_mask=mask, use_cache=True, **{key: past})
                     past = getattr(o, key)
                     probs = torch.softmax(o.logits[:, -1].float() / temperature, dim=-1).cpu()  # [b, V]
                     x = torch.multinomial(probs, 1, generator=gen)  # [b, 1]

@@ -24,8 +24,9 @@ def _check(logits, targets):
 
 
 def token_stats_at(logits, targets, temperature: float) -> dict:
-    """Per-token float64 [N] tensors of softmax(z / τ): ``loss`` −log q_y, ``entropy`` −Σ q log q,
-    ``confidence`` max q, and ``correct`` (1 if no logit exceeds the target's: independent of τ)."""
+    """Per-token [N] tensors of softmax(z / τ), computed in float32 and returned in float64: ``loss``
+    −log q_y, ``entropy`` −Σ q log q, ``confidence`` max q, and ``correct`` (1 if no logit exceeds the
+    target's: independent of τ)."""
     import torch
 
     _check(logits, targets)
@@ -33,15 +34,15 @@ def token_stats_at(logits, targets, temperature: float) -> dict:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     parts = []
     for s in range(0, len(targets), _ROWS):
-        z = logits[s : s + _ROWS].double() / temperature  # [n, V]
+        z = logits[s : s + _ROWS].float() / temperature  # [n, V]
         y = targets[s : s + _ROWS]
         logq = torch.log_softmax(z, dim=-1)
         q = logq.exp()
         z_y = z.gather(-1, y[:, None])
         parts.append({
-            "loss": -logq.gather(-1, y[:, None]).squeeze(-1),
-            "entropy": -(q * logq).nan_to_num(0.0).sum(-1),  # 0·log 0 = 0
-            "confidence": q.amax(-1),
+            "loss": -logq.gather(-1, y[:, None]).squeeze(-1).double(),
+            "entropy": -(q * logq).nan_to_num(0.0).sum(-1).double(),  # 0·log 0 = 0
+            "confidence": q.amax(-1).double(),
             "correct": ((z > z_y).sum(-1) == 0).double(),
         })
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -70,7 +71,7 @@ def temperature_scan(logits, targets, temperatures) -> list[dict]:
     return rows
 
 
-def fit_temperature(logits, targets, *, tol: float = 1e-10, max_iter: int = 100) -> float:
+def fit_temperature(logits, targets, *, tol: float = 1e-7, max_iter: int = 100) -> float:
     """T* = argmin_T Σ_t ℓ_t(z_t / T), by Newton's method on β = 1/T, where the loss is convex:
     d/dβ Σ_t [logsumexp(β z_t) − β z_{t,y}] = Σ_t (E_q[z_t] − z_{t,y}), d²/dβ² = Σ_t Var_q(z_t) ≥ 0
     (q = softmax(β z_t)). A step that would make β ≤ 0 is halved. Raises if the minimum is at β → 0
@@ -82,12 +83,12 @@ def fit_temperature(logits, targets, *, tol: float = 1e-10, max_iter: int = 100)
     for _ in range(max_iter):
         grad = hess = 0.0
         for s in range(0, len(targets), _ROWS):
-            z = logits[s : s + _ROWS].double()
+            z = logits[s : s + _ROWS].float()  # float32 rows, float64 sums
             y = targets[s : s + _ROWS]
             q = torch.softmax(beta * z, dim=-1)
             mean = (q * z).sum(-1)
-            grad += float((mean - z.gather(-1, y[:, None]).squeeze(-1)).sum())
-            hess += float((q * (z - mean[:, None]) ** 2).sum())
+            grad += float((mean - z.gather(-1, y[:, None]).squeeze(-1)).double().sum())
+            hess += float((q * (z - mean[:, None]) ** 2).sum(-1).double().sum())
         if hess <= 0:
             raise ValueError("the loss is flat in the temperature (every row's logits are equal)")
         step = grad / hess
