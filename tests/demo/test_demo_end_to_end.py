@@ -255,6 +255,19 @@ def test_cli_rejects_unknown_objectives(capsys):
     assert "unknown objective(s) xe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--tailr-gammas", "0.5,x"], "--tailr-gammas must be comma-separated numbers, got '0.5,x'"),
+    (["--tailr-gammas", "0,0.5"], "--tailr-gammas must lie in (0, 1], got 0"),
+    (["--pretrain-steps", "0"], "--pretrain-steps must be at least 1, got 0"),
+])
+def test_cli_rejects_bad_phase_options_before_any_work(args, message, capsys, tmp_path):
+    out = tmp_path / "never"
+    assert main(["demo", "--quick", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
 
