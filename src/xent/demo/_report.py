@@ -53,7 +53,10 @@ EXPLANATIONS = {
         " to [b, 1] (γ = 0.1, b = 0.3). Tokens the model finds unlikely get less weight: a "
         "total-variation-like objective that trades recall of rare continuations for precision. The "
         "authors choose γ per regime (≈ 0 from scratch, 0.1–0.8 for fine-tuning); the tailr@γ rows are "
-        "the same objective at other γ (b = 0.3). At γ = 0 the weight is 1: cross-entropy, the ce row."
+        "the same objective at other γ (b = 0.3). At γ = 0 the weight is 1: cross-entropy, the ce row. "
+        "The paper frames MLE's fault as over-estimating low-quality text (recall over precision); a "
+        "precision-first, mode-seeking objective can raise the top-1 confidence, which the over-confidence "
+        "row of the claims table measures."
     ),
     "gold": (
         "GOLD-δ (Pang &amp; He, ICLR 2021): cross-entropy weighted by the model's own "
@@ -449,9 +452,12 @@ DEFINITIONS = [
      "for it here."),
     ("Markov KL/word", "on the held-out Markov documents: (the model's summed loss − the source's exact "
      "−ln p of the same text) / words. Its expectation is KL(source ‖ model) per word, 0 only for the "
-     "source itself; at this size every model is far above 0."),
+     "source itself; at this size every model is far above 0. Phase 2 fine-tunes on docstrings alone, so "
+     "for the fine-tuned rows it measures how much of the Markov source they forgot."),
     ("Markov gap bpb", "the same difference per byte, in bits: the model's bits/byte on the Markov text "
      "minus the source's exact bits/byte (the Markov gap)."),
+    ("MAUVE", "the mean over the sampling seeds of MAUVE between the model's samples and the true "
+     "continuations of the same held-out prefixes (see Generation)."),
     ("train CPU s", "CPU time of the process that trained the objective (its steps, the evaluations of "
      "the training curves, saving the checkpoint), from the process's CPU clock: unlike wall time it "
      "does not grow when the objectives share busy cores."),
