@@ -10,16 +10,20 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("mauve")
 pytest.importorskip("matplotlib")
 
 import chromium_cdp as chromium  # noqa: E402  (tests/demo is on sys.path under pytest)
 
 from xent.cli import main  # noqa: E402
 
-FIGURES = ["training_curves.png", "perplexity.png", "reliability.png", "loss_vs_p.png", "passage.png"]
+FIGURES = ["training_curves.png", "perplexity.png", "generation.png", "temperature.png", "tailr_sweep.png",
+           "reliability.png", "loss_vs_p.png", "passage.png"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_files_and_summary(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"{c} in summary.json is not JSON"))
     objectives = summary["objectives"]
-    assert {"ce", "ce_ls", "emo", "tailr"} <= set(objectives)
+    assert {"ce", "emo", "tailr", "tailr@0.8"} <= set(objectives)
     for name, s in objectives.items():
         assert (demo_dir / s["checkpoint"] / "model.safetensors").is_file()
         for key in ("nll_mean", "perplexity", "bits_per_byte", "ece", "synthetic_gap_bits_per_byte",
@@ -47,7 +51,10 @@ def test_files_and_summary(demo_dir):
         # the curves score every held-out token: their last point is the table's value up to where the
         # contexts restart (a 16×64-token subset was 0.02–0.07 nats below it here)
         for which in ("heldout", "synthetic"):
-            assert abs(s["eval_history"][-1][which] - s[which]["nll_mean"]) < 0.005, (name, which)
+            # (relative since phase 2: fine-tuned off the Markov text, the models' loss on it is ~5 nats, and
+            # the restarts' share of it grows with it)
+            nll = s[which]["nll_mean"]
+            assert abs(s["eval_history"][-1][which] - nll) < 0.005 * max(1.0, nll), (name, which)
             # the per-document sums are the evaluator's
             assert sum(s[which]["doc_tokens"]) == s[which]["tokens"]
             assert math.fsum(s[which]["doc_nll"]) / s[which]["tokens"] == pytest.approx(s[which]["nll_mean"],
@@ -161,6 +168,97 @@ def test_report_renders_in_headless_chromium_without_console_errors(browser, dem
     assert colours is not None and len(colours) > 500  # plots drawn, not a blank page
 
 
+@pytest.mark.slow
+def test_every_fine_tune_starts_from_the_pretrained_weights(demo_dir):
+    """Phase 2 starts from phase 1's weights in every run: the hash recorded in each run equals the hash
+    of the saved phase-1 checkpoint's tensors, computed here from the file (not by xent)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    tensors = load_file(demo_dir / "models" / "pretrained" / "model.safetensors")
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(demo_dir / "models" / "pretrained")
+    state = model.state_dict()
+    for name, t in tensors.items():  # the file holds what the model loads (a tied/untied head alike)
+        assert torch.equal(state[name], t), name
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    assert summary["pretrained"]["sha256"] == h.hexdigest()
+    for name, s in [*summary["objectives"].items(), ("pretrained", summary["pretrained"])]:
+        assert s["initial_sha256"] == h.hexdigest(), name
+    # ... and fine-tuning changed them
+    tuned = load_file(demo_dir / "models" / "ce" / "model.safetensors")
+    assert any(not torch.equal(tuned[k], tensors[k]) for k in tensors)
+
+
+def _t_interval(values):
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return v.mean() - half, v.mean() + half
+
+
+@pytest.mark.slow
+def test_claims_table_recomputed_from_summary_json(demo_dir):
+    from test_parts import _paired_reference
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    objs, claims = summary["objectives"], summary["claims"]
+    ce = objs["ce"]
+    n = ce["heldout"]["doc_tokens"]
+
+    def expect(row, diff, lo, hi):
+        assert row["diff"] == pytest.approx(diff, rel=1e-9, abs=1e-12), row["claim"]
+        assert row["ci95"] == pytest.approx([lo, hi], rel=1e-9, abs=1e-12), row["claim"]
+        called = lo > 0 or hi < 0
+        sign = +1 if "higher" in row["claim"] or "rises" in row["claim"] else -1
+        assert row["verdict"] == ("inconclusive" if not called else
+                                  "reproduces" if diff * sign > 0 else "contradicted"), row["claim"]
+
+    runs = [c["run"] for c in claims]
+    assert runs[:2] == ["emo", "emo"] and {"tailr", "tailr@0.8"} <= set(runs)
+    for row in claims:
+        run = row["run"]
+        if row["measure"].startswith("Δ MAUVE"):
+            deltas = [a - b for a, b in zip(objs[run]["generation"]["mauve_by_seed"],
+                                            ce["generation"]["mauve_by_seed"])]
+            expect(row, np.mean(deltas), *_t_interval(deltas))
+        elif row["measure"].startswith("Δ held-out NLL"):
+            d, se = _paired_reference(objs[run]["heldout"]["doc_nll"], ce["heldout"]["doc_nll"], n)
+            expect(row, d, d - 1.96 * se, d + 1.96 * se)
+            assert d == pytest.approx(objs[run]["nll_mean"] - ce["nll_mean"], rel=1e-9)
+        elif row["measure"].startswith("Δ over-confidence"):
+            d, se = _paired_reference(objs[run]["heldout"]["doc_overconfidence"],
+                                      ce["heldout"]["doc_overconfidence"], n)
+            expect(row, d, d - 1.96 * se, d + 1.96 * se)
+        else:  # the temperature rows: entropy at τ vs τ = 1, per document
+            t = ce["temperature"]
+            tau = run.split("= ")[1]
+            d, se = _paired_reference(t["doc_entropy"][tau], t["doc_entropy"]["1"], t["doc_tokens"])
+            expect(row, d, d - 1.96 * se, d + 1.96 * se)
+            scan = {r["temperature"]: r["entropy_mean"] for r in t["scan"]}
+            assert d == pytest.approx(scan[float(tau)] - scan[1.0], rel=1e-4)
+    # the MAUVE of each model is the mean of its seeds, within its interval
+    for s in [*objs.values(), summary["pretrained"]]:
+        g = s["generation"]
+        assert g["mauve"] == pytest.approx(np.mean(g["mauve_by_seed"]), rel=1e-12)
+        assert g["mauve_ci95"] == pytest.approx(list(_t_interval(g["mauve_by_seed"])), rel=1e-9)
+        assert 0 < g["mauve"] <= 1
+    # the report shows every claim's verdict
+    page = (demo_dir / "report.html").read_text()
+    for row in claims:
+        assert html.escape(row["claim"]) in page
+    t = ce["temperature"]
+    assert 0.2 < t["t_star"] < 5 and abs(t["at_t_star"]["nll_mean"]) <= min(r["nll_mean"] for r in t["scan"])
+
+
 def test_cli_rejects_unknown_objectives(capsys):
     assert main(["demo", "--quick", "--objectives", "ce,xe", "--out", os.devnull]) == 2
     assert "unknown objective(s) xe" in capsys.readouterr().err
@@ -196,6 +294,19 @@ def test_cli_write_errors_are_one_line(capsys, tmp_path, monkeypatch):
     assert err == f"xent demo: error: {tmp_path / 'o' / 'summary.json'}: No space left on device\n"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--tailr-gammas", "0.5,x"], "--tailr-gammas must be comma-separated numbers, got '0.5,x'"),
+    (["--tailr-gammas", "0,0.5"], "--tailr-gammas must lie in (0, 1], got 0"),
+    (["--pretrain-steps", "0"], "--pretrain-steps must be at least 1, got 0"),
+])
+def test_cli_rejects_bad_phase_options_before_any_work(args, message, capsys, tmp_path):
+    out = tmp_path / "never"
+    assert main(["demo", "--quick", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
 
@@ -229,14 +340,14 @@ def _differences(x, y, path=""):
 def test_same_seed_same_demo(tmp_path):
     from xent.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick(objectives=("ce", "tailr"), steps=6, eval_every=3, heldout_docs=8,
-                           synthetic_eval_docs=8)
+    cfg = DemoConfig.quick(objectives=("ce", "tailr"), tailr_gammas=(), steps=6, eval_every=3,
+                           heldout_docs=12, synthetic_eval_docs=8, pretrain_steps=8, mauve_seeds=2)
     a = run_demo(str(tmp_path / "a"), cfg, log=lambda *_: None, progress=False)
     # in worker processes: the same training, bit for bit (the weights are compared below)
     b = run_demo(str(tmp_path / "b"), dataclasses.replace(cfg, jobs=2), log=lambda *_: None, progress=False)
-    for key in ("objectives", "data", "passage", "files"):
+    for key in ("objectives", "pretrained", "generation", "claims", "data", "passage", "files"):
         assert _differences(_without_times(a[key]), _without_times(b[key])) == [], key
-    for name in cfg.objectives:
+    for name in (*cfg.objectives, "pretrained"):
         wa = (tmp_path / "a" / "models" / name / "model.safetensors").read_bytes()
         wb = (tmp_path / "b" / "models" / name / "model.safetensors").read_bytes()
         assert wa == wb
@@ -250,8 +361,8 @@ def test_every_objective_runs_through_the_demo(tmp_path):
     from xent.demo import DemoConfig, run_demo
     from xent.training import OBJECTIVES
 
-    cfg = DemoConfig.quick(objectives=tuple(OBJECTIVES), steps=3, eval_every=3, heldout_docs=5,
-                           synthetic_eval_docs=5, jobs=2)
+    cfg = DemoConfig.quick(objectives=tuple(OBJECTIVES), tailr_gammas=(), steps=3, eval_every=3,
+                           heldout_docs=8, synthetic_eval_docs=5, jobs=2, pretrain_steps=4, mauve_seeds=2)
     summary = run_demo(str(tmp_path), cfg, log=lambda *_: None, progress=False)
     assert list(summary["objectives"]) == list(OBJECTIVES)
     page = (tmp_path / "report.html").read_text()

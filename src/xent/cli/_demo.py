@@ -1,9 +1,13 @@
-"""``xent demo``: train a tiny language model once per objective, offline, and compare them.
+"""``xent demo``: pre-train a tiny language model with cross-entropy, fine-tune a copy of it with each
+objective on another domain, offline, and test the papers' claims.
 
 Builds the data (standard-library docstrings and a Markov source of known entropy), a byte-level BPE
-tokenizer and a small GPT-2; trains one model per objective with the same seed, data and budget;
-evaluates each with xent's evaluator; writes summary.json, PNG figures, report.html and the
-checkpoints into --out, and prints a summary table.
+tokenizer and a small GPT-2; phase 1 trains it with cross-entropy; phase 2 fine-tunes a copy with each
+objective (and TaiLr at several γ) on docstrings of modules phase 1 never saw, from the same weights on
+the same batches; evaluates each model with xent's evaluator, samples continuations of held-out prefixes
+and scores them with MAUVE (features from the phase-1 model); scans the temperature of the
+cross-entropy model; writes summary.json, PNG figures, report.html (ending with the claims table) and
+the checkpoints into --out, and prints the tables.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
                        description=plain(__doc__))
     p.add_argument("--out", default="xent-demo", help="output directory (default: ./xent-demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about a minute) for tests")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under a minute) for tests")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objectives", help="comma-separated objectives (default: the demo's set); "
-                   "from: ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly")
-    p.add_argument("--steps", type=int, help="training steps per objective (overrides the preset)")
+    p.add_argument("--objectives", help="comma-separated objectives fine-tuned in phase 2 (default: "
+                   "ce,emo,tailr); from: ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly")
+    p.add_argument("--tailr-gammas", help="comma-separated γ of the extra TaiLr runs (default: 0.5,0.8; "
+                   "--quick: 0.8; '' for none); the tailr objective itself is γ = 0.1, γ = 0 is ce")
+    p.add_argument("--steps", type=int, help="fine-tuning steps per objective (overrides the preset)")
+    p.add_argument("--pretrain-steps", type=int, help="phase-1 steps (overrides the preset)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: no thread-count dependence in the numbers, and "
                         "fast on a busy machine)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="objectives trained at once, one process each (default: 2 or the CPU count if "
-                        "smaller); the numbers do not depend on it")
+                   help="models fine-tuned and scored at once, one process each (default: 2 or the CPU "
+                        "count if smaller); the numbers do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -51,10 +58,22 @@ def run(args) -> int:
             raise CommandError(f"unknown objective(s) {', '.join(unknown) or '(none)'}; "
                                f"choose from {', '.join(OBJECTIVES)}")
         overrides["objectives"] = names
-    if args.steps is not None:
-        if args.steps < 1:
-            raise CommandError(f"--steps must be at least 1, got {args.steps}")
-        overrides["steps"] = args.steps
+    for flag, key in (("--steps", "steps"), ("--pretrain-steps", "pretrain_steps")):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise CommandError(f"{flag} must be at least 1, got {value}")
+            overrides[key] = value
+    if args.tailr_gammas is not None:
+        try:
+            gammas = tuple(float(g) for g in args.tailr_gammas.split(",") if g.strip())
+        except ValueError:
+            raise CommandError(f"--tailr-gammas must be comma-separated numbers, got {args.tailr_gammas!r}"
+                               ) from None
+        bad = [g for g in gammas if not 0 < g <= 1]
+        if bad:
+            raise CommandError(f"--tailr-gammas must lie in (0, 1], got {bad[0]:g}")
+        overrides["tailr_gammas"] = gammas
     start = time.perf_counter()
     log = functools.partial(print, flush=True)  # each line as it happens, also into a pipe or a log file
     log("xent demo: loading transformers and matplotlib (the first run after an install can take a minute)")
@@ -65,7 +84,16 @@ def run(args) -> int:
         raise CommandError(f"the demo needs {err.name}: pip install 'xent[hf,viz]'") from None
 
     from ..demo import DemoConfig, run_demo
-    from ..demo._report import SIGNIFICANT, findings, table_header, table_rows
+    from ..demo._report import (
+        CLAIMS_HEADER,
+        GENERATION_HEADER,
+        SIGNIFICANT,
+        claims_rows,
+        findings,
+        generation_rows,
+        table_header,
+        table_rows,
+    )
 
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     try:
@@ -73,20 +101,25 @@ def run(args) -> int:
             summary = run_demo(args.out, cfg, progress=not args.no_progress, log=log)
     except OSError as err:
         raise CommandError(describe(err)) from None
-    _print_table(summary, table_header(summary), table_rows(summary))
+    h = summary["data"]["entropy_rate_nats_per_word"]
+    _print_table(f"xent demo (seed {summary['seed']}): held-out target documents; Markov source entropy "
+                 f"{h:.4f} nats/word", table_header(summary), table_rows(summary))
     print(f"{SIGNIFICANT} significant: the paired per-document difference is more than 1.96 standard errors "
           "from 0 (definitions in report.html)")
     for item in findings(summary):
         print(f"- {item}")
+    _print_table("generation: MAUVE vs the true continuations (features: the phase-1 model)",
+                 GENERATION_HEADER, generation_rows(summary))
+    _print_table("the papers' claims, against the cross-entropy fine-tune", CLAIMS_HEADER,
+                 claims_rows(summary))
     print(f"\nwrote {args.out}/report.html, summary.json, {len(summary['files']) - 1} figures and "
-          f"{len(summary['objectives'])} checkpoints in {time.perf_counter() - start:.0f}s")
+          f"{len(summary['objectives']) + 1} checkpoints in {time.perf_counter() - start:.0f}s "
+          f"({summary['total_cpu_seconds']:.0f} CPU-s)")
     print(f"open the report in a browser: {os.path.abspath(os.path.join(args.out, 'report.html'))}")
     return 0
 
 
-def _print_table(summary, header, rows) -> None:
-    h = summary["data"]["entropy_rate_nats_per_word"]
-    title = f"xent demo (seed {summary['seed']}): Markov source entropy {h:.4f} nats/word"
+def _print_table(title, header, rows) -> None:
     try:
         from rich.console import Console
         from rich.table import Table

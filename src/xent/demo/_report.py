@@ -9,7 +9,16 @@ import os
 from ..eval._html import THIN_BIN_SHARE, draw_reliability
 
 COLORS = {"ce": "#1f77b4", "ce_ls": "#ff7f0e", "ce_zloss": "#8c564b", "emo": "#2ca02c", "tailr": "#d62728",
-          "gold": "#9467bd", "focal": "#e377c2", "poly": "#7f7f7f"}
+          "gold": "#9467bd", "focal": "#e377c2", "poly": "#7f7f7f", "pretrained": "#000000"}
+_SWEEP = ["#ff9896", "#a0522d", "#800000", "#ffbb78"]  # the tailr@γ runs
+
+
+def color(name: str, names=()) -> str | None:
+    """The colour of a run: its objective's, or one of the TaiLr sweep's."""
+    if name in COLORS:
+        return COLORS[name]
+    sweep = [n for n in names if n.startswith("tailr@")]
+    return _SWEEP[sweep.index(name) % len(_SWEEP)] if name in sweep else None
 
 EXPLANATIONS = {
     "ce": (
@@ -28,17 +37,26 @@ EXPLANATIONS = {
         " numerical stability in large-scale training (PaLM, OLMo); almost no effect on the "
         "probabilities."
     ),
+    "pretrained": (
+        "The phase-1 model: cross-entropy from scratch on the training modules' docstrings and the Markov "
+        "text, not fine-tuned on the target domain. Every other row starts from its weights."
+    ),
     "emo": (
         "EMO-1 (Ren et al., ICLR 2024): half cross-entropy, half the earth mover's distance Σ<sub>i</sub>"
         " q<sub>i</sub> C(i, y) rescaled to cross-entropy's size, with the cost C = 1 − cos between rows "
-        "of a frozen copy of the initial LM head. Its value equals cross-entropy; its gradient also "
-        "pushes mass away from tokens far from the target. Trained from scratch, the initial head is "
-        "random, so all costs are near 1 and EMO behaves like cross-entropy plus a Poly-like term."
+        "of a frozen copy of the LM head at the start of fine-tuning: the phase-1 model's head, as in the "
+        "paper (a trained head puts tokens used alike near each other). Its value equals cross-entropy; its"
+        " gradient also pushes mass away from tokens far from the target."
     ),
     "tailr": (
         "TaiLr (Ji et al., ICLR 2023): cross-entropy on each token weighted by sg(q/(γ + (1−γ)q)) clipped"
         " to [b, 1] (γ = 0.1, b = 0.3). Tokens the model finds unlikely get less weight: a "
-        "total-variation-like objective that trades recall of rare continuations for precision."
+        "total-variation-like objective that trades recall of rare continuations for precision. The "
+        "authors choose γ per regime (≈ 0 from scratch, 0.1–0.8 for fine-tuning); the tailr@γ rows are "
+        "the same objective at other γ (b = 0.3). At γ = 0 the weight is 1: cross-entropy, the ce row. "
+        "The paper frames MLE's fault as over-estimating low-quality text (recall over precision); a "
+        "precision-first, mode-seeking objective can raise the top-1 confidence, which the over-confidence "
+        "row of the claims table measures."
     ),
     "gold": (
         "GOLD-δ (Pang &amp; He, ICLR 2021): cross-entropy weighted by the model's own "
@@ -71,10 +89,14 @@ def write_all(out: str, summary: dict, passage_losses: dict, tokenizer, data, cf
     files = [
         _training_curves(out, summary),
         _perplexity(out, summary),
+        _generation(out, summary),
+        _temperature(out, summary),
+        _tailr_sweep(out, summary),
         _reliability(out, summary),
         _loss_vs_p(out, cfg, len(tokenizer)),
         _passage(out, summary, passage_losses),
     ]
+    files = [f for f in files if f]
     files.append(_html(out, summary, files))
     return files
 
@@ -85,25 +107,35 @@ def _save(fig, out: str, name: str) -> str:
     return name
 
 
+def _runs(summary: dict) -> dict:
+    """The pre-trained model (when there is one) and the fine-tuned runs, in the table's order."""
+    pre = {"pretrained": summary["pretrained"]} if summary.get("pretrained") else {}
+    return {**pre, **summary["objectives"]}
+
+
 def _training_curves(out: str, summary: dict) -> str:
+    """Phase 1 (steps ≤ 0) then phase 2 (steps > 0) on one axis."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, s in summary["objectives"].items():
-        c = COLORS.get(name)
-        steps = [h["step"] for h in s["history"]]
+    names = list(_runs(summary))
+    for name, s in _runs(summary).items():
+        c = color(name, names)
+        offset = -len(s["history"]) if name == "pretrained" else 0
+        steps = [h["step"] + offset for h in s["history"]]
         raw = [h["loss"] for h in s["history"]]
         axes[0].plot(steps, raw, color=c, lw=0.6, alpha=0.3)
         axes[0].plot(steps, _ema(raw), color=c, label=name, lw=1.5)
         ev = s["eval_history"]
         for ax, key in ((axes[1], "heldout"), (axes[2], "synthetic")):
-            ax.plot([e["step"] for e in ev], [e[key] for e in ev], "o-", color=c, label=name, ms=3)
+            ax.plot([e["step"] + offset for e in ev], [e[key] for e in ev], "o-", color=c, label=name, ms=3)
             if ev:  # the table's value (xent.eval.evaluate on the same documents) at the last step
-                ax.plot([ev[-1]["step"]], [s[key]["nll_mean"]], "x", color=c, ms=8, mew=1.5)
-    axes[0].set_title("training objective (each its own loss; smoothed)")
-    axes[1].set_title("all held-out docstrings: cross-entropy\n(×: the table's value)")
-    axes[2].set_title("all held-out Markov text: cross-entropy\n(×: the evaluator's value)")
+                ax.plot([ev[-1]["step"] + offset], [s[key]["nll_mean"]], "x", color=c, ms=8, mew=1.5)
+    axes[0].set_title("training objective (each its own loss; smoothed)\nphase 1 at steps ≤ 0, phase 2 after")
+    axes[1].set_title("held-out target documents: cross-entropy\n(×: the table's value)")
+    axes[2].set_title("held-out Markov text: cross-entropy\n(×: the evaluator's value)")
     for ax in axes:
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (phase 2; phase 1 at ≤ 0)")
+        ax.axvline(0, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats/token)")
     axes[1].set_ylabel("nats/token")
@@ -122,40 +154,141 @@ def _ema(values: list[float], decay: float = 0.9) -> list[float]:
 
 def _perplexity(out: str, summary: dict) -> str:
     plt = _plt()
-    names = list(summary["objectives"])
-    objs = summary["objectives"]
+    objs = _runs(summary)
+    names = list(objs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     ppl = [objs[n]["perplexity"] for n in names]
     lo = [objs[n]["perplexity"] - objs[n]["perplexity_ci95"][0] for n in names]
     hi = [objs[n]["perplexity_ci95"][1] - objs[n]["perplexity"] for n in names]
-    axes[0].bar(names, ppl, yerr=[lo, hi], capsize=5, color=[COLORS.get(n) for n in names])
-    axes[0].set_title("held-out docstrings: perplexity\n(95% CI, document-clustered)")
+    axes[0].bar(names, ppl, yerr=[lo, hi], capsize=5, color=[color(n, names) for n in names])
+    axes[0].set_title("held-out target documents: perplexity\n(95% CI, document-clustered)")
     axes[0].set_ylabel("perplexity")
     kl = [objs[n]["synthetic_kl_nats_per_word"] for n in names]
     err = [1.96 * (objs[n].get("synthetic_kl_nats_per_word_se") or 0.0) for n in names]
-    axes[1].bar(names, kl, yerr=err, capsize=5, color=[COLORS.get(n) for n in names])
+    axes[1].bar(names, kl, yerr=err, capsize=5, color=[color(n, names) for n in names])
     h = summary["data"]["entropy_rate_nats_per_word"]
     axes[1].set_title(f"Markov text: loss above the source's exact −log p, 95% CI\n"
                       f"(entropy rate {h:.3f} nats/word)")
     axes[1].set_ylabel("KL estimate, nats/word")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
+        ax.tick_params(axis="x", labelrotation=30)
     return _save(fig, out, "perplexity.png")
+
+
+def _generation(out: str, summary: dict) -> str | None:
+    """MAUVE of every model's samples with its interval over seeds; repetition and distinct-2 beside the
+    true continuations'."""
+    objs = {n: s for n, s in _runs(summary).items() if "generation" in s}
+    if not objs:
+        return None
+    plt = _plt()
+    names = list(objs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    m = [objs[n]["generation"]["mauve"] for n in names]
+    lo = [objs[n]["generation"]["mauve"] - objs[n]["generation"]["mauve_ci95"][0] for n in names]
+    hi = [objs[n]["generation"]["mauve_ci95"][1] - objs[n]["generation"]["mauve"] for n in names]
+    cols = [color(n, names) for n in names]
+    axes[0].bar(names, m, yerr=[[max(0, v) for v in lo], [max(0, v) for v in hi]], capsize=5, color=cols)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("MAUVE of samples vs the true continuations\n(mean of the seeds, 95% t interval)")
+    ref = summary["generation"]["reference"]
+    for ax, key, title in ((axes[1], "repetition_4", "seq-rep-4 (lower: fewer repeats)"),
+                           (axes[2], "distinct_2", "distinct-2 (higher: more diverse)")):
+        ax.bar(names, [objs[n]["generation"][key] for n in names], color=cols)
+        ax.axhline(ref[key], color="k", ls="--", lw=1, label="true continuations")
+        ax.set_title(title)
+        ax.legend()
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+        ax.tick_params(axis="x", labelrotation=30)
+    return _save(fig, out, "generation.png")
+
+
+def _temperature(out: str, summary: dict) -> str | None:
+    temp = summary["objectives"].get("ce", {}).get("temperature")
+    if not temp:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    tau = [r["temperature"] for r in temp["scan"]]
+    for ax, key, title in ((axes[0], "nll_mean", "held-out NLL (nats/token)"),
+                           (axes[1], "entropy_mean", "mean predictive entropy (nats)"),
+                           (axes[2], "ece", "ECE (15 bins)")):
+        ax.plot(tau, [r[key] for r in temp["scan"]], "-", color=COLORS["ce"])
+        ax.axvline(temp["t_star"], color="k", ls="--", lw=1, label=f"fitted T* = {temp['t_star']:.3f}")
+        ax.axvline(1.0, color="grey", ls=":", lw=1)
+        ax.plot([temp["t_star"]], [temp["at_t_star"][key]], "o", color="k")
+        ax.set_title(title)
+        ax.set_xlabel("temperature τ (logits / τ)")
+        ax.legend()
+    g = {1.0: summary["objectives"]["ce"]["generation"]}
+    g.update({float(t): v for t, v in temp["samples"].items()})
+    ts = sorted(g)
+    m = [g[t]["mauve"] for t in ts]
+    axes[3].errorbar(ts, m, yerr=[[max(0, g[t]["mauve"] - g[t]["mauve_ci95"][0]) for t in ts],
+                                  [max(0, g[t]["mauve_ci95"][1] - g[t]["mauve"]) for t in ts]],
+                     fmt="o-", capsize=5, color=COLORS["ce"])
+    axes[3].axvline(temp["t_star"], color="k", ls="--", lw=1)
+    axes[3].set_ylim(0, 1)
+    axes[3].set_title("MAUVE of the ce model's samples at τ\n(95% t interval over seeds)")
+    axes[3].set_xlabel("sampling temperature τ")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, out, "temperature.png")
+
+
+def _tailr_sweep(out: str, summary: dict) -> str | None:
+    """TaiLr's γ against perplexity, ECE and over-confidence (γ = 0 is the ce run)."""
+    objs = summary["objectives"]
+    points = [(0.0, "ce")] if "ce" in objs else []
+    for name, run in summary.get("runs", {}).items():
+        if run["objective"] == "tailr" and name in objs:
+            points.append((run["options"].get("gamma", 0.1), name))
+    if len(points) < 2:
+        return None
+    points.sort()
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    g = [p[0] for p in points]
+    ppl = [objs[n]["perplexity"] for _, n in points]
+    lo = [objs[n]["perplexity"] - objs[n]["perplexity_ci95"][0] for _, n in points]
+    hi = [objs[n]["perplexity_ci95"][1] - objs[n]["perplexity"] for _, n in points]
+    axes[0].errorbar(g, ppl, yerr=[lo, hi], fmt="o-", capsize=5, color=COLORS["tailr"])
+    axes[0].set_title("held-out perplexity (95% CI, document-clustered)")
+    axes[1].plot(g, [objs[n]["ece"] for _, n in points], "o-", color=COLORS["tailr"])
+    axes[1].set_title("ECE (15 bins)")
+    over = [objs[n]["heldout"].get("doc_overconfidence") for _, n in points]
+    if all(o is not None for o in over):
+        tokens = objs[points[0][1]]["heldout"]["doc_tokens"]
+        mean = [sum(o) / sum(tokens) for o in over]
+        err = [0.0 if n == "ce" else 1.96 * objs[n]["vs_baseline"]["heldout_overconfidence"]["se"]
+               for _, n in points]
+        axes[2].errorbar(g, mean, yerr=err, fmt="o-", capsize=5, color=COLORS["tailr"])
+        axes[2].axhline(0, color="k", lw=0.8)
+        axes[2].set_title("over-confidence: mean top-1 probability − accuracy\n"
+                          "(bars: 1.96 × the paired SE of the difference from γ = 0)")
+    for ax in axes:
+        ax.set_xlabel("TaiLr γ (0 = cross-entropy)")
+        ax.grid(alpha=0.3)
+    return _save(fig, out, "tailr_sweep.png")
 
 
 def _reliability(out: str, summary: dict) -> str:
     plt = _plt()
-    names = list(summary["objectives"])
+    objs = _runs(summary)
+    names = list(objs)
     rows = math.ceil(len(names) / 4)
     cols = math.ceil(len(names) / rows)  # 5 objectives: 3 + 2, not 4 + 1
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        s = summary["objectives"][name]
-        draw_reliability(ax, s["heldout"]["calibration"], color=COLORS.get(name, "C0"))
+        s = objs[name]
+        draw_reliability(ax, s["heldout"]["calibration"], color=color(name, names) or "C0")
         ax.set_title(f"{name}: ECE {s['ece']:.3f}")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"Reliability on held-out docstrings (15 bins; tokens per bin over each bar, bins with "
+    fig.suptitle(f"Reliability on held-out target documents (15 bins; tokens per bin over each bar, bins "
+                 f"with "
                  f"under {THIN_BIN_SHARE:.0%} of the tokens in grey)")
     fig.tight_layout()
     return _save(fig, out, "reliability.png")
@@ -168,6 +301,7 @@ def _loss_vs_p(out: str, cfg, vocab_size: int) -> str:
 
     from ..training import make_objective
     from ._model import build_model
+    from ._run import runs
 
     plt = _plt()
     p = torch.logspace(-3, math.log10(0.999), 200, dtype=torch.float64)
@@ -179,15 +313,16 @@ def _loss_vs_p(out: str, cfg, vocab_size: int) -> str:
                        seed=cfg.seed)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     axes[0].plot(p, -p.log(), "k--", lw=2, label="−log p")
-    for name in cfg.objectives:
-        loss = make_objective(name, init)
+    plan = runs(cfg)
+    for name, (objective, options) in plan.items():
+        loss = make_objective(objective, init, **options)
         if getattr(loss, "unit_embedding", None) is not None:
             loss.unit_embedding = loss.unit_embedding.double()
         z = logits.clone().requires_grad_(True)
         value = loss(z, target)
         (grad,) = torch.autograd.grad(value.sum(), z)
-        axes[0].plot(p, value.detach(), color=COLORS.get(name), label=name)
-        axes[1].plot(p, -grad[:, 0], color=COLORS.get(name), label=name)
+        axes[0].plot(p, value.detach(), color=color(name, plan), label=name)
+        axes[1].plot(p, -grad[:, 0], color=color(name, plan), label=name)
     axes[1].plot(p, 1 - p, "k--", lw=1, label="1 − p (cross-entropy)")
     for ax in axes:
         ax.set_xscale("log")
@@ -227,7 +362,7 @@ SIGNIFICANT = "*"  # marks a paired difference with |Δ| > 1.96 SE
 def table_header(summary: dict) -> list[str]:
     """The column names of :func:`table_rows` (the baseline named in the Δ column)."""
     return ["objective", "held-out ppl", "95% CI", f"Δ NLL vs {summary.get('baseline', 'ce')} ± SE",
-            "bits/byte", "ECE", "Markov KL/word", "Markov gap bpb", "train CPU s"]
+            "bits/byte", "ECE", "Markov KL/word", "Markov gap bpb", "MAUVE", "train CPU s"]
 
 
 def _delta(entry: dict, key: str) -> str:
@@ -241,12 +376,58 @@ def _delta(entry: dict, key: str) -> str:
 def table_rows(summary: dict) -> list[list[str]]:
     """The summary table, shared by the terminal and the report."""
     rows = []
-    for name, s in summary["objectives"].items():
+    for name, s in _runs(summary).items():
         lo, hi = s["perplexity_ci95"] or [math.nan, math.nan]
+        mauve = _fmt(s["generation"]["mauve"]) if "generation" in s else "–"
         rows.append([name, f"{s['perplexity']:.2f}", f"[{lo:.2f}, {hi:.2f}]",
                      _delta(s, "heldout_nll_nats_per_token"), _fmt(s["bits_per_byte"]), _fmt(s["ece"]),
                      _fmt(s["synthetic_kl_nats_per_word"], 4), _fmt(s["synthetic_gap_bits_per_byte"], 4),
-                     f"{s['train_cpu_seconds']:.1f}"])
+                     mauve, f"{s['train_cpu_seconds']:.1f}"])
+    return rows
+
+
+GENERATION_HEADER = ["model", "MAUVE", "95% CI (seeds)", "Δ MAUVE vs ce [95% CI]", "rep-4", "distinct-1",
+                     "distinct-2", "distinct-3"]
+
+
+def generation_rows(summary: dict) -> list[list[str]]:
+    """One row per model (and the true continuations): MAUVE with its interval over seeds, the paired
+    difference from ce's, and the samples' repetition and distinct-n."""
+    from ._claims import mauve_difference
+
+    objs = _runs(summary)
+    ce = summary["objectives"].get("ce", {}).get("generation")
+    rows = []
+    samples = [(n, s["generation"]) for n, s in objs.items() if "generation" in s]
+    temp = summary["objectives"].get("ce", {}).get("temperature", {})
+    samples += [(f"ce, τ = {t}", g) for t, g in temp.get("samples", {}).items()]
+    for name, g in samples:
+        if ce is None or g is ce:
+            delta = "(baseline)" if g is ce else "–"
+        else:
+            d = mauve_difference(g, ce)
+            delta = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" + (
+                f" {SIGNIFICANT}" if d["called"] else "")
+        lo, hi = g["mauve_ci95"]
+        rows.append([name, _fmt(g["mauve"]), f"[{lo:.3f}, {hi:.3f}]", delta, _fmt(g["repetition_4"]),
+                     _fmt(g["distinct_1"]), _fmt(g["distinct_2"]), _fmt(g["distinct_3"])])
+    ref = summary.get("generation", {}).get("reference")
+    if ref:
+        rows.append(["true continuations", "–", "–", "–", _fmt(ref["repetition_4"]), _fmt(ref["distinct_1"]),
+                     _fmt(ref["distinct_2"]), _fmt(ref["distinct_3"])])
+    return rows
+
+
+CLAIMS_HEADER = ["paper", "claim", "run", "measured (vs ce fine-tune)", "95% interval", "noise", "verdict"]
+
+
+def claims_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for c in summary.get("claims", []):
+        unit = f" {c['unit']}" if c["unit"] else ""
+        rows.append([c["paper"], c["claim"], c["run"], f"{c['measure']}: {c['diff']:+.4f}{unit}"
+                     + (f" ± {c['se']:.4f}" if c["se"] is not None else ""),
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]", c["noise"], c["verdict"]])
     return rows
 
 
@@ -271,9 +452,12 @@ DEFINITIONS = [
      "for it here."),
     ("Markov KL/word", "on the held-out Markov documents: (the model's summed loss − the source's exact "
      "−ln p of the same text) / words. Its expectation is KL(source ‖ model) per word, 0 only for the "
-     "source itself; at this size every model is far above 0."),
+     "source itself; at this size every model is far above 0. Phase 2 fine-tunes on docstrings alone, so "
+     "for the fine-tuned rows it measures how much of the Markov source they forgot."),
     ("Markov gap bpb", "the same difference per byte, in bits: the model's bits/byte on the Markov text "
      "minus the source's exact bits/byte (the Markov gap)."),
+    ("MAUVE", "the mean over the sampling seeds of MAUVE between the model's samples and the true "
+     "continuations of the same held-out prefixes (see Generation)."),
     ("train CPU s", "CPU time of the process that trained the objective (its steps, the evaluations of "
      "the training curves, saving the checkpoint), from the process's CPU clock: unlike wall time it "
      "does not grow when the objectives share busy cores."),
@@ -372,9 +556,49 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
             "held-out passage (cut at the end of a word): darker is more surprised."
         ),
     }
+    captions.update({
+        "generation.png": (
+            "Left: MAUVE between each model's samples and the true continuations of the same held-out "
+            "prefixes: the mean over the sampling seeds with its 95% t interval. Middle and right: "
+            "repetition "
+            "within a sample (seq-rep-4) and diversity across samples (distinct-2); dashed: the true "
+            "continuations' own values."
+        ),
+        "temperature.png": (
+            "The ce fine-tune on the held-out target text with its logits divided by τ (every token scored "
+            "once, in the curves' sequences): mean loss, mean entropy and ECE against τ, the fitted "
+            "temperature T* = argmin_T Σ_t ℓ_t(z_t/T) marked (dashed, •), and the MAUVE of its samples at "
+            f"τ ∈ {{{', '.join(f'{t:g}' for t in sorted([1.0, *c.get('sample_temperatures', [])]))}}}."
+        ),
+        "tailr_sweep.png": (
+            "TaiLr's γ (γ = 0 is cross-entropy exactly: the ce run), all fine-tuned from the same weights on "
+            "the same batches: held-out perplexity, ECE and the over-confidence (mean top-1 probability "
+            "minus top-1 accuracy; above 0: over-confident) side by side."
+        ),
+    })
     figs = "".join(f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(captions.get(f, ""))}'
                    f"</figcaption></figure>" for f in figures)
     quick = " --quick" if summary["config"].get("preset") == "quick" else ""
+    gen = summary.get("generation", {})
+    ghead = "".join(f"<th>{e(h)}</th>" for h in GENERATION_HEADER)
+    gbody = "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>"
+                    for row in generation_rows(summary))
+    chead = "".join(f"<th>{e(h)}</th>" for h in CLAIMS_HEADER)
+    cbody = "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>"
+                    for row in claims_rows(summary))
+    pre = summary.get("pretrained", {})
+    temp = summary["objectives"].get("ce", {}).get("temperature")
+    temp_text = ""
+    if temp:
+        at = temp["at_t_star"]
+        one = min(temp["scan"], key=lambda r: abs(r["temperature"] - 1.0))
+        temp_text = (f"<p>For the ce fine-tune, the fitted temperature is T* = {temp['t_star']:.3f} (computed"
+                     " "
+                     f"here over the {temp['tokens']} held-out tokens by Newton's method on 1/T): NLL "
+                     f"{one['nll_mean']:.4f} → {at['nll_mean']:.4f} nats/token, ECE {one['ece']:.4f} → "
+                     f"{at['ece']:.4f}, entropy {one['entropy_mean']:.3f} → {at['entropy_mean']:.3f} nats "
+                     "(τ = 1 → T*). T* &gt; 1 means the model is over-confident on this text, &lt; 1 "
+                     "under-confident.</p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>xent demo: training objectives compared</title>
 <style>
@@ -383,36 +607,72 @@ body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
 table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; font-family: monospace; }}
+table.claims td {{ text-align: left; font-family: inherit; }}
 figure {{ margin: 2em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.92em; }}
 dt {{ font-family: monospace; font-weight: bold; margin-top: 0.6em; }} code {{ background: #f3f3f3; }}
 .note {{ color: #555; font-size: 0.92em; }} .defs dd {{ font-size: 0.95em; }}
 </style></head>
 <body>
-<h1>xent demo: the same tiny model, trained with different objectives</h1>
-<p>Every model is a {c['n_layer']}-layer GPT-2 with d = {c['d_model']}, trained for {c['steps']} steps
-of {c['batch_size']} × {c['seq_len']} tokens from the same initial weights on the same batches
-(seed {summary['seed']}); only the objective differs. The loss is computed from the hidden states by
-<code>xent.linear_loss</code>, so the logits are never materialised. The data is built offline:
-{d['train_documents']} training documents (docstrings of the Python standard library and text from a
-{d['markov_words']}-word Markov chain), {d['heldout_documents']} held-out docstring documents from other
-modules, and {d['synthetic_documents']} held-out Markov documents, whose true entropy is known exactly
-({d['entropy_rate_nats_per_word']:.4f} nats/word).</p>
+<h1>xent demo: pre-train once, fine-tune with each objective, test the papers' claims</h1>
+<p>Phase 1 trains one {c['n_layer']}-layer GPT-2 (d = {c['d_model']}) from scratch with cross-entropy
+for {c.get('pretrain_steps', '?')} steps of {c.get('pretrain_batch_size', '?')} × {c['seq_len']} tokens on
+{d['train_documents']} documents: docstrings of the Python standard library and text from a
+{d['markov_words']}-word Markov chain whose true entropy is known exactly
+({d['entropy_rate_nats_per_word']:.4f} nats/word). That is the <em>pre-trained</em> model (row
+<code>pretrained</code>); its LM head is EMO's cost embedding. Phase 2 fine-tunes a copy of it with each
+objective for {c['steps']} steps of {c['batch_size']} × {c['seq_len']} tokens on the target domain, the
+docstrings of modules phase 1 never saw ({d.get('finetune_documents', '?')} documents,
+{d.get('finetune_tokens', 0):,} tokens), from the same weights (SHA-256 {e(str(pre.get('sha256', ''))[:12])}…,
+checked in every run) on the same batches (seed {summary['seed']}): only the objective differs. The losses
+are computed from the hidden states by <code>xent.linear_loss</code>. Held-out: {d['heldout_documents']}
+other documents of the target domain and {d['synthetic_documents']} Markov documents.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <p class="note">{SIGNIFICANT} significant: the paired difference is more than 1.96 standard errors from 0.
 Held-out metrics are computed by <code>xent.eval.evaluate</code> (the same numbers as
-<code>xent eval --model models/NAME --data data/heldout.jsonl</code>).</p>
+<code>xent eval --model models/NAME --data data/heldout.jsonl</code>). train CPU s of
+<code>pretrained</code> is phase 1's.</p>
 {"<h2>Findings</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>" if items else ""}
 <h2>What the columns mean</h2>
 <dl class="defs">{defs}</dl>
 <h2>The objectives</h2>
 <dl>{expl}</dl>
+<h2>Generation</h2>
+<p>{gen.get('pairs', 0)} held-out prefixes of {gen.get('prefix_tokens', '?')} tokens (at most
+{c.get('prefixes_per_doc', '?')} consecutive pieces from each of {gen.get('documents', 0)} held-out target
+documents; a piece's first token is the document's start token when it opens the document). Every model
+samples {gen.get('new_tokens', '?')} tokens after each (temperature 1, top-p 1, no stop token, seeds
+{e(', '.join(map(str, gen.get('sampling_seeds', []))))}). MAUVE (Pillutla et al., 2021,
+computed by the <code>mauve-text</code> package: PCA to 90% of the variance, k-means into
+{summary['objectives'].get('ce', {}).get('generation', {}).get('mauve_num_buckets', '?')} clusters
+(pairs/10), 5 restarts, scaling factor 5) compares the samples with the
+true continuations; the features are {e(gen.get('features', '?'))}. Each model is sampled with
+{len(gen.get('sampling_seeds', []))} seeds (seed k: k-means seed k too); MAUVE is the mean over the seeds,
+with the 95% t interval of that mean; seed k gives every model the same random stream, so the Δ column is
+the mean of per-seed differences with its own t interval (paired). The interval covers the sampling and the
+quantisation, not the choice of held-out documents (they are fixed).
+MAUVE with this few samples and a 2-layer feature model is coarse: compare models here, not with the
+papers' numbers. rep-4: seq-rep-4, the share of a sample's 4-grams (tokens) that repeat an earlier one of
+the same sample, averaged over samples; distinct-n: unique n-grams / all n-grams over all samples.</p>
+<table><thead><tr>{ghead}</tr></thead><tbody>{gbody}</tbody></table>
+<p class="note">{SIGNIFICANT}: the 95% paired interval excludes 0.</p>
+<h2>Temperature</h2>
+{temp_text}
 <h2>Figures</h2>
 {figs}
-<p>Data, training and evaluation took {summary.get('total_seconds', math.nan):.0f} s
-({summary.get('total_cpu_seconds', math.nan):.0f} CPU-seconds) with Python {e(env['python'])},
-torch {e(env['torch'])}. Reproduce: <code>xent demo{quick} --seed {summary['seed']}</code>.
-Files: <code>summary.json</code>, the checkpoints under <code>models/</code>, the held-out text under
-<code>data/</code>.</p>
+<p>Data, both phases, evaluation, sampling and MAUVE took {summary.get('total_seconds', math.nan):.0f} s wall
+({summary.get('total_cpu_seconds', math.nan):.0f} CPU-seconds, this process and its workers) with
+Python {e(env['python'])}, torch {e(env['torch'])}. Reproduce: <code>xent demo{quick} --seed
+{summary['seed']}</code>. Files: <code>summary.json</code>, the checkpoints under <code>models/</code>
+(<code>models/pretrained</code> is phase 1's), the text under <code>data/</code>.</p>
+<h2>The papers' claims at this scale</h2>
+<p>Each claim, the difference measured here against the cross-entropy fine-tune (<code>ce</code>), on the
+same documents: losses and over-confidence as paired per-document differences with the
+document-clustered SE; MAUVE with its paired t interval over the sampling
+seeds. A claim <em>reproduces</em> or is
+<em>contradicted</em> only when the 95% interval excludes 0; otherwise it is <em>inconclusive</em>. A 2-layer
+model fine-tuned for minutes on {d.get('finetune_tokens', 0):,} tokens is not the papers' regime: a claim
+that does not reproduce here is not refuted in theirs.</p>
+<table class="claims"><thead><tr>{chead}</tr></thead><tbody>{cbody}</tbody></table>
 </body></html>
 """
     with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:

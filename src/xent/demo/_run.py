@@ -1,8 +1,11 @@
-"""``xent demo``: train one tiny model per objective on the same data, evaluate, plot, report.
+"""``xent demo``: pre-train a tiny model with cross-entropy, fine-tune a copy of it with each objective
+on another domain, evaluate, sample, plot, report.
 
 Everything is built here, offline: the corpus (standard-library docstrings + a Markov source whose
-entropy is known), the tokenizer, the models. Same seed, data, initial weights and budget for every
-objective, so the differences in the report are the objectives' own.
+entropy is known), the tokenizer, the models. Phase 1 trains one model with cross-entropy (the
+"pre-trained" model: its LM head is EMO's cost embedding). Phase 2 fine-tunes a copy of it with each
+objective on the target domain (docstrings of modules phase 1 never saw), from the same weights
+(checked by hash) on the same batches, so the differences in the report are the objectives' own.
 """
 
 from __future__ import annotations
@@ -14,73 +17,103 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 
-DEFAULT_OBJECTIVES = ("ce", "ce_ls", "emo", "tailr", "focal")
-QUICK_OBJECTIVES = ("ce", "ce_ls", "emo", "tailr")
+DEFAULT_OBJECTIVES = ("ce", "emo", "tailr")
+QUICK_OBJECTIVES = ("ce", "emo", "tailr")
+PRETRAINED = "pretrained"  # the phase-1 model's name in the summary and under models/
 
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes. The default trains each objective on ~820k tokens (400 steps of 32×64, about
-    four passes over the stream) in about 45 CPU-seconds on one thread, 7 of them for the training
-    curves (every held-out token, at 8 points): enough for the 2-layer model to get within ~0.11
-    nats/word of the Markov source with cross-entropy. :meth:`quick` (d = 64, an
-    eighth of the tokens) is for tests. ``jobs`` changes only the speed; ``threads`` > 1 can change
-    the last digits (another order of float reductions).
+    """The demo's sizes. Phase 1 (``pretrain_*``) trains the 2-layer model with cross-entropy on ~820k
+    tokens (400 steps of 32×64: the training modules' docstrings and the Markov text); phase 2 fine-tunes
+    a copy with each objective for ``steps`` steps of ``batch_size``×64 tokens on the target domain.
+    ``tailr_gammas`` adds TaiLr runs at those γ (the ``tailr`` objective itself is γ = 0.1; γ = 0 is
+    cross-entropy exactly, the ``ce`` run). Generation: for each held-out prefix of ``prefix_tokens``
+    tokens, every model samples ``new_tokens`` tokens (temperature 1, top-p 1), ``mauve_seeds`` times with
+    different seeds; MAUVE against the true continuations for each, their mean and a t interval.
+    :meth:`quick` is for tests. ``jobs`` changes only the speed; ``threads`` > 1 can change the last digits.
     """
 
     preset: str = "default"  # or "quick"
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    tailr_gammas: tuple[float, ...] = (0.5, 0.8)
     seed: int = 0
     vocab_size: int = 1024
     seq_len: int = 64
     d_model: int = 96
     n_layer: int = 2
     n_head: int = 4
-    steps: int = 400
-    batch_size: int = 32
-    lr: float = 1e-2
-    warmup_steps: int = 20
-    eval_every: int = 50
+    # phase 1: cross-entropy from scratch
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 1e-2
+    pretrain_warmup_steps: int = 20
+    # phase 2: fine-tuning from the phase-1 weights
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    eval_every: int = 25
     markov_words: int = 64
     words_per_doc: int = 64
-    synthetic_train_docs: int = 1000  # about 30% of the training tokens
+    synthetic_train_docs: int = 1000  # about 30% of phase 1's tokens
     synthetic_eval_docs: int = 100
-    heldout_docs: int | None = None  # None: every held-out docstring document
+    heldout_docs: int | None = None  # None: every held-out document of the target domain
+    # generation
+    prefix_tokens: int = 24
+    new_tokens: int = 40
+    prefixes_per_doc: int = 4
+    mauve_seeds: int = 5
+    sample_temperatures: tuple[float, ...] = (0.7, 1.3)  # the ce model's extra samples (τ = 1 is its own)
     threads: int = 1  # torch threads: no dependence on the thread count, and robust on a busy machine
-    jobs: int = 1  # objectives trained at once, in worker processes (the numbers do not change)
+    jobs: int = 1  # models fine-tuned at once, in worker processes (the numbers do not change)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
-        base = dict(preset="quick", objectives=QUICK_OBJECTIVES, d_model=64, n_head=2, steps=100,
-                    batch_size=16, warmup_steps=5, eval_every=25, synthetic_eval_docs=40, heldout_docs=40)
+        base = dict(preset="quick", objectives=QUICK_OBJECTIVES, tailr_gammas=(0.8,), d_model=64, n_head=2,
+                    pretrain_steps=100, pretrain_batch_size=16, pretrain_warmup_steps=5, steps=40,
+                    batch_size=16, warmup_steps=4, eval_every=20, synthetic_eval_docs=40, heldout_docs=30,
+                    prefixes_per_doc=3, mauve_seeds=3)
         return cls(**{**base, **overrides})
+
+
+def runs(cfg: DemoConfig) -> dict[str, tuple[str, dict]]:
+    """Phase 2's runs: name -> (objective, options); the TaiLr sweep's runs are named tailr@γ."""
+    out = {name: (name, {}) for name in cfg.objectives}
+    for g in cfg.tailr_gammas:
+        out[f"tailr@{g:g}"] = ("tailr", {"gamma": float(g)})
+    return out
 
 
 @dataclass
 class DemoData:
-    train_texts: list[str]  # natural and synthetic, interleaved (seeded)
-    heldout: list[str]  # natural held-out documents
+    train_texts: list[str]  # phase 1: the training modules' docstrings and Markov text, interleaved (seeded)
+    finetune_texts: list[str]  # phase 2: the target domain's fine-tuning documents
+    heldout: list[str]  # the target domain's held-out documents
     heldout_sources: list[str]
     synthetic: list[str]  # held-out documents of the Markov source
     source: object  # the MarkovSource
 
 
 def build_data(cfg: DemoConfig) -> DemoData:
+    """The target domain is the docstrings of the held-out modules (every 5th module): phase 1 never
+    sees them. Its documents, in source order, alternate between fine-tuning (even) and held out (odd)."""
     import torch
 
     from ._markov import MarkovSource
     from ._text import stdlib_documents
 
-    natural_train, natural_heldout = stdlib_documents()
+    natural_train, target = stdlib_documents()
+    finetune, heldout = list(target[0::2]), list(target[1::2])
     if cfg.heldout_docs is not None:
-        natural_heldout = natural_heldout[: cfg.heldout_docs]
+        heldout = heldout[: cfg.heldout_docs]
     source = MarkovSource(num_words=cfg.markov_words, seed=cfg.seed)
     syn_train = source.sample(cfg.synthetic_train_docs, cfg.words_per_doc, seed=cfg.seed + 1)
     syn_eval = source.sample(cfg.synthetic_eval_docs, cfg.words_per_doc, seed=cfg.seed + 2)
     texts = [d.text for d in natural_train] + syn_train
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    return DemoData([texts[i] for i in order], [d.text for d in natural_heldout],
-                    [d.source for d in natural_heldout], syn_eval, source)
+    return DemoData([texts[i] for i in order], [d.text for d in finetune], [d.text for d in heldout],
+                    [d.source for d in heldout], syn_eval, source)
 
 
 def _write_jsonl(path: str, texts: list[str]) -> None:
@@ -89,7 +122,7 @@ def _write_jsonl(path: str, texts: list[str]) -> None:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
 
 
-def curve_sequences(tokenizer, texts: list[str], seq_len: int):
+def curve_sequences(tokenizer, texts: list[str], seq_len: int, *, with_documents: bool = False):
     """Every held-out document as training-loop sequences [S, seq_len] (−100 pads), for the curves.
 
     Document d is [eot, x_1 … x_n]; its sequences start every seq_len − 1 tokens and overlap by one, so
@@ -97,17 +130,20 @@ def curve_sequences(tokenizer, texts: list[str], seq_len: int):
     same tokens as the table. A sequence of seq_len inputs predicts seq_len − 1 of them, one fewer than
     the evaluator's windows of seq_len inputs (which also predict the next window's first token), so
     the contexts restart at other places and the last curve point is close to the table, not equal.
+    With ``with_documents``: (sequences, the document index of each sequence).
     """
     import torch
 
     from ._model import tokenize_documents
 
-    rows = []
-    for doc in tokenize_documents(tokenizer, texts):
+    rows, owner = [], []
+    for d, doc in enumerate(tokenize_documents(tokenizer, texts)):
         for start in range(0, len(doc) - 1, seq_len - 1):
             piece = doc[start : start + seq_len]
             rows.append(piece + [-100] * (seq_len - len(piece)))
-    return torch.tensor(rows, dtype=torch.long)
+            owner.append(d)
+    seqs = torch.tensor(rows, dtype=torch.long)
+    return (seqs, torch.tensor(owner, dtype=torch.long)) if with_documents else seqs
 
 
 def synthetic_gap(result, texts: list[str], source, doc_nll: list[float] | None = None) -> dict:
@@ -184,14 +220,18 @@ def paired_difference(a: list[float], b: list[float], counts: list[int]) -> dict
 
 def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
     """Adds ``vs_baseline`` to each objective of ``summary`` but the baseline (ce when it was trained,
-    else the first objective), and returns the baseline's name: the paired per-document differences of
-    the held-out loss (nats/token) and of the loss on the Markov text (nats/word, which is the difference
-    of the two KL estimates: the source's −log p cancels)."""
+    else the first objective), and to the pre-trained model's entry when there is one, and returns the
+    baseline's name: the paired per-document differences of the held-out loss (nats/token), of the loss
+    on the Markov text (nats/word, which is the difference of the two KL estimates: the source's −log p
+    cancels) and, where recorded, of the over-confidence (mean top-1 probability − top-1 accuracy)."""
     objs = summary["objectives"]
     baseline = "ce" if "ce" in objs else next(iter(objs))
     base = objs[baseline]
     words = [len(t.split(" ")) for t in synthetic_texts]
-    for name, entry in objs.items():
+    entries = list(objs.items())
+    if summary.get(PRETRAINED):
+        entries.append((PRETRAINED, summary[PRETRAINED]))
+    for name, entry in entries:
         for key in ("heldout", "synthetic"):
             if entry[key]["doc_tokens"] != base[key]["doc_tokens"]:  # one tokenizer: never, unless a bug
                 raise RuntimeError(f"{name} and {baseline} scored different tokens of the {key} documents")
@@ -204,6 +244,10 @@ def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
             "synthetic_nats_per_word": paired_difference(
                 entry["synthetic"]["doc_nll"], base["synthetic"]["doc_nll"], words),
         }
+        if "doc_overconfidence" in entry["heldout"] and "doc_overconfidence" in base["heldout"]:
+            entry["vs_baseline"]["heldout_overconfidence"] = paired_difference(
+                entry["heldout"]["doc_overconfidence"], base["heldout"]["doc_overconfidence"],
+                base["heldout"]["doc_tokens"])
     return baseline
 
 
@@ -218,7 +262,7 @@ def run_demo(out: str = "xent-demo", cfg: DemoConfig | None = None, *, log=print
              progress: bool = True) -> dict:
     """Runs the demo into ``out`` and returns the summary (also written to ``out/summary.json``).
 
-    With ``cfg.jobs > 1`` the objectives train in spawned worker processes: call this from a script
+    With ``cfg.jobs > 1`` the fine-tuning runs go to spawned worker processes: call this from a script
     under ``if __name__ == "__main__":``, as for any multiprocessing code.
     """
     import torch
@@ -236,64 +280,165 @@ def run_demo(out: str = "xent-demo", cfg: DemoConfig | None = None, *, log=print
             hf_logging.enable_progress_bar()
 
 
+def generation_pairs(tokenizer, texts: list[str], prefix_tokens: int, new_tokens: int,
+                     per_doc: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(prefixes, true continuations, document index of each): each held-out document [eot, x_1 …] is cut
+    into consecutive pieces of prefix_tokens + new_tokens tokens, at most ``per_doc`` of them (a partial
+    last piece is dropped); a piece's first prefix_tokens are the prompt, the rest its true continuation."""
+    from ._model import tokenize_documents
+
+    prefixes, continuations, docs = [], [], []
+    width = prefix_tokens + new_tokens
+    for d, doc in enumerate(tokenize_documents(tokenizer, texts)):
+        for k, start in enumerate(range(0, len(doc) - width + 1, width)):
+            if k == per_doc:
+                break
+            prefixes.append(doc[start : start + prefix_tokens])
+            continuations.append(doc[start + prefix_tokens : start + width])
+            docs.append(d)
+    return prefixes, continuations, docs
+
+
+def seeds_interval(values: list[float]) -> list[float]:
+    """The 95 % t interval of the mean of independent replicates: mean ± t_{0.975, k−1} · sd / √k."""
+    from scipy.stats import t  # scikit-learn's dependency, so present wherever mauve-text is
+
+    k = len(values)
+    if k < 2:
+        return [math.nan, math.nan]
+    mean = math.fsum(values) / k
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (k - 1))
+    half = float(t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
+    return [mean - half, mean + half]
+
+
 def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     import torch
 
     import xent
 
+    from ..eval._files import state_dict_sha256
+    from ..eval._generate import generation_stats
+    from ..eval._mauve import feature_description, text_features
     from ..training._loop import json_safe
     from . import _report
-    from ._model import tokenize_documents, train_tokenizer
+    from ._model import build_model, tokenize_documents, train_tokenizer
 
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     torch.manual_seed(cfg.seed)
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     os.makedirs(os.path.join(out, "models"), exist_ok=True)
+    plan = runs(cfg)
 
     log(f"building the data: standard-library docstrings + a {cfg.markov_words}-word Markov source")
     data = build_data(cfg)
     _write_jsonl(os.path.join(out, "data", "heldout.jsonl"), data.heldout)
     _write_jsonl(os.path.join(out, "data", "synthetic.jsonl"), data.synthetic)
-    tokenizer = train_tokenizer(data.train_texts, cfg.vocab_size)
+    _write_jsonl(os.path.join(out, "data", "finetune.jsonl"), data.finetune_texts)
+    tokenizer = train_tokenizer(data.train_texts + data.finetune_texts, cfg.vocab_size)
     stream = torch.tensor([t for doc in tokenize_documents(tokenizer, data.train_texts) for t in doc])
+    target = torch.tensor([t for doc in tokenize_documents(tokenizer, data.finetune_texts) for t in doc])
     eval_sets = {"heldout": curve_sequences(tokenizer, data.heldout, cfg.seq_len),
                  "synthetic": curve_sequences(tokenizer, data.synthetic, cfg.seq_len)}
-    log(f"tokenizer: {len(tokenizer)} tokens; training stream {stream.numel():,} tokens "
-        f"({len(data.train_texts)} documents); held out: {len(data.heldout)} docstring documents, "
-        f"{len(data.synthetic)} Markov documents")
+    log(f"tokenizer: {len(tokenizer)} tokens; phase 1 (pre-training) stream {stream.numel():,} tokens "
+        f"({len(data.train_texts)} documents); phase 2 (fine-tuning) stream {target.numel():,} tokens "
+        f"({len(data.finetune_texts)} documents of the target domain); held out: {len(data.heldout)} target "
+        f"documents, {len(data.synthetic)} Markov documents")
 
     summary = {
         "seed": cfg.seed,
         "config": _jsonable(asdict(cfg)),
+        "runs": {name: {"objective": o, "options": opts} for name, (o, opts) in plan.items()},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "xent": xent.__version__, "threads": torch.get_num_threads()},
         "data": {
             "train_documents": len(data.train_texts), "train_tokens": stream.numel(),
+            "finetune_documents": len(data.finetune_texts), "finetune_tokens": target.numel(),
             "heldout_documents": len(data.heldout), "synthetic_documents": len(data.synthetic),
             "markov_words": cfg.markov_words, "words_per_doc": cfg.words_per_doc,
             "entropy_rate_nats_per_word": data.source.entropy_rate,
-            "files": {"heldout": "data/heldout.jsonl", "synthetic": "data/synthetic.jsonl"},
+            "files": {"heldout": "data/heldout.jsonl", "synthetic": "data/synthetic.jsonl",
+                      "finetune": "data/finetune.jsonl"},
         },
         "objectives": {},
     }
+
+    # -- phase 1: cross-entropy from scratch (in this process, one thread: the same weights for any --jobs)
+    log(f"phase 1: pre-training with cross-entropy, {cfg.pretrain_steps} steps of "
+        f"{cfg.pretrain_batch_size}×{cfg.seq_len} tokens")
+    model = build_model(len(tokenizer), seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, eot_id=tokenizer.eos_token_id, seed=cfg.seed)
+    cpu0 = time.process_time()
+    result = xent.train(
+        model, stream, objective="ce", steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size,
+        seq_len=cfg.seq_len, lr=cfg.pretrain_lr, min_lr=cfg.pretrain_lr / 10,
+        warmup_steps=cfg.pretrain_warmup_steps, seed=cfg.seed, eval_every=cfg.pretrain_steps // 4,
+        save_dir=os.path.join(out, "models", PRETRAINED), progress=progress, eval_data=eval_sets,
+        tokenizer=tokenizer)
+    pretrain_cpu = time.process_time() - cpu0
+    model.eval()
+    pretrained_sha = state_dict_sha256(model)
+
+    # -- the generation set: held-out prefixes, the true continuations and their features
+    prefixes, continuations, pair_docs = generation_pairs(tokenizer, data.heldout, cfg.prefix_tokens,
+                                                          cfg.new_tokens, cfg.prefixes_per_doc)
+    if len(prefixes) < 10:
+        raise ValueError(f"only {len(prefixes)} held-out prefixes of {cfg.prefix_tokens}+{cfg.new_tokens} "
+                         "tokens: too few for MAUVE (use more held-out documents or shorter pieces)")
+    human_texts = [tokenizer.decode(c) for c in continuations]
+    human_features = text_features(model, tokenizer, human_texts, max_length=cfg.seq_len)
+    summary["generation"] = {
+        "pairs": len(prefixes), "documents": len(set(pair_docs)), "prefix_tokens": cfg.prefix_tokens,
+        "new_tokens": cfg.new_tokens, "temperature": 1.0, "top_p": 1.0,
+        "sampling_seeds": [cfg.seed + 1000 + k for k in range(cfg.mauve_seeds)],
+        "mauve_seeds": [cfg.seed + k for k in range(cfg.mauve_seeds)],
+        "features": f"the phase-1 model (models/{PRETRAINED}): "
+                    + feature_description(model, cfg.seq_len).split(": ", 1)[1],
+        "reference": generation_stats(continuations),  # the true continuations' tokens
+        "examples": [{"prefix": tokenizer.decode(prefixes[i]), "reference": human_texts[i]}
+                     for i in range(3)],
+    }
+    del model
+
+    # -- phase 2: each objective fine-tunes a copy of the phase-1 model; the pre-trained model is evaluated
     passage_doc, passage = _pick_passage(data.heldout)
-    job = _Job(cfg, out, tokenizer, stream, eval_sets, data.heldout, data.synthetic, data.source, passage,
-               progress and cfg.jobs == 1)
+    job = _Job(cfg, out, tokenizer, target, eval_sets, data.heldout, data.synthetic, data.source, passage,
+               progress and cfg.jobs == 1, plan, pretrained_sha, prefixes, human_features)
+    names = list(plan) + [PRETRAINED]  # ce first: it also scans the temperature
     passage_losses = {}
-    workers = min(cfg.jobs, len(cfg.objectives))
-    log(f"training {', '.join(cfg.objectives)}: {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} "
-        "tokens each" + (f", {workers} at a time" if workers > 1 else ""))
-    for name, entry, losses in _map(job, cfg.objectives, cfg.jobs):
-        summary["objectives"][name] = entry
+    workers = min(cfg.jobs, len(names))
+    log(f"phase 2: fine-tuning {', '.join(plan)} from the phase-1 weights: {cfg.steps} steps of "
+        f"{cfg.batch_size}×{cfg.seq_len} tokens each; then {len(prefixes)} samples of {cfg.new_tokens} tokens"
+        " "
+        "per model, MAUVE" + (f"; {workers} at a time" if workers > 1 else ""))
+    for name, entry, losses in _map(job, names, cfg.jobs):
         passage_losses[name] = losses
-        log(f"  {name:<9} trained in {entry['train_cpu_seconds']:5.1f} CPU-s: "
-            f"held-out ppl {entry['perplexity']:7.2f}, "
-            f"synthetic KL {entry['synthetic_kl_nats_per_word']:.4f} nats/word")
+        g = entry["generation"]
+        if name == PRETRAINED:
+            summary[PRETRAINED] = {**entry, "train_cpu_seconds": pretrain_cpu,
+                                   "train_seconds": result.seconds,
+                                   "train_tokens": result.tokens, "final_train_loss": result.final_loss,
+                                   "history": result.history, "eval_history": result.eval_history,
+                                   "loss": result.objective, "sha256": pretrained_sha}
+            log(f"  {name:<10} (phase 1, {pretrain_cpu:5.1f} CPU-s): held-out ppl "
+                f"{entry['perplexity']:7.2f}, "
+                f"MAUVE {g['mauve']:.3f}")
+        else:
+            summary["objectives"][name] = entry
+            log(f"  {name:<10} fine-tuned in {entry['train_cpu_seconds']:5.1f} CPU-s: held-out ppl "
+                f"{entry['perplexity']:7.2f}, Markov KL {entry['synthetic_kl_nats_per_word']:.4f} nats/word, "
+                f"MAUVE {g['mauve']:.3f}")
+        if entry["initial_sha256"] != pretrained_sha:
+            raise RuntimeError(f"{name} did not start from the phase-1 weights")
 
     summary["baseline"] = compare_with_baseline(summary, data.synthetic)
+    from ._claims import claims
+
+    summary["claims"] = claims(summary)
     log("plotting")
     summary["passage"] = {"source": data.heldout_sources[passage_doc], "text": passage,
-                          "tokens": passage_losses[cfg.objectives[0]]["tokens"]}
+                          "tokens": passage_losses[names[0]]["tokens"]}
+    passage_losses = {n: passage_losses[n] for n in [PRETRAINED, *plan]}
     summary["total_seconds"] = time.perf_counter() - t_start
     # CPU time of this process and its finished workers: the wall time on an idle machine, times the
     # parallelism (about 1 with jobs=1)
@@ -306,71 +451,95 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
 
 @dataclass
 class _Job:
-    """Everything one objective's run needs; picklable, so it can go to a worker process."""
+    """Everything one model's run needs; picklable, so it can go to a worker process."""
 
     cfg: DemoConfig
     out: str
     tokenizer: object
-    stream: object  # the training token stream, a 1-D tensor
+    stream: object  # phase 2's training token stream, a 1-D tensor
     eval_sets: dict
     heldout: list[str]
     synthetic: list[str]
     source: object
     passage: str
     progress: bool
+    plan: dict
+    pretrained_sha: str
+    prefixes: list
+    human_features: object  # [pairs, D] numpy features of the true continuations
 
 
 def _map(job: _Job, names, jobs: int):
-    """(name, summary entry, passage losses) per objective, in order; in ``jobs`` processes if > 1.
+    """(name, summary entry, passage losses) per run, in order; in ``jobs`` processes if > 1.
 
     Each run is independent and single-threaded, so the numbers do not depend on ``jobs``.
     """
     if jobs <= 1 or len(names) <= 1:
-        yield from (_train_one(job, name) for name in names)
+        yield from (_run_one(job, name) for name in names)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=ctx) as pool:
-        yield from pool.map(_train_one, [job] * len(names), names)
+        yield from pool.map(_run_one, [job] * len(names), names)
 
 
-def _train_one(job: _Job, name: str):
-    """Train, save and evaluate one objective (in this process or a worker)."""
+def _load_pretrained(job: _Job):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(os.path.join(job.out, "models", PRETRAINED), use_safetensors=True)
+
+
+def _run_one(job: _Job, name: str):
+    """Fine-tune (unless ``name`` is the pre-trained model), save, evaluate, sample and score one model
+    (in this process or a worker)."""
     import torch
     from transformers.utils import logging as hf_logging
 
     import xent
 
+    from ..eval._files import state_dict_sha256
     from ..training import OBJECTIVES
-    from ._model import build_model
 
     cfg, tokenizer = job.cfg, job.tokenizer
     torch.set_num_threads(cfg.threads)
     hf_logging.disable_progress_bar()
-    model = build_model(len(tokenizer), seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, eot_id=tokenizer.eos_token_id, seed=cfg.seed)
+    features_model = _load_pretrained(job).eval()  # MAUVE's feature model: the phase-1 model, untouched
+    model = _load_pretrained(job)
+    entry = {"initial_sha256": state_dict_sha256(model)}
     cpu_start = time.process_time()  # this process's CPU time: the work, not the wait for a busy core
-    result = xent.train(
-        model, job.stream, objective=name, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-        lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-        eval_every=cfg.eval_every, save_dir=os.path.join(job.out, "models", name), progress=job.progress,
-        eval_data=job.eval_sets, tokenizer=tokenizer,
-    )
-    train_cpu = time.process_time() - cpu_start
+    if name != PRETRAINED:
+        objective, options = job.plan[name]
+        result = xent.train(
+            model, job.stream, objective=objective, objective_options=options, steps=cfg.steps,
+            batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, min_lr=cfg.lr / 10,
+            warmup_steps=cfg.warmup_steps, seed=cfg.seed + 1, eval_every=cfg.eval_every,
+            save_dir=os.path.join(job.out, "models", name), progress=job.progress, eval_data=job.eval_sets,
+            tokenizer=tokenizer,
+        )
+        desc = OBJECTIVES[objective][0]
+        if options:
+            desc = f"{desc.split(', γ')[0]}, γ = {options['gamma']:g}, b = 0.3"
+        entry.update({
+            "description": desc,
+            "loss": result.objective,
+            "checkpoint": f"models/{name}",
+            "train_seconds": result.seconds,  # wall clock: includes any wait for a core
+            "train_cpu_seconds": time.process_time() - cpu_start,
+            "train_tokens": result.tokens,
+            "final_train_loss": result.final_loss,
+            "history": result.history,
+            "eval_history": result.eval_history,
+        })
+    else:
+        entry.update({"description": "the phase-1 model (cross-entropy from scratch), not fine-tuned",
+                      "checkpoint": f"models/{PRETRAINED}"})
     model.eval()
     heldout, heldout_docs = _evaluate_by_document(model, tokenizer, job.heldout, cfg.seq_len)
     synthetic, synthetic_docs = _evaluate_by_document(model, tokenizer, job.synthetic, cfg.seq_len)
     gap = synthetic_gap(synthetic, job.synthetic, job.source, synthetic_docs["doc_nll"])
-    entry = {
-        "description": OBJECTIVES[name][0],
-        "loss": result.objective,
-        "checkpoint": f"models/{name}",
-        "train_seconds": result.seconds,  # wall clock: includes any wait for a core
-        "train_cpu_seconds": train_cpu,
-        "train_tokens": result.tokens,
-        "final_train_loss": result.final_loss,
+    entry.update({
         "nll_mean": heldout.nll_mean,
         "perplexity": heldout.perplexity,
         "perplexity_ci95": heldout.perplexity_ci95,
@@ -381,15 +550,81 @@ def _train_one(job: _Job, name: str):
         "synthetic_kl_nats_per_word_se": gap["kl_nats_per_word_se"],
         "heldout": {**_metrics(heldout), **heldout_docs},
         "synthetic": {**_metrics(synthetic), **gap, **synthetic_docs},
-        "history": result.history,
-        "eval_history": result.eval_history,
-    }
+    })
+    entry["generation"] = _generate_and_score(job, model, features_model, 1.0)
+    if name == "ce":
+        entry["temperature"] = _temperature_study(job, model, features_model)
+    entry["eval_cpu_seconds"] = time.process_time() - cpu_start - entry.get("train_cpu_seconds", 0.0)
     return name, entry, _token_losses(model, tokenizer, job.passage, cfg.seq_len)
+
+
+def _generate_and_score(job: _Job, model, features_model, temperature: float) -> dict:
+    """``mauve_seeds`` sets of samples for the held-out prefixes (seed k: the same random stream for every
+    model, so the differences are paired), the MAUVE of each against the true continuations (features
+    from the phase-1 model; k-means seeded by k too), their mean with a 95 % t interval, and the first
+    set's repetition and distinct-n."""
+    import torch
+
+    from ..eval._generate import generation_stats, sample_continuations
+    from ..eval._mauve import mauve_from_features, text_features
+
+    cfg, tok = job.cfg, job.tokenizer
+    scores, first = [], None
+    for k in range(cfg.mauve_seeds):
+        samples = sample_continuations(model, torch.tensor(job.prefixes), max_new_tokens=cfg.new_tokens,
+                                       temperature=temperature, seed=cfg.seed + 1000 + k).tolist()
+        texts = [tok.decode(s) for s in samples]
+        q = text_features(features_model, tok, texts, max_length=cfg.seq_len)
+        r = mauve_from_features(job.human_features, q, seed=cfg.seed + k)
+        scores.append(r.mauve)
+        if first is None:
+            first = {**generation_stats(samples), "examples": texts[:3]}
+    return {"temperature": temperature, "mauve": math.fsum(scores) / len(scores), "mauve_by_seed": scores,
+            "mauve_ci95": seeds_interval(scores), "mauve_num_buckets": r.num_buckets, **first}
+
+
+TEMPERATURE_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))  # 0.5, 0.55, …, 2.0
+
+
+def _temperature_study(job: _Job, model, features_model) -> dict:
+    """The ce model on the held-out target text as the temperature τ varies: mean loss, entropy and ECE
+    of softmax(z/τ) (every token scored once, in the curves' sequences), the fitted T*, the per-document
+    summed entropy at τ = 0.5, 1 and 2 (for the claims' paired differences), and samples at
+    cfg.sample_temperatures with their MAUVE."""
+    import torch
+
+    from ..eval._temperature import fit_temperature, temperature_scan, token_stats_at
+
+    cfg = job.cfg
+    seqs, owner = curve_sequences(job.tokenizer, job.heldout, cfg.seq_len, with_documents=True)
+    zs, ys, ds = [], [], []
+    with torch.no_grad():
+        for s in range(0, len(seqs), 32):
+            x = seqs[s : s + 32]
+            logits = model(input_ids=x.clamp(min=0), attention_mask=(x != -100).long()).logits[:, :-1]
+            y = x[:, 1:]
+            keep = y != -100
+            zs.append(logits[keep].float())
+            ys.append(y[keep])
+            ds.append(owner[s : s + 32, None].expand_as(y)[keep])
+    z, y, d = torch.cat(zs), torch.cat(ys), torch.cat(ds)
+    t_star = fit_temperature(z, y)
+    scan = temperature_scan(z, y, TEMPERATURE_GRID)
+    at_star = temperature_scan(z, y, [t_star])[0]
+    doc_entropy, doc_tokens = {}, torch.bincount(d, minlength=len(job.heldout)).tolist()
+    for tau in (0.5, 1.0, 2.0):
+        ent = token_stats_at(z, y, tau)["entropy"]
+        sums = torch.zeros(len(job.heldout), dtype=torch.float64).index_add_(0, d, ent)
+        doc_entropy[f"{tau:g}"] = sums.tolist()
+    samples = {f"{t:g}": _generate_and_score(job, model, features_model, t) for t in cfg.sample_temperatures}
+    return {"tokens": int(len(y)), "t_star": t_star, "scan": scan, "at_t_star": at_star,
+            "doc_entropy": doc_entropy, "doc_tokens": doc_tokens, "samples": samples}
 
 
 def _evaluate_by_document(model, tokenizer, texts: list[str], max_length: int):
     """(xent.eval.evaluate's result, {"doc_nll": summed loss of each document in nats, "doc_tokens":
-    its scored tokens}): the per-document sums are the evaluator's own, exact (multiples of 2^-32)."""
+    its scored tokens, "doc_overconfidence": Σ (top-1 probability − [top-1 is right]) over its tokens}):
+    the per-document loss sums are the evaluator's own, exact (multiples of 2^-32)."""
     import torch
 
     from ..eval import evaluate
@@ -397,13 +632,16 @@ def _evaluate_by_document(model, tokenizer, texts: list[str], max_length: int):
 
     sums = torch.zeros(len(texts), dtype=torch.int64)
     counts = torch.zeros(len(texts), dtype=torch.int64)
+    over = torch.zeros(len(texts), dtype=torch.float64)
 
     def add(stats):
         sums.index_add_(0, stats["doc"], fixed(stats["loss"]))
         counts.index_add_(0, stats["doc"], torch.ones_like(stats["doc"]))
+        over.index_add_(0, stats["doc"], stats["top1_prob"].double() - (stats["rank"] == 1).double())
 
     result = evaluate(model, tokenizer, texts, max_length=max_length, on_tokens=add)
-    return result, {"doc_nll": [k / SCALE for k in sums.tolist()], "doc_tokens": counts.tolist()}
+    return result, {"doc_nll": [k / SCALE for k in sums.tolist()], "doc_tokens": counts.tolist(),
+                    "doc_overconfidence": over.tolist()}
 
 
 def _cpu_seconds() -> float:

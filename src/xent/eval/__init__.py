@@ -2,7 +2,9 @@
 computed exactly (REFERENCE.md §4), and the comparison of two models on the same tokens.
 
 ``evaluate(model, tokenizer, documents, **options) -> EvalResult`` is the Python API of ``xent eval``;
-``compare(base, model, tokenizer, documents, **options) -> CompareResult`` that of ``xent compare``.
+``compare(base, model, tokenizer, documents, **options) -> CompareResult`` that of ``xent compare``;
+``mauve(p_texts, q_texts, model=, tokenizer=) -> MauveResult`` is MAUVE with features from a local model
+(needs ``pip install xent[mauve]``).
 Needs transformers (``pip install xent[hf]``).
 """
 
@@ -10,6 +12,7 @@ from ._compare import CompareResult, compare
 from ._data import Corpus
 from ._errors import EvalError
 from ._evaluate import EvalResult, evaluate
+from ._mauve import MauveResult, mauve
 from ._windows import Window, llama_cpp_windows, sliding_windows, transformers_windows
 
 __all__ = [
@@ -17,10 +20,12 @@ __all__ = [
     "Corpus",
     "EvalError",
     "EvalResult",
+    "MauveResult",
     "Window",
     "compare",
     "evaluate",
     "llama_cpp_windows",
+    "mauve",
     "sliding_windows",
     "transformers_windows",
 ]
