@@ -18,16 +18,15 @@ from fractions import Fraction
 
 import torch
 
-import xent
-
 from . import _distributed as dist
 from ._data import Corpus
 from ._errors import EvalError
 from ._evaluate import document_stream
 from ._files import state_dict_sha256
+from ._head import ModelHead, chunk_rows
 from ._options import resolve_options
 from ._runner import ChunkedScorer, check_finite, eval_mode
-from ._score import by_row_chunks, forward_logits, scored_index
+from ._score import row_blocks, scored_index
 from ._sums import SCALE, clustered_se, fixed, fixed_sum
 
 PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
@@ -72,27 +71,55 @@ class CompareResult:
 
 @torch.no_grad()
 def pair_stats(base_logits: torch.Tensor, model_logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Per-token comparison of logits [N, V] (any dtype) against targets [N], in float32."""
+    """Per-token comparison of logits [N, V] (any dtype; not changed) against targets [N], in float32."""
     if base_logits.shape[-1] != model_logits.shape[-1]:
         raise EvalError(f"the models' vocabularies differ: {base_logits.shape[-1]} vs "
                         f"{model_logits.shape[-1]} logits")
-    logp = torch.log_softmax(base_logits.float(), -1)
-    logq = torch.log_softmax(model_logits.float(), -1)
-    p = logp.exp()
-    # p·(log p − log q) with 0·anything = 0 where p underflows to 0 (log p = −inf would give NaN)
-    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp(min=0)
-    lp_y = logp.gather(-1, targets[:, None]).squeeze(-1)
-    lq_y = logq.gather(-1, targets[:, None]).squeeze(-1)
-    # the losses as xent.eval.evaluate computes them, so nll_base is evaluate's nll_mean exactly
-    return {"kl": kl, "same_top": logp.argmax(-1) == logq.argmax(-1), "dp": lq_y.exp() - lp_y.exp(),
-            "nll_base": xent.cross_entropy(base_logits.float(), targets, reduction="none"),
-            "nll_model": xent.cross_entropy(model_logits.float(), targets, reduction="none")}
+    return pair_logit_stats(base_logits.float().clone(), model_logits.float().clone(), targets)
+
+
+@torch.no_grad()
+def pair_logit_stats(zb: torch.Tensor, zm: torch.Tensor, targets: torch.Tensor) -> dict:
+    """pair_stats of final logits zb, zm [C, V] float32 (both overwritten), a block of rows at a time."""
+    parts = [_pair_block(zb[b], zm[b], targets[b]) for b in row_blocks(zb)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _pair_block(zb: torch.Tensor, zm: torch.Tensor, y: torch.Tensor) -> dict:
+    # one logsumexp per model: log p = (zb − mb) − log Sb, log q = (zm − mm) − log Sm
+    mb, mm = zb.amax(-1), zm.amax(-1)
+    top_b = zb.argmax(-1)
+    # the same top token: the base's top token is a top token of the model (amax and one argmax are
+    # cheaper than two max-with-index passes)
+    same_top = zm.gather(-1, top_b[:, None]).squeeze(-1) == mm
+    zb_y = zb.gather(-1, y[:, None]).squeeze(-1)
+    zm_y = zm.gather(-1, y[:, None]).squeeze(-1)
+    zb.sub_(mb[:, None])
+    zm.sub_(mm[:, None])
+    p = torch.exp(zb)
+    Sb = p.sum(-1)
+    Sm = torch.exp(zm).sum(-1)
+    log_sb, log_sm = Sb.log(), Sm.log()
+    p.div_(Sb[:, None])  # p = softmax(base)
+    d = zb.sub_(zm).sub_((log_sb - log_sm)[:, None])  # log p − log q (zb's buffer)
+    kl = torch.linalg.vecdot(p, d)
+    bad = ~torch.isfinite(kl) & torch.isfinite(mb) & torch.isfinite(mm)
+    if bad.any():  # −inf logits: p = 0 times log p − log q = NaN or −inf; 0 · anything = 0 there
+        kl[bad] = torch.where(p[bad] > 0, p[bad] * d[bad], torch.zeros_like(d[bad])).sum(-1)
+    nll_b = (mb - zb_y) + log_sb
+    nll_m = (mm - zm_y) + log_sm
+    return {"kl": kl.clamp(min=0), "same_top": same_top, "dp": torch.exp(-nll_m) - torch.exp(-nll_b),
+            "nll_base": nll_b, "nll_model": nll_m}
 
 
 class CompareRunner(ChunkedScorer):
-    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1):
+    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1, head="auto"):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.base, self.model, self.model_tokenizer = base, model, model_tokenizer
+        self.heads = (ModelHead(base, head=head, name="the base model"), ModelHead(model, head=head))
+        if self.heads[0].vocab != self.heads[1].vocab:
+            raise EvalError(f"the models' vocabularies differ: {self.heads[0].vocab} vs "
+                            f"{self.heads[1].vocab} logits")
         self.sums = dict.fromkeys(_SUMS, 0)
         self.kl_values: list[torch.Tensor] = []
         self.dp_values: list[torch.Tensor] = []
@@ -113,16 +140,18 @@ class CompareRunner(ChunkedScorer):
         self.sums[kind] += 1
 
     def _score_batch(self, docs, batch, slots, on_tokens, progress):
-        base_dev = next(self.base.parameters()).device
-        model_dev = next(self.model.parameters()).device
         rows, cols = scored_index(batch)
-        targets = batch["labels"][rows, cols]
-        zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
-        zm = forward_logits(self.model, batch, model_dev)
-        st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
-        del zb, zm
-        if not st:
+        if len(rows) == 0:
             return
+        targets = batch["labels"][rows, cols]
+        hb, hm = self.heads
+        size = chunk_rows(len(rows), hb.vocab, hm.device, buffers=3)
+        parts = []
+        for (s0, zb), (_, zm) in zip(hb.chunks(batch, rows, cols, size), hm.chunks(batch, rows, cols, size)):
+            y = targets[s0 : s0 + len(zb)].to(zm.device)
+            stats = pair_logit_stats(zb.to(zm.device), zm, y)
+            parts.append({k: v.cpu() for k, v in stats.items()})
+        st = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         doc = torch.tensor([docs[k].index for k in slots[rows].tolist()], dtype=torch.long)
         check_finite({k: st[k] for k in ("nll_base", "nll_model", "kl", "dp")}, doc,
                      batch["positions"][rows, cols])
@@ -178,12 +207,14 @@ def _percentiles(values) -> dict[str, float]:
 def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_length=None, stride=None,
             bos=None, preset=None, batch_size: int = 8, padding_side: str = "right", progress=None,
             model_sha256: dict | None = None, data_sha256: str | None = None,
-            extra_config: dict | None = None) -> CompareResult:
+            extra_config: dict | None = None, head: str = "auto") -> CompareResult:
     """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
 
     ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
     (EvalError otherwise). Under torch.distributed the batches are shared out across ranks, as in
     evaluate. A non-finite per-token value of either model raises EvalError (nothing is summed).
+    ``head`` as in :func:`evaluate`, for both models (each projects only the scored positions, a chunk
+    at a time; the chunks' statistics come from one pass over both models' float32 logits).
     """
     import numpy as np
 
@@ -194,7 +225,7 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     corpus = documents if isinstance(documents, Corpus) else None
     stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
-    runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
+    runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world, head=head)
     with eval_mode(base, model):
         runner.run(stream, progress=progress)
     gathered = dist.all_gather((runner.sums, torch.cat(runner.kl_values or [torch.zeros(0)]).numpy(),
@@ -235,8 +266,9 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
         delta_nll_mean=dnll_mean, delta_nll_se=dnll_se, delta_nll_se_document=se_document("dnll", s["dnll"]),
         ppl_ratio=math.exp(dnll_mean),
         skipped_empty=s["skipped_empty"], skipped_unscored=s["skipped_unscored"],
-        config={**opts.config(), "world_size": world, **(extra_config or {})}, model_sha256=model_sha256,
-        data_sha256=data_sha256,
+        config={**opts.config(), "world_size": world, **(extra_config or {}),
+                "head": {"base": runner.heads[0].kind, "model": runner.heads[1].kind}},
+        model_sha256=model_sha256, data_sha256=data_sha256,
     )
 
 

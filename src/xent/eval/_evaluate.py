@@ -91,6 +91,7 @@ def evaluate(
     data_sha256: str | None = None,
     extra_config: dict | None = None,
     stop_after: int | None = None,
+    head: str = "auto",
 ) -> EvalResult:
     """Cross-entropy of a causal LM on documents, with every metric of REFERENCE.md §4.
 
@@ -112,6 +113,11 @@ def evaluate(
         model_sha256: recorded as is; by default the SHA-256 of the model's state dict (which copies
             the weights to the CPU once: pass any string to skip it). data_sha256 likewise (a Corpus
             hashes its files).
+        head: "auto" (default): the decoder, then the output embeddings applied to the scored positions
+            only, a chunk at a time (no [B, T, V] logits), when that reproduces the model's forward on
+            the first tokens; otherwise (an architecture whose forward does something else to its
+            logits) the model's own forward, with a note on stderr. "forward": always the model's own
+            forward. The head used is recorded as ``config["head"]``.
 
     Under torch.distributed every rank forms the batches one process would and runs every world-th of
     them (so the numbers do not depend on the number of ranks); every rank returns the pooled result.
@@ -131,7 +137,7 @@ def evaluate(
     names = corpus.paths if corpus is not None else ["<documents>"]
     stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
-    runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world)
+    runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world, head=head)
     if model_sha256 is None:
         model_sha256 = _files.state_dict_sha256(model)
     if data_sha256 is None and corpus is not None:
@@ -160,6 +166,7 @@ def evaluate(
     with eval_mode(model):
         runner.run(stream, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
                    stop_after=stop_after)
+    config["head"] = runner.head.kind
     gathered = dist.all_gather([t.state() for t in runner.totals])
     per_file_totals = [Totals(opts.max_length) for _ in names]
     for states in gathered:

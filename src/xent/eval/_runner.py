@@ -27,8 +27,9 @@ import torch
 from . import _data
 from . import _distributed as dist
 from ._errors import EvalError
+from ._head import ModelHead
 from ._options import Options
-from ._score import batch_token_stats, collate, forward_logits
+from ._score import batch_token_stats, collate
 from ._sums import Totals, fixed
 from ._windows import llama_cpp_windows, sliding_windows, transformers_windows
 
@@ -223,10 +224,11 @@ class ChunkedScorer:
 class Runner(ChunkedScorer):
     """Scores documents with one model; holds the per-file totals."""
 
-    def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1):
+    def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1,
+                 head: str = "auto", temperature: float = 1.0):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.model = model
-        self.device = next(model.parameters()).device
+        self.head = ModelHead(model, head=head, temperature=temperature)
         self.totals = [Totals(opts.max_length) for _ in range(n_files)]
         self.count_words = _data.count_words_lm_eval if opts.words == "lm-eval" else _data.count_words
         # offsets are needed where some tokens of a document may go unscored
@@ -250,9 +252,7 @@ class Runner(ChunkedScorer):
         return sum(nbytes[p] for p in scored), sum(words[p] for p in scored)
 
     def _score_batch(self, docs, batch, slots, on_tokens, progress) -> None:
-        logits = forward_logits(self.model, batch, self.device)
-        stats = batch_token_stats(logits, batch, exact_rank=on_tokens is not None)
-        del logits
+        stats = batch_token_stats(self.head, batch)
         slot = slots[stats["row"]]
         doc = torch.tensor([docs[k].index for k in slot.tolist()], dtype=torch.long)
         check_finite({k: stats[k] for k in ("loss", "entropy", "top1_prob", "brier")}, doc, stats["position"])
