@@ -56,6 +56,7 @@ def _run(args) -> int:
     finally:
         progress.close()
     summary = result.to_dict()
+    progress.report(summary["tokens"], "xent compare")
     if rank == 0:
         if args.out:
             _files.write_json(os.path.join(args.out, "summary.json"), summary)

@@ -181,6 +181,7 @@ def _run(args) -> int:
         discard()
         raise CommandError(f"no tokens to score in {' '.join(args.data)}: {summary['skipped_empty']} empty "
                            f"and {summary['skipped_unscored']} too-short documents{short}")
+    progress.report(summary["tokens"])
     if short and rank == 0:
         print(f"xent eval: warning: {summary['skipped_unscored']} documents not scored{short}",
               file=sys.stderr)

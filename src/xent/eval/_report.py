@@ -63,10 +63,13 @@ def print_summary(summary: dict, file=None) -> None:
 
 
 class Progress:
-    """A tqdm bar counting scored tokens on stderr (hidden when stderr is not a terminal)."""
+    """A tqdm bar counting scored tokens on stderr (hidden when stderr is not a terminal); ``report``
+    prints the throughput once the run is done."""
 
     def __init__(self, enabled: bool = True, desc: str = "scoring"):
-        self.bar = None
+        import time
+
+        self.bar, self.enabled, self.start = None, enabled, time.perf_counter()
         if enabled:
             from tqdm import tqdm
 
@@ -80,3 +83,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def report(self, tokens: int, command: str = "xent eval") -> None:
+        """One line on stderr: the run's scored tokens (all ranks), its time and tokens/s."""
+        import time
+
+        seconds = time.perf_counter() - self.start
+        if self.enabled:
+            rate = tokens / seconds if seconds > 0 else float("inf")
+            print(f"{command}: {tokens:,} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s)", file=sys.stderr)

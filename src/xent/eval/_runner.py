@@ -1,8 +1,9 @@
 """The evaluation loop: documents in, exact totals out, in chunks of ``checkpoint_every`` documents.
 
 Documents are numbered in corpus order; chunk k holds documents [kK, (k+1)K). A chunk is tokenized,
-cut into windows, scored in batches and folded into the totals; then ``on_chunk`` may checkpoint. Batches
-never cross a chunk boundary, so a run resumed at a chunk boundary computes exactly the same batches
+cut into windows, its windows sorted by length (so that a batch holds windows of similar lengths),
+scored in batches and folded into the totals; then ``on_chunk`` may checkpoint. Batches never cross a
+chunk boundary, so a run resumed at a chunk boundary computes exactly the same batches
 as an uninterrupted one.
 
 Data parallelism: every rank forms the chunk's batches exactly as one process does and rank r runs
@@ -166,9 +167,13 @@ class ChunkedScorer:
         return enc["input_ids"], (enc["offset_mapping"] if want else None)
 
     def _batches(self, items):
-        """(batch, slots [B]) for this rank's batches of the chunk: the chunk's items cut into groups of
-        batch_size as one process cuts them; rank r takes groups r, r + world, ..."""
+        """(batch, slots [B]) for this rank's batches of the chunk: the chunk's items sorted by window
+        length, longest first (a stable sort: ties keep document order), and cut into groups of
+        batch_size as one process cuts them; rank r takes groups r, r + world, ... Sorting leaves little
+        padding in a batch, and it changes no total: they are integer sums. (The longest windows come
+        first, so a batch too large for the device fails at once.)"""
         size = self.opts.batch_size
+        items = sorted(items, key=lambda item: -len(item[1].input_ids))
         for b, s in enumerate(range(0, len(items), size)):
             if b % self.world != self.rank:
                 continue
