@@ -169,9 +169,16 @@ def test_pair_stats_with_minus_inf_logits():
     zb = torch.tensor([[2.0, 1.0, -math.inf], [0.5, -math.inf, 0.1]])
     zm = torch.tensor([[1.0, 1.5, -math.inf], [0.2, -math.inf, 0.3]])
     got = pair_stats(zb, zm, torch.tensor([0, 2]))
-    lp = torch.log_softmax(zb.double(), -1)
-    lq = torch.log_softmax(zm.double(), -1)
-    want = [sum(math.exp(a) * (a - b) for a, b in zip(r, s) if a > -math.inf) for r, s in
-            zip(lp.tolist(), lq.tolist())]
-    assert got["kl"].tolist() == pytest.approx(want, rel=1e-6)
+    lp = torch.log_softmax(zb.double(), -1).tolist()
+    lq = torch.log_softmax(zm.double(), -1).tolist()
+
+    def kl(a, b):
+        return [sum(math.exp(x) * (x - y) for x, y in zip(r, s) if x > -math.inf) for r, s in zip(a, b)]
+
+    mix = [[math.log((math.exp(x) + math.exp(y)) / 2) if x > -math.inf else -math.inf for x, y in zip(r, s)]
+           for r, s in zip(lp, lq)]
+    close = lambda v: pytest.approx(v, rel=1e-5, abs=1e-7)  # noqa: E731
+    assert got["kl"].tolist() == close(kl(lp, lq))
+    assert got["rkl"].tolist() == close(kl(lq, lp))
+    assert got["jsd"].tolist() == close([(a + b) / 2 for a, b in zip(kl(lp, mix), kl(lq, mix))])
     assert torch.isfinite(got["nll_base"]).all() and torch.isfinite(got["dp"]).all()
