@@ -148,6 +148,7 @@ class ModelHead:
         self.decide(batch)
         if self.fused:
             h = self.hidden(batch, rows, cols)
+            self.last_hidden = h  # [N, D]: the scored hidden states of the batch (temperature fitting)
             for s in range(0, len(rows), size):
                 yield s, self.project(h[s : s + size])
             return

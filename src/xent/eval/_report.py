@@ -58,6 +58,13 @@ def print_summary(summary: dict, file=None) -> None:
         notes.append(summary["bytes_omitted"])
     if summary.get("invalid_utf8"):
         notes.append(f"{summary['invalid_utf8']} invalid UTF-8 sequences replaced by U+FFFD")
+    fit = summary.get("temperature_fit")
+    if fit:
+        notes.append(f"temperature scaling: T* = {fit['temperature']:.4f} ({fit['passes']} passes): NLL "
+                     f"{_fmt(fit['nll_mean'])} (T = 1: {_fmt(summary['nll_mean'])}), ECE {_fmt(fit['ece'])} "
+                     f"({_fmt(summary['ece'])}), entropy {_fmt(fit['entropy_mean'])} "
+                     f"({_fmt(summary['entropy_mean'])}), Brier {_fmt(fit['brier'])} "
+                     f"({_fmt(summary['brier'])})")
     for note in notes:
         console.print(f"note: {note}")
 

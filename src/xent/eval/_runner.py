@@ -230,10 +230,12 @@ class Runner(ChunkedScorer):
     """Scores documents with one model; holds the per-file totals."""
 
     def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1,
-                 head: str = "auto", temperature: float = 1.0):
+                 head: str = "auto", temperature: float = 1.0, keep_hidden: bool = False):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.model = model
         self.head = ModelHead(model, head=head, temperature=temperature)
+        self.keep_hidden = keep_hidden  # keep each batch's scored hidden states (to fit a temperature)
+        self.kept: list = []
         self.totals = [Totals(opts.max_length) for _ in range(n_files)]
         self.count_words = _data.count_words_lm_eval if opts.words == "lm-eval" else _data.count_words
         # offsets are needed where some tokens of a document may go unscored
@@ -258,6 +260,12 @@ class Runner(ChunkedScorer):
 
     def _score_batch(self, docs, batch, slots, on_tokens, progress) -> None:
         stats = batch_token_stats(self.head, batch)
+        if self.keep_hidden and len(stats["target"]):
+            from ._temperature import Kept
+
+            if not self.head.fused:
+                raise EvalError(f"fitting a temperature needs the fused head; {self.head.reason}")
+            self.kept.append(Kept(self.head.last_hidden.cpu(), stats["target"], stats["context"]))
         slot = slots[stats["row"]]
         doc = torch.tensor([docs[k].index for k in slot.tolist()], dtype=torch.long)
         check_finite({k: stats[k] for k in ("loss", "entropy", "top1_prob", "brier")}, doc, stats["position"])
