@@ -112,13 +112,19 @@ def test_compare_cli_report_and_summary(capsys, model_dir, other_model_dir, tmp_
     keys = ["kl_mean", "kl_se", "kl_max", "kl_percentiles", "same_top_rate", "delta_p_mean", "delta_p_rms",
             "delta_p_percentiles", "nll_base", "nll_model", "delta_nll_mean", "delta_nll_se", "ppl_ratio"]
     assert all(k in s for k in keys)
-    assert list(s["kl_percentiles"]) == ["99.9", "99", "95", "90", "50", "10", "1", "0.1"]
+    assert list(s["kl_percentiles"]) == ["99.9", "99", "95", "90", "75", "50", "25", "10", "5", "1", "0.1"]
     # every ± names its standard error: tokens iid (llama.cpp's) and clustered by document
     assert (f"Mean    KLD: {s['kl_mean']:10.6f} ± {s['kl_se']:10.6f} (SE, tokens iid) ± "
             f"{s['kl_se_document']:10.6f} (SE, by document)") in out
     assert (f": {s['delta_nll_mean']:12.6f} ± {s['delta_nll_se']:10.6f} (SE, tokens iid) ± "
             f"{s['delta_nll_se_document']:10.6f} (SE, by document)") in out
-    assert out.count("(SE, tokens iid)") == out.count("(SE, by document)") == out.count("±") // 2 == 4
+    assert out.count("(SE, tokens iid)") == out.count("(SE, by document)") == out.count("±") // 2 == 10
+    # llama.cpp's rows: its labels, both perplexities with ±, the correlation, the extremes
+    for row in ("Mean PPL(Q)                   : ", "Mean PPL(base)                : ",
+                "Cor(ln(PPL(Q)), ln(PPL(base))): ", "Mean PPL(Q)-PPL(base)         : ", "Maximum KLD:",
+                "99.9%   KLD:", "Median  KLD:", " 5.0%   KLD:", "Minimum KLD:", "Maximum Δp:", "75.0%   Δp:",
+                "Minimum Δp:", "Mean reverse KLD(Q‖base):", "Mean    JSD:"):
+        assert row in out, row
 
 
 def test_different_tokenizers_are_refused(capsys, model_dir, tmp_path, documents):
@@ -142,3 +148,58 @@ def test_different_tokenizers_are_refused(capsys, model_dir, tmp_path, documents
     err = capsys.readouterr().err
     assert code == 2 and "the two tokenizers give different token ids (token " in err
     assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_compare_completed_matches_explicit_formulas(two_models, documents):
+    """Reverse KL, JSD, the clustered SE of every paired mean, and llama.cpp's remaining rows, against
+    float64 per-token values and explicit loops."""
+    base, model, tok = two_models
+    docs = [d for d in documents if len(tok(d, add_special_tokens=False)["input_ids"]) < 64]
+    kl, _, dp, lb, lm, doc_of = _reference(base, model, tok, docs)
+    rkl, jsd = [], []
+    with torch.no_grad():
+        for doc in docs:
+            src = torch.tensor([[tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]])
+            P = torch.softmax(base(input_ids=src).logits[0, :-1].double(), -1).tolist()
+            Q = torch.softmax(model(input_ids=src).logits[0, :-1].double(), -1).tolist()
+            for p, q in zip(P, Q):
+                m = [(a + b) / 2 for a, b in zip(p, q)]
+                rkl.append(sum(b * math.log(b / a) for a, b in zip(p, q) if b > 0))
+                jsd.append(0.5 * sum(a * math.log(a / c) for a, c in zip(p, m) if a > 0)
+                           + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m) if b > 0))
+    r = xent.eval.compare(base, model, tok, docs, batch_size=2)
+    N, D = len(kl), len(docs)
+    approx = lambda x: pytest.approx(x, rel=1e-5, abs=1e-7)  # noqa: E731
+
+    def se(v):
+        mv = sum(v) / N
+        return math.sqrt(sum((x - mv) ** 2 for x in v) / (N - 1) / N)
+
+    for name, v in (("reverse_kl", rkl), ("jsd", jsd), ("delta_p", dp), ("nll_base", lb), ("nll_model", lm)):
+        key = name if name.startswith("nll") else name + "_mean"
+        assert r.to_dict()[key] == approx(sum(v) / N), name
+        assert r.to_dict()[name + "_se"] == approx(se(v)), name
+        assert r.to_dict()[name + "_se_document"] == approx(_clustered_se(v, doc_of)), name
+    assert 0 < r.jsd_mean < min(r.kl_mean, r.reverse_kl_mean) and r.reverse_kl_mean != approx(r.kl_mean)
+    assert r.kl_min == approx(min(kl))
+    assert r.delta_p_max == approx(max(dp)) and r.delta_p_min == approx(min(dp))
+    assert list(r.delta_p_percentiles) == ["99.9", "99", "95", "90", "75", "50", "25", "10", "5", "1", "0.1"]
+    for q, v in r.kl_percentiles.items():
+        assert v == approx(_percentile(kl, float(q))), q
+    for q, v in r.delta_p_percentiles.items():
+        assert v == approx(_percentile(dp, float(q))), q
+    # llama.cpp: Cor of the per-token log-probs; PPL ± PPL·SE; PPL difference ± with the covariance
+    ma, mb = sum(lb) / N, sum(lm) / N
+    cov = sum((a - ma) * (b - mb) for a, b in zip(lb, lm)) / N
+    va, vb = sum((a - ma) ** 2 for a in lb) / N, sum((b - mb) ** 2 for b in lm) / N
+    assert r.nll_correlation == approx(cov / math.sqrt(va * vb)) and 0 < r.nll_correlation < 1
+    pa, pb = math.exp(ma), math.exp(mb)
+    assert (r.ppl_base, r.ppl_model, r.ppl_diff) == (approx(pa), approx(pb), approx(pb - pa))
+    want = math.sqrt(pb * pb * vb / (N - 1) + pa * pa * va / (N - 1) - 2 * pa * pb * cov / (N - 1))
+    assert r.ppl_diff_se == approx(want)
+    S = {d: (sum(a for a, e in zip(lb, doc_of) if e == d), sum(b for b, e in zip(lm, doc_of) if e == d),
+             doc_of.count(d)) for d in set(doc_of)}
+    cov_doc = D / (D - 1) * sum((sa - ma * n) * (sb - mb * n) for sa, sb, n in S.values()) / N ** 2
+    sea, seb = _clustered_se(lb, doc_of), _clustered_se(lm, doc_of)
+    assert r.ppl_diff_se_document == approx(math.sqrt(pb * pb * seb * seb + pa * pa * sea * sea
+                                                      - 2 * pa * pb * cov_doc))

@@ -1,4 +1,5 @@
-"""Temperature scan and the fitted temperature T* against float64 references written differently."""
+"""Temperature: scoring softmax(z / T), and the fitted T* against a scalar minimiser of the same float64
+corpus NLL."""
 
 from __future__ import annotations
 
@@ -6,79 +7,111 @@ import math
 
 import pytest
 import torch
+from eval_reference import metrics
 
-from xent.eval._temperature import ece, fit_temperature, temperature_scan
+import xent.eval
 
-
-def _logits(seed=0, n=300, V=11, sharp=3.0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, V, generator=g) * sharp
-    # targets drawn from a softer distribution than the logits say: the model is over-confident, T* > 1
-    y = torch.multinomial(torch.softmax(z / 2.5, -1), 1, generator=g).squeeze(-1)
-    return z, y
+DOCS = ["The quick brown fox jumps over the lazy dog.", "Hi.", "Cross-entropy measures how well a model",
+        "Perplexity is the exponential of the mean negative log-likelihood", "A sliding window"]
 
 
-def _mean_loss(z, y, T):
-    total = 0.0
-    for row, t in zip(z.double().tolist(), y.tolist()):
-        m = max(r / T for r in row)
-        lse = m + math.log(math.fsum(math.exp(r / T - m) for r in row))
-        total += lse - row[t] / T
-    return total / len(y)
+def _logits(model, tok):
+    """Per document, the model's float64 logits [n, V] at each scored position and the targets."""
+    out = []
+    with torch.no_grad():
+        for doc in DOCS:
+            ids = tok(doc, add_special_tokens=False)["input_ids"]
+            src = torch.tensor([[tok.bos_token_id] + ids])
+            out.append((model(input_ids=src).logits[0, :-1].double(), torch.tensor(ids)))
+    return out
 
 
-def test_fitted_temperature_is_the_argmin_of_the_loss():
-    z, y = _logits()
-    t_star = fit_temperature(z, y)
-    assert t_star > 1.5  # over-confident logits are softened
-    # golden-section search on T in float64, on the loss written as explicit log-sum-exp loops
-    lo, hi = 0.5, 6.0
+def _records(per_doc, T):
+    recs = []
+    for z, y in per_doc:
+        logp = torch.log_softmax(z / T, -1)
+        recs.append([(logp[t], int(y[t]), t + 1) for t in range(len(y))])
+    return recs
+
+
+def _nll(per_doc, T):
+    total = n = 0
+    for z, y in per_doc:
+        logp = torch.log_softmax(z / T, -1)
+        total += float(-logp.gather(-1, y[:, None]).sum())
+        n += len(y)
+    return total / n
+
+
+def _golden(f, lo, hi, tol=1e-10):
+    """A scalar minimiser: golden-section search of a unimodal f on [lo, hi]."""
     r = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = hi - r * (hi - lo), lo + r * (hi - lo)
-        if _mean_loss(z, y, a) < _mean_loss(z, y, b):
-            hi = b
+    a, b = lo, hi
+    c, d = b - r * (b - a), a + r * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - r * (b - a)
+            fc = f(c)
         else:
-            lo = a
-    assert t_star == pytest.approx((lo + hi) / 2, rel=1e-5)
-    # and an under-confident model is sharpened
-    z2, y2 = z / 6, y
-    assert fit_temperature(z2, y2) < 1
+            a, c, fc = c, d, fd
+            d = a + r * (b - a)
+            fd = f(d)
+    return (a + b) / 2
 
 
-def test_scan_by_explicit_loops():
-    z, y = _logits(1, n=200)
-    rows = temperature_scan(z, y, [0.5, 1.0, 2.0])
-    for row in rows:
-        T = row["temperature"]
-        assert row["nll_mean"] == pytest.approx(_mean_loss(z, y, T), rel=1e-6)  # float32 inside
-        ent, conf, right = [], [], []
-        for zr, t in zip(z.double().tolist(), y.tolist()):
-            e = [math.exp(v / T) for v in zr]
-            s = math.fsum(e)
-            q = [v / s for v in e]
-            ent.append(-math.fsum(p * math.log(p) for p in q if p > 0))
-            conf.append(max(q))
-            right.append(1.0 if zr[t] == max(zr) else 0.0)
-        assert row["entropy_mean"] == pytest.approx(sum(ent) / len(ent), rel=1e-6)
-        assert row["accuracy"] == pytest.approx(sum(right) / len(right))
-        bins = {}
-        for c, k in zip(conf, right):
-            b = min(int(c * 15), 14)
-            bins.setdefault(b, []).append((c, k))
-        expected = sum(abs(sum(k for _, k in v) - sum(c for c, _ in v)) for v in bins.values()) / len(conf)
-        assert row["ece"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    entropies = [r["entropy_mean"] for r in rows]
-    assert entropies == sorted(entropies)  # entropy rises with τ
-    assert rows[0]["accuracy"] == rows[1]["accuracy"] == rows[2]["accuracy"]
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_temperature_scores_softmax_of_z_over_t(model_and_tokenizer, T):
+    model, tok = model_and_tokenizer
+    want = metrics(_records(_logits(model, tok), T), DOCS)
+    got = xent.eval.evaluate(model, tok, DOCS, max_length=64, batch_size=2, model_sha256="-", temperature=T)
+    assert got.config["temperature"] == T
+    for k in ("nll_mean", "entropy_mean", "ece", "brier", "top1_accuracy", "nll_se_document"):
+        assert getattr(got, k) == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
 
 
-def test_ece_edges_and_bad_input():
-    conf = torch.tensor([1.0, 0.0, 14 / 15, 0.5])
-    correct = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    # 1.0 falls in the last bin with 14/15; 0 and 0.5 in their own bins
-    assert ece(conf, correct) == pytest.approx((abs(1 - (1 + 14 / 15)) + 0 + 0.5) / 4)
-    with pytest.raises(ValueError, match="temperature must be"):
-        temperature_scan(*_logits(), [0.0])
-    with pytest.raises(ValueError, match="logits must be"):
-        fit_temperature(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+def test_fit_temperature_matches_a_scalar_minimiser(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    per_doc = _logits(model, tok)
+    t_ref = _golden(lambda T: _nll(per_doc, T), 0.05, 20.0)
+    got = xent.eval.evaluate(model, tok, DOCS, max_length=64, batch_size=2, model_sha256="-",
+                             fit_temperature=True)
+    fit = got.temperature_fit
+    assert abs(t_ref - 1) > 0.05  # the fit moves T: a test that T = 1 would fail
+    assert fit["temperature"] == pytest.approx(t_ref, rel=1e-4)
+    want = metrics(_records(per_doc, fit["temperature"]), DOCS)
+    for k in ("nll_mean", "ece", "entropy_mean", "brier", "top1_accuracy"):
+        assert fit[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+    assert fit["nll_mean"] < got.nll_mean  # T* lowers the NLL below T = 1's
+    # at the optimum d/dβ Σ ℓ(βz) = Σ (E_q[z] − z_y) = 0, so the mean NLL equals the mean entropy
+    assert fit["entropy_mean"] == pytest.approx(fit["nll_mean"], rel=1e-6)
+    assert fit["passes"] <= 8
+    one = metrics(_records(per_doc, 1.0), DOCS)
+    assert got.nll_mean == pytest.approx(one["nll_mean"], rel=1e-6)  # the run itself stays at T = 1
+
+
+def test_temperature_options_are_checked(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(xent.eval.EvalError, match="temperature must be a finite number > 0"):
+            xent.eval.evaluate(model, tok, DOCS, temperature=bad, model_sha256="-")
+    with pytest.raises(xent.eval.EvalError, match="do not pass temperature"):
+        xent.eval.evaluate(model, tok, DOCS, temperature=2.0, fit_temperature=True, model_sha256="-")
+
+
+def test_cli_fit_temperature(model_dir, tmp_path, capsys):
+    import json
+
+    from xent.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    assert main(["eval", "--model", str(model_dir), "--data", str(data), "--fit-temperature",
+                 "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    fit = json.loads((tmp_path / "o" / "summary.json").read_text())["temperature_fit"]
+    assert f"T* = {fit['temperature']:.4f}" in out
+    code = main(["eval", "--model", str(model_dir), "--data", str(data), "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--temperature must be a finite number > 0, got 0.0" in err

@@ -65,4 +65,5 @@ def _run(args, out) -> int:
             print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
         else:
             print_compare(summary)
+    progress.report(summary["tokens"], "xent compare")  # after the outputs
     return 0

@@ -62,6 +62,12 @@ def register(sub) -> None:
     p.add_argument("--per-token", action="store_true",
                    help="also write DIR/tokens.parquet (doc, position, token, loss, entropy, rank, top-1 p)")
     p.add_argument("--html", action="store_true", help="also write DIR/report.html with plots")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="score softmax(logits / T) (default 1)")
+    p.add_argument("--fit-temperature", action="store_true",
+                   help="also find the T* that minimises the corpus NLL (temperature scaling) and report "
+                        "NLL, ECE and entropy at T* beside T = 1 (keeps tokens × hidden-size states in "
+                        "memory)")
     p.set_defaults(run=run, interrupted=interrupted)
 
 
@@ -87,6 +93,12 @@ def check_arguments(args) -> None:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_threads(args.threads)
+    temperature = getattr(args, "temperature", 1.0)
+    if not (0 < temperature < float("inf")):
+        raise CommandError(f"--temperature must be a finite number > 0, got {temperature}")
+    if getattr(args, "fit_temperature", False) and (temperature != 1.0 or getattr(args, "resume", False)):
+        raise CommandError("--fit-temperature reports T* beside T = 1 in one run: do not pass "
+                           + ("--temperature" if temperature != 1.0 else "--resume"))
     for flag in ("resume", "per_token", "html"):
         if getattr(args, flag, False) and not args.out:
             raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
@@ -190,7 +202,8 @@ def _run(args, out) -> int:
             preset=args.preset, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             checkpoint_dir=args.out, resume=args.resume, progress=progress,
             on_tokens=sink.add if sink else None, on_checkpoint=sink.flush if sink else None,
-            model_sha256=model_sha, stop_after=args.stop_after,
+            model_sha256=model_sha, stop_after=args.stop_after, temperature=args.temperature,
+            fit_temperature=args.fit_temperature,
             # the outputs belong to the checkpoint's fingerprint: a resume that adds --per-token would
             # lack the rows of the documents scored before it
             extra_config={"model": args.model, "data": list(args.data), "split": args.split,
@@ -230,6 +243,7 @@ def _run(args, out) -> int:
             print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
         else:
             print_summary(summary)
+    progress.report(summary["tokens"])  # after the outputs: a run that fails says nothing of its speed
     if args.out:
         dist.barrier()
         _files.remove_checkpoint(args.out, rank)

@@ -593,7 +593,7 @@ def _temperature_study(job: _Job, model, features_model) -> dict:
     cfg.sample_temperatures with their MAUVE."""
     import torch
 
-    from ..eval._temperature import fit_temperature, temperature_scan, token_stats_at
+    from ._temperature import fit_temperature, temperature_scan, token_stats_at
 
     cfg = job.cfg
     seqs, owner = curve_sequences(job.tokenizer, job.heldout, cfg.seq_len, with_documents=True)

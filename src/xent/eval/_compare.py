@@ -1,8 +1,10 @@
 """``xent.eval.compare``: two causal LMs on the same tokens (as llama.cpp ``--kl-divergence``).
 
 Per scored token, with p = softmax(base logits), q = softmax(model logits) in float32 and y the target:
-KL(p‖q) = Σ_c p_c (log p_c − log q_c); same top = [argmax p = argmax q]; Δp = q_y − p_y;
-Δℓ = ℓ_model − ℓ_base. Means are exact integer sums (see _sums). Each mean ± has two standard errors:
+KL(p‖q) = Σ_c p_c (log p_c − log q_c); the reverse KL(q‖p); JSD = ½ KL(p‖m) + ½ KL(q‖m) with
+m = (p + q)/2 (in nats, at most ln 2); same top = [the base's top token is a top token of the model];
+Δp = q_y − p_y; Δℓ = ℓ_model − ℓ_base. Means are exact integer sums (see _sums). Each mean ± has two
+standard errors:
 ``*_se`` treats tokens as independent, s/√N (what llama.cpp prints); ``*_se_document`` clusters by
 document, √(D/(D−1)·Σ_d (S_d − m·n_d)²)/N with S_d the document's sum (REFERENCE.md §4), honest when
 tokens of a document are correlated, and often several times larger. (The paired SE of Δℓ is far smaller
@@ -18,25 +20,25 @@ from fractions import Fraction
 
 import torch
 
-import xent
-
 from . import _distributed as dist
 from ._data import Corpus
 from ._errors import EvalError
 from ._evaluate import document_stream
 from ._files import state_dict_sha256
+from ._head import ModelHead, chunk_rows
 from ._options import resolve_options
 from ._runner import ChunkedScorer, check_finite, eval_mode
-from ._score import by_row_chunks, forward_logits, scored_index
-from ._sums import SCALE, clustered_se, fixed, fixed_sum
+from ._score import row_blocks, scored_index
+from ._sums import SCALE, _exp, clustered_se, fixed, fixed_sum
 
-PERCENTILES = (99.9, 99, 95, 90, 50, 10, 1, 0.1)
-_SUMS = ("tokens", "documents", "skipped_empty", "skipped_unscored", "same_top", "kl", "kl_sq", "dp",
-         "dp_sq", "nll_base", "nll_model", "dnll", "dnll_sq",
+PERCENTILES = (99.9, 99, 95, 90, 75, 50, 25, 10, 5, 1, 0.1)  # llama.cpp's, and the quartiles
+# the per-token quantities whose mean gets both standard errors (per-document sums for the clustered one)
+_PER_DOC = ("kl", "rkl", "jsd", "dnll", "dp", "top", "nll_base", "nll_model")
+_SUMS = ("tokens", "documents", "skipped_empty", "skipped_unscored", "same_top", "nll_cross",
+         *(f"{name}{suffix}" for name in _PER_DOC if name != "top" for suffix in ("", "_sq")),
          # per-document sums S_d (fixed point) for the clustered SEs: Σ S_d², Σ S_d·n_d, and Σ n_d²
-         "doc_kl_sq", "doc_kl_n", "doc_dnll_sq", "doc_dnll_n", "doc_top_sq", "doc_top_n", "doc_n_sq")
-# the per-document quantities, in the column order of CompareRunner's per-document accumulator
-_PER_DOC = ("kl", "dnll", "top")
+         *(f"doc_{name}{suffix}" for name in _PER_DOC for suffix in ("_sq", "_n")), "doc_n_sq",
+         "doc_nll_cross")  # Σ_d S_base,d · S_model,d
 
 
 @dataclass
@@ -47,19 +49,40 @@ class CompareResult:
     kl_se: float  # tokens iid
     kl_se_document: float  # clustered by document
     kl_max: float
+    kl_min: float
     kl_percentiles: dict[str, float]
+    reverse_kl_mean: float  # KL(model‖base)
+    reverse_kl_se: float
+    reverse_kl_se_document: float
+    jsd_mean: float  # Jensen-Shannon divergence, nats (≤ ln 2)
+    jsd_se: float
+    jsd_se_document: float
     same_top_rate: float
     same_top_rate_se: float
     same_top_rate_se_document: float
     delta_p_mean: float
+    delta_p_se: float
+    delta_p_se_document: float
     delta_p_rms: float
+    delta_p_max: float
+    delta_p_min: float
     delta_p_percentiles: dict[str, float]
     nll_base: float
+    nll_base_se: float
+    nll_base_se_document: float
     nll_model: float
+    nll_model_se: float
+    nll_model_se_document: float
+    nll_correlation: float  # Pearson's r of the two models' per-token log-probs (llama.cpp's Cor)
     delta_nll_mean: float
     delta_nll_se: float
     delta_nll_se_document: float
     ppl_ratio: float
+    ppl_base: float
+    ppl_model: float
+    ppl_diff: float  # PPL(model) − PPL(base)
+    ppl_diff_se: float  # tokens iid, with the covariance of the two NLLs (as llama.cpp)
+    ppl_diff_se_document: float  # clustered by document, with the documents' covariance
     skipped_empty: int = 0
     skipped_unscored: int = 0
     config: dict = field(default_factory=dict)
@@ -72,27 +95,74 @@ class CompareResult:
 
 @torch.no_grad()
 def pair_stats(base_logits: torch.Tensor, model_logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Per-token comparison of logits [N, V] (any dtype) against targets [N], in float32."""
+    """Per-token comparison of logits [N, V] (any dtype; not changed) against targets [N], in float32."""
     if base_logits.shape[-1] != model_logits.shape[-1]:
         raise EvalError(f"the models' vocabularies differ: {base_logits.shape[-1]} vs "
                         f"{model_logits.shape[-1]} logits")
-    logp = torch.log_softmax(base_logits.float(), -1)
-    logq = torch.log_softmax(model_logits.float(), -1)
-    p = logp.exp()
-    # p·(log p − log q) with 0·anything = 0 where p underflows to 0 (log p = −inf would give NaN)
-    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp(min=0)
-    lp_y = logp.gather(-1, targets[:, None]).squeeze(-1)
-    lq_y = logq.gather(-1, targets[:, None]).squeeze(-1)
-    # the losses as xent.eval.evaluate computes them, so nll_base is evaluate's nll_mean exactly
-    return {"kl": kl, "same_top": logp.argmax(-1) == logq.argmax(-1), "dp": lq_y.exp() - lp_y.exp(),
-            "nll_base": xent.cross_entropy(base_logits.float(), targets, reduction="none"),
-            "nll_model": xent.cross_entropy(model_logits.float(), targets, reduction="none")}
+    return pair_logit_stats(base_logits.float().clone(), model_logits.float().clone(), targets)
+
+
+@torch.no_grad()
+def pair_logit_stats(zb: torch.Tensor, zm: torch.Tensor, targets: torch.Tensor) -> dict:
+    """pair_stats of final logits zb, zm [C, V] float32 (both overwritten), a block of rows at a time."""
+    parts = [_pair_block(zb[b], zm[b], targets[b]) for b in row_blocks(zb)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _pair_block(zb: torch.Tensor, zm: torch.Tensor, y: torch.Tensor) -> dict:
+    # one logsumexp per model: log p = (zb − mb) − log Sb, log q = (zm − mm) − log Sm
+    mb, mm = zb.amax(-1), zm.amax(-1)
+    top_b = zb.argmax(-1)
+    # the same top token: the base's top token is a top token of the model (amax and one argmax are
+    # cheaper than two max-with-index passes)
+    same_top = zm.gather(-1, top_b[:, None]).squeeze(-1) == mm
+    zb_y = zb.gather(-1, y[:, None]).squeeze(-1)
+    zm_y = zm.gather(-1, y[:, None]).squeeze(-1)
+    zb.sub_(mb[:, None])
+    zm.sub_(mm[:, None])
+    p, q = torch.exp(zb), torch.exp(zm)
+    Sb, Sm = p.sum(-1), q.sum(-1)
+    log_sb, log_sm = Sb.log(), Sm.log()
+    p.div_(Sb[:, None])  # softmax(base)
+    q.div_(Sm[:, None])  # softmax(model)
+    d = zb.sub_(zm).sub_((log_sb - log_sm)[:, None])  # log p − log q (in zb's buffer)
+    kl = torch.linalg.vecdot(p, d)
+    rkl = -torch.linalg.vecdot(q, d)
+    # JSD in log space: log q − log m = ln 2 − softplus(d), log p − log m = ln 2 − softplus(d) + d, so
+    # JSD = ½ (Σ p t + KL + Σ q t) with t = ln 2 − softplus(d) (zm's buffer)
+    t = torch.nn.functional.softplus(d)
+    t.neg_().add_(math.log(2.0))
+    jsd = 0.5 * (torch.linalg.vecdot(p, t) + kl + torch.linalg.vecdot(q, t))
+    bad = ~(torch.isfinite(kl) & torch.isfinite(rkl) & torch.isfinite(jsd)) & torch.isfinite(mb) & \
+        torch.isfinite(mm)
+    if bad.any():  # a class with p = 0 or q = 0 (−inf logits): 0 · log 0 = 0, written out for those rows
+        kl[bad], rkl[bad], jsd[bad] = _divergences_masked(p[bad], q[bad])
+    nll_b = (mb - zb_y) + log_sb
+    nll_m = (mm - zm_y) + log_sm
+    return {"kl": kl.clamp(min=0), "rkl": rkl.clamp(min=0), "jsd": jsd.clamp(min=0), "same_top": same_top,
+            "dp": torch.exp(-nll_m) - torch.exp(-nll_b), "nll_base": nll_b, "nll_model": nll_m}
+
+
+def _divergences_masked(p: torch.Tensor, q: torch.Tensor):
+    """(KL(p‖q), KL(q‖p), JSD) of probability rows where some p or q are 0 (terms 0·log 0 = 0)."""
+    lp, lq = p.log(), q.log()
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    zero = torch.zeros_like(p)
+
+    def term(w, a, b):  # Σ w (a − b) over w > 0
+        return torch.where(w > 0, w * (a - b), zero).sum(-1)
+
+    return term(p, lp, lq), term(q, lq, lp), 0.5 * (term(p, lp, lm) + term(q, lq, lm))
 
 
 class CompareRunner(ChunkedScorer):
-    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1):
+    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1, head="auto"):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.base, self.model, self.model_tokenizer = base, model, model_tokenizer
+        self.heads = (ModelHead(base, head=head, name="the base model"), ModelHead(model, head=head))
+        if self.heads[0].vocab != self.heads[1].vocab:
+            raise EvalError(f"the models' vocabularies differ: {self.heads[0].vocab} vs "
+                            f"{self.heads[1].vocab} logits")
         self.sums = dict.fromkeys(_SUMS, 0)
         self.kl_values: list[torch.Tensor] = []
         self.dp_values: list[torch.Tensor] = []
@@ -113,34 +183,37 @@ class CompareRunner(ChunkedScorer):
         self.sums[kind] += 1
 
     def _score_batch(self, docs, batch, slots, on_tokens, progress):
-        base_dev = next(self.base.parameters()).device
-        model_dev = next(self.model.parameters()).device
         rows, cols = scored_index(batch)
-        targets = batch["labels"][rows, cols]
-        zb = forward_logits(self.base, batch, base_dev)  # [B, T, V]
-        zm = forward_logits(self.model, batch, model_dev)
-        st = by_row_chunks(pair_stats, (zb, zm), rows, cols, targets)
-        del zb, zm
-        if not st:
+        if len(rows) == 0:
             return
+        targets = batch["labels"][rows, cols]
+        hb, hm = self.heads
+        size = chunk_rows(len(rows), hb.vocab, hm.device, buffers=3)
+        parts = []
+        for (s0, zb), (_, zm) in zip(hb.chunks(batch, rows, cols, size), hm.chunks(batch, rows, cols, size)):
+            y = targets[s0 : s0 + len(zb)].to(zm.device)
+            stats = pair_logit_stats(zb.to(zm.device), zm, y)
+            parts.append({k: v.cpu() for k, v in stats.items()})
+        st = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         doc = torch.tensor([docs[k].index for k in slots[rows].tolist()], dtype=torch.long)
-        check_finite({k: st[k] for k in ("nll_base", "nll_model", "kl", "dp")}, doc,
+        check_finite({k: st[k] for k in ("nll_base", "nll_model", "kl", "rkl", "jsd", "dp")}, doc,
                      batch["positions"][rows, cols])
+        st["dnll"] = st["nll_model"].double() - st["nll_base"].double()
+        st["top"] = st["same_top"].double()
         s = self.sums
         s["tokens"] += len(targets)
         s["same_top"] += int(st["same_top"].sum())
-        dnll = st["nll_model"].double() - st["nll_base"].double()
-        for name, v in (("kl", st["kl"]), ("dp", st["dp"]), ("dnll", dnll)):
-            s[name] += fixed_sum(v)
-            s[name + "_sq"] += fixed_sum(v.double().square())
-        s["nll_base"] += fixed_sum(st["nll_base"])
-        s["nll_model"] += fixed_sum(st["nll_model"])
+        for name in _PER_DOC:
+            if name != "top":
+                s[name] += fixed_sum(st[name])
+                s[name + "_sq"] += fixed_sum(st[name].double().square())
+        s["nll_cross"] += fixed_sum(st["nll_base"].double() * st["nll_model"].double())
         self.kl_values.append(st["kl"].float())
         self.dp_values.append(st["dp"].float())
-        # per document: Σ KL, Σ Δℓ, Σ same-top (fixed point) and the token count, for the clustered SEs;
-        # partial on this rank until the chunk's exchange sums them over the ranks
+        # per document: the sums of each _PER_DOC quantity (fixed point) and the token count, for the
+        # clustered SEs; partial on this rank until the chunk's exchange sums them over the ranks
         slot = slots[rows]
-        cols = [fixed(st["kl"]), fixed(dnll), fixed(st["same_top"].double()), torch.ones_like(targets)]
+        cols = [fixed(st[name]) for name in _PER_DOC] + [torch.ones_like(targets)]
         per_doc = torch.zeros(len(docs), len(_PER_DOC) + 1, dtype=torch.int64)
         per_doc.index_add_(0, slot, torch.stack(cols, 1))
         for k in slot.unique().tolist():
@@ -161,12 +234,19 @@ class CompareRunner(ChunkedScorer):
         for name, S in zip(_PER_DOC, d.sums):
             s[f"doc_{name}_sq"] += S * S
             s[f"doc_{name}_n"] += S * n
+        per = dict(zip(_PER_DOC, d.sums))
+        s["doc_nll_cross"] += per["nll_base"] * per["nll_model"]
 
 
 def _mean_se(total: int, total_sq: int, n: int) -> tuple[float, float]:
     mean = Fraction(total, SCALE) / n
     var = Fraction(total_sq, SCALE) / n - mean * mean
     return float(mean), math.sqrt(max(float(var), 0.0) / (n - 1)) if n > 1 else math.nan
+
+
+def _sqrt(x: float) -> float:
+    """√x, 0 for a rounding-negative x, NaN for NaN."""
+    return math.sqrt(max(x, 0.0)) if x == x else math.nan
 
 
 def _percentiles(values) -> dict[str, float]:
@@ -178,12 +258,14 @@ def _percentiles(values) -> dict[str, float]:
 def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_length=None, stride=None,
             bos=None, preset=None, batch_size: int = 8, padding_side: str = "right", progress=None,
             model_sha256: dict | None = None, data_sha256: str | None = None,
-            extra_config: dict | None = None) -> CompareResult:
+            extra_config: dict | None = None, head: str = "auto") -> CompareResult:
     """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
 
     ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
     (EvalError otherwise). Under torch.distributed the batches are shared out across ranks, as in
     evaluate. A non-finite per-token value of either model raises EvalError (nothing is summed).
+    ``head`` as in :func:`evaluate`, for both models (each projects only the scored positions, a chunk
+    at a time; the chunks' statistics come from one pass over both models' float32 logits).
     """
     import numpy as np
 
@@ -194,7 +276,7 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     corpus = documents if isinstance(documents, Corpus) else None
     stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
-    runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world)
+    runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world, head=head)
     with eval_mode(base, model):
         runner.run(stream, progress=progress)
     gathered = dist.all_gather((runner.sums, torch.cat(runner.kl_values or [torch.zeros(0)]).numpy(),
@@ -211,38 +293,63 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
                  "refuses)") if opts.preset == "llama.cpp" and s["skipped_unscored"] else ""
         raise EvalError(f"no tokens to score: {s['skipped_empty']} empty and {s['skipped_unscored']} "
                         f"too-short documents{short}")
-    kl_mean, kl_se = _mean_se(s["kl"], s["kl_sq"], N)
-    dp_mean, _ = _mean_se(s["dp"], s["dp_sq"], N)
-    dnll_mean, dnll_se = _mean_se(s["dnll"], s["dnll_sq"], N)
-    same = s["same_top"] / N
     D = s["documents"]
 
-    def se_document(name: str, total: int) -> float:
-        return clustered_se(total, s[f"doc_{name}_sq"], s[f"doc_{name}_n"], s["doc_n_sq"], N, D)
+    def mean_se(name: str, total: int | None = None) -> tuple[float, float, float]:
+        """(mean, SE tokens iid, SE by document) of a per-token quantity."""
+        total = s[name] if total is None else total
+        mean, se = _mean_se(total, s[name + "_sq"], N) if name != "top" else (math.nan, math.nan)
+        return mean, se, clustered_se(total, s[f"doc_{name}_sq"], s[f"doc_{name}_n"], s["doc_n_sq"], N, D)
+
+    kl = mean_se("kl")
+    rkl, jsd, dp, dnll = mean_se("rkl"), mean_se("jsd"), mean_se("dp"), mean_se("dnll")
+    nb, nm = mean_se("nll_base"), mean_se("nll_model")
+    same = s["same_top"] / N
+    # Pearson's r of the per-token losses and the covariance of their means, from the exact sums
+    mb_, mm_ = Fraction(s["nll_base"], SCALE) / N, Fraction(s["nll_model"], SCALE) / N
+    cov = Fraction(s["nll_cross"], SCALE) / N - mb_ * mm_
+    var_b = Fraction(s["nll_base_sq"], SCALE) / N - mb_ * mb_
+    var_m = Fraction(s["nll_model_sq"], SCALE) / N - mm_ * mm_
+    corr = float(cov) / math.sqrt(float(var_b) * float(var_m)) if var_b > 0 and var_m > 0 else math.nan
+    ppl_b, ppl_m = _exp(nb[0]), _exp(nm[0])
+    # PPL(model) − PPL(base) ± by the delta method with the covariance of the two means (as llama.cpp)
+    cov_means = float(cov) / (N - 1) if N > 1 else math.nan
+    diff_var = (ppl_m * nm[1]) ** 2 + (ppl_b * nb[1]) ** 2 - 2 * ppl_m * ppl_b * cov_means
+    # the same with the clustered variances and covariance D/(D−1)·Σ_d (S_bd − m_b n_d)(S_md − m_m n_d)/N²
+    cross = (Fraction(s["doc_nll_cross"], SCALE * SCALE) - mm_ * Fraction(s["doc_nll_base_n"], SCALE)
+             - mb_ * Fraction(s["doc_nll_model_n"], SCALE) + mb_ * mm_ * s["doc_n_sq"])
+    cov_doc = D / (D - 1) * float(cross) / (N * N) if D > 1 else math.nan
+    diff_var_doc = (ppl_m * nm[2]) ** 2 + (ppl_b * nb[2]) ** 2 - 2 * ppl_m * ppl_b * cov_doc
     if model_sha256 is None:
         model_sha256 = {"base": state_dict_sha256(base), "model": state_dict_sha256(model)}
     if data_sha256 is None and corpus is not None:
         data_sha256 = corpus.sha256()
     return CompareResult(
-        tokens=N, documents=D, kl_mean=kl_mean, kl_se=kl_se, kl_se_document=se_document("kl", s["kl"]),
-        kl_max=float(kl_all.max()), kl_percentiles=_percentiles(kl_all), same_top_rate=same,
-        same_top_rate_se=math.sqrt(same * (1 - same) / (N - 1)) if N > 1 else math.nan,
-        same_top_rate_se_document=se_document("top", s["same_top"] * SCALE), delta_p_mean=dp_mean,
+        tokens=N, documents=D, kl_mean=kl[0], kl_se=kl[1], kl_se_document=kl[2],
+        kl_max=float(kl_all.max()), kl_min=float(kl_all.min()), kl_percentiles=_percentiles(kl_all),
+        reverse_kl_mean=rkl[0], reverse_kl_se=rkl[1], reverse_kl_se_document=rkl[2],
+        jsd_mean=jsd[0], jsd_se=jsd[1], jsd_se_document=jsd[2],
+        same_top_rate=same, same_top_rate_se=math.sqrt(same * (1 - same) / (N - 1)) if N > 1 else math.nan,
+        same_top_rate_se_document=mean_se("top", s["same_top"] * SCALE)[2],
+        delta_p_mean=dp[0], delta_p_se=dp[1], delta_p_se_document=dp[2],
         delta_p_rms=math.sqrt(float(Fraction(s["dp_sq"], SCALE) / N)),
+        delta_p_max=float(dp_all.max()), delta_p_min=float(dp_all.min()),
         delta_p_percentiles=_percentiles(dp_all),
-        nll_base=float(Fraction(s["nll_base"], SCALE) / N),
-        nll_model=float(Fraction(s["nll_model"], SCALE) / N),
-        delta_nll_mean=dnll_mean, delta_nll_se=dnll_se, delta_nll_se_document=se_document("dnll", s["dnll"]),
-        ppl_ratio=math.exp(dnll_mean),
+        nll_base=nb[0], nll_base_se=nb[1], nll_base_se_document=nb[2],
+        nll_model=nm[0], nll_model_se=nm[1], nll_model_se_document=nm[2], nll_correlation=corr,
+        delta_nll_mean=dnll[0], delta_nll_se=dnll[1], delta_nll_se_document=dnll[2],
+        ppl_ratio=math.exp(dnll[0]), ppl_base=ppl_b, ppl_model=ppl_m, ppl_diff=ppl_m - ppl_b,
+        ppl_diff_se=_sqrt(diff_var), ppl_diff_se_document=_sqrt(diff_var_doc),
         skipped_empty=s["skipped_empty"], skipped_unscored=s["skipped_unscored"],
-        config={**opts.config(), "world_size": world, **(extra_config or {})}, model_sha256=model_sha256,
-        data_sha256=data_sha256,
+        config={**opts.config(), "world_size": world, **(extra_config or {}),
+                "head": {"base": runner.heads[0].kind, "model": runner.heads[1].kind}},
+        model_sha256=model_sha256, data_sha256=data_sha256,
     )
 
 
 def print_compare(summary: dict, file=None) -> None:
     """A report laid out like llama.cpp's ``--kl-divergence`` output, each ± with both standard errors
-    named: tokens iid (llama.cpp's) and clustered by document."""
+    named: tokens iid (llama.cpp's) and clustered by document; the reverse KL and the JSD after the KL."""
     import sys
 
     out = file or sys.stdout
@@ -253,25 +360,44 @@ def print_compare(summary: dict, file=None) -> None:
         return (f" ± {se_iid:{width}.{digits}f}{unit} (SE, tokens iid)"
                 f" ± {se_doc:{width}.{digits}f}{unit} (SE, by document)")
 
+    def label(q: str) -> str:  # llama.cpp's "99.9%", " 5.0%", "Median"
+        return "Median" if q == "50" else f"{float(q):4.1f}%"
+
+    def mean(key: str, scale: float = 1.0, width: int = 10, digits: int = 6, unit: str = "") -> str:
+        return f"{scale * summary[key + '_mean']:{width}.{digits}f}" + pm(
+            scale * summary[key + "_se"], scale * summary[key + "_se_document"], width, digits, unit)
+
     lines = [
         f"tokens: {n} in {summary['documents']} documents",
         "",
         "====== Perplexity statistics ======",
-        f"Mean PPL(Q)                   : {math.exp(summary['nll_model']):12.6f}",
-        f"Mean PPL(base)                : {math.exp(summary['nll_base']):12.6f}",
+        f"Mean PPL(Q)                   : {summary['ppl_model']:12.6f}"
+        + pm(summary["ppl_model"] * summary["nll_model_se"],
+             summary["ppl_model"] * summary["nll_model_se_document"]),
+        f"Mean PPL(base)                : {summary['ppl_base']:12.6f}"
+        + pm(summary["ppl_base"] * summary["nll_base_se"],
+             summary["ppl_base"] * summary["nll_base_se_document"]),
+        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * summary['nll_correlation']:6.2f}%",
         f"Mean ln(PPL(Q)/PPL(base))     : {summary['delta_nll_mean']:12.6f}"
         + pm(summary["delta_nll_se"], summary["delta_nll_se_document"]),
         f"Mean PPL(Q)/PPL(base)         : {ratio:12.6f}"
         + pm(ratio * summary["delta_nll_se"], ratio * summary["delta_nll_se_document"]),
+        f"Mean PPL(Q)-PPL(base)         : {summary['ppl_diff']:12.6f}"
+        + pm(summary["ppl_diff_se"], summary["ppl_diff_se_document"]),
         "",
         "====== KL divergence statistics ======",
-        f"Mean    KLD: {summary['kl_mean']:10.6f}" + pm(summary["kl_se"], summary["kl_se_document"]),
+        f"Mean    KLD: {mean('kl')}",
         f"Maximum KLD: {summary['kl_max']:10.6f}",
-        *(f"{q + '%':<7} KLD: {v:10.6f}" for q, v in summary["kl_percentiles"].items()),
+        *(f"{label(q):<7} KLD: {v:10.6f}" for q, v in summary["kl_percentiles"].items()),
+        f"Minimum KLD: {summary['kl_min']:10.6f}",
+        f"Mean reverse KLD(Q‖base): {mean('reverse_kl')}",
+        f"Mean    JSD: {mean('jsd')}",
         "",
         "====== Token probability statistics ======",
-        f"Mean    Δp: {100 * summary['delta_p_mean']:8.3f} %",
-        *(f"{q + '%':<7} Δp: {100 * v:8.3f} %" for q, v in summary["delta_p_percentiles"].items()),
+        f"Mean    Δp: {mean('delta_p', 100.0, 6, 3, ' %')}",
+        f"Maximum Δp: {100 * summary['delta_p_max']:8.3f}%",
+        *(f"{label(q):<7} Δp: {100 * v:8.3f}%" for q, v in summary["delta_p_percentiles"].items()),
+        f"Minimum Δp: {100 * summary['delta_p_min']:8.3f}%",
         f"RMS Δp    : {100 * summary['delta_p_rms']:8.3f} %",
         f"Same top p: {100 * summary['same_top_rate']:8.3f} %"
         + pm(100 * summary["same_top_rate_se"], 100 * summary["same_top_rate_se_document"], 6, 3, " %"),

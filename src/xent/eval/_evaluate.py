@@ -35,6 +35,8 @@ class EvalResult:
     brier: the multi-class Brier score Σ_c (q_c − [c = y])², in [0, 2], averaged over tokens.
     nll_by_position: mean loss per bucket of context length [start, end) in tokens (BOS included).
     calibration: the 15 bins (tokens, mean confidence, accuracy) of the reliability diagram.
+    temperature_fit (fit_temperature=True): {"temperature": T*, "nll_mean", "ece", "entropy_mean",
+    "brier", "top1_accuracy", "passes"} at T*; the other metrics are those at T = 1.
     """
 
     tokens: int
@@ -65,6 +67,7 @@ class EvalResult:
     model_sha256: str | None = None
     data_sha256: str | None = None
     per_file: dict[str, dict] | None = None
+    temperature_fit: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +94,9 @@ def evaluate(
     data_sha256: str | None = None,
     extra_config: dict | None = None,
     stop_after: int | None = None,
+    head: str = "auto",
+    temperature: float = 1.0,
+    fit_temperature: bool = False,
 ) -> EvalResult:
     """Cross-entropy of a causal LM on documents, with every metric of REFERENCE.md §4.
 
@@ -112,6 +118,17 @@ def evaluate(
         model_sha256: recorded as is; by default the SHA-256 of the model's state dict (which copies
             the weights to the CPU once: pass any string to skip it). data_sha256 likewise (a Corpus
             hashes its files).
+        head: "auto" (default): the decoder, then the output embeddings applied to the scored positions
+            only, a chunk at a time (no [B, T, V] logits), when that reproduces the model's forward on
+            the first tokens; otherwise (an architecture whose forward does something else to its
+            logits) the model's own forward, with a note on stderr. "forward": always the model's own
+            forward. The head used is recorded as ``config["head"]``.
+        temperature: score softmax(z / T), z the model's final logits (after its soft-capping).
+        fit_temperature: also find T* = argmin_T Σ_t ℓ_t(z_t / T) over the corpus (temperature scaling:
+            Newton's method on 1/T, the NLL being convex in it) and report the NLL, ECE, entropy and
+            Brier at T* in ``temperature_fit`` beside those at T = 1. Keeps the scored hidden states
+            (tokens × hidden size in the model's dtype, on the CPU) for the few passes of the fit; needs
+            the fused head, temperature 1 and no resume.
 
     Under torch.distributed every rank forms the batches one process would and runs every world-th of
     them (so the numbers do not depend on the number of ranks); every rank returns the pooled result.
@@ -127,16 +144,23 @@ def evaluate(
     opts = resolve_options(model, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
                            batch_size=batch_size, padding_side=padding_side,
                            checkpoint_every=checkpoint_every)
+    if fit_temperature and temperature != 1.0:
+        raise EvalError(f"fit_temperature reports T* beside T = 1: do not pass temperature ({temperature!r})")
+    if fit_temperature and resume:
+        raise EvalError("fit_temperature cannot resume: the fit needs every token of one run")
     corpus = documents if isinstance(documents, Corpus) else None
     names = corpus.paths if corpus is not None else ["<documents>"]
     stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
-    runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world)
+    runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world, head=head,
+                    temperature=temperature, keep_hidden=fit_temperature)
     if model_sha256 is None:
         model_sha256 = _files.state_dict_sha256(model)
     if data_sha256 is None and corpus is not None:
         data_sha256 = corpus.sha256()
     config = {**opts.config(), "world_size": world, **(extra_config or {})}
+    if temperature != 1.0:
+        config["temperature"] = float(temperature)
 
     start, on_chunk = 0, on_checkpoint
     if checkpoint_dir is not None:
@@ -165,6 +189,23 @@ def evaluate(
         raise EvalError(f"{_files.checkpoint_path(checkpoint_dir, rank)} says {start} documents are done "
                         f"but the data has {seen.count}: it belongs to other data; remove it and drop "
                         "--resume")
+    config["head"] = runner.head.kind
+    fitted = None
+    if fit_temperature:
+        from ._temperature import fit_temperature as fit
+        from ._temperature import totals_at
+
+        with eval_mode(model):
+            t_star, passes = fit(runner.head, runner.kept)
+            at = Totals(opts.max_length)
+            mine = totals_at(runner.head, runner.kept, t_star, opts.max_length)
+            for state in dist.all_gather(mine.state()):
+                at.merge(Totals.from_state(state))
+        runner.kept.clear()
+        m = at.metrics()
+        fitted = {"temperature": t_star, **{k: m.get(k, math.nan) for k in
+                                            ("nll_mean", "ece", "entropy_mean", "brier", "top1_accuracy")},
+                  "passes": passes}
     gathered = dist.all_gather([t.state() for t in runner.totals])
     per_file_totals = [Totals(opts.max_length) for _ in names]
     for states in gathered:
@@ -183,7 +224,8 @@ def evaluate(
                    f"bytes and words of the scored part of {pooled.bytes_unknown} partly scored documents "
                    "cannot be counted: bits per byte and word perplexity are omitted")
     return _result(pooled.metrics(), invalid_utf8=invalid, bytes_omitted=omitted, config=config,
-                   model_sha256=model_sha256, data_sha256=data_sha256, per_file=per_file)
+                   model_sha256=model_sha256, data_sha256=data_sha256, per_file=per_file,
+                   temperature_fit=fitted)
 
 
 def document_stream(documents: Iterable[str] | Corpus, preset: str | None):

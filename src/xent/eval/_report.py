@@ -61,15 +61,25 @@ def print_summary(summary: dict, file=None) -> None:
     if any(s.get("documents", 0) < 2 for _, s in columns):
         notes.append("the SE and CI by document need at least 2 documents (–): a .txt file is one document "
                      "unless --split lines or --split paragraphs")
+    fit = summary.get("temperature_fit")
+    if fit:
+        notes.append(f"temperature scaling: T* = {fit['temperature']:.4f} ({fit['passes']} passes): NLL "
+                     f"{_fmt(fit['nll_mean'])} (T = 1: {_fmt(summary['nll_mean'])}), ECE {_fmt(fit['ece'])} "
+                     f"({_fmt(summary['ece'])}), entropy {_fmt(fit['entropy_mean'])} "
+                     f"({_fmt(summary['entropy_mean'])}), Brier {_fmt(fit['brier'])} "
+                     f"({_fmt(summary['brier'])})")
     for note in notes:
         console.print(f"note: {note}", soft_wrap=True)
 
 
 class Progress:
-    """A tqdm bar counting scored tokens on stderr (hidden when stderr is not a terminal)."""
+    """A tqdm bar counting scored tokens on stderr (hidden when stderr is not a terminal); ``report``
+    prints the throughput once the run is done."""
 
     def __init__(self, enabled: bool = True, desc: str = "scoring"):
-        self.bar = None
+        import time
+
+        self.bar, self.enabled, self.start = None, enabled, time.perf_counter()
         if enabled:
             from tqdm import tqdm
 
@@ -83,3 +93,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def report(self, tokens: int, command: str = "xent eval") -> None:
+        """One line on stderr: the run's scored tokens (all ranks), its time and tokens/s."""
+        import time
+
+        seconds = time.perf_counter() - self.start
+        if self.enabled:
+            rate = tokens / seconds if seconds > 0 else float("inf")
+            print(f"{command}: {tokens:,} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s)", file=sys.stderr)

@@ -1,8 +1,9 @@
 """The evaluation loop: documents in, exact totals out, in chunks of ``checkpoint_every`` documents.
 
 Documents are numbered in corpus order; chunk k holds documents [kK, (k+1)K). A chunk is tokenized,
-cut into windows, scored in batches and folded into the totals; then ``on_chunk`` may checkpoint. Batches
-never cross a chunk boundary, so a run resumed at a chunk boundary computes exactly the same batches
+cut into windows, its windows sorted by length (so that a batch holds windows of similar lengths),
+scored in batches and folded into the totals; then ``on_chunk`` may checkpoint. Batches never cross a
+chunk boundary, so a run resumed at a chunk boundary computes exactly the same batches
 as an uninterrupted one.
 
 Data parallelism: every rank forms the chunk's batches exactly as one process does and rank r runs
@@ -27,8 +28,9 @@ import torch
 from . import _data
 from . import _distributed as dist
 from ._errors import EvalError
+from ._head import ModelHead
 from ._options import Options
-from ._score import batch_token_stats, collate, forward_logits
+from ._score import batch_token_stats, collate
 from ._sums import Totals, fixed
 from ._windows import llama_cpp_windows, sliding_windows, transformers_windows
 
@@ -165,9 +167,13 @@ class ChunkedScorer:
         return enc["input_ids"], (enc["offset_mapping"] if want else None)
 
     def _batches(self, items):
-        """(batch, slots [B]) for this rank's batches of the chunk: the chunk's items cut into groups of
-        batch_size as one process cuts them; rank r takes groups r, r + world, ..."""
+        """(batch, slots [B]) for this rank's batches of the chunk: the chunk's items sorted by window
+        length, longest first (a stable sort: ties keep document order), and cut into groups of
+        batch_size as one process cuts them; rank r takes groups r, r + world, ... Sorting leaves little
+        padding in a batch, and it changes no total: they are integer sums. (The longest windows come
+        first, so a batch too large for the device fails at once.)"""
         size = self.opts.batch_size
+        items = sorted(items, key=lambda item: -len(item[1].input_ids))
         for b, s in enumerate(range(0, len(items), size)):
             if b % self.world != self.rank:
                 continue
@@ -223,10 +229,13 @@ class ChunkedScorer:
 class Runner(ChunkedScorer):
     """Scores documents with one model; holds the per-file totals."""
 
-    def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1):
+    def __init__(self, model, tokenizer, opts: Options, n_files: int, *, rank: int = 0, world: int = 1,
+                 head: str = "auto", temperature: float = 1.0, keep_hidden: bool = False):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.model = model
-        self.device = next(model.parameters()).device
+        self.head = ModelHead(model, head=head, temperature=temperature)
+        self.keep_hidden = keep_hidden  # keep each batch's scored hidden states (to fit a temperature)
+        self.kept: list = []
         self.totals = [Totals(opts.max_length) for _ in range(n_files)]
         self.count_words = _data.count_words_lm_eval if opts.words == "lm-eval" else _data.count_words
         # offsets are needed where some tokens of a document may go unscored
@@ -250,9 +259,13 @@ class Runner(ChunkedScorer):
         return sum(nbytes[p] for p in scored), sum(words[p] for p in scored)
 
     def _score_batch(self, docs, batch, slots, on_tokens, progress) -> None:
-        logits = forward_logits(self.model, batch, self.device)
-        stats = batch_token_stats(logits, batch, exact_rank=on_tokens is not None)
-        del logits
+        stats = batch_token_stats(self.head, batch)
+        if self.keep_hidden and len(stats["target"]):
+            from ._temperature import Kept
+
+            if not self.head.fused:
+                raise EvalError(f"fitting a temperature needs the fused head; {self.head.reason}")
+            self.kept.append(Kept(self.head.last_hidden.cpu(), stats["target"], stats["context"]))
         slot = slots[stats["row"]]
         doc = torch.tensor([docs[k].index for k in slot.tolist()], dtype=torch.long)
         check_finite({k: stats[k] for k in ("loss", "entropy", "top1_prob", "brier")}, doc, stats["position"])

@@ -1,4 +1,4 @@
-"""From windows to per-token statistics: padding, the forward pass, and the float32 softmax.
+"""From windows to per-token statistics: padding, and the float32 statistics of a chunk of logits.
 
 Padding never changes a number: padded inputs are masked (attention_mask 0), the position ids count
 only real tokens (so left and right padding give every token the same position), and padded positions
@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import torch
 
-import xent
-
+from .. import _linear
 from ._windows import IGNORE, Window
-
-# Rows of float32 [rows, V] temporaries processed at a time: about 2^26 floats (256 MB).
-_CHUNK_ELEMENTS = 1 << 26
 
 
 def collate(windows: list[Window], *, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -39,18 +35,6 @@ def collate(windows: list[Window], *, pad_id: int, padding_side: str = "right") 
     return out
 
 
-@torch.no_grad()
-def forward_logits(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
-    """Logits [B, T, V] in the model's dtype."""
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        use_cache=False,
-    )
-    return out.logits
-
-
 def scored_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the scored positions, in row-major order."""
     return (batch["labels"] != IGNORE).nonzero(as_tuple=True)
@@ -61,64 +45,32 @@ def context_lengths(batch: dict[str, torch.Tensor], rows, cols) -> torch.Tensor:
     return batch["attention_mask"].cumsum(1)[rows, cols]
 
 
-@torch.no_grad()
-def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, exact_rank: bool = True
-                ) -> dict[str, torch.Tensor]:
-    """Per-token statistics of logits [N, V] (any dtype) against targets [N], in float32:
-    loss −log q_y (xent.cross_entropy), entropy −Σ q log q, top-1 probability, rank of the target by
-    its logit (1 = most probable; ties count in the target's favour; V + 1 where the loss is not finite),
-    multi-class Brier Σ_c (q_c − [c = y])². Without ``exact_rank`` ranks past 5 are reported as 6 (a
-    top-5 instead of a pass over the vocabulary: enough for the top-1/top-5 accuracies)."""
-    z = logits.float()
-    loss = xent.cross_entropy(z, targets, reduction="none")
-    logq = torch.log_softmax(z, dim=-1)
-    q = logq.exp()
-    z_y = z.gather(-1, targets[:, None])  # [N, 1]
-    q_y = q.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -torch.linalg.vecdot(q, logq)
-    bad = entropy.isnan()  # a −inf logit: q = 0 times log q = −inf; entr(0) = 0 handles it
-    if bad.any():
-        entropy[bad] = torch.special.entr(q[bad]).sum(-1)
-    if exact_rank:
-        rank = (z > z_y).sum(-1) + 1
-    else:
-        rank = (torch.topk(z, min(5, z.shape[-1]), dim=-1).values > z_y).sum(-1) + 1
-    # NaN compares false, so a row of NaN logits would rank its target first: a row whose loss is not
-    # finite gets rank V + 1 (below every class), never a top-1 or top-5 hit
-    rank = torch.where(torch.isfinite(loss), rank, torch.full_like(rank, z.shape[-1] + 1))
-    return {
-        "loss": loss,
-        "entropy": entropy,
-        "top1_prob": q.amax(-1),
-        "rank": rank,
-        "brier": torch.linalg.vecdot(q, q) - 2 * q_y + 1,
-    }
+def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`logit_stats` of logits [N, V] (any dtype; not changed) in float32."""
+    return logit_stats(logits.float().clone(), targets)
 
 
-def batch_token_stats(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, exact_rank: bool = True
-                      ) -> dict[str, torch.Tensor]:
-    """token_stats of every scored position of a batch (row-major), on the CPU, plus its ``row``,
+def batch_token_stats(head, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """logit_stats of every scored position of a batch (row-major), on the CPU, from the model's
+    final logits a chunk of rows at a time (``head``: a _head.ModelHead), plus each token's ``row``,
     ``position`` (index in its document), ``context`` (tokens of context) and ``target``."""
+    from ._head import chunk_rows
+
     rows, cols = scored_index(batch)
     targets = batch["labels"][rows, cols]
-    out = by_row_chunks(lambda z, y: token_stats(z, y, exact_rank=exact_rank), (logits,), rows, cols, targets)
+    size = chunk_rows(len(rows), head.vocab, head.device)
+    parts = []
+    for s, z in head.chunks(batch, rows, cols, size):
+        stats = logit_stats(z, targets[s : s + len(z)].to(z.device))
+        parts.append({k: v.cpu() for k, v in stats.items()})
+    if parts:
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    else:  # no scored position in the batch
+        out = {k: torch.zeros(0) for k in ("loss", "entropy", "top1_prob", "brier")}
+        out["rank"] = torch.zeros(0, dtype=torch.long)
     out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
                target=targets, previous=previous_inputs(batch, rows, cols))
     return out
-
-
-def by_row_chunks(fn, logits: tuple[torch.Tensor, ...], rows, cols, targets) -> dict[str, torch.Tensor]:
-    """fn(*[N', V] logits at the scored positions, targets [N']) over chunks of rows, so that the float32
-    [N', V] temporaries stay near 2^26 elements; the per-token results concatenated on the CPU."""
-    dev = logits[0].device
-    chunk = max(1, _CHUNK_ELEMENTS // logits[0].shape[-1])
-    parts = []
-    for s in range(0, len(rows), chunk):
-        r, c = rows[s : s + chunk], cols[s : s + chunk]
-        picked = [z[r.to(z.device), c.to(z.device)].to(dev) for z in logits]  # [N', V] each
-        stats = fn(*picked, targets[s : s + chunk].to(dev))
-        parts.append({k: v.cpu() for k, v in stats.items()})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
 def previous_inputs(batch: dict[str, torch.Tensor], rows, cols, k: int = 3) -> torch.Tensor:
@@ -131,3 +83,51 @@ def previous_inputs(batch: dict[str, torch.Tensor], rows, cols, k: int = 3) -> t
     r = rows[:, None].expand_as(idx)
     real = inside & (batch["attention_mask"][r, idx] == 1)
     return torch.where(real, batch["input_ids"][r, idx], torch.full_like(idx, -1))
+
+
+@torch.no_grad()
+def logit_stats(z: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token statistics of final logits z [C, V] float32 (overwritten) against targets [C]: loss
+    −log q_y, entropy −Σ q log q, top-1 probability, rank of the target by its logit (1 = most
+    probable; ties in the target's favour; V + 1 where the loss is not finite), Brier Σ_c (q_c − [c = y])².
+    One logsumexp per row: m = max z, e = exp(z − m), S = Σ e."""
+    parts = [_stats_block(z[b], targets[b]) for b in row_blocks(z)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def row_blocks(z: torch.Tensor):
+    """Row blocks of a chunk: on the CPU about 8 MiB of float32 logits each, so that the passes over a
+    block run in cache; on an accelerator the whole chunk."""
+    if z.device.type != "cpu":
+        return [slice(0, z.shape[0])]
+    return list(_linear._blocks(z.shape[0], z.shape[1]))
+
+
+def _stats_block(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    V = z.shape[-1]
+    m = z.amax(-1)  # [C]
+    z_y = z.gather(-1, y[:, None]).squeeze(-1)
+    e = torch.empty_like(z)
+    # rank: 1 + count(z > z_y), the comparison written as 0/1 floats (exact below 2^24 classes), which
+    # sums several times faster on the CPU than a bool tensor
+    rank = torch.gt(z, z_y[:, None], out=e).sum(-1).long() + 1
+    z.sub_(m[:, None])  # z − m ≤ 0: exp cannot overflow
+    torch.exp(z, out=e)
+    S = e.sum(-1)
+    log_s = S.log()
+    loss = (m - z_y) + log_s
+    ez = torch.linalg.vecdot(e, z)  # Σ e (z − m)
+    bad = ez.isnan() & torch.isfinite(m)  # a −inf logit: e = 0 times z − m = −inf; it adds nothing
+    if bad.any():
+        ez[bad] = torch.where(e[bad] > 0, e[bad] * z[bad], torch.zeros_like(z[bad])).sum(-1)
+    q_y = torch.exp(z_y - m) / S
+    # NaN compares false, so a row of NaN logits would rank its target first: a row whose loss is not
+    # finite gets rank V + 1 (below every class), never a top-1 or top-5 hit
+    rank = torch.where(torch.isfinite(loss), rank, torch.full_like(rank, V + 1))
+    return {
+        "loss": loss,
+        "entropy": log_s - ez / S,
+        "top1_prob": 1.0 / S,  # the max's e is exp(0) = 1
+        "rank": rank,
+        "brier": torch.linalg.vecdot(e, e) / (S * S) - 2 * q_y + 1,
+    }

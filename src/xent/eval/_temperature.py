@@ -1,104 +1,99 @@
-"""Temperature: the predictive distribution softmax(z / τ) as τ varies, and the fitted temperature
-T* = argmin_T Σ_t ℓ_t(z_t / T) (REFERENCE.md §4), from logits held in memory.
+"""Temperature scaling (Guo et al. 2017): the T* that minimises the corpus NLL Σ_t ℓ_t(z_t / T).
 
-Dividing the logits by τ changes neither the ranking nor the top-1 token (so the accuracy), only the
-probabilities: the entropy rises with τ (from 0 at τ → 0 to log V at τ → ∞), the loss is convex in
-1/τ, and the confidence falls as τ grows.
+With β = 1/T the corpus NLL F(β) = Σ_t [logsumexp(β z_t) − β z_{t,y}] is convex in β, with
+F'(β) = Σ_t (E_q[z] − z_y) and F''(β) = Σ_t Var_q[z] (q = softmax(β z_t)): Newton's method on β from
+β = 1, a step halved while it does not lower F, converges in a few passes. Each pass re-projects the
+scored hidden states kept by the run (N × D in the model's dtype, on the CPU) a chunk at a time; the
+logits are never kept. Under torch.distributed each rank holds its own batches' states and the
+per-pass sums are added over the ranks (in rank order: every rank finds the same T*).
 """
 
 from __future__ import annotations
 
-import math
+import torch
 
-from ._sums import ECE_BINS
-
-_ROWS = 4096  # rows of logits per chunk (float32 [rows, V] temporaries)
-
-
-def _check(logits, targets):
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be [N, V] and targets [N], got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-    if len(targets) == 0:
-        raise ValueError("no tokens: logits has zero rows")
+from . import _distributed as dist
+from ._errors import EvalError
+from ._head import chunk_rows
+from ._score import logit_stats
+from ._sums import Totals
 
 
-def token_stats_at(logits, targets, temperature: float) -> dict:
-    """Per-token [N] tensors of softmax(z / τ), computed in float32 and returned in float64: ``loss``
-    −log q_y, ``entropy`` −Σ q log q, ``confidence`` max q, and ``correct`` (1 if no logit exceeds the
-    target's: independent of τ)."""
-    import torch
+class Kept:
+    """The scored hidden states [N, D], targets [N] and context lengths [N] of one batch."""
 
-    _check(logits, targets)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    parts = []
-    for s in range(0, len(targets), _ROWS):
-        z = logits[s : s + _ROWS].float() / temperature  # [n, V]
-        y = targets[s : s + _ROWS]
-        logq = torch.log_softmax(z, dim=-1)
-        q = logq.exp()
-        z_y = z.gather(-1, y[:, None])
-        parts.append({
-            "loss": -logq.gather(-1, y[:, None]).squeeze(-1).double(),
-            "entropy": -(q * logq).nan_to_num(0.0).sum(-1).double(),  # 0·log 0 = 0
-            "confidence": q.amax(-1).double(),
-            "correct": ((z > z_y).sum(-1) == 0).double(),
-        })
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    def __init__(self, hidden: torch.Tensor, targets: torch.Tensor, context: torch.Tensor):
+        self.hidden, self.targets, self.context = hidden, targets, context
 
 
-def ece(confidence, correct) -> float:
-    """Expected calibration error with 15 equal-width bins [b/15, (b+1)/15) (the last closed), as
-    xent.eval: Σ_b |Σ_{t∈b} (correct_t − confidence_t)| / N."""
-    import torch
-
-    b = torch.clamp((confidence * ECE_BINS).floor().long(), 0, ECE_BINS - 1)
-    gap = torch.zeros(ECE_BINS, dtype=torch.float64).index_add_(0, b, correct.double() - confidence.double())
-    return float(gap.abs().sum() / len(confidence))
-
-
-def temperature_scan(logits, targets, temperatures) -> list[dict]:
-    """For each τ: the mean loss (nats/token), mean entropy (nats), ECE, mean confidence and accuracy of
-    softmax(z / τ) over the N tokens."""
-    rows = []
-    for t in temperatures:
-        s = token_stats_at(logits, targets, float(t))
-        rows.append({"temperature": float(t), "nll_mean": float(s["loss"].mean()),
-                     "entropy_mean": float(s["entropy"].mean()), "ece": ece(s["confidence"], s["correct"]),
-                     "confidence_mean": float(s["confidence"].mean()),
-                     "accuracy": float(s["correct"].mean())})
-    return rows
+def _chunks(head, kept: list[Kept]):
+    """(float32 final logits at T = 1 [C, V], targets [C], context [C]) over the kept batches."""
+    for k in kept:
+        size = chunk_rows(len(k.targets), head.vocab, head.device)
+        for s in range(0, len(k.targets), size):
+            h = k.hidden[s : s + size].to(head.device)
+            yield head.project(h), k.targets[s : s + size].to(head.device), k.context[s : s + size]
 
 
-def fit_temperature(logits, targets, *, tol: float = 1e-7, max_iter: int = 100) -> float:
-    """T* = argmin_T Σ_t ℓ_t(z_t / T), by Newton's method on β = 1/T, where the loss is convex:
-    d/dβ Σ_t [logsumexp(β z_t) − β z_{t,y}] = Σ_t (E_q[z_t] − z_{t,y}), d²/dβ² = Σ_t Var_q(z_t) ≥ 0
-    (q = softmax(β z_t)). A step that would make β ≤ 0 is halved. Raises if the minimum is at β → 0
-    or β → ∞ (every target the top token, or none) or Newton does not converge."""
-    import torch
+@torch.no_grad()
+def _pass(head, kept: list[Kept], beta: float) -> tuple[float, float, float, int]:
+    """(F(β), F'(β), F''(β), tokens) summed over this rank's kept tokens, in float64."""
+    f = g = h = 0.0
+    n = 0
+    for z, y, _ in _chunks(head, kept):
+        z_y = z.gather(-1, y[:, None]).squeeze(-1).double()
+        z.mul_(beta)
+        m = z.amax(-1)
+        e = torch.exp(z - m[:, None])
+        S = e.sum(-1)
+        z.div_(beta)  # back to z: the derivatives are in z
+        mean = torch.linalg.vecdot(e, z) / S  # E_q[z]
+        var = torch.linalg.vecdot(e, (z - mean[:, None]).square_()) / S  # Var_q[z]
+        f += float(((m.double() + S.double().log()) - beta * z_y).sum())
+        g += float((mean.double() - z_y).sum())
+        h += float(var.double().sum())
+        n += len(y)
+    return f, g, h, n
 
-    _check(logits, targets)
+
+def _all_sum(values: tuple) -> tuple:
+    gathered = dist.all_gather(values)
+    return tuple(sum(v[i] for v in gathered) for i in range(len(values)))
+
+
+def fit_temperature(head, kept: list[Kept], *, max_passes: int = 30) -> tuple[float, int]:
+    """(T*, passes): the temperature minimising the NLL of the kept tokens (all ranks). Newton steps on
+    β = 1/T, each halved (one more pass) while it raises F beyond the float32 rounding of the sum; stops
+    when a step is below 1e-7·β (the per-token values are float32: F' is known to about that)."""
     beta = 1.0
-    for _ in range(max_iter):
-        grad = hess = 0.0
-        for s in range(0, len(targets), _ROWS):
-            z = logits[s : s + _ROWS].float()  # float32 rows, float64 sums
-            y = targets[s : s + _ROWS]
-            q = torch.softmax(beta * z, dim=-1)
-            mean = (q * z).sum(-1)
-            grad += float((mean - z.gather(-1, y[:, None]).squeeze(-1)).double().sum())
-            hess += float((q * (z - mean[:, None]) ** 2).sum(-1).double().sum())
-        if hess <= 0:
-            raise ValueError("the loss is flat in the temperature (every row's logits are equal)")
-        step = grad / hess
-        new = beta - step
-        while new <= 0:
+    f, g, h, n = _all_sum(_pass(head, kept, beta))
+    passes = 1
+    if n == 0:
+        raise EvalError("no tokens to fit a temperature on")
+    while passes < max_passes and h > 0:
+        step = -g / h
+        if abs(step) <= 1e-7 * beta:
+            break
+        while beta + step <= 0:  # stay at β > 0
             step /= 2
-            new = beta - step
-        if abs(new - beta) <= tol * max(1.0, beta):
-            return 1.0 / new
-        if new > 1e6:
-            raise ValueError("the fitted temperature goes to 0: every target is the top token")
-        beta = new
-    raise ValueError(f"the fitted temperature did not converge in {max_iter} Newton steps (β = {beta})")
+        while passes < max_passes:
+            f2, g2, h2, _ = _all_sum(_pass(head, kept, beta + step))
+            passes += 1
+            if f2 <= f + 1e-7 * abs(f):  # not higher, up to the float32 rounding of the sum: accept
+                break
+            step /= 2
+        else:
+            break
+        beta, f, g, h = beta + step, f2, g2, h2
+    return 1.0 / beta, passes
+
+
+@torch.no_grad()
+def totals_at(head, kept: list[Kept], temperature: float, max_length: int) -> Totals:
+    """This rank's Totals of the kept tokens with logits divided by ``temperature``."""
+    t = Totals(max_length)
+    for z, y, context in _chunks(head, kept):
+        stats = {k: v.cpu() for k, v in logit_stats(z.div_(temperature), y).items()}
+        stats["context"] = context
+        t.add_tokens(stats)  # a non-finite value raises EvalError (fixed point), never summed
+    return t

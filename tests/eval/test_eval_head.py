@@ -1,0 +1,184 @@
+"""The fused evaluation head (decoder, then the output embeddings on the scored positions only) against a
+float64 computation from the model's own logits, for the architectures whose final logits are
+transformed: Gemma 2 soft-capping, Cohere logit scale, Granite logits scaling; and the fallback to the
+model's forward for a forward the head does not know."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from eval_reference import metrics, records_one_window
+
+import xent.eval
+from xent.eval._compare import pair_stats
+
+transformers = pytest.importorskip("transformers")
+
+KEYS = ["nll_mean", "nll_se_token", "nll_se_document", "perplexity", "bits_per_byte", "top1_accuracy",
+        "top5_accuracy", "entropy_mean", "ece", "brier"]
+DOCS = ["The quick brown fox jumps over the lazy dog.", "Hi.", "Cross-entropy measures how well a model",
+        "Perplexity is the exponential of the mean negative log-likelihood", "A sliding window"]
+
+
+def tiny(arch: str, vocab: int, seed: int = 0, **extra):
+    """A tiny model whose logits spread over several nats (a random head gives nearly uniform ones)."""
+    model = _tiny(arch, vocab, seed, **extra)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+def _tiny(arch: str, vocab: int, seed: int, **extra):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=1, max_position_embeddings=64)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    if arch == "llama":  # an untied head
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False,
+                                                                      **extra)).eval()
+    if arch == "gemma2":  # final-logit soft-capping, small enough to bend these logits
+        cfg = transformers.Gemma2Config(**common, head_dim=16, **{"final_logit_softcapping": 2.0, **extra})
+        return transformers.Gemma2ForCausalLM(cfg).eval()
+    if arch == "cohere":
+        cfg = transformers.CohereConfig(**common, **{"logit_scale": 4.0, "tie_word_embeddings": False,
+                                                     **extra})
+        return transformers.CohereForCausalLM(cfg).eval()
+    if arch == "granite":
+        cfg = transformers.GraniteConfig(**common, **{"logits_scaling": 0.25, **extra})
+        return transformers.GraniteForCausalLM(cfg).eval()
+    raise ValueError(arch)
+
+
+# the transform each architecture applies, and its value that does nothing (to show it matters here)
+NEUTRAL = {"gemma2": {"final_logit_softcapping": None}, "cohere": {"logit_scale": 1.0},
+           "granite": {"logits_scaling": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def tok(model_and_tokenizer):
+    return model_and_tokenizer[1]
+
+
+def _per_token(model, tok, **kw):
+    rows = []
+
+    def keep(st):
+        names = ("doc", "position", "loss", "entropy", "top1_prob", "rank")
+        rows.extend(zip(*(st[k].tolist() for k in names)))
+
+    r = xent.eval.evaluate(model, tok, DOCS, max_length=64, model_sha256="-", on_tokens=keep, **kw)
+    return r, sorted(rows)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_fused_head_equals_the_float64_logits_path(arch, side, tok):
+    model = tiny(arch, len(tok))
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in DOCS]
+    per_doc = records_one_window(model, ids, tok.bos_token_id)  # model(...).logits, float64 after
+    want = metrics(per_doc, DOCS)
+    got, rows = _per_token(model, tok, batch_size=3, padding_side=side)
+    assert got.config["head"] == "fused"
+    g = got.to_dict()
+    for k in ("tokens", "documents", "bytes"):
+        assert g[k] == want[k]
+    for k in KEYS:
+        assert g[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+    # every token's values, against the float64 log-softmax of the model's own logits
+    flat = [rec for recs in per_doc for rec in recs]
+    assert len(rows) == len(flat)
+    for (_, _, loss, ent, top1, rank), (logp, y, _) in zip(rows, flat):
+        p = logp.exp()
+        assert loss == pytest.approx(-logp[y].item(), rel=1e-5, abs=1e-6)
+        assert ent == pytest.approx(-(p * logp).sum().item(), rel=1e-5, abs=1e-6)
+        assert top1 == pytest.approx(p.max().item(), rel=1e-5)
+        assert rank == 1 + int((logp > logp[y]).sum())
+    if arch in NEUTRAL:  # the transform changes these numbers: leaving it out would fail above
+        plain = xent.eval.evaluate(tiny(arch, len(tok), **NEUTRAL[arch]), tok, DOCS, max_length=64,
+                                   model_sha256="-")
+        assert abs(plain.nll_mean - got.nll_mean) > 1e-3
+
+
+class ScaledGPT2(transformers.GPT2LMHeadModel if transformers else object):
+    """A forward that does something the fused head cannot know: halves its logits."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_an_unknown_forward_is_scored_with_the_forward_and_says_so(tok, capsys):
+    torch.manual_seed(0)
+    model = ScaledGPT2(transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                               n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in DOCS]
+    want = metrics(records_one_window(model, ids, tok.bos_token_id), DOCS)
+    capsys.readouterr()
+    got = xent.eval.evaluate(model, tok, DOCS, max_length=64, batch_size=2, model_sha256="-")
+    err = capsys.readouterr().err
+    assert "ScaledGPT2" in err and "own forward" in err
+    assert got.config["head"] == "forward"
+    for k in KEYS:
+        assert got.to_dict()[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+
+
+def test_forward_head_on_request_gives_the_fused_numbers(tok, capsys):
+    model = tiny("gemma2", len(tok))
+    fused = xent.eval.evaluate(model, tok, DOCS, max_length=64, batch_size=2, model_sha256="-")
+    forward = xent.eval.evaluate(model, tok, DOCS, max_length=64, batch_size=2, model_sha256="-",
+                                 head="forward")
+    assert (fused.config["head"], forward.config["head"]) == ("fused", "forward")
+    for k in KEYS:
+        assert fused.to_dict()[k] == pytest.approx(forward.to_dict()[k], rel=1e-5, abs=1e-7), k
+    with pytest.raises(xent.eval.EvalError, match="head must be one of"):
+        xent.eval.evaluate(model, tok, DOCS, head="logits")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere"])
+def test_fused_compare_equals_float64_pair_statistics(arch, tok):
+    base, model = tiny(arch, len(tok), seed=0), tiny(arch, len(tok), seed=1)
+    got = xent.eval.compare(base, model, tok, DOCS, max_length=64, batch_size=3, padding_side="left",
+                            model_sha256={}, data_sha256="-")
+    assert got.config["head"] == {"base": "fused", "model": "fused"}
+    kl, nb, nm = [], [], []
+    with torch.no_grad():
+        for doc in DOCS:
+            src = torch.tensor([[tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]])
+            lp = torch.log_softmax(base(input_ids=src).logits[0].double(), -1)[:-1]
+            lq = torch.log_softmax(model(input_ids=src).logits[0].double(), -1)[:-1]
+            y = src[0, 1:]
+            kl += (lp.exp() * (lp - lq)).sum(-1).tolist()
+            nb += (-lp.gather(-1, y[:, None])).squeeze(-1).tolist()
+            nm += (-lq.gather(-1, y[:, None])).squeeze(-1).tolist()
+    assert got.tokens == len(kl) and math.fsum(kl) / len(kl) > 1e-2  # models that differ
+    assert got.kl_mean == pytest.approx(math.fsum(kl) / len(kl), rel=1e-4)
+    assert got.nll_base == pytest.approx(math.fsum(nb) / len(nb), rel=1e-6)
+    assert got.nll_model == pytest.approx(math.fsum(nm) / len(nm), rel=1e-6)
+    assert got.kl_max == pytest.approx(max(kl), rel=1e-4)
+
+
+def test_pair_stats_with_minus_inf_logits():
+    # a vocabulary entry masked to −inf in both models (p = q = 0): it adds nothing to the KL
+    zb = torch.tensor([[2.0, 1.0, -math.inf], [0.5, -math.inf, 0.1]])
+    zm = torch.tensor([[1.0, 1.5, -math.inf], [0.2, -math.inf, 0.3]])
+    got = pair_stats(zb, zm, torch.tensor([0, 2]))
+    lp = torch.log_softmax(zb.double(), -1).tolist()
+    lq = torch.log_softmax(zm.double(), -1).tolist()
+
+    def kl(a, b):
+        return [sum(math.exp(x) * (x - y) for x, y in zip(r, s) if x > -math.inf) for r, s in zip(a, b)]
+
+    mix = [[math.log((math.exp(x) + math.exp(y)) / 2) if x > -math.inf else -math.inf for x, y in zip(r, s)]
+           for r, s in zip(lp, lq)]
+    close = lambda v: pytest.approx(v, rel=1e-5, abs=1e-7)  # noqa: E731
+    assert got["kl"].tolist() == close(kl(lp, lq))
+    assert got["rkl"].tolist() == close(kl(lq, lp))
+    assert got["jsd"].tolist() == close([(a + b) / 2 for a, b in zip(kl(lp, mix), kl(lq, mix))])
+    assert torch.isfinite(got["nll_base"]).all() and torch.isfinite(got["dp"]).all()
