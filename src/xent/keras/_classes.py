@@ -7,8 +7,9 @@ xent's: "mean" over the valid targets. ``call`` still returns the per-token loss
 
 from __future__ import annotations
 
-import keras
 import numpy as np
+
+import keras
 from keras import ops
 
 from .. import _validate as V
@@ -38,7 +39,7 @@ class _TokenLoss(keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None, *, num_items=None):
         mask = getattr(y_pred, "_keras_mask", None)
-        with ops.name_scope(self.name):
+        with keras.name_scope(self.name):
             if mask is not None:
                 y_true = ops.where(ops.cast(mask, "bool"), C.as_ids(y_true, tuple(mask.shape), name="y_true",
                                                                      lead_name="the mask"),
@@ -173,7 +174,7 @@ class BinaryCrossEntropy(keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None, *, num_items=None):
         mask = getattr(y_pred, "_keras_mask", None)
-        with ops.name_scope(self.name):
+        with keras.name_scope(self.name):
             y_pred = C.as_tensor("y_pred", y_pred)
             if mask is not None:
                 m = C.broadcast_sample_weight(ops.cast(mask, "bool"), tuple(y_pred.shape), "mask")

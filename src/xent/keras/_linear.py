@@ -125,7 +125,7 @@ def linear_cross_entropy(hidden, kernel, target, *, bias=None, transpose_kernel:
         value = fused(h3, kernel, bias)
     # ids out of range can only reach here under tracing (checked eagerly above): NaN, never a clamp.
     bad = ops.any(C.out_of_range(y, valid, num_classes))
-    return value + ops.where(bad, float("nan"), 0.0)
+    return value + ops.cast(ops.where(bad, float("nan"), 0.0), value.dtype)
 
 
 def _fused(h3, kernel, bias, y3, inv, *, label_smoothing, z_loss, softcap, ignore_index, transpose_kernel,
@@ -151,10 +151,13 @@ def _fused(h3, kernel, bias, y3, inv, *, label_smoothing, z_loss, softcap, ignor
         if b is not None:
             z = z + b
         if softcap is not None:
-            t = ops.tanh(z / softcap)
+            t = C.tanh(z / softcap)
             z = softcap * t
         valid = y != ignore_index
-        safe = ops.where(valid, y, ops.zeros_like(y))
+        # an id out of range (only possible under tracing) must not reach a gather: TensorFlow raises on
+        # it and JAX clamps; it is counted as 0 here and the loss is made NaN outside
+        in_range = ops.logical_and(valid, ops.logical_and(y >= 0, y < num_classes))
+        safe = ops.where(in_range, y, ops.zeros_like(y))
         m = ops.max(z, axis=-1, keepdims=True)
         m = ops.where(ops.isfinite(m), m, ops.zeros_like(m))
         e = ops.exp(z - m)
@@ -165,7 +168,8 @@ def _fused(h3, kernel, bias, y3, inv, *, label_smoothing, z_loss, softcap, ignor
         loss = (1.0 - eps) * ((m - z_y) + rel)  # −log q_y = (m − z_y) + log Σ exp(z − m)
         coef = 1.0  # Σ of the target's weights: (1 − ε) on y, ε/V on each class
         if eps > 0.0:
-            loss = loss + eps * (rel - ops.mean(z - ops.expand_dims(m, -1), axis=-1))
+            # ε·(rel − Σ(z − m)/V): a sum, as Keras' mean loses float64 digits under JAX
+            loss = loss + eps * (rel - ops.sum(z - ops.expand_dims(m, -1), axis=-1) / num_classes)
         if z_loss > 0.0:
             lse = m + rel
             loss = loss + z_loss * ops.square(lse)

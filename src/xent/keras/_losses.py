@@ -161,7 +161,10 @@ def _one_minus_q(nll):
 
 def tailr_terms(nll, *, gamma, threshold):
     # q/(γ + (1−γ)q) = 1/((1−γ) + γ·e^{nll}): no division by a vanishing q_y; e^{nll} = inf gives 0.
-    weight = ops.stop_gradient(ops.clip(1.0 / ((1.0 - gamma) + gamma * ops.exp(nll)), threshold, 1.0))
+    weight = 1.0 / ((1.0 - gamma) + gamma * ops.exp(nll))
+    # clamp to [b, 1] with bounds in the weight's dtype (Keras' clip rounds Python bounds to float32)
+    weight = ops.minimum(ops.maximum(weight, ops.full_like(weight, threshold)), ops.ones_like(weight))
+    weight = ops.stop_gradient(weight)
     return weight * nll
 
 
@@ -195,7 +198,9 @@ def _nll_loss(terms, logits, target, *, label_smoothing, softcap, ignore_index, 
     eps = label_smoothing
     if eps > 0.0:
         # (ε/V)·Σ_c (lse − z_c) = ε·(rel − mean(z − m)); the smoothing term is not reweighted.
-        per_token = (1.0 - eps) * per_token + eps * (rel - ops.mean(z - ops.expand_dims(m, -1), axis=-1))
+        # a sum over V, not ops.mean: Keras' mean loses float64 digits under JAX
+        centred = ops.sum(z - ops.expand_dims(m, -1), axis=-1) / z.shape[-1]
+        per_token = (1.0 - eps) * per_token + eps * (rel - centred)
     if sw is not None:
         per_token = per_token * sw
     return _finish(per_token, valid, bad, reduction, num_items, sw)
