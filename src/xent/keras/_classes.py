@@ -44,7 +44,8 @@ class _TokenLoss(keras.losses.Loss):
                 y_true = ops.where(ops.cast(mask, "bool"), C.as_ids(y_true, tuple(mask.shape), name="y_true",
                                                                      lead_name="the mask"),
                                    self.ignore_index)
-            return self._run(y_true, y_pred, self.reduction, sample_weight, num_items)
+            loss = self._run(y_true, y_pred, self.reduction, sample_weight, num_items)
+            return C.scale_for_replicas(loss) if self.reduction == "mean" and num_items is None else loss
 
     def call(self, y_true, y_pred):
         """Per-token losses (reduction "none"), 0 at ignored targets."""
@@ -183,7 +184,8 @@ class BinaryCrossEntropy(keras.losses.Loss):
             if sample_weight is not None:
                 weight = C.broadcast_sample_weight(sample_weight, tuple(y_pred.shape))
                 weight = ops.cast(weight, C.compute_dtype(y_pred))
-            return self._run(y_true, y_pred, self.reduction, weight, num_items)
+            loss = self._run(y_true, y_pred, self.reduction, weight, num_items)
+            return C.scale_for_replicas(loss) if self.reduction == "mean" and num_items is None else loss
 
     def call(self, y_true, y_pred):
         return self._run(y_true, y_pred, "none", None, None)

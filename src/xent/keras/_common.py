@@ -223,6 +223,19 @@ def mean_denominator(valid, num_items, token_weight, dtype):
     return ops.where(count > 0, denom, ops.ones_like(denom))
 
 
+def scale_for_replicas(value):
+    """A per-replica mean times 1/replicas under tf.distribute, as Keras' own losses are scaled: the
+    gradients are summed over replicas, so the step then follows the mean of the replicas' means. (With
+    ``num_items``, the global count, the plain sum over replicas is already the exact mean: not scaled.)"""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * (1.0 / replicas)
+    return value
+
+
 def reduce_tokens(per_token, valid, reduction: str, num_items=None, token_weight=None):
     """per_token is 0 where not valid; token_weight only changes the mean's denominator."""
     if reduction == "none":

@@ -281,7 +281,7 @@ class LMHead(keras.layers.Layer):
             return logits if self.bias is None else logits + ops.cast(self.bias, hidden.dtype)
         loss = linear_cross_entropy(hidden, kernel, labels, bias=self.bias, transpose_kernel=transposed,
                                     **self.loss_options)
-        self.add_loss(loss)
+        self.add_loss(C.scale_for_replicas(loss))  # as a compiled Keras loss under tf.distribute
         return loss
 
     def compute_output_spec(self, hidden, labels=None):
