@@ -99,8 +99,8 @@ def child(spec: dict) -> dict:
             peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         del out
     return {"impl": spec["impl"], "shape": spec["shape"], "loss": value,
-            "time_s": statistics.median(times), "times": times, "extra_mb": (peak_kb - base_kb) / 1024, "peak_reset": reset,
-            "jax": jax.__version__, "keras": keras.__version__}
+            "time_s": statistics.median(times), "times": times, "extra_mb": (peak_kb - base_kb) / 1024,
+            "peak_reset": reset, "jax": jax.__version__, "keras": keras.__version__}
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -109,7 +109,8 @@ def run_child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
-        return {"impl": spec["impl"], "error": p.stderr.strip().splitlines()[-1] if p.stderr else p.returncode}
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+        return {"impl": spec["impl"], "error": last}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
