@@ -7,12 +7,12 @@ Implementations:
     xent_plain  jax.value_and_grad(lambda h, W: xent.keras.cross_entropy(h @ W, y))   (full logits too)
 
 Method: every (implementation, shape) runs in its own fresh process (KERAS_BACKEND=jax). The child builds
-the inputs (h [N, D], W [D, V] float32, y [N]), compiles the jitted step ahead of time and runs it once
-(warm-up), frees what it can (malloc_trim), resets the kernel's peak-RSS counter (/proc/self/clear_refs
-"5"; where that is refused, ru_maxrss is used and includes the compilation) and reads the RSS; then one
-step is timed and extra peak memory = VmHWM − that RSS (it includes the returned gradients, [N, D] +
-[D, V], for every implementation). More steps are timed for the median. Ratios are of medians measured in
-the same invocation.
+the inputs (h [N, D], W [D, V] float32, y [N]) and compiles the jitted step ahead of time, frees what it
+can (malloc_trim), resets the kernel's peak-RSS counter (/proc/self/clear_refs "5"; where that is refused,
+ru_maxrss is used and includes the compilation) and reads the RSS; then it runs the step once: extra peak
+memory = VmHWM − that RSS (it includes the returned gradients, [N, D] + [D, V], for every
+implementation, and anything the first execution allocates for good). Then --steps steps are timed.
+Ratios are of medians measured in the same invocation.
 
     python benchmarks/keras_linear_cross_entropy.py                     # 1024×256×8192, a minute
     python benchmarks/keras_linear_cross_entropy.py --shape 4096x512x32000 --repeats 3
@@ -82,21 +82,21 @@ def child(spec: dict) -> dict:
         "xent_plain": lambda h, w: xk.cross_entropy(h @ w, y),
     }[spec["impl"]]
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w).compile()
-    out = step(h, w)
-    jax.block_until_ready(out)
-    value = float(out[0])
-    del out
     _trim()
     reset = _reset_peak()
     base_kb = _status_kb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the first execution is the memory measurement: whatever it allocates, once or every time, counts
+    out = step(h, w)
+    jax.block_until_ready(out)
+    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    value = float(out[0])
+    del out
     times = []
-    for i in range(spec["steps"]):
+    for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         out = step(h, w)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
-        if i == 0:
-            peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         del out
     return {"impl": spec["impl"], "shape": spec["shape"], "loss": value,
             "time_s": statistics.median(times), "times": times, "extra_mb": (peak_kb - base_kb) / 1024,

@@ -234,6 +234,24 @@ def _():
     return out
 
 
+@check("sample_weight")
+def _():
+    """Per-token weights with class weights and z-loss, the Loss classes' keyword path, and num_items."""
+    x = rng.standard_normal((3, 6, 7)) * 2
+    y = rng.integers(0, 7, (3, 6))
+    y[0, :2] = IGNORE
+    sw = rng.random((3, 6)) + 0.25
+    cw = rng.random(7) + 0.5
+    loss = compiled(lambda t: xk.cross_entropy(t, y, weight=cw, z_loss=0.05, sample_weight=sw))
+    per_row = compiled(lambda t: xk.cross_entropy(t, y, sample_weight=sw[:, 0]))  # [B] weights
+    tailr_class = xk.TaiLr(gamma=0.1, threshold=0.2, shift=True)
+    return {"logits": x, "target": y, "sw": sw, "cw": cw, "value": to_numpy(loss(x)),
+            "per_row": to_numpy(per_row(x)),
+            "tailr_class_shift": to_numpy(tailr_class(y, x, num_items=11)),
+            "tailr_fn_shift": to_numpy(xk.tailr_loss(x[:, :-1], y[:, 1:], gamma=0.1, threshold=0.2,
+                                                     num_items=11))}
+
+
 @check("mixed_precision")
 def _():
     x = rng.standard_normal((3, 5, 40)).astype("float32") * 3

@@ -181,6 +181,28 @@ def test_binary_cross_entropy_equals_keras_and_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_weight_is_a_per_token_weight(backend):
+    """REFERENCE.md §1: ℓ_t·w_t, "mean" divides by Σ_valid w_t·w_y; the z-loss averages over the valid
+    tokens (weighted by w_t), never over Σ w_y."""
+    r = results(backend, "sample_weight")
+    x, y = torch.tensor(r["logits"]), torch.tensor(r["target"])
+    sw, cw = torch.tensor(r["sw"]), torch.tensor(r["cw"])
+    valid = y != IGNORE
+    ce = xent.cross_entropy(x, y, weight=cw, reduction="none")  # w_y·nll, 0 where ignored
+    lse_sq = torch.logsumexp(x, -1).square()
+    w_y = cw[y.clamp(min=0)]
+    s = torch.where(valid, sw, 0.0)
+    expected = (s * ce).sum() / (s * w_y).sum() + 0.05 * (s * lse_sq).sum() / s.sum()
+    np.testing.assert_allclose(r["value"], expected.item(), rtol=1e-10)
+    s_row = torch.where(valid, sw[:, :1].expand_as(sw), 0.0)
+    plain = xent.cross_entropy(x, y, reduction="none")
+    np.testing.assert_allclose(r["per_row"], ((s_row * plain).sum() / s_row.sum()).item(), rtol=1e-10)
+    np.testing.assert_allclose(r["tailr_class_shift"], r["tailr_fn_shift"], rtol=1e-12)
+    ref = xent.tailr_loss(x[:, :-1], y[:, 1:], gamma=0.1, threshold=0.2, num_items=11)
+    np.testing.assert_allclose(r["tailr_class_shift"], ref.item(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_logits_softmax_in_float32(backend):
     r = results(backend, "mixed_precision")
     assert bool(r["dtype_is_float32"])
