@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || { echo "creating $(VENV) (python3 -m venv)"; python3 -m venv $(VENV); }
 	@echo "installing xent, its extras and the test tools into $(VENV) (1-2 minutes the first time)..."
 	$(PY) -m pip install --progress-bar on --upgrade pip
-	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[all,test]'
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[all,keras,test]'
 	touch $(STAMP)
 	@echo "installed: the commands are in $(VENV)/bin (source $(VENV)/bin/activate, or run $(VENV)/bin/xent)"
 

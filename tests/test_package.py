@@ -10,7 +10,8 @@ import xent
 def test_import_needs_only_torch():
     code = (
         "import sys, xent; "
-        "heavy = [m for m in ('transformers', 'tokenizers', 'datasets', 'matplotlib', 'rich', 'pyarrow') "
+        "heavy = [m for m in ('transformers', 'tokenizers', 'datasets', 'matplotlib', 'rich', 'pyarrow', "
+        "'keras', 'tensorflow', 'jax') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -20,7 +21,8 @@ def test_import_needs_only_torch():
 def test_public_api_is_listed():
     for name in xent.__all__:
         assert getattr(xent, name) is not None, name
-    for name in ("cross_entropy", "causal_lm_loss", "count_items", "linear_cross_entropy", "linear_loss"):
+    for name in ("cross_entropy", "causal_lm_loss", "count_items", "linear_cross_entropy", "linear_loss",
+                 "binary_cross_entropy"):
         assert name in xent.__all__
 
 

@@ -1,13 +1,15 @@
 """xent: exact, memory-lean cross-entropy for language models.
 
 The public API is flat: ``xent.cross_entropy``, ``xent.causal_lm_loss``, ``xent.count_items``; loss
-objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs only PyTorch.
+objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs only PyTorch;
+``xent.keras`` (Keras 3, any backend) is imported on first use.
 """
 
 from . import losses
 from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
 from ._logprobs import linear_log_probs, log_probs
+from .losses._binary import binary_cross_entropy
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._emo import emo_loss
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "binary_cross_entropy",
     "causal_lm_loss",
     "count_items",
     "cross_entropy",
@@ -41,7 +44,7 @@ __all__ = [
 
 
 # Subpackages loaded on first attribute access, so `import xent` stays light (STYLE.md §9).
-_LAZY_SUBMODULES = ("nn", "eval", "parallel", "integrations")
+_LAZY_SUBMODULES = ("nn", "eval", "parallel", "integrations", "keras")
 # Functions whose modules pull in more than torch: name -> (module, attribute).
 _LAZY_FUNCTIONS = {"train": (".training", "train")}
 

@@ -1,0 +1,175 @@
+"""xent.binary_cross_entropy: equal to torch's binary_cross_entropy_with_logits for every option torch has
+(values and gradients), a float64 reference written with explicit sigmoids, and xent's own rules
+(ignore_index, num_items, all-ignored → 0, label smoothing as Keras)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+
+D = torch.float64
+
+
+def _inputs(shape=(4, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=D) * 3).requires_grad_(True)
+    y = torch.rand(shape, generator=g, dtype=D)  # soft targets
+    return x, y
+
+
+def _ref(x, y, weight=None, pos_weight=None, eps=0.0):
+    """ℓ = −w[pw·y·log σ(x) + (1−y)·log(1−σ(x))] with σ formed explicitly, in float64 (moderate x only)."""
+    s = 1.0 / (1.0 + torch.exp(-x.detach().to(D)))
+    y = y.to(D) * (1 - eps) + eps / 2
+    pw = 1.0 if pos_weight is None else pos_weight.to(D)
+    w = 1.0 if weight is None else weight.to(D)
+    return -w * (pw * y * torch.log(s) + (1 - y) * torch.log(1 - s))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"weight": "C"},
+        {"weight": "NC"},
+        {"pos_weight": "C"},
+        {"weight": "NC", "pos_weight": "C"},
+        {"weight": "1", "pos_weight": "1"},
+    ],
+    ids=["plain", "weight[C]", "weight[N,C]", "pos_weight[C]", "both", "scalar-like"],
+)
+def test_equals_torch_values_and_gradients(options, reduction):
+    x, y = _inputs()
+    g = torch.Generator().manual_seed(1)
+    shapes = {"C": (5,), "NC": (4, 5), "1": (1,)}
+    # torch differentiates with respect to the logits and the (soft) target, not the weights
+    y.requires_grad_(True)
+    opts = {k: torch.rand(shapes[v], generator=g, dtype=D) * 2 + 0.1 for k, v in options.items()}
+    ours = xent.binary_cross_entropy(x, y, reduction=reduction, **opts)
+    theirs = F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **opts)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    up = torch.randn(ours.shape, generator=g, dtype=D)
+    leaves = [x, y]
+    g_ours = torch.autograd.grad((ours * up).sum(), leaves)
+    g_theirs = torch.autograd.grad((theirs * up).sum(), leaves)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ref = _ref(x, y.detach(), opts.get("weight"), opts.get("pos_weight"))
+    expected = {"none": ref, "sum": ref.sum(), "mean": ref.mean()}[reduction]
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_and_bfloat16_are_computed_in_float32():
+    x, y = _inputs()
+    exact = xent.binary_cross_entropy(x, y)
+    for dt in (torch.float32, torch.bfloat16):
+        got = xent.binary_cross_entropy(x.detach().to(dt), y.to(dt))
+        assert got.dtype == torch.float32
+        ref = xent.binary_cross_entropy(x.detach().to(dt).to(D), y.to(dt).to(D))  # same rounded inputs
+        assert abs(got.item() - ref.item()) < 1e-6
+    assert exact.dtype == D
+
+
+def test_label_smoothing_as_keras():
+    x, y = _inputs()
+    y = (y > 0.5).to(D)
+    for eps in (0.1, 0.5, 1.0):
+        got = xent.binary_cross_entropy(x, y, label_smoothing=eps, reduction="none")
+        torch.testing.assert_close(got.detach(), _ref(x, y, eps=eps), rtol=1e-10, atol=1e-12)
+        # smoothing is the same as the smoothed soft target without smoothing
+        same = xent.binary_cross_entropy(x, y * (1 - eps) + eps / 2, reduction="none")
+        torch.testing.assert_close(got, same, rtol=1e-12, atol=1e-14)
+
+
+def test_extreme_logits_are_exact_without_epsilon():
+    # σ(±200) is 1 or 0 in float64: log(σ) formed from σ (with or without a clip) is wrong there.
+    x = torch.tensor([200.0, -200.0, 40.0, -40.0], dtype=D, requires_grad=True)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=D)
+    got = xent.binary_cross_entropy(x, y, reduction="none")
+    # softplus(200) = 200 + log1p(e^-200); softplus(-40) = log1p(e^-40) = e^-40 to 1e-35
+    expected = torch.tensor([200.0, 200.0, math.exp(-40.0), math.exp(-40.0)], dtype=D)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-14, atol=0.0)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(gx, torch.tensor([1.0, -1.0, -math.exp(-40.0), math.exp(-40.0)], dtype=D),
+                               rtol=1e-12, atol=0.0)
+    # float32 keeps them too
+    got32 = xent.binary_cross_entropy(x.detach().float(), y.float(), reduction="none")
+    assert torch.allclose(got32.double(), expected, rtol=1e-6, atol=1e-30)
+
+
+def test_ignore_index_skips_elements_and_counts_only_valid():
+    x, y = _inputs((3, 4))
+    y = y.clone()
+    y[0, 1] = -100.0
+    y[2, :] = -100.0
+    valid = y != -100
+    got = xent.binary_cross_entropy(x, y)
+    expected = F.binary_cross_entropy_with_logits(x[valid], y[valid])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(got, x)
+    assert torch.all(gx[~valid] == 0)
+    none = xent.binary_cross_entropy(x, y, reduction="none")
+    assert torch.all(none[~valid] == 0)
+    # integer targets with an integer ignore_index of another value
+    yi = (y > 0.5).long()
+    yi[~valid] = -1
+    got_i = xent.binary_cross_entropy(x, yi, ignore_index=-1)
+    torch.testing.assert_close(got_i, F.binary_cross_entropy_with_logits(x[valid], yi[valid].to(D)),
+                               rtol=1e-12, atol=1e-12)
+    yb = torch.rand(3, 4) > 0.5  # bool targets
+    torch.testing.assert_close(xent.binary_cross_entropy(x, yb),
+                               F.binary_cross_entropy_with_logits(x, yb.to(D)), rtol=1e-12, atol=1e-12)
+
+
+def test_all_ignored_gives_zero_with_zero_gradient():
+    x, _ = _inputs((2, 3))
+    y = torch.full((2, 3), -100.0, dtype=D)
+    for kw in ({}, {"num_items": 0}):
+        loss = xent.binary_cross_entropy(x, y, **kw)
+        assert loss.item() == 0.0
+        (gx,) = torch.autograd.grad(loss, x)
+        assert torch.all(gx == 0)
+    # torch on the (empty) valid subset: NaN
+    assert torch.isnan(F.binary_cross_entropy_with_logits(x[y != -100], y[y != -100]))
+
+
+def test_num_items_micro_batches_sum_to_the_full_mean():
+    x, y = _inputs((6, 4))
+    y = y.clone()
+    y[:2, 1:] = -100.0  # uneven padding between micro-batches
+    full = xent.binary_cross_entropy(x, y)
+    n = int((y != -100).sum())
+    parts = [xent.binary_cross_entropy(x[i : i + 2], y[i : i + 2], num_items=n) for i in (0, 2, 4)]
+    torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=1e-14)
+    mean_of_means = sum(xent.binary_cross_entropy(x[i : i + 2], y[i : i + 2]) for i in (0, 2, 4)) / 3
+    assert abs(mean_of_means.item() - full.item()) > 1e-3  # what averaging per-micro-batch means gets
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"target": torch.zeros(3)}, ValueError, r"target shape \(3,\) must equal logits shape \(2, 3\)"),
+        ({"target": torch.full((2, 3), 1.5)}, ValueError, r"outside \[0, 1\].*the first is 1.5"),
+        ({"target": torch.full((2, 3), float("nan"))}, ValueError, "outside"),
+        ({"ignore_index": 0}, ValueError, r"ignore_index must lie outside \[0, 1\]"),
+        ({"ignore_index": "x"}, TypeError, "ignore_index must be a number"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"num_items": 3, "reduction": "sum"}, ValueError, "num_items"),
+        ({"weight": torch.ones(4)}, ValueError, r"weight shape \(4,\) does not broadcast"),
+        ({"pos_weight": torch.ones(2)}, ValueError, r"pos_weight shape \(2,\) does not broadcast"),
+        ({"pos_weight": torch.ones(3, dtype=torch.long)}, TypeError, "pos_weight must be a floating"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"logits": torch.zeros(2, 3, dtype=torch.long)}, TypeError, "logits must be a floating"),
+        ({"num_items": 0}, ValueError, "num_items is 0 but 6 target"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, error, match):
+    args = {"logits": torch.zeros(2, 3), "target": torch.ones(2, 3)}
+    args.update(kwargs)
+    logits, target = args.pop("logits"), args.pop("target")
+    with pytest.raises(error, match=match):
+        xent.binary_cross_entropy(logits, target, **args)
