@@ -8,6 +8,7 @@ from . import losses
 from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
 from ._logprobs import linear_log_probs, log_probs
+from ._stats import TokenStats
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._emo import emo_loss
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "TokenStats",
     "causal_lm_loss",
     "count_items",
     "cross_entropy",

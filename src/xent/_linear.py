@@ -24,12 +24,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import _validate as V
-from ._reduce import as_token_weights, denominator_weight, mean_denominator, mean_loss
+from ._reduce import (
+    as_token_weights,
+    check_stats_loss,
+    denominator_weight,
+    mean_denominator,
+    mean_loss,
+    sum_token_stats,
+)
 from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
 
@@ -113,6 +120,8 @@ class _Plan:
     extras: tuple  # ((hidden2d, weight, bias), ...) heads projected without gradient, e.g. a teacher
     mm_dtype: torch.dtype | None = None  # the projections'; None: compute_dtype
     weights: torch.Tensor | None = None  # [n] per-token weights w_t (compute dtype), None: all 1
+    stats: torch.Tensor | None = None  # [n, 3] filled by the forward pass with the training statistics
+    per_token: torch.Tensor | None = None  # [n] w_t·ℓ_t, kept by the forward pass when stats are wanted
 
 
 def _chunks(plan: _Plan):
@@ -183,6 +192,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     if want and need[2]:
         grad_b = torch.zeros(num_classes, dtype=dt, device=weight.device)
     loss = plan.loss
+    stats = plan.stats  # [n, 3] or None: the training statistics, filled block by block
     # One [C, V] buffer per head reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap
     # and ~16k page faults each time (measured: ~5% of the call; benchmarks/README.md).
     c_max = min(plan.chunk, n)
@@ -215,11 +225,17 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
             xe = [e[blk].to(dt) for e in extra]
             tok = slice(sl.start + blk.start, sl.start + blk.stop)
             if not want:
+                if stats is not None:
+                    stats[tok] = loss.stats(x, t[blk])
                 per_token[tok] = loss(x, t[blk], *xe)
                 continue
-            if loss.has_closed_form_grad:
+            if loss.has_closed_form_grad and stats is not None:  # the statistics from the same pass
+                value, g, stats[tok] = loss.value_grad_stats(x, t[blk], s[blk])  # g may overwrite x
+            elif loss.has_closed_form_grad:
                 value, g = loss.value_and_grad(x, t[blk], s[blk])  # g may overwrite x
             else:
+                if stats is not None:
+                    stats[tok] = loss.stats(x, t[blk])
                 with torch.enable_grad():
                     x = x.detach().requires_grad_(True)
                     value = loss(x, t[blk], *xe)
@@ -264,6 +280,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         del z
     if weights is not None:
         per_token.mul_(weights)
+    if stats is not None:
+        plan.per_token = per_token
     return per_token, grad_h, grad_w, grad_b
 
 
@@ -305,7 +323,8 @@ class _LinearLoss(torch.autograd.Function):
                 scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
             else:
                 scale = grad_out.reshape(-1, *grad_out.shape[len(ctx.out_shape):])[ctx.positions]
-            grads = _run(ctx.plan, hidden2d, weight, bias, scale.to(ctx.plan.compute_dtype), ctx.need)[1:]
+            plan = replace(ctx.plan, stats=None)  # the forward has filled them
+            grads = _run(plan, hidden2d, weight, bias, scale.to(plan.compute_dtype), ctx.need)[1:]
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None)
 
@@ -373,8 +392,9 @@ def linear_loss(
     reduction: str = "mean",
     num_items=None,
     token_weights: torch.Tensor | None = None,
+    return_stats: bool = False,
     _extra_heads: tuple = (),
-) -> torch.Tensor:
+):
     """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
 
     Same value and gradients (for hidden, weight and bias) as the plain path on materialised logits,
@@ -394,6 +414,10 @@ def linear_loss(
             :func:`xent.cross_entropy`: ℓ_t ← w_t·ℓ_t, "mean" divides by Σ_valid w_t·w_y. The fused engine
             multiplies each token's upstream gradient by w_t, so every loss takes them; tokens with
             w_t = 0 are dropped before the projection like ignored ones.
+        return_stats: also return a :class:`xent.TokenStats` of detached sums over the valid tokens
+            (loss, count, top-1 correct, entropy, z-loss terms, logsumexp), as ``(loss, stats)``. They are
+            computed in the same pass over each chunk of logits (cross-entropy forms them inside its
+            closed form; other losses read the block once more before their own pass).
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
@@ -403,6 +427,8 @@ def linear_loss(
             f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher's "
             "logits), which linear_loss cannot supply: use xent.linear_distill_loss"
         )
+    if return_stats:
+        check_stats_loss(loss)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_linear(hidden, weight, bias, target, ignore_index, shift)
@@ -430,12 +456,16 @@ def linear_loss(
         class_weight = loss.token_weight(tgt)
         denom = mean_denominator(valid, num_items, denominator_weight(class_weight, tw), dtype)
         loss = mean_loss(loss, valid, num_items, class_weight, dtype, tw)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw)
+    stats = torch.empty((n, 3), dtype=dtype, device=hidden.device) if return_stats else None
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw, stats=stats)
     grad_wanted = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, denom,
-                             grad_wanted and denom is not None)
+    out = _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, denom,
+                            grad_wanted and denom is not None)
+    if not return_stats:
+        return out
+    return out, sum_token_stats(plan.per_token, stats, None, loss.z_loss)
 
 
 def linear_cross_entropy(
@@ -454,14 +484,16 @@ def linear_cross_entropy(
     softcap: float | None = None,
     num_items=None,
     token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
     Same value and the same gradients for hidden, weight and bias as
     ``xent.cross_entropy(hidden @ weight.T + bias, target, weight=weight_classes, ...)`` for every
     option and reduction (class weights are ``weight_classes`` here: ``weight`` is the projection).
     Uses the closed-form gradient softmax − one-hot, computed in place in the chunk's logits buffer.
-    See :func:`xent.linear_loss` for shapes, ``shift`` and ``chunk_size``.
+    See :func:`xent.linear_loss` for shapes, ``shift``, ``chunk_size`` and ``return_stats`` (whose
+    statistics come out of the closed form's own pass over each chunk).
 
     Example:
         >>> import torch, xent
@@ -478,7 +510,7 @@ def linear_cross_entropy(
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
                        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-                       token_weights=token_weights)
+                       token_weights=token_weights, return_stats=return_stats)
 
 
 def linear_distill_loss(
