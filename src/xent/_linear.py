@@ -108,6 +108,22 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def projection_dtype_for(hidden: torch.Tensor, projection_dtype) -> torch.dtype:
+    """The dtype the head is projected in: :func:`matmul_dtype` by default (None); else
+    ``projection_dtype``, which must be the inputs' dtype or, for half inputs, torch.float32 (then the
+    weight is copied to float32 once per call and each chunk of hidden states is upcast: log-probs as
+    exact as a float32 model's head, at the price of float32 matmuls)."""
+    if projection_dtype is None:
+        return matmul_dtype(hidden.dtype, hidden.device)
+    allowed = [hidden.dtype] + ([torch.float32] if hidden.dtype in (torch.float16, torch.bfloat16) else [])
+    if not isinstance(projection_dtype, torch.dtype) or projection_dtype not in allowed:
+        raise ValueError(
+            f"projection_dtype must be None or one of {allowed} for inputs of dtype {hidden.dtype}, "
+            f"got {projection_dtype!r}"
+        )
+    return projection_dtype
+
+
 @dataclass
 class _Plan:
     """What the autograd Function needs besides the differentiable tensors."""
@@ -393,6 +409,7 @@ def linear_loss(
     num_items=None,
     token_weights: torch.Tensor | None = None,
     return_stats: bool = False,
+    projection_dtype: torch.dtype | None = None,
     _extra_heads: tuple = (),
 ):
     """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
@@ -418,6 +435,11 @@ def linear_loss(
             (loss, count, top-1 correct, entropy, z-loss terms, logsumexp), as ``(loss, stats)``. They are
             computed in the same pass over each chunk of logits (cross-entropy forms them inside its
             closed form; other losses read the block once more before their own pass).
+        projection_dtype: None (default): half inputs are projected in their own dtype (float16 on the
+            CPU in float32). ``torch.float32``: half inputs are projected in float32 (the weight copied to
+            float32 once per call, each chunk of hidden states upcast), so the logits, log-probs and
+            gradients equal those of the float32 computation on the upcast inputs (gradients returned in
+            the inputs' dtype); costs float32 matmuls and a float32 [V, D] copy of the weight.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
@@ -443,7 +465,7 @@ def linear_loss(
     rows, tgt, positions, out_shape, tw = _valid_rows(hidden, target, ignore_index, shift, token_weights)
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
-    mm = matmul_dtype(hidden.dtype, hidden.device)
+    mm = projection_dtype_for(hidden, projection_dtype)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
     chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize, hidden.device)
              if chunk_size == "auto" else chunk_size)
@@ -485,6 +507,7 @@ def linear_cross_entropy(
     num_items=None,
     token_weights: torch.Tensor | None = None,
     return_stats: bool = False,
+    projection_dtype: torch.dtype | None = None,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
@@ -492,8 +515,8 @@ def linear_cross_entropy(
     ``xent.cross_entropy(hidden @ weight.T + bias, target, weight=weight_classes, ...)`` for every
     option and reduction (class weights are ``weight_classes`` here: ``weight`` is the projection).
     Uses the closed-form gradient softmax − one-hot, computed in place in the chunk's logits buffer.
-    See :func:`xent.linear_loss` for shapes, ``shift``, ``chunk_size`` and ``return_stats`` (whose
-    statistics come out of the closed form's own pass over each chunk).
+    See :func:`xent.linear_loss` for shapes, ``shift``, ``chunk_size``, ``projection_dtype`` and
+    ``return_stats`` (whose statistics come out of the closed form's own pass over each chunk).
 
     Example:
         >>> import torch, xent
@@ -510,7 +533,8 @@ def linear_cross_entropy(
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
                        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-                       token_weights=token_weights, return_stats=return_stats)
+                       token_weights=token_weights, return_stats=return_stats,
+                       projection_dtype=projection_dtype)
 
 
 def linear_distill_loss(
@@ -535,6 +559,7 @@ def linear_distill_loss(
     reduction: str = "mean",
     num_items=None,
     token_weights: torch.Tensor | None = None,
+    projection_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`xent.distill_loss` of ``student_hidden @ student_weight.T`` against
     ``teacher_hidden @ teacher_weight.T`` without holding either model's full logits.
@@ -544,7 +569,9 @@ def linear_distill_loss(
     teacher_hidden ``[..., D_t]`` cover the same tokens; both heads have the same V. ``target`` (optional)
     masks ignored tokens and labels the hard CE term when ``hard_weight`` > 0; ``shift`` as in
     :func:`xent.linear_loss`. ``token_weights`` ``[...]`` (shaped like ``student_hidden.shape[:-1]``) as
-    :func:`xent.distill_loss`. Gradients reach the student's hidden, weight and bias only.
+    :func:`xent.distill_loss`. ``projection_dtype`` as :func:`xent.linear_loss` (both heads: with
+    torch.float32, half teacher and student heads are projected in float32). Gradients reach the student's
+    hidden, weight and bias only.
     """
     from .losses._distill import Distill, distill_target
 
@@ -569,5 +596,6 @@ def linear_distill_loss(
     return linear_loss(
         student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        token_weights=token_weights, _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+        token_weights=token_weights, projection_dtype=projection_dtype,
+        _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
     )
