@@ -11,6 +11,7 @@ from ._logprobs import linear_log_probs, log_probs
 from ._stats import TokenStats
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
+from .losses._eaft import eaft_loss
 from .losses._emo import emo_loss
 from .losses._focal import focal_loss, poly_loss
 from .losses._regularized import dft_loss, entropy_regularized_loss
@@ -26,6 +27,7 @@ __all__ = [
     "cross_entropy",
     "dft_loss",
     "distill_loss",
+    "eaft_loss",
     "emo_loss",
     "entropy_regularized_loss",
     "focal_loss",

@@ -6,10 +6,11 @@ Use them with :func:`xent.linear_loss`, e.g. ``xent.linear_loss(h, W, y, loss=xe
 from ._base import TokenLoss
 from ._cross_entropy import CrossEntropy
 from ._distill import Distill
+from ._eaft import EAFT
 from ._emo import EMO
 from ._focal import Focal, Poly
 from ._regularized import DFT, EntropyRegularized
 from ._tailr import GOLD, TaiLr
 
 __all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "DFT", "Focal", "Poly", "EntropyRegularized",
-           "Distill"]
+           "Distill", "EAFT"]
