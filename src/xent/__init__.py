@@ -6,7 +6,7 @@ objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs o
 
 from . import losses
 from ._causal import causal_lm_loss, count_items
-from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
+from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss, linear_sparse_distill_loss
 from ._logprobs import linear_log_probs, log_probs
 from ._stats import TokenStats
 from .losses._cross_entropy import cross_entropy
@@ -15,6 +15,7 @@ from .losses._eaft import eaft_loss
 from .losses._emo import emo_loss
 from .losses._focal import focal_loss, poly_loss
 from .losses._regularized import dft_loss, entropy_regularized_loss
+from .losses._sparse_distill import sparse_distill_loss
 from .losses._tailr import gold_loss, tailr_loss
 
 __version__ = "0.1.0"
@@ -36,10 +37,12 @@ __all__ = [
     "linear_distill_loss",
     "linear_log_probs",
     "linear_loss",
+    "linear_sparse_distill_loss",
     "log_probs",
     "losses",
     "nn",
     "poly_loss",
+    "sparse_distill_loss",
     "tailr_loss",
 ]
 

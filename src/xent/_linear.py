@@ -138,6 +138,7 @@ class _Plan:
     weights: torch.Tensor | None = None  # [n] per-token weights w_t (compute dtype), None: all 1
     stats: torch.Tensor | None = None  # [n, 3] filled by the forward pass with the training statistics
     per_token: torch.Tensor | None = None  # [n] w_t·ℓ_t, kept by the forward pass when stats are wanted
+    token_extras: tuple = ()  # ([n, ...], ...) per-token data the loss takes after the heads' logits
 
 
 def _chunks(plan: _Plan):
@@ -238,17 +239,17 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         for blk in _blocks(c, num_classes, loss.min_block_rows):
             zb = z[blk]
             x = zb if block is None else block[: blk.stop - blk.start].copy_(zb)
-            xe = [e[blk].to(dt) for e in extra]
             tok = slice(sl.start + blk.start, sl.start + blk.stop)
+            xe = [e[blk].to(dt) for e in extra] + [te[tok] for te in plan.token_extras]
             if not want:
                 if stats is not None:
                     stats[tok] = loss.stats(x, t[blk])
                 per_token[tok] = loss(x, t[blk], *xe)
                 continue
             if loss.has_closed_form_grad and stats is not None:  # the statistics from the same pass
-                value, g, stats[tok] = loss.value_grad_stats(x, t[blk], s[blk])  # g may overwrite x
+                value, g, stats[tok] = loss.value_grad_stats(x, t[blk], s[blk], *xe)  # g may overwrite x
             elif loss.has_closed_form_grad:
-                value, g = loss.value_and_grad(x, t[blk], s[blk])  # g may overwrite x
+                value, g = loss.value_and_grad(x, t[blk], s[blk], *xe)  # g may overwrite x
             else:
                 if stats is not None:
                     stats[tok] = loss.stats(x, t[blk])
@@ -411,6 +412,7 @@ def linear_loss(
     return_stats: bool = False,
     projection_dtype: torch.dtype | None = None,
     _extra_heads: tuple = (),
+    _token_extras: tuple = (),
 ):
     """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -444,7 +446,7 @@ def linear_loss(
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
         raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
-    if loss.num_extra != len(_extra_heads):
+    if loss.num_extra != len(_extra_heads) + len(_token_extras):
         raise TypeError(
             f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher's "
             "logits), which linear_loss cannot supply: use xent.linear_distill_loss"
@@ -479,7 +481,11 @@ def linear_loss(
         denom = mean_denominator(valid, num_items, denominator_weight(class_weight, tw), dtype)
         loss = mean_loss(loss, valid, num_items, class_weight, dtype, tw)
     stats = torch.empty((n, 3), dtype=dtype, device=hidden.device) if return_stats else None
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw, stats=stats)
+    # per-token data [..., *] aligned with hidden's rows (like a second head's hidden states)
+    lead = hidden.shape[:-1].numel()
+    token_extras = tuple(x.reshape(lead, *x.shape[len(hidden.shape) - 1:])[rows] for x in _token_extras)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw, stats=stats,
+                 token_extras=token_extras)
     grad_wanted = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
@@ -598,4 +604,52 @@ def linear_distill_loss(
         chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
         token_weights=token_weights, projection_dtype=projection_dtype,
         _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+    )
+
+
+def linear_sparse_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    softcap: float | None = None,
+    student_bias: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int | str = "auto",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    token_weights: torch.Tensor | None = None,
+    projection_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`xent.sparse_distill_loss` of ``student_hidden @ student_weight.T + student_bias`` without
+    holding the student's logits: each chunk is projected, pooled onto the teacher's k + 1 buckets and
+    differentiated in closed form in its own buffer (:class:`xent.losses.SparseDistill`).
+
+    ``teacher_ids`` and ``teacher_log_probs`` are ``[..., k]`` aligned with ``student_hidden``'s positions
+    (the teacher's top-k at position t, as ``teacher_hidden`` is in :func:`xent.linear_distill_loss`);
+    with ``shift`` position t is scored against ``target[..., t+1]`` and the last position is dropped.
+    Other arguments as :func:`xent.linear_distill_loss`.
+    """
+    from .losses._distill import distill_target
+    from .losses._sparse_distill import SparseDistill, check_sparse_teacher
+
+    loss = SparseDistill(kind=kind, beta=beta, alpha=alpha, softcap=softcap)
+    _check_head(student_hidden, student_weight, student_bias, shift, "student_hidden", "student_weight",
+                "student_bias")
+    check_sparse_teacher(teacher_ids, teacher_log_probs, student_hidden.shape[:-1], student_weight.shape[0],
+                         lead_name="student_hidden")
+    target, ignore_index = distill_target(target, student_hidden.shape[:-1], student_hidden.device, 0.0,
+                                          ignore_index)
+    dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    return linear_loss(
+        student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
+        chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        token_weights=token_weights, projection_dtype=projection_dtype,
+        _token_extras=(V.as_ids(teacher_ids), teacher_log_probs.detach().to(dtype)),
     )

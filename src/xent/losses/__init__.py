@@ -10,7 +10,8 @@ from ._eaft import EAFT
 from ._emo import EMO
 from ._focal import Focal, Poly
 from ._regularized import DFT, EntropyRegularized
+from ._sparse_distill import SparseDistill
 from ._tailr import GOLD, TaiLr
 
 __all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "DFT", "Focal", "Poly", "EntropyRegularized",
-           "Distill", "EAFT"]
+           "Distill", "EAFT", "SparseDistill"]

@@ -63,8 +63,9 @@ class TokenLoss:
     # A closed-form gradient, when a loss has one, lets the fused path skip autograd.
     has_closed_form_grad: bool = False
 
-    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
-        """Returns (per-token loss [N], d(Σ scale·loss)/d logits [N, V]); may overwrite ``logits``."""
+    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, *extra):
+        """Returns (per-token loss [N], d(Σ scale·loss)/d logits [N, V]); may overwrite ``logits``.
+        ``extra``: the loss's extra per-token tensors, as :meth:`token_loss` takes them."""
         raise NotImplementedError
 
     def stats(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,11 +75,11 @@ class TokenLoss:
             z = logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
             return logit_stats(z, target)
 
-    def value_grad_stats(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
+    def value_grad_stats(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, *extra):
         """:meth:`value_and_grad` plus :meth:`stats` [N, 3]; a loss that has the softmax's parts at hand in
         its closed form overrides it to compute them in the same pass (cross-entropy)."""
         stats = self.stats(logits, target)  # before value_and_grad overwrites the logits
-        return (*self.value_and_grad(logits, target, scale), stats)
+        return (*self.value_and_grad(logits, target, scale, *extra), stats)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, torch.Tensor))
