@@ -8,6 +8,8 @@ from . import losses
 from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss, linear_sparse_distill_loss
 from ._logprobs import linear_log_probs, log_probs
+from ._multi_token import linear_multi_token_loss, multi_token_loss
+from ._selective import linear_rho1_loss, rho1_loss
 from ._stats import TokenStats
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
@@ -37,11 +39,15 @@ __all__ = [
     "linear_distill_loss",
     "linear_log_probs",
     "linear_loss",
+    "linear_multi_token_loss",
+    "linear_rho1_loss",
     "linear_sparse_distill_loss",
     "log_probs",
     "losses",
+    "multi_token_loss",
     "nn",
     "poly_loss",
+    "rho1_loss",
     "sparse_distill_loss",
     "tailr_loss",
 ]

@@ -448,9 +448,12 @@ def linear_loss(
         raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
     if loss.num_extra != len(_extra_heads) + len(_token_extras):
         raise TypeError(
-            f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher's "
-            "logits), which linear_loss cannot supply: use xent.linear_distill_loss"
+            f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher), which "
+            "linear_loss cannot supply: use xent.linear_distill_loss or xent.linear_sparse_distill_loss"
         )
+    if getattr(loss, "selects_tokens", False):
+        raise TypeError(f"loss {type(loss).__name__} selects tokens over the whole call, which a per-token "
+                        "pass cannot do: use xent.linear_rho1_loss")
     if return_stats:
         check_stats_loss(loss)
     V.check_reduction(reduction)

@@ -95,6 +95,27 @@ def sum_token_stats(per_token: torch.Tensor, stats: torch.Tensor, valid: torch.T
     )
 
 
+def select_top_fraction(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Rho-1's selection: a bool mask shaped like ``scores`` holding the ⌊ratio·n⌋ valid tokens with the
+    largest scores (n the number of valid tokens; at least 1 when n > 0 and ratio > 0); ties in stable
+    order (the earlier token, in row-major order, first). Invalid tokens are never selected; a NaN score
+    at a valid token is an error."""
+    flat_valid = valid.reshape(-1)
+    idx = flat_valid.nonzero().squeeze(-1)
+    picked = scores.detach().reshape(-1)[idx]
+    if torch.isnan(picked).any():
+        raise ValueError(f"the selection scores (excess losses) have {int(torch.isnan(picked).sum())} NaN "
+                         "value(s) at valid tokens")
+    n = idx.numel()
+    count = min(n, int(ratio * n + 1e-6)) if n else 0  # +1e-6: 0.29·100 is 28.999999999999996 in floats
+    if n and ratio > 0.0:
+        count = max(count, 1)
+    order = torch.sort(picked, descending=True, stable=True).indices[:count]
+    mask = torch.zeros(flat_valid.shape, dtype=torch.bool, device=scores.device)
+    mask[idx[order]] = True
+    return mask.view(valid.shape)
+
+
 def as_token_weights(token_weights: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
     """Validated token weights as data in the compute dtype: no gradient reaches them (on the fused path
     none could)."""
