@@ -26,6 +26,14 @@ and gradients on a small shape with a float64 reference; one that fails is repor
     python benchmarks/linear_cross_entropy.py --shapes small               # minutes
     python benchmarks/linear_cross_entropy.py --shapes all --repeats 3     # the issue's shapes
     python benchmarks/linear_cross_entropy.py --losses --repeats 3         # issue 4's loss table
+    python benchmarks/linear_cross_entropy.py --new --repeats 3            # issue 13's functions
+
+With --new (issue 13), at 4096×512×32000 float32 and bfloat16, each against fused cross-entropy
+(``new:ce``, xent.linear_cross_entropy) measured in the same run: token log-probs with and without the
+entropy, return_stats, EAFT, Rho-1 (reference losses given, ratio 0.6), multi-token prediction (K = 3
+streams of N tokens each; its time is reported per stream), sparse-teacher distillation (top-32 ids),
+and (bfloat16 only) projection_dtype=torch.float32. The correctness guard compares each with the same
+function on float64 inputs.
 """
 
 from __future__ import annotations
@@ -72,6 +80,19 @@ CE_TARGETS = [  # (column, baseline, quantity, bound)
     ("mem × naive", "naive", "mem", 0.10),
     ("mem × torch_chunked", "torch_chunked", "mem", 0.5),
 ]
+# issue 13: name -> (bound on time × fused CE (per stream for MTP), streams); None: reported, no target
+NEW = {
+    "new:ce": (None, 1),
+    "new:log_probs": (1.0, 1),
+    "new:log_probs_entropy": (1.1, 1),
+    "new:return_stats": (1.02, 1),
+    "new:eaft": (1.1, 1),
+    "new:rho1": (1.1, 1),
+    "new:mtp3": (1.1, 3),
+    "new:sparse_kd32": (1.1, 1),
+    "new:ce_projection_f32": (None, 1),
+}
+NEW_SHAPES = [(4096, 512, 32000, "float32"), (4096, 512, 32000, "bfloat16")]
 LOSS_TIME_BOUND = 1.3  # fused loss time ≤ 1.3 × fused cross-entropy time
 LOSS_MEM_BOUND = 0.10  # fused loss extra memory ≤ 0.10 × its plain path's
 
@@ -135,6 +156,8 @@ def _loss_fn(impl: str, w_frozen=None):
 
     if impl == "xent":
         return lambda h, w, y: xent.linear_cross_entropy(h, w, y)
+    if impl.startswith("new:"):
+        return _new_fn(impl[4:])
     kind, _, name = impl.partition(":")  # "fused:TaiLr" / "plain:TaiLr"
     opts, functional = LOSSES[name]
     opts = {k: (w_frozen if k == "cost_embedding" else val) for k, val in opts.items()}
@@ -145,6 +168,62 @@ def _loss_fn(impl: str, w_frozen=None):
         fn = getattr(xent, functional)
         return lambda h, w, y: fn(h @ w.T, y, **opts)
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _new_fn(name: str):
+    """issue 13's functions as f(h, W, y) -> a scalar to call .backward() on."""
+    import torch
+
+    import xent
+
+    if name == "ce":
+        return lambda h, w, y: xent.linear_cross_entropy(h, w, y)
+    if name == "return_stats":
+        return lambda h, w, y: xent.linear_cross_entropy(h, w, y, return_stats=True)[0]
+    if name == "ce_projection_f32":
+        return lambda h, w, y: xent.linear_cross_entropy(
+            h, w, y, projection_dtype=torch.float32 if h.dtype in (torch.bfloat16, torch.float16) else None)
+    if name == "log_probs":
+        return lambda h, w, y: xent.linear_log_probs(h, w, y).mean()
+    if name == "log_probs_entropy":
+        def f(h, w, y):
+            lp, ent = xent.linear_log_probs(h, w, y, with_entropy=True)
+            return lp.mean() + 0.01 * ent.mean()
+        return f
+    if name == "eaft":
+        loss = xent.losses.EAFT()
+        return lambda h, w, y: xent.linear_loss(h, w, y, loss=loss)
+    if name == "rho1":
+        cache = {}
+
+        def f(h, w, y):
+            if y.shape not in cache:
+                g = torch.Generator().manual_seed(3)
+                ref = torch.rand(y.shape, generator=g, dtype=torch.float64) * 10  # float32: no ties
+                cache[y.shape] = ref.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+            return xent.linear_rho1_loss(h, w, y, ref_losses=cache[y.shape], ratio=0.6)
+        return f
+    if name == "mtp3":
+        def f(h, w, y):
+            return xent.linear_multi_token_loss(torch.stack([h, h, h]), w, y)
+        return f
+    if name == "sparse_kd32":
+        cache = {}
+
+        def f(h, w, y):
+            key = (y.shape[0], w.shape[0])
+            if key not in cache:  # a teacher's top-32 ids and log-probs: distinct ids, mass < 1
+                g = torch.Generator().manual_seed(4)
+                # 32 distinct ids per token without a [N, V] temporary: a random start plus 0, 997, 2·997...
+                # (997 is prime and does not divide V here, so the 32 residues are distinct)
+                start = torch.randint(0, w.shape[0], (y.shape[0], 1), generator=g)
+                ids = (start + 997 * torch.arange(32)) % w.shape[0]
+                lp = torch.log_softmax(torch.randn(y.shape[0], 33, generator=g), -1)[:, :32]
+                cache[key] = (ids, lp.to(torch.float64 if h.dtype == torch.float64 else torch.float32))
+            ids, lp = cache[key]
+            return xent.linear_sparse_distill_loss(h, w, ids, lp, y)
+        return f
+    raise ValueError(f"unknown implementation new:{name}")
 
 
 def _floor_step(h, w, buffers, k):
@@ -222,7 +301,8 @@ def child_guard(spec: dict) -> dict:
         w_frozen = w.detach().clone()
         # The reference: the same (rounded) inputs in float64, plain path; for a loss, its own functional.
         refs = {}
-        ref_of = {i: "naive" if i in CE_IMPLS else "plain:" + i.partition(":")[2] for i in spec["impls"]}
+        ref_of = {i: "naive" if i in CE_IMPLS else i if i.startswith("new:")
+                  else "plain:" + i.partition(":")[2] for i in spec["impls"]}
         for impl in spec["impls"]:
             if impl == "floor":
                 continue
@@ -343,7 +423,7 @@ def _write(args, stem, rows, impls, shapes, guard_rows, notes, finished) -> str:
 
     command = "python benchmarks/linear_cross_entropy.py " + " ".join(sys.argv[1:])
     header = [
-        f"# {'xent.linear_loss per loss' if args.losses else 'Fused linear + cross-entropy'}: "
+        f"# {_title(args)}: "
         "forward + backward, CPU",
         "",
         f"`{command}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
@@ -351,7 +431,9 @@ def _write(args, stem, rows, impls, shapes, guard_rows, notes, finished) -> str:
         "(medians; rounds interleaved round-robin).",
         "",
     ]
-    if args.losses:
+    if args.new:
+        body = _new_tables(rows, impls, shapes)
+    elif args.losses:
         body = _loss_tables(rows, impls, shapes[0])
     else:
         body = _ce_tables(rows, impls, shapes)
@@ -376,9 +458,12 @@ def _write(args, stem, rows, impls, shapes, guard_rows, notes, finished) -> str:
 
 def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
-    stem = "linear_loss" if args.losses else "linear_cross_entropy"
+    stem = "new_functions" if args.new else "linear_loss" if args.losses else "linear_cross_entropy"
     notes = []
-    if args.losses:
+    if args.new:
+        impls = list(NEW)
+        shapes = _parse_shapes(args.shapes) if args.shapes else NEW_SHAPES
+    elif args.losses:
         available = _available_losses()
         for name in LOSSES:
             if name not in available:
@@ -410,7 +495,8 @@ def run(args) -> int:
 
     rows = []  # one per measurement
     for n, d, v, dtype_name in shapes:
-        todo = [i for i in impls if (dtype_name, i) not in failed]
+        todo = [i for i in impls if (dtype_name, i) not in failed
+                and not (i == "new:ce_projection_f32" and dtype_name == "float32")]  # the same as new:ce
         for r in range(args.repeats):
             order = todo[r % len(todo):] + todo[: r % len(todo)]  # rotate: no implementation always first
             for impl in order:
@@ -515,6 +601,37 @@ def _loss_tables(rows, impls, shape):
     return out
 
 
+def _title(args) -> str:
+    if args.new:
+        return "issue 13: new fused functions"
+    return "xent.linear_loss per loss" if args.losses else "Fused linear + cross-entropy"
+
+
+def _new_tables(rows, impls, shapes):
+    cells = _cells(rows)
+    out = ["Each against fused cross-entropy (`new:ce` = `xent.linear_cross_entropy(h, W, y)`) measured in "
+           "the same run; mtp3 (K = 3 streams of N tokens) per stream (its time / 3). Time ratios of "
+           "medians of wall time, CPU-time ratio in brackets; extra = extra peak RSS.", "",
+           "| N×D×V | dtype | impl | time s | spread | cpu s | × fused CE (per stream) | target "
+           "| extra peak MB | mem × fused CE |",
+           "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for n, d, v, dt in shapes:
+        key = (n, d, v, dt)
+        for impl in impls:
+            c = cells.get(key + (impl,))
+            if c is None:
+                continue
+            bound, streams = NEW[impl]
+            t = _ratio(cells, key, impl, "new:ce", "time")
+            cpu = _ratio(cells, key, impl, "new:ce", "cpu")
+            t, cpu = (None if t is None else t / streams), (None if cpu is None else cpu / streams)
+            mark = "—" if bound is None else f"{_check(t, bound)} (≤ {bound})"
+            out.append(f"| {n}×{d}×{v} | {dt} | {impl[4:]} | {c['time']:.3f} | {c['spread']:.0%} | "
+                       f"{c['cpu']:.2f} | {_fmt(t)} ({_fmt(cpu)}) | {mark} | "
+                       f"{c['mem']:.0f} | {_fmt(_ratio(cells, key, impl, 'new:ce', 'mem'))} |")
+    return out
+
+
 def _available_losses() -> list[str]:
     code = ("import json, xent; print(json.dumps([n for n, (o, fn) in json.loads(input()).items() "
             "if hasattr(xent.losses, n) and hasattr(xent, fn)]))")
@@ -543,6 +660,9 @@ def main(argv=None) -> int:
     p.add_argument("--impls", nargs="+", default=list(CE_IMPLS), choices=CE_IMPLS)
     p.add_argument("--losses", action="store_true",
                    help="issue 4: each xent loss, fused vs plain, on one shape; ignores --impls")
+    p.add_argument("--new", action="store_true",
+                   help="issue 13: log-probs, return_stats, EAFT, Rho-1, MTP, sparse KD, projection_dtype "
+                   "against fused CE, at 4096x512x32000 float32 and bfloat16; ignores --impls")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

@@ -7,14 +7,19 @@ objects live in ``xent.losses``, modules in ``xent.nn``. ``import xent`` needs o
 
 from . import losses
 from ._causal import causal_lm_loss, count_items
-from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss
+from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss, linear_sparse_distill_loss
 from ._logprobs import linear_log_probs, log_probs
+from ._multi_token import linear_multi_token_loss, multi_token_loss
+from ._selective import linear_rho1_loss, rho1_loss
+from ._stats import TokenStats
 from .losses._binary import binary_cross_entropy
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
+from .losses._eaft import eaft_loss
 from .losses._emo import emo_loss
 from .losses._focal import focal_loss, poly_loss
 from .losses._regularized import dft_loss, entropy_regularized_loss
+from .losses._sparse_distill import sparse_distill_loss
 from .losses._tailr import gold_loss, tailr_loss
 
 __version__ = "0.1.0"
@@ -22,11 +27,13 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "binary_cross_entropy",
+    "TokenStats",
     "causal_lm_loss",
     "count_items",
     "cross_entropy",
     "dft_loss",
     "distill_loss",
+    "eaft_loss",
     "emo_loss",
     "entropy_regularized_loss",
     "focal_loss",
@@ -35,10 +42,16 @@ __all__ = [
     "linear_distill_loss",
     "linear_log_probs",
     "linear_loss",
+    "linear_multi_token_loss",
+    "linear_rho1_loss",
+    "linear_sparse_distill_loss",
     "log_probs",
     "losses",
+    "multi_token_loss",
     "nn",
     "poly_loss",
+    "rho1_loss",
+    "sparse_distill_loss",
     "tailr_loss",
 ]
 

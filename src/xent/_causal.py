@@ -58,7 +58,8 @@ def causal_lm_loss(
     z_loss: float = 0.0,
     softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """Next-token loss of a causal LM: logits[:, t] predict labels[:, t+1].
 
     Equal to transformers' ``ForCausalLMLoss(logits, labels, V, num_items_in_batch, ignore_index,
@@ -68,7 +69,8 @@ def causal_lm_loss(
     packed documents: a token whose position_id is 0 is not predicted from the previous document.
 
     reduction="none" returns ``[B, T−1]`` (``[B, T]`` with shift_labels): the loss of predicting each
-    next token, 0 where ignored. ``token_weights`` are shaped like ``labels`` (like ``shift_labels`` when
+    next token, 0 where ignored. ``return_stats=True`` returns ``(loss, stats)`` (:class:`xent.TokenStats`,
+    as :func:`xent.cross_entropy`). ``token_weights`` are shaped like ``labels`` (like ``shift_labels`` when
     given) and shifted like them: the weight of label t+1 weighs the prediction of position t. Other
     options as :func:`xent.cross_entropy`.
     """
@@ -95,7 +97,7 @@ def causal_lm_loss(
     return cross_entropy(
         logits, target, ignore_index=ignore_index, reduction=reduction, weight=weight,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, num_items=num_items_in_batch,
-        token_weights=token_weights,
+        token_weights=token_weights, return_stats=return_stats,
     )
 
 

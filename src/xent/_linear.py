@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import _validate as V
 from ._compile import compiler_disable
-from ._reduce import as_token_weights, denominator_weight, mean_denominator, mean_loss
+from ._reduce import (
+    as_token_weights,
+    check_stats_loss,
+    denominator_weight,
+    mean_denominator,
+    mean_loss,
+    sum_token_stats,
+)
 from .losses._base import TokenLoss, check_first_order
 from .losses._cross_entropy import CrossEntropy
 
@@ -102,6 +109,22 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def projection_dtype_for(hidden: torch.Tensor, projection_dtype) -> torch.dtype:
+    """The dtype the head is projected in: :func:`matmul_dtype` by default (None); else
+    ``projection_dtype``, which must be the inputs' dtype or, for half inputs, torch.float32 (then the
+    weight is copied to float32 once per call and each chunk of hidden states is upcast: log-probs as
+    exact as a float32 model's head, at the price of float32 matmuls)."""
+    if projection_dtype is None:
+        return matmul_dtype(hidden.dtype, hidden.device)
+    allowed = [hidden.dtype] + ([torch.float32] if hidden.dtype in (torch.float16, torch.bfloat16) else [])
+    if not isinstance(projection_dtype, torch.dtype) or projection_dtype not in allowed:
+        raise ValueError(
+            f"projection_dtype must be None or one of {allowed} for inputs of dtype {hidden.dtype}, "
+            f"got {projection_dtype!r}"
+        )
+    return projection_dtype
+
+
 @dataclass
 class _Plan:
     """What the autograd Function needs besides the differentiable tensors."""
@@ -114,6 +137,9 @@ class _Plan:
     extras: tuple  # ((hidden2d, weight, bias), ...) heads projected without gradient, e.g. a teacher
     mm_dtype: torch.dtype | None = None  # the projections'; None: compute_dtype
     weights: torch.Tensor | None = None  # [n] per-token weights w_t (compute dtype), None: all 1
+    stats: torch.Tensor | None = None  # [n, 3] filled by the forward pass with the training statistics
+    per_token: torch.Tensor | None = None  # [n] w_t·ℓ_t, kept by the forward pass when stats are wanted
+    token_extras: tuple = ()  # ([n, ...], ...) per-token data the loss takes after the heads' logits
 
 
 def _chunks(plan: _Plan):
@@ -184,6 +210,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     if want and need[2]:
         grad_b = torch.zeros(num_classes, dtype=dt, device=weight.device)
     loss = plan.loss
+    stats = plan.stats  # [n, 3] or None: the training statistics, filled block by block
     # One [C, V] buffer per head reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap
     # and ~16k page faults each time (measured: ~5% of the call; benchmarks/README.md).
     c_max = min(plan.chunk, n)
@@ -213,14 +240,20 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         for blk in _blocks(c, num_classes, loss.min_block_rows):
             zb = z[blk]
             x = zb if block is None else block[: blk.stop - blk.start].copy_(zb)
-            xe = [e[blk].to(dt) for e in extra]
             tok = slice(sl.start + blk.start, sl.start + blk.stop)
+            xe = [e[blk].to(dt) for e in extra] + [te[tok] for te in plan.token_extras]
             if not want:
+                if stats is not None:
+                    stats[tok] = loss.stats(x, t[blk])
                 per_token[tok] = loss(x, t[blk], *xe)
                 continue
-            if loss.has_closed_form_grad:
-                value, g = loss.value_and_grad(x, t[blk], s[blk])  # g may overwrite x
+            if loss.has_closed_form_grad and stats is not None:  # the statistics from the same pass
+                value, g, stats[tok] = loss.value_grad_stats(x, t[blk], s[blk], *xe)  # g may overwrite x
+            elif loss.has_closed_form_grad:
+                value, g = loss.value_and_grad(x, t[blk], s[blk], *xe)  # g may overwrite x
             else:
+                if stats is not None:
+                    stats[tok] = loss.stats(x, t[blk])
                 with torch.enable_grad():
                     x = x.detach().requires_grad_(True)
                     value = loss(x, t[blk], *xe)
@@ -265,6 +298,8 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         del z
     if weights is not None:
         per_token.mul_(weights)
+    if stats is not None:
+        plan.per_token = per_token
     return per_token, grad_h, grad_w, grad_b
 
 
@@ -306,7 +341,8 @@ class _LinearLoss(torch.autograd.Function):
                 scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
             else:
                 scale = grad_out.reshape(-1, *grad_out.shape[len(ctx.out_shape):])[ctx.positions]
-            grads = _run(ctx.plan, hidden2d, weight, bias, scale.to(ctx.plan.compute_dtype), ctx.need)[1:]
+            plan = replace(ctx.plan, stats=None)  # the forward has filled them
+            grads = _run(plan, hidden2d, weight, bias, scale.to(plan.compute_dtype), ctx.need)[1:]
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None)
 
@@ -374,8 +410,11 @@ def linear_loss(
     reduction: str = "mean",
     num_items=None,
     token_weights: torch.Tensor | None = None,
+    return_stats: bool = False,
+    projection_dtype: torch.dtype | None = None,
     _extra_heads: tuple = (),
-) -> torch.Tensor:
+    _token_extras: tuple = (),
+):
     """Any per-token loss of ``hidden @ weight.T + bias`` without materialising the logits.
 
     Same value and gradients (for hidden, weight and bias) as the plain path on materialised logits,
@@ -395,15 +434,29 @@ def linear_loss(
             :func:`xent.cross_entropy`: ℓ_t ← w_t·ℓ_t, "mean" divides by Σ_valid w_t·w_y. The fused engine
             multiplies each token's upstream gradient by w_t, so every loss takes them; tokens with
             w_t = 0 are dropped before the projection like ignored ones.
+        return_stats: also return a :class:`xent.TokenStats` of detached sums over the valid tokens
+            (loss, count, top-1 correct, entropy, z-loss terms, logsumexp), as ``(loss, stats)``. They are
+            computed in the same pass over each chunk of logits (cross-entropy forms them inside its
+            closed form; other losses read the block once more before their own pass).
+        projection_dtype: None (default): half inputs are projected in their own dtype (float16 on the
+            CPU in float32). ``torch.float32``: half inputs are projected in float32 (the weight copied to
+            float32 once per call, each chunk of hidden states upcast), so the logits, log-probs and
+            gradients equal those of the float32 computation on the upcast inputs (gradients returned in
+            the inputs' dtype); costs float32 matmuls and a float32 [V, D] copy of the weight.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
         raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
-    if loss.num_extra != len(_extra_heads):
+    if loss.num_extra != len(_extra_heads) + len(_token_extras):
         raise TypeError(
-            f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher's "
-            "logits), which linear_loss cannot supply: use xent.linear_distill_loss"
+            f"loss {type(loss).__name__} takes {loss.num_extra} extra tensor(s) per token (a teacher), which "
+            "linear_loss cannot supply: use xent.linear_distill_loss or xent.linear_sparse_distill_loss"
         )
+    if getattr(loss, "selects_tokens", False):
+        raise TypeError(f"loss {type(loss).__name__} selects tokens over the whole call, which a per-token "
+                        "pass cannot do: use xent.linear_rho1_loss")
+    if return_stats:
+        check_stats_loss(loss)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_linear(hidden, weight, bias, target, ignore_index, shift)
@@ -418,7 +471,7 @@ def linear_loss(
     rows, tgt, positions, out_shape, tw = _valid_rows(hidden, target, ignore_index, shift, token_weights)
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
-    mm = matmul_dtype(hidden.dtype, hidden.device)
+    mm = projection_dtype_for(hidden, projection_dtype)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
     chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize, hidden.device)
              if chunk_size == "auto" else chunk_size)
@@ -431,12 +484,20 @@ def linear_loss(
         class_weight = loss.token_weight(tgt)
         denom = mean_denominator(valid, num_items, denominator_weight(class_weight, tw), dtype)
         loss = mean_loss(loss, valid, num_items, class_weight, dtype, tw)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw)
+    stats = torch.empty((n, 3), dtype=dtype, device=hidden.device) if return_stats else None
+    # per-token data [..., *] aligned with hidden's rows (like a second head's hidden states)
+    lead = hidden.shape[:-1].numel()
+    token_extras = tuple(x.reshape(lead, *x.shape[len(hidden.shape) - 1:])[rows] for x in _token_extras)
+    plan = _Plan(loss, rows, tgt, chunk, dtype, extras, mm, weights=tw, stats=stats,
+                 token_extras=token_extras)
     grad_wanted = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, denom,
-                             grad_wanted and denom is not None)
+    out = _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, denom,
+                            grad_wanted and denom is not None)
+    if not return_stats:
+        return out
+    return out, sum_token_stats(plan.per_token, stats, None, loss.z_loss)
 
 
 def linear_cross_entropy(
@@ -455,14 +516,17 @@ def linear_cross_entropy(
     softcap: float | None = None,
     num_items=None,
     token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+    projection_dtype: torch.dtype | None = None,
+):
     """Cross-entropy of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
     Same value and the same gradients for hidden, weight and bias as
     ``xent.cross_entropy(hidden @ weight.T + bias, target, weight=weight_classes, ...)`` for every
     option and reduction (class weights are ``weight_classes`` here: ``weight`` is the projection).
     Uses the closed-form gradient softmax − one-hot, computed in place in the chunk's logits buffer.
-    See :func:`xent.linear_loss` for shapes, ``shift`` and ``chunk_size``.
+    See :func:`xent.linear_loss` for shapes, ``shift``, ``chunk_size``, ``projection_dtype`` and
+    ``return_stats`` (whose statistics come out of the closed form's own pass over each chunk).
 
     Example:
         >>> import torch, xent
@@ -479,7 +543,8 @@ def linear_cross_entropy(
                         softcap=softcap)
     return linear_loss(hidden, weight, target, loss=loss, bias=bias, shift=shift, chunk_size=chunk_size,
                        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-                       token_weights=token_weights)
+                       token_weights=token_weights, return_stats=return_stats,
+                       projection_dtype=projection_dtype)
 
 
 def linear_distill_loss(
@@ -504,6 +569,7 @@ def linear_distill_loss(
     reduction: str = "mean",
     num_items=None,
     token_weights: torch.Tensor | None = None,
+    projection_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`xent.distill_loss` of ``student_hidden @ student_weight.T`` against
     ``teacher_hidden @ teacher_weight.T`` without holding either model's full logits.
@@ -513,7 +579,9 @@ def linear_distill_loss(
     teacher_hidden ``[..., D_t]`` cover the same tokens; both heads have the same V. ``target`` (optional)
     masks ignored tokens and labels the hard CE term when ``hard_weight`` > 0; ``shift`` as in
     :func:`xent.linear_loss`. ``token_weights`` ``[...]`` (shaped like ``student_hidden.shape[:-1]``) as
-    :func:`xent.distill_loss`. Gradients reach the student's hidden, weight and bias only.
+    :func:`xent.distill_loss`. ``projection_dtype`` as :func:`xent.linear_loss` (both heads: with
+    torch.float32, half teacher and student heads are projected in float32). Gradients reach the student's
+    hidden, weight and bias only.
     """
     from .losses._distill import Distill, distill_target
 
@@ -538,5 +606,54 @@ def linear_distill_loss(
     return linear_loss(
         student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        token_weights=token_weights, _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+        token_weights=token_weights, projection_dtype=projection_dtype,
+        _extra_heads=((teacher_hidden, teacher_weight, teacher_bias),),
+    )
+
+
+def linear_sparse_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    softcap: float | None = None,
+    student_bias: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int | str = "auto",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    token_weights: torch.Tensor | None = None,
+    projection_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`xent.sparse_distill_loss` of ``student_hidden @ student_weight.T + student_bias`` without
+    holding the student's logits: each chunk is projected, pooled onto the teacher's k + 1 buckets and
+    differentiated in closed form in its own buffer (:class:`xent.losses.SparseDistill`).
+
+    ``teacher_ids`` and ``teacher_log_probs`` are ``[..., k]`` aligned with ``student_hidden``'s positions
+    (the teacher's top-k at position t, as ``teacher_hidden`` is in :func:`xent.linear_distill_loss`);
+    with ``shift`` position t is scored against ``target[..., t+1]`` and the last position is dropped.
+    Other arguments as :func:`xent.linear_distill_loss`.
+    """
+    from .losses._distill import distill_target
+    from .losses._sparse_distill import SparseDistill, check_sparse_teacher
+
+    loss = SparseDistill(kind=kind, beta=beta, alpha=alpha, softcap=softcap)
+    _check_head(student_hidden, student_weight, student_bias, shift, "student_hidden", "student_weight",
+                "student_bias")
+    check_sparse_teacher(teacher_ids, teacher_log_probs, student_hidden.shape[:-1], student_weight.shape[0],
+                         lead_name="student_hidden")
+    target, ignore_index = distill_target(target, student_hidden.shape[:-1], student_hidden.device, 0.0,
+                                          ignore_index)
+    dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    return linear_loss(
+        student_hidden, student_weight, target, loss=loss, bias=student_bias, shift=shift,
+        chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        token_weights=token_weights, projection_dtype=projection_dtype,
+        _token_extras=(V.as_ids(teacher_ids), teacher_log_probs.detach().to(dtype)),
     )

@@ -11,7 +11,14 @@ import torch
 
 from . import _validate as V
 from ._compile import compiler_disable
-from ._linear import _check_linear, _LinearLoss, _Plan, _valid_rows, auto_chunk_size, matmul_dtype
+from ._linear import (
+    _check_linear,
+    _LinearLoss,
+    _Plan,
+    _valid_rows,
+    auto_chunk_size,
+    projection_dtype_for,
+)
 from ._reduce import apply_token_loss, check_common
 from .losses._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
 
@@ -118,6 +125,7 @@ def linear_log_probs(
     chunk_size: int | str = "auto",
     with_entropy: bool = False,
     ignore_index: int = -100,
+    projection_dtype: torch.dtype | None = None,
 ):
     r"""Per-token log q_y of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
 
@@ -128,7 +136,9 @@ def linear_log_probs(
     differentiable. The gradient is closed-form (∂log q_y/∂z = (onehot − q)/T, ∂H/∂z_i =
     −q_i(log q_i + H)/T, times 1 − tanh² under soft-capping) and computed in backward, one chunk of
     logits at a time (the forward is one matmul per chunk). Shapes, ``shift`` and ``chunk_size`` as
-    :func:`xent.linear_loss`. First-order only (no double backward).
+    :func:`xent.linear_loss`. ``projection_dtype=torch.float32`` projects half inputs in float32 (the
+    log-probs of the float32 computation on the upcast inputs; see :func:`xent.linear_loss`). First-order
+    only (no double backward).
 
     Example (a policy-gradient step with an entropy bonus; ``labels`` −100 outside the completion)::
 
@@ -144,7 +154,7 @@ def linear_log_probs(
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows, tgt, positions, out_shape, _ = _valid_rows(hidden, target, ignore_index, shift)
     n, num_classes = rows.numel(), weight.shape[0]
-    mm = matmul_dtype(hidden.dtype, hidden.device)
+    mm = projection_dtype_for(hidden, projection_dtype)
     chunk = (auto_chunk_size(max(n, 1), num_classes, mm.itemsize, hidden.device) if chunk_size == "auto"
              else chunk_size)
     plan = _Plan(loss, rows, tgt, chunk, dtype, (), mm)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
+from ._stats import TokenStats
 
 
 def reduce_tokens(
@@ -75,6 +76,46 @@ def mean_loss(loss, valid, num_items, class_weight, dtype, token_weights=None):
     return loss.for_mean(torch.where(count > 0, weight_sum / torch.where(count > 0, mass, 1.0), 1.0))
 
 
+def sum_token_stats(per_token: torch.Tensor, stats: torch.Tensor, valid: torch.Tensor | None,
+                    z_loss: float) -> TokenStats:
+    """The ``return_stats`` sums: per_token [...] (w_t·ℓ_t, 0 where not valid), stats [..., 3] (correct,
+    entropy, lse; :func:`xent.losses._base.logit_stats`) and valid [...] (None: every token is valid).
+    Summed in float64 over the valid tokens only, detached."""
+    per_token, stats = per_token.detach().to(torch.float64), stats.detach().to(torch.float64)
+    if valid is not None:
+        stats = torch.where(valid.unsqueeze(-1), stats, 0.0)
+        tokens = valid.sum(dtype=torch.int64)
+    else:
+        tokens = torch.tensor(per_token.numel(), dtype=torch.int64, device=per_token.device)
+    stats = stats.reshape(-1, stats.shape[-1])
+    lse = stats[:, 2]
+    return TokenStats(
+        loss_sum=per_token.sum(), tokens=tokens, correct=stats[:, 0].sum().round().to(torch.int64),
+        entropy_sum=stats[:, 1].sum(), z_loss_sum=z_loss * lse.square().sum(), lse_sum=lse.sum(),
+    )
+
+
+def select_top_fraction(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Rho-1's selection: a bool mask shaped like ``scores`` holding the ⌊ratio·n⌋ valid tokens with the
+    largest scores (n the number of valid tokens; at least 1 when n > 0 and ratio > 0); ties in stable
+    order (the earlier token, in row-major order, first). Invalid tokens are never selected; a NaN score
+    at a valid token is an error."""
+    flat_valid = valid.reshape(-1)
+    idx = flat_valid.nonzero().squeeze(-1)
+    picked = scores.detach().reshape(-1)[idx]
+    if torch.isnan(picked).any():
+        raise ValueError(f"the selection scores (excess losses) have {int(torch.isnan(picked).sum())} NaN "
+                         "value(s) at valid tokens")
+    n = idx.numel()
+    count = min(n, int(ratio * n + 1e-6)) if n else 0  # +1e-6: 0.29·100 is 28.999999999999996 in floats
+    if n and ratio > 0.0:
+        count = max(count, 1)
+    order = torch.sort(picked, descending=True, stable=True).indices[:count]
+    mask = torch.zeros(flat_valid.shape, dtype=torch.bool, device=scores.device)
+    mask[idx[order]] = True
+    return mask.view(valid.shape)
+
+
 def as_token_weights(token_weights: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
     """Validated token weights as data in the compute dtype: no gradient reaches them (on the fused path
     none could)."""
@@ -97,13 +138,16 @@ def apply_token_loss(
     reduction: str = "mean",
     num_items=None,
     token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """The plain (materialised-logits) path shared by every loss.
 
     logits [..., V] any float dtype, target [...] ids and token_weights [...] (or None) already
     validated. Works on any leading shape without flattening, so a sliced (non-contiguous) logits view is
-    never copied except to upcast.
+    never copied except to upcast. With ``return_stats``: (result, :class:`xent.TokenStats`).
     """
+    if return_stats:
+        check_stats_loss(loss)
     target = V.as_ids(target)
     z = logits.to(compute_dtype(logits))
     valid = target != ignore_index
@@ -120,7 +164,16 @@ def apply_token_loss(
     if tw is not None:
         per_token = per_token * tw.view(*tw.shape, *extra_dims)
     per_token = torch.where(valid.view(*valid.shape, *extra_dims), per_token, torch.zeros_like(per_token))
-    return reduce_tokens(per_token, valid, reduction, num_items, denominator_weight(class_weight, tw))
+    result = reduce_tokens(per_token, valid, reduction, num_items, denominator_weight(class_weight, tw))
+    if not return_stats:
+        return result
+    return result, sum_token_stats(per_token, loss.stats(z, safe), valid, loss.z_loss)
+
+
+def check_stats_loss(loss) -> None:
+    if loss.num_outputs != 1:
+        raise ValueError(f"return_stats needs a loss with one value per token; {type(loss).__name__} has "
+                         f"{loss.num_outputs}")
 
 
 def check_common(

@@ -72,3 +72,15 @@ def test_world_of_one_float32_against_float64(world_of_one, device):
     ref = xent.cross_entropy((h.double() @ W.double().T), y, weight=w.double(), label_smoothing=0.1,
                              z_loss=1e-3, reduction="none")
     torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_world_of_one_projection_dtype(world_of_one):
+    """It always projects half inputs in float32: projection_dtype=torch.float32 equals the float32
+    computation on the upcast inputs (as linear_cross_entropy with it); a half projection is refused."""
+    h, W, y, _ = _problem("cpu", dtype=torch.bfloat16, seed=2)
+    got = vocab_parallel_linear_cross_entropy(h, W, y, shift=True, projection_dtype=torch.float32)
+    want = xent.linear_cross_entropy(h.detach().float(), W.detach().float(), y, shift=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, vocab_parallel_linear_cross_entropy(h, W, y, shift=True), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="projection_dtype must be None or torch.float32 here"):
+        vocab_parallel_linear_cross_entropy(h, W, y, projection_dtype=torch.bfloat16)

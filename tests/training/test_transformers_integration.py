@@ -233,3 +233,74 @@ def test_the_decoder_cache_is_passed_on_without_a_deprecation_warning(caplog):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=True)
     assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == []
     assert out[name] is not None and out[name].get_seq_length() == ref[name].get_seq_length() == ids.shape[1]
+
+
+def test_stats_on_the_output_equal_the_materialised_logits():
+    model = tiny("gemma2").eval()  # soft-capped: the statistics are of the capped logits the loss sees
+    ids, mask, labels = batch()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss, ref = xent.causal_lm_loss(logits, labels, return_stats=True)
+    xt.patch_causal_lm(model, return_stats=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.xent_stats.to_tensor(), ref.to_tensor(), rtol=1e-5, atol=1e-5)
+    assert int(out.xent_stats.tokens) == int((labels[:, 1:] != -100).sum())
+    assert "xent_stats" not in out.keys() and out[0] is out.loss
+
+
+def test_trainer_logs_token_accuracy_and_entropy_from_the_stats(tmp_path):
+    """A Trainer whose compute_loss reads out.xent_stats, sums them over the micro-batches of each step
+    (gradient accumulation 2) and logs accuracy and entropy: equal to the same numbers computed from the
+    materialised logits of the same model at the same step (an unpatched twin trained alike)."""
+    pytest.importorskip("accelerate")
+
+    class StatsTrainer(transformers.Trainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.step_stats, self.logged, self.micro = None, [], 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+            st = out.xent_stats if hasattr(out, "xent_stats") else xent.causal_lm_loss(
+                out.logits.detach(), inputs["labels"], return_stats=True)[1]
+            self.step_stats = st if self.step_stats is None else self.step_stats + st
+            return (loss, out) if return_outputs else loss
+
+        def training_step(self, *a, **kw):
+            loss = super().training_step(*a, **kw)
+            self.micro += 1
+            if self.micro % self.args.gradient_accumulation_steps == 0:  # the step's last micro-batch
+                means = self.step_stats.means()  # summed over the micro-batches, divided once
+                self.logged.append({"token_accuracy": means["accuracy"], "entropy": means["entropy"]})
+                self.log(self.logged[-1])
+                self.step_stats = None
+            return loss
+
+    def run(patched):
+        model = tiny("gpt2", seed=3)
+        if patched:
+            xt.patch_causal_lm(model, return_stats=True)
+        g = torch.Generator().manual_seed(5)
+        rows = []
+        for i in range(8):
+            n = 8 + 3 * i
+            ids = torch.randint(1, V, (24,), generator=g)
+            rows.append({"input_ids": ids, "attention_mask": (torch.arange(24) < n).long(),
+                         "labels": torch.where(torch.arange(24) < n, ids, -100)})
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5, lr_scheduler_type="constant",
+            optim="sgd", report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1,
+            disable_tqdm=True, dataloader_drop_last=True)
+        trainer = StatsTrainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "token_accuracy" in h]
+        return trainer.logged, logged
+
+    fused, fused_logged = run(True)
+    plain, _ = run(False)
+    assert len(fused) == 2 and len(fused_logged) == 2
+    for a, b in zip(fused, plain):
+        assert a["token_accuracy"] == pytest.approx(b["token_accuracy"], abs=1e-12)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)

@@ -75,7 +75,8 @@ def fit_loss(loss: TokenLoss, head: OutputHead) -> TokenLoss:
     return loss
 
 
-def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | str = "auto"):
+def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | str = "auto",
+                    return_stats: bool = False):
     """Make ``model(..., labels=...)`` compute its loss with ``loss`` through :func:`xent.linear_loss`.
 
     With ``labels`` the patched forward runs ``model.base_model``, then the fused head + loss, and returns a
@@ -88,6 +89,13 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
     ``num_items_in_batch``. ``Trainer.evaluate`` reports the same loss; a ``compute_metrics`` that needs
     the logits gets none (unpatch for that evaluation). The loss object is used as given (an EMO cost
     embedding must already be on the model's device). Returns the model; :func:`unpatch` restores it.
+
+    ``return_stats=True`` puts the call's training statistics on the output as ``out.xent_stats`` (a
+    :class:`xent.TokenStats`: detached sums of the loss, token count, top-1 correct, entropy, z-loss terms
+    and logsumexp over the call's target tokens, computed in the fused pass), for a ``Trainer`` to log:
+    sum them over the micro-batches of a step (and all-reduce over ranks), then divide
+    (:meth:`xent.TokenStats.means`). ``xent_stats`` is a plain attribute, not a key of the output, so
+    indexing the output (``out[0]``, ``out["loss"]``) is unchanged.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
@@ -111,7 +119,7 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
         shift_labels = named.get("shift_labels")
         if labels is None and shift_labels is None:
             return original(*args, **kwargs)
-        return _fused_forward(model, loss, named, labels, chunk_size)
+        return _fused_forward(model, loss, named, labels, chunk_size, return_stats)
 
     forward.__signature__ = signature
     # Remember an instance-level forward that was already there (accelerate, for one, installs
@@ -140,7 +148,7 @@ def _has_var_kw(signature: inspect.Signature) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 
 
-def _fused_forward(model, loss: TokenLoss, named: dict, labels, chunk_size):
+def _fused_forward(model, loss: TokenLoss, named: dict, labels, chunk_size, return_stats=False):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = named.pop("num_items_in_batch", None)
@@ -162,9 +170,13 @@ def _fused_forward(model, loss: TokenLoss, named: dict, labels, chunk_size):
         target, shift = labels.to(hidden.device), True
     value = _linear.linear_loss(
         hidden, head.weight, target, loss=fit_loss(loss, head), bias=head.bias, shift=shift,
-        chunk_size=chunk_size, ignore_index=ignore_index, num_items=num_items,
+        chunk_size=chunk_size, ignore_index=ignore_index, num_items=num_items, return_stats=return_stats,
     )
-    return CausalLMOutputWithPast(loss=value, logits=None, **_passed_on(outputs, CausalLMOutputWithPast))
+    value, stats = value if return_stats else (value, None)
+    out = CausalLMOutputWithPast(loss=value, logits=None, **_passed_on(outputs, CausalLMOutputWithPast))
+    if stats is not None:
+        out.xent_stats = stats  # an attribute, not a ModelOutput key: out[i] and out.to_tuple() unchanged
+    return out
 
 
 def _passed_on(outputs, output_class) -> dict:

@@ -6,10 +6,21 @@ Use them with :func:`xent.linear_loss`, e.g. ``xent.linear_loss(h, W, y, loss=xe
 from ._base import TokenLoss
 from ._cross_entropy import CrossEntropy
 from ._distill import Distill
+from ._eaft import EAFT
 from ._emo import EMO
 from ._focal import Focal, Poly
 from ._regularized import DFT, EntropyRegularized
+from ._sparse_distill import SparseDistill
 from ._tailr import GOLD, TaiLr
 
+
+def __getattr__(name):
+    if name == "Rho1":  # lives beside its two-pass functions, which need the fused engine
+        from .._selective import Rho1
+
+        return Rho1
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "DFT", "Focal", "Poly", "EntropyRegularized",
-           "Distill"]
+           "Distill", "EAFT", "SparseDistill", "Rho1"]

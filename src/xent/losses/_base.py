@@ -24,6 +24,9 @@ class TokenLoss:
     #: Values per token: K > 1 returns ``[..., K]`` and takes a ``[..., K]`` upstream ``scale`` (token
     #: log-probs with their entropy, :func:`xent.linear_log_probs`); the reductions take K = 1 only.
     num_outputs: int = 1
+    #: The z-loss coefficient s of the loss's s·(logsumexp z)² term, 0 for losses without one: the
+    #: training statistics (``return_stats``) report Σ s·lse² with it.
+    z_loss: float = 0.0
     #: The fused path hands the loss a chunk a cache-sized block of rows at a time; a loss that runs a
     #: matmul of its own per block (EMO's costs) asks for at least this many rows, for BLAS efficiency.
     min_block_rows: int = 1
@@ -60,9 +63,23 @@ class TokenLoss:
     # A closed-form gradient, when a loss has one, lets the fused path skip autograd.
     has_closed_form_grad: bool = False
 
-    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
-        """Returns (per-token loss [N], d(Σ scale·loss)/d logits [N, V]); may overwrite ``logits``."""
+    def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, *extra):
+        """Returns (per-token loss [N], d(Σ scale·loss)/d logits [N, V]); may overwrite ``logits``.
+        ``extra``: the loss's extra per-token tensors, as :meth:`token_loss` takes them."""
         raise NotImplementedError
+
+    def stats(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token training statistics [..., 3] (correct, entropy, lse; :data:`xent._stats.STAT_COLUMNS`)
+        of the logits this loss sees (soft-capped), without gradient; ``logits`` is left alone."""
+        with torch.no_grad():
+            z = logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+            return logit_stats(z, target)
+
+    def value_grad_stats(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, *extra):
+        """:meth:`value_and_grad` plus :meth:`stats` [N, 3]; a loss that has the softmax's parts at hand in
+        its closed form overrides it to compute them in the same pass (cross-entropy)."""
+        stats = self.stats(logits, target)  # before value_and_grad overwrites the logits
+        return (*self.value_and_grad(logits, target, scale, *extra), stats)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, torch.Tensor))
@@ -119,6 +136,18 @@ def nll_and_shift(logits: torch.Tensor, target: torch.Tensor):
     return (m - z_y) + rel, m, rel
 
 
+def logit_stats(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(correct, H(q), logsumexp z) per token [..., 3] of logits [..., V] and in-range ids [...].
+
+    correct = 1 where z_y is a maximum of the row (ties count as correct: no logit exceeds z_y, rank 1),
+    else 0. The one definition behind ``return_stats``; the fused cross-entropy computes the same in its
+    closed form's pass (:meth:`xent.losses.CrossEntropy.value_grad_stats`)."""
+    nll, m, rel = nll_and_shift(logits, target)
+    z_y = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    correct = (z_y >= logits.amax(dim=-1)).to(logits.dtype)
+    return torch.stack([correct, entropy(logits, m, rel), m + rel], dim=-1)
+
+
 def check_first_order(what: str) -> None:
     """Called in a closed-form backward: under create_graph=True (a double backward, e.g. a gradient
     penalty) the returned gradient would have no graph and the second-order term would be silently 0."""
@@ -131,13 +160,18 @@ def check_first_order(what: str) -> None:
 
 
 def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | None, centred: bool = False,
-                 w: torch.Tensor | None = None):
+                 w: torch.Tensor | None = None, stats: bool = False):
     """The shared start of a closed-form gradient on a [N, V] chunk, which it overwrites.
 
     Caps (z ← c·tanh(z/c)), then turns the buffer into e = exp(z − m), m = max z. Returns (rows, tanh or
     None (for the chain factor 1 − tanh²), e [N, V], Σe [N], lse [N], −log q_y [N], centred [N] or None)
     with −log q_y = (m − z_y) + log Σe (no cancellation at large logits) and, when asked, the centred
     sum Σ_c w_c (z_c − m) (w = 1 without ``w``) for label smoothing, formed before the exponential.
+
+    With ``stats`` an eighth value: the training statistics [N, 3] (correct, H(q), lse) of
+    :func:`logit_stats`, from the same pass: correct is s_y = 0 (z_y is a maximum), and
+    H = log Σe − Σ_c e_c s_c / Σe with s = z − m needs e beside s, so e is formed in a temporary block,
+    dotted with s row by row, and copied back into the buffer (two in-cache passes more).
     """
     rows = torch.arange(logits.shape[0], device=logits.device)
     logits, tanh = cap_in_place(logits, softcap)
@@ -147,11 +181,23 @@ def exp_in_place(logits: torch.Tensor, target: torch.Tensor, softcap: float | No
     summed = None
     if centred:
         summed = shifted.sum(dim=-1) if w is None else shifted @ w
-    e = shifted.exp_()
-    sumexp = e.sum(dim=-1)
+    if stats:
+        s = floored(shifted)  # finite, so 0·s = 0 where e = 0 (a −inf logit)
+        e_tmp = torch.exp(s)
+        sumexp = e_tmp.sum(dim=-1)
+        mean_s = (e_tmp.unsqueeze(1) @ s.unsqueeze(2)).reshape(-1) / sumexp  # Σ q s ≤ 0, a batched dot
+        correct = (s[rows, target] == 0).to(s.dtype)
+        e = s.copy_(e_tmp)
+        del e_tmp
+    else:
+        e = shifted.exp_()
+        sumexp = e.sum(dim=-1)
     rel = sumexp.log()
     m = m.squeeze(-1)
-    return rows, tanh, e, sumexp, m + rel, (m - z_y) + rel, summed
+    out = (rows, tanh, e, sumexp, m + rel, (m - z_y) + rel, summed)
+    if stats:
+        return (*out, torch.stack([correct, rel - mean_s, m + rel], dim=-1))
+    return out
 
 
 def floored(s: torch.Tensor) -> torch.Tensor:

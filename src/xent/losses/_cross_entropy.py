@@ -98,11 +98,20 @@ class CrossEntropy(TokenLoss):
         under soft-capping. ``scale`` [N] multiplies each token's gradient (1/denominator, or the
         upstream gradient for reduction="none").
         """
+        return self._closed_form(logits, target, scale, False)
+
+    def value_grad_stats(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
+        """:meth:`value_and_grad` and the training statistics [N, 3] from the same pass over the buffer
+        (:func:`xent.losses._base.exp_in_place` with ``stats``)."""
+        return self._closed_form(logits, target, scale, True)
+
+    def _closed_form(self, logits, target, scale, stats):
         eps, num_classes = self.label_smoothing, logits.shape[-1]
         w = self._weight(logits)
         w_sum = float(num_classes) if w is None else w.sum()
         # The buffer becomes e = exp(z − m); nll = (m − z_y) + log Σe; centred = Σ_c w_c (z_c − m).
-        rows, tanh, e, sumexp, lse, nll, centred = exp_in_place(logits, target, self.softcap, eps > 0.0, w)
+        rows, tanh, e, sumexp, lse, nll, centred, *st = exp_in_place(logits, target, self.softcap, eps > 0.0,
+                                                                     w, stats=stats)
         w_y = torch.ones_like(nll) if w is None else w[target]
         loss = (1.0 - eps) * w_y * nll
         if eps > 0.0:
@@ -121,7 +130,7 @@ class CrossEntropy(TokenLoss):
                 grad.sub_((eps / num_classes) * scale.unsqueeze(-1) * w)
         if tanh is not None:
             grad.mul_(1.0 - tanh.square_())
-        return loss, grad
+        return (loss, grad, *st)
 
 
 def cross_entropy(
@@ -136,7 +145,8 @@ def cross_entropy(
     softcap: float | None = None,
     num_items=None,
     token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     r"""Cross-entropy of logits ``[..., V]`` (vocabulary last) against class ids ``[...]``.
 
     Exactly ``torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1), ...)``
@@ -153,7 +163,10 @@ def cross_entropy(
       (not over Σ w_t·w_y). A token with w_t = 0 is exactly an ignored one (no loss, no gradient, not
       counted). Signed weights (advantages) whose sum may be 0 want "sum" or ``num_items``: "mean"
       divides by the weight sum whatever its sign, as torch does with class weights;
-    - every target ignored gives 0 with a zero gradient (torch gives NaN).
+    - every target ignored gives 0 with a zero gradient (torch gives NaN);
+    - ``return_stats=True`` returns ``(loss, stats)``, stats a :class:`xent.TokenStats` of detached sums
+      over the valid tokens (loss, count, top-1 correct, entropy, z-loss terms, logsumexp) to sum over
+      micro-batches and ranks before dividing.
 
     Computed in float32 whatever the input dtype (float64 stays float64); half inputs give a float32
     result. ``reduction="none"`` returns a tensor shaped like ``target``, 0 where ignored.
@@ -170,6 +183,9 @@ def cross_entropy(
         0.51058
     """
     if isinstance(target, torch.Tensor) and target.is_floating_point():
+        if return_stats:
+            raise ValueError("return_stats needs class-id targets (top-1 correctness is undefined for "
+                             f"probability targets), got a target of dtype {target.dtype}")
         return _cross_entropy_probs(
             logits, target, reduction=reduction, weight=weight, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, num_items=num_items, token_weights=token_weights,
@@ -179,7 +195,7 @@ def cross_entropy(
     loss = CrossEntropy(weight=weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     loss.check(num_classes)
     return apply_token_loss(loss, logits, target, ignore_index=ignore_index, reduction=reduction,
-                            num_items=num_items, token_weights=token_weights)
+                            num_items=num_items, token_weights=token_weights, return_stats=return_stats)
 
 
 def _cross_entropy_probs(logits, target, *, reduction, weight, label_smoothing, z_loss, softcap, num_items,

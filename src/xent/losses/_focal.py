@@ -136,13 +136,13 @@ class Poly(NLLLoss):
 
 
 def plain_loss(loss: TokenLoss, logits, target, *extra, ignore_index, reduction, num_items,
-               token_weights=None):
+               token_weights=None, return_stats=False):
     """Validate, check V-dependent options, then the shared masking/reduction: every functional's body."""
     num_classes = check_common(logits, target, ignore_index=ignore_index, reduction=reduction,
                                num_items=num_items, token_weights=token_weights)
     loss.check(num_classes)
     return apply_token_loss(loss, logits, target, *extra, ignore_index=ignore_index, reduction=reduction,
-                            num_items=num_items, token_weights=token_weights)
+                            num_items=num_items, token_weights=token_weights, return_stats=return_stats)
 
 
 def focal_loss(

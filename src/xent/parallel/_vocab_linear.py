@@ -133,6 +133,7 @@ def vocab_parallel_linear_cross_entropy(
     num_items=None,
     token_weights: torch.Tensor | None = None,
     sum_hidden_grad: bool = True,
+    projection_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ W.T + b`` with the head W ``[V, D]`` sharded over the vocabulary.
 
@@ -150,6 +151,10 @@ def vocab_parallel_linear_cross_entropy(
             receives the full d loss/d hidden = Σ_r g_r·W_r, what a tensor-parallel head needs. Set False
             when the framework already does it (Megatron's copy-to-tensor-parallel-region): each rank
             then receives its own partial g_r·W_r.
+        projection_dtype: None or torch.float32 (float64 for float64 inputs): this function always
+            projects in the compute dtype, half inputs in float32 from a float32 copy of the slice (its
+            per-slice reductions are formed from float32 logits), so float32 is what it does either way;
+            the argument is there for the same call as :func:`xent.linear_cross_entropy`.
         shift, chunk_size, label_smoothing, z_loss, softcap, ignore_index, reduction, num_items,
             token_weights: as :func:`xent.linear_cross_entropy` and :func:`vocab_parallel_cross_entropy`
             (``token_weights`` shaped like ``target``, the same on every rank).
@@ -170,6 +175,12 @@ def vocab_parallel_linear_cross_entropy(
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     V.check_chunk_size(chunk_size)
     V.check_ignore_index(ignore_index)
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if projection_dtype not in (None, compute):
+        raise ValueError(
+            f"projection_dtype must be None or {compute} here (the vocabulary-parallel head is always "
+            f"projected in {compute} for inputs of dtype {hidden.dtype}), got {projection_dtype!r}"
+        )
     group_place(group)
 
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
