@@ -28,9 +28,13 @@ RUNNERS = {
     "patch_causal_lm(model, loss=": "test_transformers_patch_with_trainer",
     "logits = torch.randn(4, 128, 32000": "test_exact_token_losses_example",
     'n = sum(xent.count_items(mb["labels"]) for mb in micro_batches)': "test_num_items_example",
-    "hidden = model.base_model(input_ids).last_hidden_state": "test_fused_example",
+    "hidden = model.base_model(input_ids).last_hidden_state       # [B, T, D]": "test_fused_example",
     "emo = xent.losses.EMO(": "test_beyond_cross_entropy_example",
     "logp, entropy = xent.linear_log_probs(": "test_log_probs_example",
+    "def token_logp(model, input_ids, labels": "test_grpo_example",
+    "loss, stats = xent.linear_cross_entropy(": "test_stats_example",
+    "class StatsTrainer(transformers.Trainer)": "test_stats_trainer_example",
+    "import keras, xent.keras as xk": "test_keras_example",
     "local_head = torch.nn.Parameter(": "test_distributed_examples",
     'group=dist.group.WORLD) for mb in micro_batches)': "test_distributed_examples",
 }
@@ -173,7 +177,7 @@ def test_num_items_example(one_thread_here):
 def test_fused_example(arch, one_thread_here):
     model = tiny(arch)
     input_ids, labels = batch()
-    ns = run_snippet("hidden = model.base_model(input_ids).last_hidden_state",
+    ns = run_snippet("hidden = model.base_model(input_ids).last_hidden_state       # [B, T, D]",
                      {"xent": xent, "model": model, "input_ids": input_ids, "labels": labels})
     ref = model(input_ids=input_ids, labels=labels).loss
     torch.testing.assert_close(ns["loss"], ref, rtol=1e-5, atol=1e-6)
@@ -212,6 +216,109 @@ def test_log_probs_example():
     ent = torch.where(y != -100, -(logq.exp() * logq).sum(-1), 0.0)
     torch.testing.assert_close(ns["logp"].detach(), want)
     torch.testing.assert_close(ns["entropy"].detach(), ent)
+
+
+def test_grpo_example(one_thread_here):
+    policy, old_policy, ref_model = tiny("gpt2"), tiny("gpt2"), tiny("gpt2", seed=2)
+    input_ids, labels = batch()
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    num_items = xent.count_items(labels)
+    ns = run_snippet("def token_logp(model, input_ids, labels", {
+        "xent": xent, "torch": torch, "policy": policy, "old_policy": old_policy, "ref_model": ref_model,
+        "input_ids": input_ids, "labels": labels, "advantages": advantages, "num_items": num_items})
+    # the same objective from the materialised logits in float32 (old policy == policy: ratio 1)
+    def logp_of(model):
+        z = model(input_ids=input_ids).logits[:, :-1].float() / 0.7
+        y = labels[:, 1:]
+        lq = torch.log_softmax(z, -1)
+        return lq.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1), -(lq.exp() * lq).sum(-1)
+    with torch.no_grad():
+        lp, ent = logp_of(policy)
+        ref_lp, _ = logp_of(ref_model)
+    mask = labels[:, 1:] != -100
+    torch.testing.assert_close(ns["logp"][mask], lp[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ns["entropy"][mask], ent[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ns["ratio"][mask], torch.ones_like(lp[mask]), rtol=1e-5, atol=1e-5)
+    kl = torch.exp(ref_lp - lp) - (ref_lp - lp) - 1
+    pg = -advantages[:, None].expand_as(lp)
+    want = torch.where(mask, pg + 0.04 * kl - 0.001 * ent, 0.0).sum() / num_items
+    torch.testing.assert_close(ns["loss"].detach(), want, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+
+def test_stats_example(one_thread_here):
+    model = tiny("gpt2")
+    input_ids, labels = batch()
+    hidden = model.base_model(input_ids).last_hidden_state
+    head = model.get_output_embeddings()
+    ns = run_snippet("loss, stats = xent.linear_cross_entropy(", {
+        "xent": xent, "hidden": hidden, "head": head, "labels": labels})
+    with torch.no_grad():  # float64 from the materialised logits
+        z = (hidden @ head.weight.T)[:, :-1].double()
+        y = labels[:, 1:]
+        mask = y != -100
+        lq = torch.log_softmax(z, -1)
+        correct = (z.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) == z.amax(-1)) & mask
+        ent = -(lq.exp() * lq).sum(-1)
+    st = ns["stats"]
+    assert int(st.tokens) == int(mask.sum()) and int(st.correct) == int(correct.sum())
+    assert float(st.entropy_sum) == pytest.approx(float(ent[mask].sum()), rel=1e-5)
+
+
+def test_stats_trainer_example(tmp_path, one_thread_here):
+    pytest.importorskip("accelerate")
+    from xent.integrations.transformers import patch_causal_lm, unpatch
+
+    ns = run_snippet("class StatsTrainer(transformers.Trainer)", {"transformers": transformers})
+    model = tiny("gpt2")
+    ids, labels = batch(rows=4)
+    ds = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1,
+                                          gradient_accumulation_steps=4, max_steps=1, report_to=[],
+                                          save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                          logging_strategy="no", learning_rate=0.0)
+    # the step's metrics from the logits of the unpatched model (lr 0: the weights do not move)
+    with torch.no_grad():
+        z = model(input_ids=ids).logits[:, :-1]
+        y = labels[:, 1:]
+        mask = y != -100
+        correct = (z.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) == z.amax(-1)) & mask
+    patch_causal_lm(model, return_stats=True)
+    logged = []
+    try:
+        trainer = ns["StatsTrainer"](model=model, args=args, train_dataset=ds)
+        trainer.step_stats = None
+        trainer.log = lambda logs, *a, **k: logged.append(logs)
+        trainer.train()
+    finally:
+        unpatch(model)
+    step = [entry for entry in logged if "token_accuracy" in entry]
+    assert len(step) == 1
+    assert step[0]["token_accuracy"] == pytest.approx(float(correct.sum() / mask.sum()), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_keras_example(tmp_path):
+    """The Keras snippet, as written, in a fresh process (it chooses the JAX backend before importing
+    Keras): one fit over 32 padded sequences, then the compile with a loss on logits."""
+    pytest.importorskip("jax")
+    pytest.importorskip("keras")
+    import subprocess
+
+    code = (
+        "import numpy as np\n"
+        "rng = np.random.default_rng(0)\n"
+        "ids = rng.integers(0, 32000, (32, 128)).astype('int32')\n"
+        "labels_with_padding_as_minus_100 = ids.copy(); labels_with_padding_as_minus_100[:, 100:] = -100\n"
+        + snippet("import keras, xent.keras as xk")
+        # one epoch from a random tied embedding: the loss is about ln V = 10.37 (z-loss 1e-4 adds ~0)
+        + "\nloss = model.history.history['loss'][0]\nassert 9.0 < loss < 12.0, loss\nprint('OK', loss)\n"
+    )
+    script = tmp_path / "keras_readme.py"
+    script.write_text(code)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 # ---------- the two torchrun snippets, on 2 CPU processes (gloo over the loopback interface) ----------
