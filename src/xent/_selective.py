@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
+from ._compile import compiler_disable
 from ._linear import linear_loss
 from ._reduce import apply_token_loss, check_common, select_top_fraction
 from .losses._base import TokenLoss, nll_and_shift
@@ -111,7 +112,7 @@ def rho1_loss(
                             num_items=num_items, token_weights=weights)
 
 
-@torch.compiler.disable
+@compiler_disable
 def linear_rho1_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
