@@ -3,8 +3,10 @@
 KL(base‖model) per token (mean, max, percentiles), how often the top token agrees, the change Δp of
 the correct token's probability, and the paired difference of the losses: what is run to judge a
 quantised or distilled model. Each mean has two standard errors, named where printed: tokens iid (as
-llama.cpp prints) and clustered by document. The tokenizers must give the same ids; the windows are those of
-``xent eval`` (same options).
+llama.cpp prints) and clustered by document. The windows are those of ``xent eval`` (same options).
+Models whose tokenizers give different ids are compared by bits per byte of whole documents instead
+(each with its own tokens; the paired difference with its document-clustered SE): KL needs a shared
+vocabulary.
 """
 
 from __future__ import annotations
@@ -65,5 +67,7 @@ def _run(args, out) -> int:
             print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
         else:
             print_compare(summary)
-    progress.report(summary["tokens"], "xent compare")  # after the outputs
+    # after the outputs; with different tokenizers each model scored its own tokens
+    tokens = summary["tokens"] if "tokens" in summary else summary["tokens_base"] + summary["tokens_model"]
+    progress.report(tokens, "xent compare")
     return 0

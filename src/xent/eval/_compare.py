@@ -21,9 +21,16 @@ from fractions import Fraction
 import torch
 
 from . import _distributed as dist
+from ._compare_bytes import (
+    ByteCompareResult,
+    compare_bytes,
+    ids_differ,
+    print_byte_compare,
+    same_serialisation,
+)
 from ._data import Corpus
 from ._errors import EvalError
-from ._evaluate import document_stream
+from ._evaluate import document_stream, texts
 from ._files import state_dict_sha256
 from ._head import ModelHead, chunk_rows
 from ._options import resolve_options
@@ -258,11 +265,15 @@ def _percentiles(values) -> dict[str, float]:
 def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_length=None, stride=None,
             bos=None, preset=None, batch_size: int = 8, padding_side: str = "right", progress=None,
             model_sha256: dict | None = None, data_sha256: str | None = None,
-            extra_config: dict | None = None, head: str = "auto") -> CompareResult:
+            extra_config: dict | None = None, head: str = "auto") -> CompareResult | ByteCompareResult:
     """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
 
-    ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
-    (EvalError otherwise). Under torch.distributed the batches are shared out across ranks, as in
+    ``model_tokenizer``, when given, is the model's tokenizer. Where it gives other ids than
+    ``tokenizer`` on some document, the models cannot be compared token by token (nor by KL, which needs
+    a shared vocabulary): each then scores every document with its own tokenizer and windows and the
+    result is a :class:`ByteCompareResult`, the paired per-document difference of bits per byte (see
+    _compare_bytes; an in-memory iterable of documents is then held as a list, since it is read once per
+    model and once to compare the ids). Under torch.distributed the batches are shared out across ranks, as in
     evaluate. A non-finite per-token value of either model raises EvalError (nothing is summed).
     ``head`` as in :func:`evaluate`, for both models (each projects only the scored positions, a chunk
     at a time; the chunks' statistics come from one pass over both models' float32 logits).
@@ -271,6 +282,17 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
 
     opts = resolve_options(base, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
                            batch_size=batch_size, padding_side=padding_side)
+    if not same_serialisation(tokenizer, model_tokenizer):
+        if not isinstance(documents, Corpus):
+            documents = [text for _, text in texts(documents)]
+        if ids_differ(tokenizer, model_tokenizer, documents, opts.preset):
+            model_opts = resolve_options(model, model_tokenizer, max_length=max_length, stride=stride,
+                                         bos=bos, preset=preset, batch_size=batch_size,
+                                         padding_side=padding_side)
+            return compare_bytes(base, model, tokenizer, model_tokenizer, documents,
+                                 options=(opts, model_opts), head=head, progress=progress,
+                                 model_sha256=model_sha256, data_sha256=data_sha256,
+                                 extra_config=extra_config)
     resolve_options(model, tokenizer, max_length=opts.max_length, stride=None if preset else opts.stride,
                     bos=None if preset else opts.bos, preset=preset)  # the model must take these windows too
     corpus = documents if isinstance(documents, Corpus) else None
@@ -352,6 +374,9 @@ def print_compare(summary: dict, file=None) -> None:
     named: tokens iid (llama.cpp's) and clustered by document; the reverse KL and the JSD after the KL."""
     import sys
 
+    if "delta_bits_per_byte" in summary:  # different tokenizers: bits per byte
+        print_byte_compare(summary, file)
+        return
     out = file or sys.stdout
     n = summary["tokens"]
     ratio = summary["ppl_ratio"]
