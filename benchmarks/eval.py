@@ -17,9 +17,10 @@ The model is a Llama built from a config (random weights, seed 0, nothing downlo
 document is L − 1 random token ids, so with BOS it is exactly one window of L inputs. The tokenizer is a
 stub that reads the ids from the text (decimal numbers), so no time goes to tokenization and V can be
 128256. In each process: the model and windows are built, freed heap is returned to the OS, the peak-RSS
-counter is reset (/proc/self/clear_refs "5") and the RSS read (the baseline after model load); one pass is
-timed (wall and process CPU time) and the extra peak memory is VmHWM after it − the baseline
-(ru_maxrss − baseline where clear_refs is unavailable). ``--repeats R`` runs R fresh processes per
+counter is reset (/proc/self/clear_refs "5") and the RSS read (the baseline after model load and one
+untimed warm-up pass: lazy imports and first-call allocations are not measured); one pass is timed
+(wall and process CPU time) and the extra peak memory is VmHWM after it − the baseline (ru_maxrss −
+baseline where clear_refs is unavailable). ``--repeats R`` runs R fresh processes per
 configuration and reports medians. One torch thread per process (the machine is shared).
 
     python benchmarks/eval.py                 # --small: about 2-3 minutes on 2 cores
@@ -172,6 +173,8 @@ def child(spec: dict) -> dict:
         extra["note"] = "includes the chunks' projection h @ W.T"
     elif config == "lm_eval":
         run = _lm_eval_run(model, texts, L, B, extra)
+    if spec.get("warmup", True):
+        run()  # once untimed: lazy imports, first-call allocations and caches are not what is measured
     base_kb, reset = _baseline()
     t0, c0 = time.perf_counter(), time.process_time()
     run()
@@ -345,6 +348,16 @@ def main(argv=None) -> int:
                   f"every per-token statistic, measured alone) {s:.2f} s; decoder + that = {d + s:.2f} s "
                   f"against xent's {x:.2f} s. The statistics read each [C, V] chunk of float32 logits "
                   "several times (max, exp, sums, rank, Brier), which a bare forward does not do.", ""]
+    if "xent" in by:
+        import torch
+
+        from xent.eval._head import chunk_rows
+
+        rows_ = chunk_rows(B * (L - 1), V, torch.device("cpu"))
+        lines += [f"xent's extra peak memory is mostly its chunk of logits: {rows_} rows × {V} classes × 4 "
+                  f"bytes = {rows_ * V * 4 / 2**20:.0f} MiB per float32 buffer, two buffers (the logits and "
+                  "their exponentials); at this V the CPU's minimum of 512 rows per chunk "
+                  "(xent._linear.MIN_AUTO_CHUNK) outweighs the 64 MiB budget.", ""]
     lines += [f"- {note}" for note in notes]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "eval.md"), "w") as f:
