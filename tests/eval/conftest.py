@@ -41,6 +41,15 @@ def other_model_dir(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="session")
+def other_tokenizer_model_dir(tmp_path_factory, model_dir):
+    """A tiny GPT-2 with a tokenizer of its own (fewer merges: other ids for most texts)."""
+    d = tmp_path_factory.mktemp("tiny-gpt2-tok")
+    tok = _tokenizer(d, vocab_size=280)
+    _model(d, tok, seed=2, steps=20)
+    return d
+
+
+@pytest.fixture(scope="session")
 def model_and_tokenizer(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from eval_builders import CORPUS
 
 import xent.eval
 from xent.cli import main
@@ -127,27 +128,67 @@ def test_compare_cli_report_and_summary(capsys, model_dir, other_model_dir, tmp_
         assert row in out, row
 
 
-def test_different_tokenizers_are_refused(capsys, model_dir, tmp_path, documents):
-    import shutil
+def _bits_per_byte_reference(models, docs):
+    """Per model, each document's summed loss in float64 (the whole document, [BOS] + ids in one window,
+    explicit log-softmax); then Δ bits/byte and its document-clustered SE by explicit loops."""
+    S = []
+    with torch.no_grad():
+        for model, tok in models:
+            sums = []
+            for doc in docs:
+                ids = tok(doc, add_special_tokens=False)["input_ids"]
+                z = model(input_ids=torch.tensor([[tok.bos_token_id] + ids])).logits[0].double()
+                sums.append(math.fsum(float(torch.logsumexp(z[t], 0) - z[t, y]) for t, y in enumerate(ids)))
+            S.append(sums)
+    B = [len(d.encode("utf-8")) for d in docs]
+    e = [(m - b) / math.log(2) for b, m in zip(*S)]
+    delta = math.fsum(e) / sum(B)
+    D = len(docs)
+    se = math.sqrt(D / (D - 1) * math.fsum((ed - delta * bd) ** 2 for ed, bd in zip(e, B))) / sum(B)
+    bpb = [math.fsum(s) / (math.log(2) * sum(B)) for s in S]
+    return bpb, delta, se
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    other = tmp_path / "other"
-    shutil.copytree(model_dir, other)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=270, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["completely different words here"] * 5, trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            pad_token="<pad>").save_pretrained(other)
-    (tmp_path / "d.txt").write_text(documents[0], encoding="utf-8")
-    code = main(["compare", "--base", str(model_dir), "--model", str(other), "--data",
-                 str(tmp_path / "d.txt"), "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2 and "the two tokenizers give different token ids (token " in err
-    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+def test_different_tokenizers_compare_bits_per_byte(model_and_tokenizer, other_tokenizer_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, tok = model_and_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(other_tokenizer_model_dir).eval()
+    mtok = AutoTokenizer.from_pretrained(other_tokenizer_model_dir)
+    docs = [text[:40] for text in CORPUS] + ["Hi."]  # within one window (64 positions) under both
+    assert max(len(t(d, add_special_tokens=False)["input_ids"]) for t in (tok, mtok) for d in docs) < 64
+    assert len(docs) >= 3 and any(tok(d)["input_ids"] != mtok(d)["input_ids"] for d in docs)
+    (bpb_b, bpb_m), delta, se = _bits_per_byte_reference([(base, tok), (model, mtok)], docs)
+    r = xent.eval.compare(base, model, tok, iter(docs), model_tokenizer=mtok, batch_size=2)
+    approx = lambda x: pytest.approx(x, rel=1e-5, abs=1e-7)  # noqa: E731
+    assert r.documents == len(docs) and r.bytes == sum(len(d.encode("utf-8")) for d in docs)
+    assert r.tokens_model == sum(len(mtok(d, add_special_tokens=False)["input_ids"]) for d in docs)
+    assert (r.bits_per_byte_base, r.bits_per_byte_model) == (approx(bpb_b), approx(bpb_m))
+    assert r.delta_bits_per_byte == approx(delta) and abs(delta) > 1e-3
+    assert r.delta_bits_per_byte_se_document == approx(se) and se > 0
+    assert "shared vocabulary" in r.note
+    # each model's bits per byte is exactly that of its own xent eval (same batches, same integer sums)
+    assert r.bits_per_byte_model == xent.eval.evaluate(model, mtok, docs, batch_size=2).bits_per_byte
+
+
+def test_different_tokenizers_cli(capsys, model_dir, other_tokenizer_model_dir, tmp_path, documents):
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(documents), encoding="utf-8")
+    argv = ["compare", "--base", str(model_dir), "--model", str(other_tokenizer_model_dir), "--data",
+            str(data), "--split", "lines", "--max-length", "32"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (f"bits/byte(Q) − bits/byte(base): {s['delta_bits_per_byte']:10.6f} ± "
+            f"{s['delta_bits_per_byte_se_document']:10.6f} (SE, by document)") in out
+    assert "KL, JSD, same top and Δp need a shared vocabulary" in out and "KLD" not in out
+    assert s["config"]["compared_by"] == "bits_per_byte" and s["documents"] == len(documents)
+    # windows that leave tokens unscored cannot give whole-document losses: refused, nothing written
+    for extra in (["--bos", "none"], ["--preset", "transformers"]):
+        code = main([*argv, *extra, "--out", str(tmp_path / "p")])
+        err = capsys.readouterr().err
+        assert code == 2 and "needs every token scored" in err and err.count("\n") == 1, extra
+        assert not (tmp_path / "p").exists()
 
 
 def test_compare_completed_matches_explicit_formulas(two_models, documents):

@@ -52,7 +52,7 @@ def _spawn(commands, errors, timeout=300.0):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(model_dir, other_model_dir, documents, tmp_path):
+def test_two_processes_equal_one(model_dir, other_model_dir, other_tokenizer_model_dir, documents, tmp_path):
     import pyarrow.parquet as pq
     from safetensors.torch import load_file, save_file
 
@@ -68,6 +68,10 @@ def test_two_processes_equal_one(model_dir, other_model_dir, documents, tmp_path
                "--max-length", "32", "--batch-size", "3", "--json"]
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0
     assert main(compare + ["--out", str(tmp_path / "one-compare")]) == 0
+    # different tokenizers: bits per byte, from per-document sums gathered over the ranks
+    by_bytes = ["compare", "--base", str(model_dir), "--model", str(other_tokenizer_model_dir), "--data",
+                str(data), "--max-length", "32", "--batch-size", "3", "--json"]
+    assert main(by_bytes + ["--out", str(tmp_path / "one-bytes")]) == 0
     # NaN logits past position 4, met only in rank 1's batch (the middle document): rank 1 stops, and so
     # does rank 0 instead of waiting for it at the chunk's exchange (exit 2 on both)
     nan_dir = tmp_path / "nan-model"
@@ -82,7 +86,8 @@ def test_two_processes_equal_one(model_dir, other_model_dir, documents, tmp_path
     nan_argv = ["eval", "--model", str(nan_dir), "--data", str(nan_data), "--batch-size", "1"]
     commands = [(_free_port(), argv + ["--out", str(tmp_path / "two")], 0),
                 (_free_port(), compare + ["--out", str(tmp_path / "two-compare")], 0),
-                (_free_port(), nan_argv + ["--out", str(tmp_path / "two-nan")], 2)]
+                (_free_port(), nan_argv + ["--out", str(tmp_path / "two-nan")], 2),
+                (_free_port(), by_bytes + ["--out", str(tmp_path / "two-bytes")], 0)]
     _spawn(commands, str(tmp_path / "err"))
     assert not list(tmp_path.glob("err.*"))
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -99,3 +104,7 @@ def test_two_processes_equal_one(model_dir, other_model_dir, documents, tmp_path
     c2 = json.loads((tmp_path / "two-compare" / "summary.json").read_text())
     assert (c1["config"].pop("world_size"), c2["config"].pop("world_size")) == (1, 2)
     assert c2 == c1 and c1["kl_mean"] > 0  # percentiles too: every rank's values are gathered
+    b1 = json.loads((tmp_path / "one-bytes" / "summary.json").read_text())
+    b2 = json.loads((tmp_path / "two-bytes" / "summary.json").read_text())
+    assert (b1["config"].pop("world_size"), b2["config"].pop("world_size")) == (1, 2)
+    assert b2 == b1 and b1["documents"] == len(docs) and b1["delta_bits_per_byte_se_document"] > 0

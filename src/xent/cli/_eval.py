@@ -68,6 +68,10 @@ def register(sub) -> None:
                    help="also find the T* that minimises the corpus NLL (temperature scaling) and report "
                         "NLL, ECE and entropy at T* beside T = 1 (keeps tokens × hidden-size states in "
                         "memory)")
+    p.add_argument("--save-base", metavar="DIR",
+                   help="also keep this model as a base for xent compare --base-cache DIR: its final hidden "
+                        "states at the scored positions (model dtype), head and manifest (a new or empty "
+                        "directory; tokens × hidden-size states are held in memory until the end)")
     p.set_defaults(run=run, interrupted=interrupted)
 
 
@@ -99,6 +103,14 @@ def check_arguments(args) -> None:
     if getattr(args, "fit_temperature", False) and (temperature != 1.0 or getattr(args, "resume", False)):
         raise CommandError("--fit-temperature reports T* beside T = 1 in one run: do not pass "
                            + ("--temperature" if temperature != 1.0 else "--resume"))
+    save_base = getattr(args, "save_base", None)
+    if save_base is not None:
+        import os
+
+        if getattr(args, "resume", False):
+            raise CommandError("--save-base needs one uninterrupted run: do not pass --resume")
+        if os.path.exists(save_base) and (not os.path.isdir(save_base) or os.listdir(save_base)):
+            raise CommandError(f"--save-base {save_base!r} exists and is not an empty directory")
     for flag in ("resume", "per_token", "html"):
         if getattr(args, flag, False) and not args.out:
             raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
@@ -203,7 +215,7 @@ def _run(args, out) -> int:
             checkpoint_dir=args.out, resume=args.resume, progress=progress,
             on_tokens=sink.add if sink else None, on_checkpoint=sink.flush if sink else None,
             model_sha256=model_sha, stop_after=args.stop_after, temperature=args.temperature,
-            fit_temperature=args.fit_temperature,
+            fit_temperature=args.fit_temperature, save_base=args.save_base,
             # the outputs belong to the checkpoint's fingerprint: a resume that adds --per-token would
             # lack the rows of the documents scored before it
             extra_config={"model": args.model, "data": list(args.data), "split": args.split,

@@ -21,9 +21,16 @@ from fractions import Fraction
 import torch
 
 from . import _distributed as dist
+from ._compare_bytes import (
+    ByteCompareResult,
+    compare_bytes,
+    ids_differ,
+    print_byte_compare,
+    same_serialisation,
+)
 from ._data import Corpus
 from ._errors import EvalError
-from ._evaluate import document_stream
+from ._evaluate import document_stream, texts
 from ._files import state_dict_sha256
 from ._head import ModelHead, chunk_rows
 from ._options import resolve_options
@@ -156,10 +163,12 @@ def _divergences_masked(p: torch.Tensor, q: torch.Tensor):
 
 
 class CompareRunner(ChunkedScorer):
-    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1, head="auto"):
+    def __init__(self, base, model, tokenizer, model_tokenizer, opts, *, rank=0, world=1, head="auto",
+                 base_head=None):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.base, self.model, self.model_tokenizer = base, model, model_tokenizer
-        self.heads = (ModelHead(base, head=head, name="the base model"), ModelHead(model, head=head))
+        self.heads = (base_head or ModelHead(base, head=head, name="the base model"),
+                      ModelHead(model, head=head))
         if self.heads[0].vocab != self.heads[1].vocab:
             raise EvalError(f"the models' vocabularies differ: {self.heads[0].vocab} vs "
                             f"{self.heads[1].vocab} logits")
@@ -258,19 +267,42 @@ def _percentiles(values) -> dict[str, float]:
 def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_length=None, stride=None,
             bos=None, preset=None, batch_size: int = 8, padding_side: str = "right", progress=None,
             model_sha256: dict | None = None, data_sha256: str | None = None,
-            extra_config: dict | None = None, head: str = "auto") -> CompareResult:
+            extra_config: dict | None = None, head: str = "auto",
+            base_cache: str | None = None) -> CompareResult | ByteCompareResult:
     """Compare ``model`` with ``base`` on the same tokens; windows and options as :func:`evaluate`.
 
-    ``model_tokenizer``, when given, must produce the same ids as ``tokenizer`` on every document
-    (EvalError otherwise). Under torch.distributed the batches are shared out across ranks, as in
+    ``model_tokenizer``, when given, is the model's tokenizer. Where it gives other ids than
+    ``tokenizer`` on some document, the models cannot be compared token by token (nor by KL, which needs
+    a shared vocabulary): each then scores every document with its own tokenizer and windows and the
+    result is a :class:`ByteCompareResult`, the paired per-document difference of bits per byte (see
+    _compare_bytes; an in-memory iterable of documents is then held as a list, since it is read once per
+    model and once to compare the ids). Under torch.distributed the batches are shared out across ranks, as in
     evaluate. A non-finite per-token value of either model raises EvalError (nothing is summed).
     ``head`` as in :func:`evaluate`, for both models (each projects only the scored positions, a chunk
     at a time; the chunks' statistics come from one pass over both models' float32 logits).
+    ``base_cache``: a directory written by ``evaluate(base, ..., save_base=DIR)``; then ``base`` is None,
+    only ``model`` is run and the base's logits come from the cached hidden states: the very numbers of
+    the two-model compare (the texts, tokenizer, windows and batches must be the cache's, else EvalError).
     """
-    import numpy as np
-
+    if base_cache is not None:
+        return _compare_cached(model, tokenizer, documents, base_cache, model_tokenizer=model_tokenizer,
+                               max_length=max_length, stride=stride, bos=bos, preset=preset,
+                               batch_size=batch_size, padding_side=padding_side, progress=progress,
+                               model_sha256=model_sha256, data_sha256=data_sha256,
+                               extra_config=extra_config, head=head)
     opts = resolve_options(base, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
                            batch_size=batch_size, padding_side=padding_side)
+    if not same_serialisation(tokenizer, model_tokenizer):
+        if not isinstance(documents, Corpus):
+            documents = [text for _, text in texts(documents)]
+        if ids_differ(tokenizer, model_tokenizer, documents, opts.preset):
+            model_opts = resolve_options(model, model_tokenizer, max_length=max_length, stride=stride,
+                                         bos=bos, preset=preset, batch_size=batch_size,
+                                         padding_side=padding_side)
+            return compare_bytes(base, model, tokenizer, model_tokenizer, documents,
+                                 options=(opts, model_opts), head=head, progress=progress,
+                                 model_sha256=model_sha256, data_sha256=data_sha256,
+                                 extra_config=extra_config)
     resolve_options(model, tokenizer, max_length=opts.max_length, stride=None if preset else opts.stride,
                     bos=None if preset else opts.bos, preset=preset)  # the model must take these windows too
     corpus = documents if isinstance(documents, Corpus) else None
@@ -279,6 +311,49 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     runner = CompareRunner(base, model, tokenizer, model_tokenizer, opts, rank=rank, world=world, head=head)
     with eval_mode(base, model):
         runner.run(stream, progress=progress)
+    if model_sha256 is None:
+        model_sha256 = {"base": state_dict_sha256(base), "model": state_dict_sha256(model)}
+    return _compare_result(runner, opts, world, corpus, model_sha256=model_sha256, data_sha256=data_sha256,
+                           extra_config=extra_config)
+
+
+def _compare_cached(model, tokenizer, documents, base_cache, *, model_tokenizer, max_length, stride, bos,
+                    preset, batch_size, padding_side, progress, model_sha256, data_sha256, extra_config,
+                    head) -> CompareResult:
+    """compare() with the base's logits projected from a base cache (see _base_cache)."""
+    from . import _base_cache
+
+    manifest = _base_cache.load_manifest(base_cache)
+    opts = resolve_options(model, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
+                           batch_size=batch_size, padding_side=padding_side,
+                           checkpoint_every=manifest["options"]["checkpoint_every"])
+    _base_cache.check_run(manifest, tokenizer=tokenizer, opts=opts)
+    rank, world = dist.rank_and_world()
+    if world > 1:
+        raise EvalError("base-cache: one process only (the cache holds one process's batches)")
+    corpus = documents if isinstance(documents, Corpus) else None
+    if data_sha256 is None and corpus is not None:
+        data_sha256 = corpus.sha256()
+    if None not in (manifest["data_sha256"], data_sha256) and manifest["data_sha256"] != data_sha256:
+        raise EvalError("base-cache: the data files differ from the cache's (SHA-256)")
+    device = next(model.parameters()).device
+    cached = _base_cache.CachedHead(base_cache, manifest, device)
+    stream = _base_cache.TextHash(document_stream(documents, opts.preset))
+    runner = CompareRunner(None, model, tokenizer, model_tokenizer, opts, head=head, base_head=cached)
+    with eval_mode(model):
+        runner.run(stream, progress=progress)
+    cached.check_done()
+    if stream.hexdigest() != manifest["texts_sha256"]:
+        raise EvalError("base-cache: the texts differ from the cache's (SHA-256 of the documents read)")
+    if model_sha256 is None:
+        model_sha256 = {"base": manifest["base_model_sha256"], "model": state_dict_sha256(model)}
+    return _compare_result(runner, opts, world, corpus, model_sha256=model_sha256, data_sha256=data_sha256,
+                           extra_config={**(extra_config or {}), "base_cache": base_cache})
+
+
+def _compare_result(runner, opts, world, corpus, *, model_sha256, data_sha256, extra_config):
+    import numpy as np
+
     gathered = dist.all_gather((runner.sums, torch.cat(runner.kl_values or [torch.zeros(0)]).numpy(),
                                 torch.cat(runner.dp_values or [torch.zeros(0)]).numpy()))
     s = dict.fromkeys(_SUMS, 0)
@@ -320,8 +395,6 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
              - mb_ * Fraction(s["doc_nll_model_n"], SCALE) + mb_ * mm_ * s["doc_n_sq"])
     cov_doc = D / (D - 1) * float(cross) / (N * N) if D > 1 else math.nan
     diff_var_doc = (ppl_m * nm[2]) ** 2 + (ppl_b * nb[2]) ** 2 - 2 * ppl_m * ppl_b * cov_doc
-    if model_sha256 is None:
-        model_sha256 = {"base": state_dict_sha256(base), "model": state_dict_sha256(model)}
     if data_sha256 is None and corpus is not None:
         data_sha256 = corpus.sha256()
     return CompareResult(
@@ -352,6 +425,9 @@ def print_compare(summary: dict, file=None) -> None:
     named: tokens iid (llama.cpp's) and clustered by document; the reverse KL and the JSD after the KL."""
     import sys
 
+    if "delta_bits_per_byte" in summary:  # different tokenizers: bits per byte
+        print_byte_compare(summary, file)
+        return
     out = file or sys.stdout
     n = summary["tokens"]
     ratio = summary["ppl_ratio"]

@@ -97,6 +97,7 @@ def evaluate(
     head: str = "auto",
     temperature: float = 1.0,
     fit_temperature: bool = False,
+    save_base: str | None = None,
 ) -> EvalResult:
     """Cross-entropy of a causal LM on documents, with every metric of REFERENCE.md §4.
 
@@ -129,6 +130,11 @@ def evaluate(
             Brier at T* in ``temperature_fit`` beside those at T = 1. Keeps the scored hidden states
             (tokens × hidden size in the model's dtype, on the CPU) for the few passes of the fit; needs
             the fused head, temperature 1 and no resume.
+        save_base: a directory (new, or empty) where the model is kept as a base for
+            ``compare(..., base_cache=DIR)``: its final hidden states at the scored positions (model
+            dtype), its output embeddings and final-logit transform, and a manifest of what fixes them
+            (see xent.eval._base_cache). Needs the fused head, one process and no resume; the states are
+            held in memory until the end.
 
     Under torch.distributed every rank forms the batches one process would and runs every world-th of
     them (so the numbers do not depend on the number of ranks); every rank returns the pooled result.
@@ -152,8 +158,16 @@ def evaluate(
     names = corpus.paths if corpus is not None else ["<documents>"]
     stream = document_stream(documents, opts.preset)
     rank, world = dist.rank_and_world()
+    if save_base is not None:
+        from . import _base_cache
+
+        if resume or world > 1:
+            raise EvalError("save_base needs one uninterrupted run in one process (no resume, no "
+                            "torch.distributed): the cache holds every batch's states in run order")
+        _base_cache.check_can_save(save_base)
+        stream = _base_cache.TextHash(stream)
     runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world, head=head,
-                    temperature=temperature, keep_hidden=fit_temperature)
+                    temperature=temperature, keep_hidden=fit_temperature or save_base is not None)
     if model_sha256 is None:
         model_sha256 = _files.state_dict_sha256(model)
     if data_sha256 is None and corpus is not None:
@@ -190,6 +204,12 @@ def evaluate(
                         f"but the data has {seen.count}: it belongs to other data; remove it and drop "
                         "--resume")
     config["head"] = runner.head.kind
+    if save_base is not None:
+        _base_cache.save(save_base, runner.head, [k.hidden for k in runner.kept], {
+            "tokenizer_sha256": _base_cache.tokenizer_sha256(tokenizer), "texts_sha256": stream.hexdigest(),
+            "data_sha256": data_sha256, "options": opts.config(), "base_model_sha256": model_sha256})
+        if not fit_temperature:
+            runner.kept.clear()
     fitted = None
     if fit_temperature:
         from ._temperature import fit_temperature as fit

@@ -264,7 +264,8 @@ class Runner(ChunkedScorer):
             from ._temperature import Kept
 
             if not self.head.fused:
-                raise EvalError(f"fitting a temperature needs the fused head; {self.head.reason}")
+                raise EvalError("keeping the hidden states (to fit a temperature, or save_base) needs the "
+                                f"fused head; {self.head.reason}")
             self.kept.append(Kept(self.head.last_hidden.cpu(), stats["target"], stats["context"]))
         slot = slots[stats["row"]]
         doc = torch.tensor([docs[k].index for k in slot.tolist()], dtype=torch.long)

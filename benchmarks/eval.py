@@ -1,0 +1,370 @@
+"""Benchmark: ``xent eval`` against the bare forward, a logits-materialising evaluation, lm-eval (issue 12).
+
+Configurations, each in a fresh process (``--child``), on the same model and the same windows:
+    forward      the bare ``model(input_ids).logits`` over every window, batch by batch (logits dropped)
+    xent         xent.eval.evaluate(model, tokenizer, documents, max_length=L, batch_size=B): every
+                 metric (loss, entropy, rank, top-1 probability, Brier, calibration, per-document sums)
+    materialise  what a plain evaluation does: logits = model(x).logits, log_softmax in float32, gather
+                 the targets' log-probabilities, sum ([B, T, V] logits and their log-softmax held)
+    decoder      model.base_model(x) alone: the part of both that is not the LM head (why a ratio is
+                 what it is)
+    stats        xent's per-token statistics (_score.logit_stats) on the N × V float32 logits of the run,
+                 given the logits: the cost xent adds to a loss-only evaluation
+    lm_eval      lm-evaluation-harness HFLM.loglikelihood_rolling on the same documents (only when
+                 ``lm_eval`` is importable: pip install lm-eval; a bench extra, never a test dependency)
+
+The model is a Llama built from a config (random weights, seed 0, nothing downloaded), float32; each
+document is L − 1 random token ids, so with BOS it is exactly one window of L inputs. The tokenizer is a
+stub that reads the ids from the text (decimal numbers), so no time goes to tokenization and V can be
+128256. In each process: the model and windows are built, freed heap is returned to the OS, the peak-RSS
+counter is reset (/proc/self/clear_refs "5") and the RSS read (the baseline after model load and one
+untimed warm-up pass: lazy imports and first-call allocations are not measured); one pass is timed
+(wall and process CPU time) and the extra peak memory is VmHWM after it − the baseline (ru_maxrss −
+baseline where clear_refs is unavailable). ``--repeats R`` runs R fresh processes per
+configuration and reports medians. One torch thread per process (the machine is shared).
+
+    python benchmarks/eval.py                 # --small: about 2-3 minutes on 2 cores
+    python benchmarks/eval.py --shape large   # V = 128256, context 2048, batch 8 (needs ~25 GB for
+                                              # the materialising baseline; refused when it does not fit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = {
+    # name: (vocab V, context L, batch B, windows, hidden D, layers)
+    "small": (128256, 512, 4, 8, 256, 2),
+    "large": (128256, 2048, 8, 8, 256, 2),
+}
+CONFIGS = ("forward", "xent", "materialise", "decoder", "stats", "lm_eval")
+
+
+class IdTokenizer:
+    """Reads token ids written as decimal numbers (anything else is id 1); BOS = EOS = PAD = 0."""
+
+    is_fast = False
+    bos_token_id = eos_token_id = pad_token_id = 0
+
+    def __init__(self, vocab: int):
+        self.vocab_size = vocab
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, texts, add_special_tokens=False, verbose=False, **_):
+        def ids(text):
+            return [int(t) if t.isdigit() else 1 for t in text.split()]
+
+        return {"input_ids": ids(texts) if isinstance(texts, str) else [ids(t) for t in texts]}
+
+
+def _model(V, L, D, layers):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=4 * D, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=L,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _documents(V, L, n):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, V, (n, L - 1), generator=g)
+    return [" ".join(map(str, row.tolist())) for row in ids], ids
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _baseline() -> tuple[int, bool]:
+    """(RSS in kB after returning freed heap to the OS, whether the peak counter was reset to it)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
+        reset = True
+    except OSError:
+        reset = False
+    return _status_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, reset
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    V, L, B, n, D, layers = spec["shape"]
+    config = spec["config"]
+    model = _model(V, L, D, layers)
+    texts, ids = _documents(V, L, n)
+    windows = torch.cat([torch.zeros(n, 1, dtype=torch.long), ids], 1)  # [BOS] + ids: [n, L]
+    tok = IdTokenizer(V)
+    run, extra = None, {}
+    if config == "forward":
+        def run():
+            with torch.no_grad():
+                for s in range(0, n, B):
+                    model(input_ids=windows[s : s + B]).logits  # noqa: B018 (the forward is the point)
+    elif config == "decoder":
+        def run():
+            with torch.no_grad():
+                for s in range(0, n, B):
+                    model.model(input_ids=windows[s : s + B])
+    elif config == "materialise":
+        def run():
+            total = 0.0
+            with torch.no_grad():
+                for s in range(0, n, B):
+                    x = windows[s : s + B]
+                    logp = model(input_ids=x).logits.float().log_softmax(-1)  # [B, L, V]
+                    total += float(-logp[:, :-1].gather(-1, x[:, 1:, None]).sum())
+            extra["nll_mean"] = total / (n * (L - 1))
+    elif config == "xent":
+        import xent.eval
+
+        def run():
+            r = xent.eval.evaluate(model, tok, texts, max_length=L, batch_size=B, model_sha256="-")
+            extra["nll_mean"], extra["head"] = r.nll_mean, r.config["head"]
+    elif config == "stats":
+        from xent.eval._head import chunk_rows
+        from xent.eval._score import logit_stats
+
+        with torch.no_grad():  # the logits of the windows' scored positions, made before the baseline
+            h = model.model(input_ids=windows[:B])[0][:, :-1].reshape(-1, D)
+        W = model.lm_head.weight.detach()
+        targets = windows[:B, 1:].reshape(-1)
+        size = chunk_rows(len(targets), V, torch.device("cpu"))
+
+        def run():  # n / B times the statistics of one batch's logits, a chunk at a time as xent does
+            with torch.no_grad():
+                for _ in range(0, n, B):
+                    for s in range(0, len(targets), size):
+                        logit_stats(h[s : s + size] @ W.T, targets[s : s + size])
+
+        extra["note"] = "includes the chunks' projection h @ W.T"
+    elif config == "lm_eval":
+        run = _lm_eval_run(model, texts, L, B, extra)
+    if spec.get("warmup", True):
+        run()  # once untimed: lazy imports, first-call allocations and caches are not what is measured
+    base_kb, reset = _baseline()
+    t0, c0 = time.perf_counter(), time.process_time()
+    run()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"config": config, "wall_s": wall, "cpu_s": cpu, "peak_mb": (peak_kb - base_kb) / 1024,
+            "baseline_mb": base_kb / 1024, "tokens": n * (L - 1), **extra}
+
+
+def _lm_eval_run(model, texts, L, B, extra):
+    """lm-evaluation-harness's loglikelihood_rolling on the same documents (the model object passed in).
+    It needs a Hugging Face tokenizer: a word-level one over the decimal ids, so the ids are the same."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    V = model.config.vocab_size
+    wl = Tokenizer(models.WordLevel({str(i): i for i in range(V)}, unk_token="1"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="0", eos_token="0", pad_token="0")
+    lm = HFLM(pretrained=model, tokenizer=hf_tok, batch_size=B, max_length=L, add_bos_token=False)
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                for i, t in enumerate(texts)]
+
+    def run():
+        out = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+        extra["nll_mean"] = -sum(out) / sum(len(t.split()) for t in texts)
+
+    return run
+
+
+def _run_child(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"config": spec["config"], "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+        return {"config": spec["config"], "error": f"exit {p.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
+
+
+def _mem_available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def _fmt(x, spec=".2f"):
+    return "—" if x is None or x != x else format(x, spec)
+
+
+def _check(x, bound, better="low"):
+    if x is None or x != x:
+        return "n/a"
+    ok = x <= bound if better == "low" else x >= bound
+    return f"{'✅' if ok else '❌'} {x:.2f}×"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--small", action="store_const", const="small", dest="shape", help="the default shape")
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration (medians)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    import importlib.util
+
+    V, L, B, n, D, layers = shape = SHAPES[args.shape]
+    notes = []
+    configs = list(args.configs)
+    if "lm_eval" in configs and importlib.util.find_spec("lm_eval") is None:
+        configs.remove("lm_eval")
+        notes.append("lm_eval: not run, lm-evaluation-harness is not installed (pip install lm-eval); the "
+                     "targets ≥ 2× throughput and ≤ 0.5× peak memory against it are unmeasured")
+    need_mb = 3 * B * L * V * 4 / 2**20  # materialise: logits, their float32 log-softmax, a temporary
+    if "materialise" in configs and need_mb > 0.8 * _mem_available_mb():
+        configs.remove("materialise")
+        notes.append(f"materialise: not run, it needs about {need_mb:.0f} MB ([{B}, {L}, {V}] float32 logits "
+                     f"and their log-softmax) and {_mem_available_mb():.0f} MB are available")
+    rows = []
+    load = []
+    for r in range(args.repeats):
+        for config in configs:
+            load.append(os.getloadavg()[0])
+            res = _run_child({"config": config, "shape": shape}, args.timeout)
+            res["repeat"] = r
+            rows.append(res)
+            print(json.dumps(res), file=sys.stderr)
+    load.append(os.getloadavg()[0])
+    for res in rows:
+        if "error" in res:
+            notes.append(f"{res['config']}: {res['error']}")
+
+    def med(config, key):
+        xs = [x[key] for x in rows if x["config"] == config and key in x]
+        return statistics.median(xs) if xs else float("nan")
+
+    tokens = n * (L - 1)
+    table = []
+    for config in CONFIGS:
+        if not any(x["config"] == config and "error" not in x for x in rows):
+            continue
+        wall = med(config, "wall_s")
+        table.append({"config": config, "wall_s": wall, "cpu_s": med(config, "cpu_s"),
+                      "tokens_per_s": tokens / wall, "peak_mb": med(config, "peak_mb"),
+                      "nll_mean": med(config, "nll_mean")})
+    by = {t["config"]: t for t in table}
+
+    def ratio(a, b, key):
+        return by[a][key] / by[b][key] if a in by and b in by else float("nan")
+
+    time_ratio = ratio("xent", "forward", "wall_s")
+    cpu_ratio = ratio("xent", "forward", "cpu_s")
+    mem_ratio = ratio("xent", "materialise", "peak_mb")
+    lm_speed = ratio("lm_eval", "xent", "wall_s")  # xent throughput ÷ lm-eval's
+    lm_mem = ratio("xent", "lm_eval", "peak_mb")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, ["shape", "config", "repeat", "wall_s", "cpu_s", "peak_mb", "baseline_mb",
+                               "tokens", "nll_mean", "head", "error"], extrasaction="ignore")
+        w.writeheader()
+        for res in rows:
+            w.writerow({"shape": f"V={V} L={L} B={B} windows={n} D={D} layers={layers}", **res})
+    lines = [
+        f"# xent eval benchmark ({args.shape}: V = {V}, context {L}, batch {B}, {n} windows, Llama D = {D}, "
+        f"{layers} layers, float32, 1 thread)",
+        "",
+        f"CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs, shared); load average (1 min) during the run: "
+        f"{min(load):.2f}–{max(load):.2f}; Python {platform.python_version()}; {args.repeats} fresh "
+        "process(es) per configuration, medians.",
+        "",
+        "| configuration | wall s | CPU s | tokens/s | extra peak MB | NLL |",
+        "|---|---|---|---|---|---|",
+        *(f"| {t['config']} | {t['wall_s']:.2f} | {t['cpu_s']:.2f} | {t['tokens_per_s']:.0f} | "
+          f"{t['peak_mb']:.0f} | {_fmt(t['nll_mean'], '.4f')} |" for t in table),
+        "",
+        "| ratio | target | measured |",
+        "|---|---|---|",
+        f"| xent eval ÷ bare forward, wall time | ≤ 1.15× | {_check(time_ratio, 1.15)} (CPU time "
+        f"{_fmt(cpu_ratio)}×) |",
+        f"| xent eval ÷ materialising evaluation, extra peak memory | ≤ 0.3× | {_check(mem_ratio, 0.3)} |",
+        f"| xent throughput ÷ lm-eval loglikelihood_rolling | ≥ 2× | {_check(lm_speed, 2.0, 'high')} |",
+        f"| xent ÷ lm-eval, extra peak memory | ≤ 0.5× | {_check(lm_mem, 0.5)} |",
+        "",
+    ]
+    if "decoder" in by and "stats" in by and "forward" in by and "xent" in by:
+        d, s, fw, x = (by[k]["wall_s"] for k in ("decoder", "stats", "forward", "xent"))
+        lines += [f"Where the time goes: the decoder alone {d:.2f} s, the LM head of the forward "
+                  f"{fw - d:.2f} s (forward − decoder); xent's head (projection of the scored positions and "
+                  f"every per-token statistic, measured alone) {s:.2f} s; decoder + that = {d + s:.2f} s "
+                  f"against xent's {x:.2f} s. The statistics read each [C, V] chunk of float32 logits "
+                  "several times (max, exp, sums, rank, Brier), which a bare forward does not do.", ""]
+    if "xent" in by:
+        import torch
+
+        from xent.eval._head import chunk_rows
+
+        rows_ = chunk_rows(B * (L - 1), V, torch.device("cpu"))
+        lines += [f"xent's extra peak memory is mostly its chunk of logits: {rows_} rows × {V} classes × 4 "
+                  f"bytes = {rows_ * V * 4 / 2**20:.0f} MiB per float32 buffer, two buffers (the logits and "
+                  "their exponentials); at this V the CPU's minimum of 512 rows per chunk "
+                  "(xent._linear.MIN_AUTO_CHUNK) outweighs the 64 MiB budget.", ""]
+    lines += [f"- {note}" for note in notes]
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "eval.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
