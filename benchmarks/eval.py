@@ -193,9 +193,11 @@ def _lm_eval_run(model, texts, L, B, extra):
     from transformers import PreTrainedTokenizerFast
 
     V = model.config.vocab_size
-    wl = Tokenizer(models.WordLevel({str(i): i for i in range(V)}, unk_token="1"))
+    # the special tokens get a name of their own ("<s>" → id 0, as BOS = EOS = PAD = 0 above): a special
+    # token "0" would be matched inside the words "10", "128000"... and split them
+    wl = Tokenizer(models.WordLevel({**{str(i): i for i in range(V)}, "<s>": 0}, unk_token="1"))
     wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="0", eos_token="0", pad_token="0")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="<s>", pad_token="<s>")
     lm = HFLM(pretrained=model, tokenizer=hf_tok, batch_size=B, max_length=L, add_bos_token=False)
     requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
                 for i, t in enumerate(texts)]
