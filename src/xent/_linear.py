@@ -66,6 +66,14 @@ def auto_chunk_size(num_tokens: int, num_classes: int, bytes_per_logit: int = 4,
     return max(1, min(max(chunk, MIN_AUTO_CHUNK[kind]), num_tokens))
 
 
+def chunk_tokens(chunk_size, num_tokens: int, num_classes: int, bytes_per_logit: int, device) -> int:
+    """The chunk of a fused call: ``chunk_size`` itself, or for "auto" :func:`auto_chunk_size` of the call's
+    tokens on its device (one place, so no fused function forgets the device's budget)."""
+    if chunk_size != "auto":
+        return chunk_size
+    return auto_chunk_size(max(num_tokens, 1), num_classes, bytes_per_logit, device)
+
+
 def chunk_budget_mb(kind: str = "cpu") -> float:
     """XENT_CHUNK_MB (MiB of logits per chunk) if set, else DEFAULT_CHUNK_MB for the device kind."""
     raw = os.environ.get("XENT_CHUNK_MB")
@@ -473,8 +481,7 @@ def linear_loss(
     V.check_num_items_covers(num_items, n)
     mm = projection_dtype_for(hidden, projection_dtype)
     heads = 1 + len(_extra_heads)  # one [C, V] buffer each, in the projection dtype
-    chunk = (auto_chunk_size(max(n, 1), num_classes, heads * mm.itemsize, hidden.device)
-             if chunk_size == "auto" else chunk_size)
+    chunk = chunk_tokens(chunk_size, n, num_classes, heads * mm.itemsize, hidden.device)
     extras = tuple((h.reshape(-1, h.shape[-1]), w, b) for h, w, b in _extra_heads)
     denom = None
     if reduction == "sum":

@@ -16,7 +16,7 @@ from ._linear import (
     _LinearLoss,
     _Plan,
     _valid_rows,
-    auto_chunk_size,
+    chunk_tokens,
     projection_dtype_for,
 )
 from ._reduce import apply_token_loss, check_common
@@ -155,8 +155,7 @@ def linear_log_probs(
     rows, tgt, positions, out_shape, _ = _valid_rows(hidden, target, ignore_index, shift)
     n, num_classes = rows.numel(), weight.shape[0]
     mm = projection_dtype_for(hidden, projection_dtype)
-    chunk = (auto_chunk_size(max(n, 1), num_classes, mm.itemsize, hidden.device) if chunk_size == "auto"
-             else chunk_size)
+    chunk = chunk_tokens(chunk_size, n, num_classes, mm.itemsize, hidden.device)
     plan = _Plan(loss, rows, tgt, chunk, dtype, (), mm)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     out = _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, None, False)

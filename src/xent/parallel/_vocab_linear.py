@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._compile import compiler_disable
-from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, auto_chunk_size
+from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, chunk_tokens
 from .._reduce import as_token_weights, denominator_weight, reduce_tokens
 from ..losses._base import check_first_order
 from ._vocab import ShardGrad, all_max, all_sum, group_place, local_stats, owned_targets, softcapped
@@ -190,7 +190,7 @@ def vocab_parallel_linear_cross_entropy(
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
     # local_stats holds about four [C, V_r] float32 temporaries
-    chunk = auto_chunk_size(max(n, 1), size, 4 * 4, hidden.device) if chunk_size == "auto" else chunk_size
+    chunk = chunk_tokens(chunk_size, n, size, 4 * 4, hidden.device)
     setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
                    ignore_index, group, sum_hidden_grad,
                    reduction == "mean" and weight_classes is not None and num_items is None, tw)
