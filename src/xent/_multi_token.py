@@ -102,12 +102,8 @@ def multi_token_loss(
     if tuple(logits.shape[1:-1]) != tuple(labels.shape):
         raise ValueError(f"logits shape {tuple(logits.shape)} must be [K, *labels.shape, V] with labels "
                          f"shape {tuple(labels.shape)}")
-    lam = stream_weights(num_streams, weights)
-    counts = stream_num_items(num_items, num_streams)
-    for c in counts:
-        V.check_num_items(c, reduction)
+    lam, counts = _stream_options(loss, num_streams, weights, num_items, reduction, labels)
     loss.check(logits.shape[-1])
-    _refuse_class_weights(loss, reduction, labels)
     T = labels.shape[-1]
     parts = []
     for k in range(1, num_streams + 1):
@@ -122,6 +118,16 @@ def multi_token_loss(
         else:
             parts.append(lam[k - 1] * out)
     return torch.stack(parts) if reduction == "none" else sum(parts)
+
+
+def _stream_options(loss, num_streams, weights, num_items, reduction, labels):
+    """(λ_k, num_items_k) of the K streams, checked; class-weighted losses refused under "mean"."""
+    lam = stream_weights(num_streams, weights)
+    counts = stream_num_items(num_items, num_streams)
+    for c in counts:
+        V.check_num_items(c, reduction)
+    _refuse_class_weights(loss, reduction, labels)
+    return lam, counts
 
 
 def _refuse_class_weights(loss, reduction, labels):
@@ -164,11 +170,7 @@ def linear_multi_token_loss(
     if tuple(hiddens.shape[1:-1]) != tuple(labels.shape):
         raise ValueError(f"hiddens shape {tuple(hiddens.shape)} must be [K, *labels.shape, D] with labels "
                          f"shape {tuple(labels.shape)}")
-    lam = stream_weights(num_streams, weights)
-    counts = stream_num_items(num_items, num_streams)
-    for c in counts:
-        V.check_num_items(c, reduction)
-    _refuse_class_weights(loss, reduction, labels)
+    lam, counts = _stream_options(loss, num_streams, weights, num_items, reduction, labels)
     target = stream_targets(labels, num_streams, ignore_index)  # [K, ..., T]
     dtype = torch.float64 if hiddens.dtype == torch.float64 else torch.float32
     base = torch.ones(labels.shape, dtype=dtype, device=labels.device) if token_weights is None else \
