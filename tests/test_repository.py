@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,19 @@ def test_reference_worked_numbers_of_the_other_losses():
     ]
     for pattern, got in cases:
         assert got.item() == pytest.approx(_stated(pattern), abs=1e-9), pattern
+
+
+def test_wheel_carries_the_cpu_kernel_source(tmp_path):
+    """The fused head's CPU kernel is compiled from its C source on first use: the wheel must ship it."""
+    pytest.importorskip("setuptools")
+    for name in ("pyproject.toml", "LICENSE", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "src", tmp_path / "src",
+                    ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    code = "import setuptools.build_meta as b; print(b.build_wheel('dist'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as zf:
+        source = zf.read("xent/_kernels/ce_rows.c").decode()
+    assert source == (ROOT / "src/xent/_kernels/ce_rows.c").read_text()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import _cpu_kernel
 from . import _validate as V
 from ._compile import compiler_disable
 from ._reduce import (
@@ -224,8 +225,13 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     c_max = min(plan.chunk, n)
     buf = torch.empty((c_max, num_classes), dtype=mt, device=dev)
     ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
+    # Plain cross-entropy on the CPU: a compiled kernel takes the whole chunk in one pass (_cpu_kernel).
+    kernel_args = None
+    if (want and grad_b is None and not extras and not plan.token_extras
+            and hasattr(loss, "row_kernel_args") and _cpu_kernel.usable(dev, mt, dt)):
+        kernel_args = loss.row_kernel_args(plan.target)
     block = None
-    if mt != dt:  # the loss's float32 view of a block of half logits
+    if mt != dt and kernel_args is None:  # the loss's float32 view of a block of half logits
         rows_max = min(c_max, _block_rows(num_classes, loss.min_block_rows))
         block = torch.empty((rows_max, num_classes), dtype=dt, device=dev)
     # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
@@ -245,7 +251,11 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         h = pick(hidden2d).to(mt)  # [C, D]
         z = _project(h, w, b, out=buf[:c])  # [C, V], contiguous rows of buf
         extra = [_project(pick(h2).to(mt), w2, b2, out=eb[:c]) for (h2, w2, b2), eb in zip(extras, ebufs)]
-        for blk in _blocks(c, num_classes, loss.min_block_rows):
+        if kernel_args is not None:  # the chunk's losses, and its gradient written over z
+            w_y, z_coef = kernel_args
+            per_token[sl] = _cpu_kernel.ce_rows_(z, t, s, None if w_y is None else w_y[sl], z_coef,
+                                                 None if stats is None else stats[sl])
+        for blk in _blocks(c, num_classes, loss.min_block_rows) if kernel_args is None else ():
             zb = z[blk]
             x = zb if block is None else block[: blk.stop - blk.start].copy_(zb)
             tok = slice(sl.start + blk.start, sl.start + blk.stop)

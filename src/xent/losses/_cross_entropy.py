@@ -91,6 +91,15 @@ class CrossEntropy(TokenLoss):
             loss = loss + self._z_coef(lse) * lse.square()
         return loss
 
+    def row_kernel_args(self, target: torch.Tensor):
+        """(w_y [N] or None, z-loss coefficient) when the fused head's compiled CPU kernel
+        (:mod:`xent._cpu_kernel`) computes exactly this loss: no label smoothing, no soft-capping, and
+        this class itself (a subclass may change the formulas). None otherwise."""
+        if type(self) is not CrossEntropy or self.label_smoothing > 0.0 or self.softcap is not None:
+            return None
+        z_coef = float(self._z_coef(torch.ones((), dtype=torch.float32))) if self.z_loss > 0.0 else 0.0
+        return self.token_weight(target), z_coef
+
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
         """Closed form on a [N, V] buffer that is overwritten with the gradient (no autograd graph).
 

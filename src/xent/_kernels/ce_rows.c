@@ -1,0 +1,180 @@
+/* Cross-entropy rows in place, for xent's fused head on the CPU (xent/_cpu_kernel.py builds and loads it).
+ *
+ * For each row r of a [rows, V] chunk of logits z (float32, or bfloat16 stored as uint16):
+ *   m = max_j z_j,  S = sum_j exp(z_j - m),  lse = m + log S,  nll = (m - z_y) + log S
+ *   loss_r = a_r * nll + zs * lse^2                          (a_r = w_y, 1 without class weights)
+ *   z_j   <- scale_r * (p_j * (a_r + 2 zs lse) - a_r [j = y]),   p_j = exp(z_j - m) / S
+ * in one read and one write of the row (plus passes over a float32 copy of it that stays in cache),
+ * where plain torch makes a pass per operation. A row with a NaN, +inf, or only -inf logits gets a NaN
+ * loss and a NaN gradient, as torch's softmax gives.
+ *
+ * exp is Cephes' single-precision polynomial (about 1 ulp over the range used, z - m <= 0), written so
+ * that the compiler vectorises it; results below 2^-126 are flushed to 0 (a masked -inf logit gives 0).
+ * float32 -> bfloat16 rounds to nearest even, as torch's .to(torch.bfloat16).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float bf16_to_f32(uint16_t v) { return bits_to_f32((uint32_t)v << 16); }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7fc0u : rounded);
+}
+
+/* exp(x) for x <= 0 (x = z - m); 0 below -87.3 (and for -inf). */
+static inline float exp_nonpos(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    float two_n = bits_to_f32((uint32_t)((int32_t)n + 127) << 23);
+    return x < -87.0f ? 0.0f : p * two_n;
+}
+
+/* e_j = exp(x_j - m) into e (e may be x), their sum (in double: a float32 sum in 16 lanes drifts by
+ * several ulp over a row of 10^5), and with es, sum_j e_j (x_j - m) for the entropy (0 where e_j = 0: a
+ * -inf logit adds 0 log 0 = 0). */
+static inline int row_exp(const float *x, float *e, int64_t V, float m, double *s_out, double *es) {
+    double s = 0.0, t = 0.0;
+    if (es) {
+#pragma omp simd reduction(+ : s, t)
+        for (int64_t j = 0; j < V; j++) {
+            float d = x[j] - m, v = exp_nonpos(d);
+            e[j] = v;
+            s += (double)v;
+            t += v > 0.0f ? (double)(v * d) : 0.0;
+        }
+        *es = t;
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; j++) {
+            float v = exp_nonpos(x[j] - m);
+            e[j] = v;
+            s += (double)v;
+        }
+    }
+    *s_out = s;
+    return 1;
+}
+
+/* The row's max m (0 for a row with a NaN, +inf, or only -inf), then row_exp. */
+static inline int row_softmax(const float *x, float *e, int64_t V, float *m_out, double *s_out, double *es) {
+    float m = -INFINITY;
+    int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+    for (int64_t j = 0; j < V; j++) {
+        m = x[j] > m ? x[j] : m;
+        bad |= x[j] != x[j];
+    }
+    if (bad || !(m > -INFINITY && m < INFINITY)) return 0;
+    *m_out = m;
+    return row_exp(x, e, V, m, s_out, es);
+}
+
+/* The loss, the gradient's factors and, with st, the statistics (correct, entropy, lse) of a row. */
+static inline void row_terms(float m, double s, double es, float z_y, float a, float zs, float scale,
+                             float *loss, float *c, float *cy, float *st) {
+    double rel = log(s), lse = (double)m + rel;
+    if (st) {
+        st[0] = z_y >= m ? 1.0f : 0.0f;
+        st[1] = (float)(rel - es / s);
+        st[2] = (float)lse;
+    }
+    *loss = (float)((double)a * (((double)m - (double)z_y) + rel) + (double)zs * lse * lse);
+    *c = (float)((double)scale * ((double)a + 2.0 * (double)zs * lse) / s); /* gradient: c * e_j ... */
+    *cy = scale * a;                                                      /* ... and - scale * a at y */
+}
+
+/* One row of float32 logits, its gradient written over it. */
+static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float scale, float *loss,
+                       float *st) {
+    float z_y = x[y], m, c, cy;
+    double s, es = 0.0;
+    if (!row_softmax(x, x, V, &m, &s, st ? &es : NULL)) {
+        for (int64_t j = 0; j < V; j++) x[j] = NAN;
+        *loss = NAN;
+        if (st) st[0] = st[1] = st[2] = NAN;
+        return;
+    }
+    row_terms(m, s, es, z_y, a, zs, scale, loss, &c, &cy, st);
+    float e_y = x[y];
+#pragma omp simd
+    for (int64_t j = 0; j < V; j++) x[j] = c * x[j];
+    x[y] = c * e_y - cy;
+}
+
+/* One row of bfloat16 logits (uint16 bits), its gradient written over it; tmp: V floats of scratch. */
+static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, float scale, float *loss,
+                        float *st, float *tmp) {
+    float m = -INFINITY;
+    int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+    for (int64_t j = 0; j < V; j++) { /* the float32 copy and its max in one pass */
+        float v = bf16_to_f32(row[j]);
+        tmp[j] = v;
+        m = v > m ? v : m;
+        bad |= v != v;
+    }
+    if (bad || !(m > -INFINITY && m < INFINITY)) {
+        for (int64_t j = 0; j < V; j++) row[j] = 0x7fc0u;
+        *loss = NAN;
+        if (st) st[0] = st[1] = st[2] = NAN;
+        return;
+    }
+    float z_y = tmp[y], c, cy;
+    double s, es = 0.0;
+    row_exp(tmp, tmp, V, m, &s, st ? &es : NULL);
+    row_terms(m, s, es, z_y, a, zs, scale, loss, &c, &cy, st);
+#pragma omp simd
+    for (int64_t j = 0; j < V; j++) row[j] = f32_to_bf16(c * tmp[j]);
+    row[y] = f32_to_bf16(c * tmp[y] - cy);
+}
+
+/* The rows of a [rows, V] chunk (row stride ld), split over nthreads threads of the OpenMP runtime torch
+ * itself runs on (its libgomp, already loaded, serves this library too), so no second pool spins
+ * against torch's. wy: [rows] class weight of each target, or NULL. Returns 0, or 1 when scratch could
+ * not be allocated (then some rows are not computed). stats: [rows, 3] (correct, entropy, lse), or NULL. */
+int xent_ce_rows_f32(float *z, int64_t ld, int64_t rows, int64_t V, const int64_t *target,
+                     const float *scale, const float *wy, float zs, float *loss, float *stats, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        ce_row_f32(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale[r], &loss[r],
+                   stats ? stats + 3 * r : NULL);
+    return 0;
+}
+
+int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const int64_t *target,
+                      const float *scale, const float *wy, float zs, float *loss, float *stats,
+                      int nthreads) {
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)V);
+        failed = tmp == NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            if (tmp)
+                ce_row_bf16(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale[r], &loss[r],
+                            stats ? stats + 3 * r : NULL, tmp);
+        free(tmp);
+    }
+    return failed;
+}
+
+/* The ABI version the loader checks: bump it with any change of the functions' signatures. */
+int xent_ce_rows_abi(void) { return 3; }
