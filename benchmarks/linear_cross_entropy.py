@@ -21,7 +21,8 @@ and ratios of medians against baselines measured in the same invocation. In each
 (h and W with requires_grad) are built, one warm-up forward + backward on min(N, 1024) tokens (after
 h.grad and W.grad are allocated) compiles what compiles, the gradients are zeroed in place, freed heap
 is returned to the OS (malloc_trim), the kernel's peak-RSS counter is reset (/proc/self/clear_refs "5")
-and the RSS is read; then one forward + backward on all N tokens is timed, and extra peak memory =
+and the RSS is read; then one forward + backward on all N tokens is timed (with --calls K, K of them
+in a row, and the time is their median: a training loop's steady state), and extra peak memory =
 VmHWM after it − that RSS. Before any timing a correctness guard compares each implementation's loss
 and gradients on a small shape with a float64 reference; one that fails is reported and not timed.
 
@@ -254,7 +255,7 @@ def _floor_step(h, w, buffers, k):
 
 
 def child_measure(spec: dict) -> dict:
-    """One fresh process, one implementation: warm-up, then one timed forward + backward."""
+    """One fresh process, one implementation: warm-up, then ``calls`` timed forward + backward."""
     import torch
 
     n, d, v, dtype_name, impl = spec["n"], spec["d"], spec["v"], spec["dtype"], spec["impl"]
@@ -288,9 +289,13 @@ def child_measure(spec: dict) -> dict:
     _release_free_heap()
     _reset_peak_rss()
     base_kb = _status_kb("VmRSS")
-    t0, c0 = time.perf_counter(), time.process_time()
-    step()
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    times, cpu_times = [], []
+    for _ in range(spec.get("calls", 1)):  # the same step again: a training loop's steady state
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    seconds, cpu_seconds = statistics.median(times), statistics.median(cpu_times)
     peak_kb = _status_kb("VmHWM")
     kernel = {}
     if impl == "xent":
@@ -450,7 +455,8 @@ def _write(args, stem, rows, impls, shapes, guard_rows, notes, finished) -> str:
         "forward + backward, CPU",
         "",
         f"`{command}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"torch/xent {_torch_version()}, {_host()}, {args.repeats} fresh processes per cell "
+        f"torch/xent {_torch_version()}, {_host()}, {args.repeats} fresh processes per cell, "
+        f"{args.calls} timed call{'s' if args.calls > 1 else ''} in each "
         "(medians; rounds interleaved round-robin).",
         "",
     ]
@@ -523,7 +529,7 @@ def run(args) -> int:
         for r in range(args.repeats):
             order = todo[r % len(todo):] + todo[: r % len(todo)]  # rotate: no implementation always first
             for impl in order:
-                spec = {"n": n, "d": d, "v": v, "dtype": dtype_name, "impl": impl}
+                spec = {"n": n, "d": d, "v": v, "dtype": dtype_name, "impl": impl, "calls": args.calls}
                 row = dict(spec, round=r, time_s=None, cpu_s=None, extra_peak_mb=None, base_rss_mb=None,
                            threads=None, loadavg=os.getloadavg()[0], error="")
                 naive_like = impl == "naive" or impl.startswith("plain:")
@@ -688,6 +694,8 @@ def main(argv=None) -> int:
                    help="small | all | a comma list like 2048x256x16000:float32 (default: small; with "
                    f"--losses, {LOSS_SHAPE})")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per implementation and shape")
+    p.add_argument("--calls", type=int, default=1,
+                   help="timed calls per process (time: their median; memory: the peak over all of them)")
     p.add_argument("--impls", nargs="+", default=list(CE_IMPLS), choices=CE_IMPLS)
     p.add_argument("--losses", action="store_true",
                    help="issue 4: each xent loss, fused vs plain, on one shape; ignores --impls")

@@ -378,22 +378,23 @@ def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch)
     from xent._linear import auto_chunk_size
 
     monkeypatch.delenv("XENT_CHUNK_MB", raising=False)
-    assert auto_chunk_size(10**6, 32000, 4) == 64 * 2**20 // (4 * 32000) == 524  # float32 logits
-    assert auto_chunk_size(10**6, 32000, 2) == 1048  # bfloat16 logits: twice the tokens
+    # the budget's tokens, rounded down to a multiple of 64 (CHUNK_ALIGN: the GEMMs' row blocks)
+    assert 64 * 2**20 // (4 * 32000) == 524 and auto_chunk_size(10**6, 32000, 4) == 512  # float32 logits
+    assert auto_chunk_size(10**6, 32000, 2) == 1024  # bfloat16 logits (1048 by the budget): twice the tokens
     assert auto_chunk_size(10**6, 128256, 4) == 512  # the floor: 64 MiB would be 130 tokens
     assert auto_chunk_size(100, 32000, 4) == 100  # never more than every token
-    # CUDA: 1 GiB, at least 1024 tokens (bfloat16 logits of the TRL shape's V = 248320: 2162 tokens)
-    assert auto_chunk_size(10**6, 248320, 2, "cuda") == 2**30 // (2 * 248320) == 2162
-    assert auto_chunk_size(10**6, 128256, 8, "cuda") == 1046
+    # CUDA: 1 GiB, at least 1024 tokens (bfloat16 logits of the TRL shape's V = 248320: 2162 → 2112 tokens)
+    assert 2**30 // (2 * 248320) == 2162 and auto_chunk_size(10**6, 248320, 2, "cuda") == 2112
+    assert auto_chunk_size(10**6, 128256, 8, "cuda") == 1024  # 1046 by the budget
     assert auto_chunk_size(10**6, 10**6, 4, "cuda") == 1024
     monkeypatch.setenv("XENT_CHUNK_MB", "256")
-    assert auto_chunk_size(10**6, 32000, 4) == 2097
+    assert auto_chunk_size(10**6, 32000, 4) == 2048  # 2097 by the budget
     # what linear_loss passes: one buffer per head, in the projection dtype
     h, W, _, y = _inputs(shape=(3000,), D=4, V=32000, ignore_frac=0.0, dtype=torch.bfloat16)
     monkeypatch.setenv("XENT_CHUNK_MB", "64")
     with torch.no_grad(), _Recorder() as rec:
         xent.linear_cross_entropy(h, W, y)
-    assert rec.mm_rows == [1048, 1048, 904]
+    assert rec.mm_rows == [1024, 1024, 952]
 
 
 def test_row_blocks_in_bfloat16(monkeypatch):

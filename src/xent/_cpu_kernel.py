@@ -34,7 +34,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("_kernels") / "ce_rows.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
-_ABI = 3
+_ABI = 4
 #: Rows per thread below which fewer threads take the rows.
 MIN_ROWS_PER_THREAD = 8
 
@@ -123,6 +123,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         for fn in (lib.xent_ce_rows_f32, lib.xent_ce_rows_bf16):
             fn.argtypes = [p, i, i, i, p, p, p, f, p, p, ctypes.c_int]
             fn.restype = ctypes.c_int
+        lib.xent_acc_bf16.argtypes = [p, p, i, f, ctypes.c_int, ctypes.c_int]
+        lib.xent_acc_bf16.restype = None
         how = f"built in {time.perf_counter() - started:.1f} s" if built else "cached"
         return lib, f"compiled ({how}: {path})"
     return None, "unavailable: no writable cache directory"
@@ -182,3 +184,19 @@ def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, w_y: to
     if failed:  # the bfloat16 rows' scratch could not be allocated
         raise MemoryError(f"xent's CPU kernel could not allocate {num_classes} floats of scratch per thread")
     return loss
+
+
+#: Elements below which accumulate_ runs on one thread.
+MIN_ACC_PER_THREAD = 1 << 16
+
+
+def accumulate_(dst: torch.Tensor, src: torch.Tensor, alpha: float = 1.0, fresh: bool = False) -> None:
+    """``dst = (0 if fresh else dst) + alpha·src`` for a contiguous float32 ``dst`` and a bfloat16 ``src``
+    of its shape (any strides): one pass, where torch's mixed-dtype ``add_`` makes two."""
+    lib = _library()
+    assert dst.dtype == torch.float32 and src.dtype == torch.bfloat16 and dst.is_contiguous()
+    assert dst.shape == src.shape
+    src = src.contiguous()
+    n = dst.numel()
+    threads = max(1, min(torch.get_num_threads(), n // MIN_ACC_PER_THREAD))
+    lib.xent_acc_bf16(dst.data_ptr(), src.data_ptr(), n, float(alpha), int(fresh), threads)

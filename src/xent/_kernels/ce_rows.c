@@ -176,5 +176,17 @@ int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const in
     return failed;
 }
 
+/* dst[i] = (fresh ? 0 : dst[i]) + alpha * src[i] over n elements: a bfloat16 product accumulated into a
+ * float32 sum in one pass (torch's mixed-dtype add_ converts to a float32 temporary first: two). */
+void xent_acc_bf16(float *dst, const uint16_t *src, int64_t n, float alpha, int fresh, int nthreads) {
+    if (fresh) {
+#pragma omp parallel for simd num_threads(nthreads) schedule(static)
+        for (int64_t i = 0; i < n; i++) dst[i] = alpha * bf16_to_f32(src[i]);
+    } else {
+#pragma omp parallel for simd num_threads(nthreads) schedule(static)
+        for (int64_t i = 0; i < n; i++) dst[i] += alpha * bf16_to_f32(src[i]);
+    }
+}
+
 /* The ABI version the loader checks: bump it with any change of the functions' signatures. */
-int xent_ce_rows_abi(void) { return 3; }
+int xent_ce_rows_abi(void) { return 4; }
