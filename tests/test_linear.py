@@ -412,3 +412,47 @@ def test_row_blocks_in_bfloat16(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for g, r in zip(_grads(out.float(), (h, W, b)), ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)
+
+
+def test_kept_chunk_buffer_carries_nothing_between_calls(monkeypatch):
+    """The CPU chunk buffer kept between calls (_chunk_buffer): calls of other shapes and dtypes in any
+    order, and calls from two threads at once, give what a fresh buffer gives."""
+    import threading
+
+    from xent import _linear
+
+    def run(seed, n, V, dtype):
+        h, W, _, y = _inputs(shape=(n,), D=8, V=V, ignore_frac=0.2, dtype=dtype, seed=seed)
+        h.requires_grad_(), W.requires_grad_()
+        loss = xent.linear_cross_entropy(h, W, y, chunk_size=7)
+        loss.backward()
+        return loss.detach(), h.grad, W.grad
+
+    cases = [(0, 40, 301, torch.float32), (1, 90, 700, torch.float32), (2, 30, 50, torch.bfloat16),
+             (3, 40, 301, torch.float32)]
+    _linear.release_buffers()  # earlier tests' calls kept theirs
+    monkeypatch.setenv("XENT_KEEP_CHUNK_BUFFER", "0")
+    fresh = [run(*c) for c in cases]
+    assert not _linear._kept.__dict__.get("buffers")
+    monkeypatch.setenv("XENT_KEEP_CHUNK_BUFFER", "1")
+    _linear.release_buffers()
+    for case, expected in zip(cases + cases[::-1], fresh + fresh[::-1]):
+        for got, want in zip(run(*case), expected):
+            assert torch.equal(got, want)
+    kept = _linear._kept.buffers
+    assert kept[torch.float32].numel() == 7 * 700 and kept[torch.bfloat16].numel() == 7 * 50
+    results = {}
+
+    def worker(i):
+        results[i] = [run(*cases[j]) for j in (1, 0, 1)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for got, want in zip(results[i], [fresh[1], fresh[0], fresh[1]]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    _linear.release_buffers()
+    assert not _linear._kept.__dict__.get("buffers")

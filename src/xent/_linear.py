@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -175,6 +176,31 @@ def _blocks(rows: int, num_classes: int, min_rows: int = 1):
         yield slice(start, min(start + step, rows))
 
 
+_kept = threading.local()  # .buffers: {(device, dtype): 1-D tensor}, this thread's chunk buffers
+
+
+def _chunk_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The [C, V] logits buffer of a call. On the CPU it is kept for the thread's next call (grown when a
+    call needs more): a buffer over glibc's 32 MiB mmap ceiling is otherwise a fresh mapping at every call,
+    ~16 ms of page faults per 64 MiB (1.5 % of a 4096×512×32000 bf16 step). The buffer holds nothing
+    between calls; XENT_KEEP_CHUNK_BUFFER=0 frees it at the end of each call; :func:`release_buffers`
+    frees it now. CUDA's caching allocator already reuses memory, so CUDA buffers are not kept."""
+    numel = shape[0] * shape[1]
+    if device.type != "cpu" or os.environ.get("XENT_KEEP_CHUNK_BUFFER", "1") == "0":
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = _kept.__dict__.setdefault("buffers", {})
+    flat = kept.get(dtype)
+    if flat is None or flat.numel() < numel:
+        kept.pop(dtype, None)  # free the smaller one before allocating
+        flat = kept[dtype] = torch.empty(numel, dtype=dtype)
+    return flat[:numel].view(shape)
+
+
+def release_buffers() -> None:
+    """Frees this thread's kept CPU chunk buffers (see :func:`_chunk_buffer`)."""
+    _kept.__dict__.pop("buffers", None)
+
+
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out=None) -> torch.Tensor:
     # [C, D] @ [D, V] (+ [V]) -> [C, V], a buffer the loss may overwrite.
     if b is not None:
@@ -229,7 +255,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     # One [C, V] buffer per head reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap
     # and ~16k page faults each time (measured: ~5% of the call; benchmarks/README.md).
     c_max = min(plan.chunk, n)
-    buf = torch.empty((c_max, num_classes), dtype=mt, device=dev)
+    buf = _chunk_buffer((c_max, num_classes), mt, dev)
     ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
     # Plain cross-entropy on the CPU: a compiled kernel takes the whole chunk in one pass (_cpu_kernel).
     kernel_args = None
@@ -243,14 +269,17 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
     # so its chunk gradient is formed at unit scale and the factor applied after the matmuls.
     unit = mt == torch.float16
+    # Every token has the same upstream gradient ("mean"/"sum": an expanded scalar): the factor is read to
+    # the host once per call, not once per chunk (a device sync each on CUDA).
+    uniform = unit and want and n > 0 and scale.dim() == 1 and scale.stride(0) == 0
+    f_all = (float(scale[0].abs()) or 1.0) if uniform else 1.0
     # half weight gradients are formed a [V_s, D] slice at a time, about half a float32 block each
     slice_rows = max(1, BLOCK_BYTES // (2 * 4 * weight.shape[1]))
     for sl in _chunks(plan):
         c = sl.stop - sl.start
         s, f = (scale[sl] if want else None), 1.0
         if unit and want:
-            f = float(s.abs().max())
-            f = f if f > 0.0 else 1.0
+            f = f_all if uniform else (float(s.abs().max()) or 1.0)
             s = s / f
         rows, t = plan.rows[sl], plan.target[sl]
         pick = (lambda x, sl=sl: x[sl]) if dense else (lambda x, rows=rows: x.index_select(0, rows))
