@@ -281,7 +281,7 @@ def child_measure(spec: dict) -> dict:
         if impl != "cce" and impl not in ("naive", "torch_chunked"):
             from xent._linear import release_buffers
 
-            release_buffers()  # xent keeps its chunk buffer between calls: the timed call counts it again
+            release_buffers()  # kept only with XENT_KEEP_CHUNK_BUFFER=1: then the timed call counts it again
 
         def step():
             fn(h, w, y).backward()

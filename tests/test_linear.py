@@ -431,7 +431,7 @@ def test_kept_chunk_buffer_carries_nothing_between_calls(monkeypatch):
     cases = [(0, 40, 301, torch.float32), (1, 90, 700, torch.float32), (2, 30, 50, torch.bfloat16),
              (3, 40, 301, torch.float32)]
     _linear.release_buffers()  # earlier tests' calls kept theirs
-    monkeypatch.setenv("XENT_KEEP_CHUNK_BUFFER", "0")
+    monkeypatch.delenv("XENT_KEEP_CHUNK_BUFFER", raising=False)  # the default: a buffer per call
     fresh = [run(*c) for c in cases]
     assert not _linear._kept.__dict__.get("buffers")
     monkeypatch.setenv("XENT_KEEP_CHUNK_BUFFER", "1")

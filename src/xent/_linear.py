@@ -17,7 +17,8 @@ Half-precision inputs are projected in their own dtype (as ``hidden @ weight.T``
 accumulates in float32), the loss and its gradient are computed in float32 a block of rows at a time,
 and the weight and bias gradients are accumulated over chunks in float32; gradients are returned in
 the inputs' dtypes. float16 on CPU is the exception: its matmuls are slow there, so it is projected in
-float32 from a float32 copy of the weight (:func:`matmul_dtype`).
+float32 from a float32 copy of the weight (:func:`matmul_dtype`). On the CPU, plain cross-entropy takes a
+whole chunk through one compiled C kernel (:mod:`xent._cpu_kernel`) instead of the block loop.
 """
 
 from __future__ import annotations
@@ -180,13 +181,14 @@ _kept = threading.local()  # .buffers: {(device, dtype): 1-D tensor}, this threa
 
 
 def _chunk_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The [C, V] logits buffer of a call. On the CPU it is kept for the thread's next call (grown when a
-    call needs more): a buffer over glibc's 32 MiB mmap ceiling is otherwise a fresh mapping at every call,
-    ~16 ms of page faults per 64 MiB (1.5 % of a 4096×512×32000 bf16 step). The buffer holds nothing
-    between calls; XENT_KEEP_CHUNK_BUFFER=0 frees it at the end of each call; :func:`release_buffers`
-    frees it now. CUDA's caching allocator already reuses memory, so CUDA buffers are not kept."""
+    """The [C, V] logits buffer of a call. With XENT_KEEP_CHUNK_BUFFER=1, on the CPU, it is kept for the
+    thread's next call (grown when a call needs more): a buffer over glibc's 32 MiB mmap ceiling is
+    otherwise a fresh mapping at every call, ~16 ms of page faults per 64 MiB (1.5 % of a 4096×512×32000
+    bf16 step). Not the default: the kept buffer also lives through the caller's backward, which raised
+    that step's extra peak memory from 137 to 166 MB. :func:`release_buffers` frees it. CUDA's caching
+    allocator already reuses memory, so CUDA buffers are never kept."""
     numel = shape[0] * shape[1]
-    if device.type != "cpu" or os.environ.get("XENT_KEEP_CHUNK_BUFFER", "1") == "0":
+    if device.type != "cpu" or os.environ.get("XENT_KEEP_CHUNK_BUFFER", "0") != "1":
         return torch.empty(shape, dtype=dtype, device=device)
     kept = _kept.__dict__.setdefault("buffers", {})
     flat = kept.get(dtype)
@@ -197,7 +199,7 @@ def _chunk_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.devi
 
 
 def release_buffers() -> None:
-    """Frees this thread's kept CPU chunk buffers (see :func:`_chunk_buffer`)."""
+    """Frees this thread's kept CPU chunk buffers (XENT_KEEP_CHUNK_BUFFER=1, :func:`_chunk_buffer`)."""
     _kept.__dict__.pop("buffers", None)
 
 
