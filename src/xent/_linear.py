@@ -177,7 +177,7 @@ def _blocks(rows: int, num_classes: int, min_rows: int = 1):
         yield slice(start, min(start + step, rows))
 
 
-_kept = threading.local()  # .buffers: {(device, dtype): 1-D tensor}, this thread's chunk buffers
+_kept = threading.local()  # .buffers: {dtype: 1-D CPU tensor}, this thread's kept chunk buffers
 
 
 def _chunk_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
