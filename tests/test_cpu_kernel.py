@@ -7,6 +7,8 @@ logits, large offsets), and its fallback and errors.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
@@ -175,3 +177,37 @@ def test_cache_is_keyed_and_reused(monkeypatch, tmp_path):
     assert len(built) == 1 and len(list((tmp_path / "kernels").iterdir())) == 1  # no temporary left
     monkeypatch.setattr(_cpu_kernel, "_state", {})
     assert _cpu_kernel.kernel_status().startswith("compiled (cached")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_losses_without_gradient(kernel, monkeypatch, dtype):
+    """Under torch.no_grad (a validation loss) the kernel computes the losses and statistics alone, as
+    close to float64 as the torch ops, and leaves bfloat16 logits as they were."""
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(20, 301, generator=g) * 3).to(dtype)
+    t = torch.randint(0, 301, (20,), generator=g)
+    buf, stats = z.clone(), torch.empty(20, 3)
+    loss = kernel.ce_rows_(buf, t, None, None, 1e-3, stats)
+    per_ref, _ = _ref_rows(z, t, torch.ones(20), None, 1e-3)
+    torch.testing.assert_close(loss.double(), per_ref, rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(stats.double(), logit_stats(z.double(), t), rtol=2e-6, atol=2e-5)
+    if dtype == torch.bfloat16:
+        assert torch.equal(buf, z)
+
+    n, d, v = 40, 16, 301
+    h = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) * 0.3).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::7] = -100
+    ref_loss, ref_stats = xent.linear_cross_entropy(h.double(), w.double(), y, reduction="none",
+                                                    return_stats=True)
+    exact = [ref_loss] + [getattr(ref_stats, f.name) for f in fields(ref_stats)]
+    got = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("XENT_CPU_KERNEL", mode)
+        with torch.no_grad():
+            loss, st = xent.linear_cross_entropy(h, w, y, reduction="none", chunk_size=16, return_stats=True)
+        got[mode] = [loss] + [getattr(st, f.name) for f in fields(st)]
+    for on, off, e in zip(got["1"], got["0"], exact):
+        err_on, err_off = (on.double() - e.double()).abs().max(), (off.double() - e.double()).abs().max()
+        assert err_on <= 1.5 * err_off + 1e-6 * e.double().abs().max(), (err_on, err_off)

@@ -34,7 +34,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("_kernels") / "ce_rows.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
-_ABI = 4
+_ABI = 5
 #: Rows per thread below which fewer threads take the rows.
 MIN_ROWS_PER_THREAD = 8
 
@@ -157,12 +157,13 @@ def usable(device: torch.device, mm_dtype: torch.dtype, compute_dtype: torch.dty
             and mm_dtype in (torch.float32, torch.bfloat16) and _library() is not None)
 
 
-def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, w_y: torch.Tensor | None,
+def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, w_y: torch.Tensor | None,
              z_coef: float, stats: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of each row of ``z`` [C, V] (float32 or bfloat16, rows contiguous), overwritten with
     its gradient scale_r·(p·(a_r + 2·z_coef·lse_r) − a_r·onehot(y_r)), a_r = w_y[r] (1 without). Returns
     the float32 losses a_r·(lse_r − z_{r,y}) + z_coef·lse_r² [C]. A row with a NaN, +inf or only −inf
-    gets a NaN loss and gradient. ``stats``: a contiguous float32 [C, 3] filled with each row's
+    gets a NaN loss and gradient. ``scale`` None: the losses (and statistics) alone, no gradient
+    written (``z`` may still be overwritten). ``stats``: a contiguous float32 [C, 3] filled with each row's
     (correct, entropy, lse) as :func:`xent.losses._base.logit_stats` defines them."""
     lib = _library()
     rows, num_classes = z.shape
@@ -170,7 +171,7 @@ def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, w_y: to
     assert stats is None or (stats.dtype == torch.float32 and stats.is_contiguous()
                              and stats.shape == (rows, 3))
     target = target.to(torch.int64).contiguous()
-    scale = scale.to(torch.float32).contiguous()
+    scale = None if scale is None else scale.to(torch.float32).contiguous()
     w_y = None if w_y is None else w_y.to(torch.float32).contiguous()
     loss = torch.empty(rows, dtype=torch.float32)
     fn = lib.xent_ce_rows_bf16 if z.dtype == torch.bfloat16 else lib.xent_ce_rows_f32
@@ -178,7 +179,8 @@ def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, w_y: to
     if rows == 0:
         return loss
     threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
-    failed = fn(z.data_ptr(), z.stride(0), rows, num_classes, target.data_ptr(), scale.data_ptr(),
+    failed = fn(z.data_ptr(), z.stride(0), rows, num_classes, target.data_ptr(),
+                None if scale is None else scale.data_ptr(),
                 None if w_y is None else w_y.data_ptr(), float(z_coef), loss.data_ptr(),
                 None if stats is None else stats.data_ptr(), threads)
     if failed:  # the bfloat16 rows' scratch could not be allocated

@@ -259,9 +259,10 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
     c_max = min(plan.chunk, n)
     buf = _chunk_buffer((c_max, num_classes), mt, dev)
     ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
-    # Plain cross-entropy on the CPU: a compiled kernel takes the whole chunk in one pass (_cpu_kernel).
+    # Plain cross-entropy on the CPU: a compiled kernel takes the whole chunk in one pass (_cpu_kernel),
+    # its losses and, when wanted, its gradient.
     kernel_args = None
-    if (want and grad_b is None and not extras and not plan.token_extras
+    if (grad_b is None and not extras and not plan.token_extras
             and hasattr(loss, "row_kernel_args") and _cpu_kernel.usable(dev, mt, dt)):
         kernel_args = loss.row_kernel_args(plan.target)
     block = None
@@ -288,7 +289,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
         h = pick(hidden2d).to(mt)  # [C, D]
         z = _project(h, w, b, out=buf[:c])  # [C, V], contiguous rows of buf
         extra = [_project(pick(h2).to(mt), w2, b2, out=eb[:c]) for (h2, w2, b2), eb in zip(extras, ebufs)]
-        if kernel_args is not None:  # the chunk's losses, and its gradient written over z
+        if kernel_args is not None:  # the chunk's losses, and with s its gradient written over z
             w_y, z_coef = kernel_args
             per_token[sl] = _cpu_kernel.ce_rows_(z, t, s, None if w_y is None else w_y[sl], z_coef,
                                                  None if stats is None else stats[sl])

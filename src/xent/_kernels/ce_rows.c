@@ -100,9 +100,10 @@ static inline void row_terms(float m, double s, double es, float z_y, float a, f
     *cy = scale * a;                                                      /* ... and - scale * a at y */
 }
 
-/* One row of float32 logits, its gradient written over it. */
-static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float scale, float *loss,
-                       float *st) {
+/* One row of float32 logits, its gradient written over it (with grad; without, only the loss and the
+ * statistics, the row left as exponentials). */
+static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float scale, int grad,
+                       float *loss, float *st) {
     float z_y = x[y], m, c, cy;
     double s, es = 0.0;
     if (!row_softmax(x, x, V, &m, &s, st ? &es : NULL)) {
@@ -112,15 +113,17 @@ static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float 
         return;
     }
     row_terms(m, s, es, z_y, a, zs, scale, loss, &c, &cy, st);
+    if (!grad) return;
     float e_y = x[y];
 #pragma omp simd
     for (int64_t j = 0; j < V; j++) x[j] = c * x[j];
     x[y] = c * e_y - cy;
 }
 
-/* One row of bfloat16 logits (uint16 bits), its gradient written over it; tmp: V floats of scratch. */
-static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, float scale, float *loss,
-                        float *st, float *tmp) {
+/* One row of bfloat16 logits (uint16 bits), its gradient written over it with grad (without, the row is
+ * only read); tmp: V floats of scratch. */
+static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, float scale, int grad,
+                        float *loss, float *st, float *tmp) {
     float m = -INFINITY;
     int bad = 0;
 #pragma omp simd reduction(max : m) reduction(| : bad)
@@ -131,7 +134,7 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
         bad |= v != v;
     }
     if (bad || !(m > -INFINITY && m < INFINITY)) {
-        for (int64_t j = 0; j < V; j++) row[j] = 0x7fc0u;
+        for (int64_t j = 0; grad && j < V; j++) row[j] = 0x7fc0u;
         *loss = NAN;
         if (st) st[0] = st[1] = st[2] = NAN;
         return;
@@ -140,6 +143,7 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
     double s, es = 0.0;
     row_exp(tmp, tmp, V, m, &s, st ? &es : NULL);
     row_terms(m, s, es, z_y, a, zs, scale, loss, &c, &cy, st);
+    if (!grad) return;
 #pragma omp simd
     for (int64_t j = 0; j < V; j++) row[j] = f32_to_bf16(c * tmp[j]);
     row[y] = f32_to_bf16(c * tmp[y] - cy);
@@ -148,13 +152,14 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
 /* The rows of a [rows, V] chunk (row stride ld), split over nthreads threads of the OpenMP runtime torch
  * itself runs on (its libgomp, already loaded, serves this library too), so no second pool spins
  * against torch's. wy: [rows] class weight of each target, or NULL. Returns 0, or 1 when scratch could
- * not be allocated (then some rows are not computed). stats: [rows, 3] (correct, entropy, lse), or NULL. */
+ * not be allocated (then some rows are not computed). stats: [rows, 3] (correct, entropy, lse), or NULL.
+ * scale: [rows] each row's upstream gradient, or NULL for the losses alone (no gradient written). */
 int xent_ce_rows_f32(float *z, int64_t ld, int64_t rows, int64_t V, const int64_t *target,
                      const float *scale, const float *wy, float zs, float *loss, float *stats, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; r++)
-        ce_row_f32(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale[r], &loss[r],
-                   stats ? stats + 3 * r : NULL);
+        ce_row_f32(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale ? scale[r] : 0.0f, scale != NULL,
+                   &loss[r], stats ? stats + 3 * r : NULL);
     return 0;
 }
 
@@ -169,8 +174,8 @@ int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const in
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             if (tmp)
-                ce_row_bf16(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale[r], &loss[r],
-                            stats ? stats + 3 * r : NULL, tmp);
+                ce_row_bf16(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale ? scale[r] : 0.0f,
+                            scale != NULL, &loss[r], stats ? stats + 3 * r : NULL, tmp);
         free(tmp);
     }
     return failed;
@@ -189,4 +194,4 @@ void xent_acc_bf16(float *dst, const uint16_t *src, int64_t n, float alpha, int 
 }
 
 /* The ABI version the loader checks: bump it with any change of the functions' signatures. */
-int xent_ce_rows_abi(void) { return 4; }
+int xent_ce_rows_abi(void) { return 5; }
