@@ -24,7 +24,6 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,18 +31,8 @@ import time
 import torch
 
 import xent
+from linear_cross_entropy import _cpu_model  # this folder: the scripts run as `python benchmarks/...`
 from xent._cpu_kernel import kernel_status
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _quartiles(xs):
@@ -110,9 +99,10 @@ def main(argv=None) -> int:
         f"# Fused cross-entropy vs its three-matmul floor, {args.dtype}, {n}×{d}×{v}",
         "",
         f"`{command.strip()}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{_cpu()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads), xent {xent.__version__}; {args.rounds} rounds, each timing the three back to back in "
-        "one process (rotating order); ratios are per round, then the median and quartiles.",
+        f"{_cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), xent {xent.__version__}; {args.rounds} rounds, each timing "
+        f"the {len(names)} back to back in one process (rotating order); ratios are per round, then the "
+        "median and quartiles.",
         "",
         f"CPU kernel: {status}.",
         "",

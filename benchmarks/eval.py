@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+from linear_cross_entropy import _cpu_model, _mem_available_mb  # this folder (run as a script)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {
     # name: (vocab V, context L, batch B, windows, hidden D, layers)
@@ -223,20 +225,6 @@ def _run_child(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
-
-
-def _mem_available_mb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return float("inf")
 
 
 def _fmt(x, spec=".2f"):
@@ -325,7 +313,7 @@ def main(argv=None) -> int:
         f"# xent eval benchmark ({args.shape}: V = {V}, context {L}, batch {B}, {n} windows, Llama D = {D}, "
         f"{layers} layers, float32, 1 thread)",
         "",
-        f"CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs, shared); load average (1 min) during the run: "
+        f"CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs, shared); load average (1 min) during the run: "
         f"{min(load):.2f}–{max(load):.2f}; Python {platform.python_version()}; {args.repeats} fresh "
         "process(es) per configuration, medians.",
         "",

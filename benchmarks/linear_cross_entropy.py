@@ -278,7 +278,7 @@ def child_measure(spec: dict) -> dict:
         h_warm, y_warm = h[:k].detach().clone().requires_grad_(), y[:k].clone()
         fn(h_warm, w, y_warm).backward()  # compiles what compiles
         del h_warm, y_warm
-        if impl != "cce" and impl not in ("naive", "torch_chunked"):
+        if impl not in ("naive", "torch_chunked", "cce"):  # xent's own functions
             from xent._linear import release_buffers
 
             release_buffers()  # kept only with XENT_KEEP_CHUNK_BUFFER=1: then the timed call counts it again
@@ -426,14 +426,17 @@ def _cce_available() -> bool:
     return importlib.util.find_spec("cut_cross_entropy") is not None
 
 
-def _host() -> str:
-    cpu = "?"
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), also for the other benchmarks' headers."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
+        return platform.processor() or "?"
+
+
+def _host() -> str:
+    return f"{_cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
 def _torch_version() -> str:

@@ -341,7 +341,7 @@ def _run(plan: _Plan, hidden2d, weight, bias, scale, need):
                     grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
                 for v in range(0, num_classes, slice_rows):
                     part, dst = z[:, v : v + slice_rows].t() @ h, grad_w[v : v + slice_rows]
-                    if kernel_args is not None and mt == torch.bfloat16:  # the same sum in one pass
+                    if kernel_args is not None:  # bf16 here (the kernel takes float32 or bf16): one pass
                         _cpu_kernel.accumulate_(dst, part, f, fresh)
                     elif not fresh:
                         dst.add_(part, alpha=f)
