@@ -14,6 +14,7 @@ of those per-round ratios.
 
     python benchmarks/bf16_floor.py                       # 4096×512×32000, 15 rounds
     python benchmarks/bf16_floor.py --shape 4096x1024x32000 --rounds 9 --dtype float32
+    python benchmarks/bf16_floor.py --no-grad --rounds 9   # a validation loss: against h @ W.T alone
 
 Writes results/bf16_floor.md and .csv (or --out DIR).
 """
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="4096x512x32000", help="NxDxV")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--no-grad", action="store_true",
+                   help="the loss alone under torch.no_grad (a validation loss); the floor is then h @ W.T")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     n, d, v = (int(x) for x in args.shape.split("x"))
@@ -58,14 +61,19 @@ def main(argv=None) -> int:
     def floor():
         with torch.no_grad():
             torch.mm(h, w.t(), out=z)
-            torch.mm(z, w, out=gh)
-            torch.mm(z.t(), h, out=gw)
+            if not args.no_grad:
+                torch.mm(z, w, out=gh)
+                torch.mm(z.t(), h, out=gw)
 
     def fused(kernel: str, keep: str = "0"):
         def call():
             os.environ["XENT_CPU_KERNEL"], os.environ["XENT_KEEP_CHUNK_BUFFER"] = kernel, keep
             h.grad = w.grad = None
-            xent.linear_cross_entropy(h, w, y).backward()
+            if args.no_grad:
+                with torch.no_grad():
+                    xent.linear_cross_entropy(h, w, y)
+            else:
+                xent.linear_cross_entropy(h, w, y).backward()
         return call
 
     impls = {"floor": floor, "xent": fused("auto"), "xent_torch": fused("0"), "xent_keep": fused("auto", "1")}
@@ -89,14 +97,16 @@ def main(argv=None) -> int:
         rows.append({"impl": k, "median_ms": statistics.median(times[k]) * 1e3, "ratio_median": mid,
                      "ratio_q1": lo, "ratio_q3": hi})
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.dtype}_floor" if args.dtype != "bfloat16" else "bf16_floor")
+    stem = os.path.join(args.out, ("bf16" if args.dtype == "bfloat16" else args.dtype) + "_floor"
+                        + ("_no_grad" if args.no_grad else ""))
     with open(stem + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     command = "python benchmarks/bf16_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    floor_name = "one-matmul floor, no gradient" if args.no_grad else "three-matmul floor"
     lines = [
-        f"# Fused cross-entropy vs its three-matmul floor, {args.dtype}, {n}×{d}×{v}",
+        f"# Fused cross-entropy vs its {floor_name}, {args.dtype}, {n}×{d}×{v}",
         "",
         f"`{command.strip()}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{_cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
