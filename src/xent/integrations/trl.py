@@ -104,19 +104,7 @@ class XentSFTTrainer(trl.SFTTrainer):
             raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
         super().__init__(*args, **kwargs)
         # After TRL's own head is installed, so that the labelled call reaches xent first.
-        model = patch_causal_lm(_unwrapped(self.model), loss, return_stats=True)
-        patched = model.forward
-        self._xent_stats = None
-
-        # accelerate's mixed-precision wrapper rebuilds the output and drops its xent_stats attribute:
-        # keep the call's statistics here, beneath that wrapper.
-        @functools.wraps(patched)
-        def forward(*args, **kwargs):
-            out = patched(*args, **kwargs)
-            self._xent_stats = getattr(out, "xent_stats", None)
-            return out
-
-        model.forward = forward
+        patch_causal_lm(_unwrapped(self.model), loss, return_stats=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (self.compute_loss_func is not None or self.label_smoother is not None or self.aux_loss_enabled
@@ -128,7 +116,7 @@ class XentSFTTrainer(trl.SFTTrainer):
         # for averaged tokens across ranks; SFTTrainer's override would call TRL's head instead.
         loss, outputs = transformers.Trainer.compute_loss(
             self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        stats, self._xent_stats = self._xent_stats, None
+        stats = _unwrapped(self.model).xent_stats  # this call's: see patch_causal_lm
         gather = self.accelerator.gather_for_metrics
         tokens = gather(stats.tokens.to(loss.device)).sum()
         entropy = gather(stats.entropy_sum.to(loss.device)).sum()
