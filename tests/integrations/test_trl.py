@@ -186,3 +186,23 @@ def test_patch_log_probs_values_and_memory(tokenizer, one_thread):
           f"(one [B, T-1, V] float32 tensor: {logits_bytes / 2**20:.1f} MiB)")
     assert logits_peak > 2 * logits_bytes  # logits, log-softmax and their gradients coexist
     assert xent_peak < logits_bytes  # the fused head never holds one full [B, T-1, V] tensor
+
+
+def test_patch_log_probs_applies_the_models_soft_capping(one_thread):
+    """Gemma 2 soft-caps its logits: the log-probs are those of its own capped logits, at any temperature."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=32, final_logit_softcapping=3.0)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # logits large enough for the cap to matter
+        model.get_output_embeddings().weight.mul_(30.0)
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 101, (2, 16), generator=g)
+    labels = input_ids.clone()
+    labels[0, :4] = -100
+    want_logp, want_ent, _ = reference_log_probs(model, input_ids, labels, 1.3)
+    xtrl.patch_log_probs(model, temperature=1.3)
+    out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(out.log_probs.double(), want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), want_ent, rtol=1e-5, atol=1e-5)
