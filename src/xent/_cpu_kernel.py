@@ -18,9 +18,9 @@ worker threads, warm from the GEMM before it; a second pool would compete with t
 Loading a library runs its code, so a library is loaded only from where no one else can have written it:
 
 - the cache folders xent creates are made with mode 0700, whatever the umask;
-- the cache folder must be a real folder (not a symlink) owned by the effective user, with no group or
-  other write permission, and every folder above it owned by that user or root and writable by no one
-  else unless sticky (as ``/tmp``);
+- the cache folder (symlinks in its path resolved) must be a folder owned by the effective user, with
+  no group or other write permission, and every folder above it owned by that user or root and writable
+  by no one else unless sticky (as ``/tmp``);
 - the library must be a regular file (not a symlink) owned by the effective user, not writable by group
   or others, whose SHA-256 equals the one recorded beside it (``<name>.so.sha256``, written atomically
   when it was built, checked by the same rules). A library that fails these checks in a trusted folder
@@ -30,7 +30,7 @@ Loading a library runs its code, so a library is loaded only from where no one e
 When the cache folder fails a check or cannot be created or entered (``HOME=/nonexistent``, another
 user's home), the kernel is built in a fresh private temporary folder (:func:`tempfile.mkdtemp`, 0700),
 loaded from there, and the folder removed: correct, one build per process. :func:`kernel_status` says
-where the library was loaded from and why the cache was not used.
+where the library was loaded from and why the cache was not used. docs/cpu_kernel.md has the details.
 
 ``XENT_CPU_KERNEL``: ``auto`` (default: used where it builds, else plain torch), ``0`` (never), ``1``
 (always: an error when it cannot be built). :func:`kernel_status` says which, and why.
