@@ -278,15 +278,32 @@ def test_cache_that_cannot_be_entered(tmp_path):
     assert list((base / "tmp").iterdir()) == []  # the private folders are gone, no shared fallback either
 
 
-def test_cache_under_a_file_falls_back(tmp_path, monkeypatch, private_tmp):
-    """XENT_CACHE_DIR below a regular file (cannot be created, for root too): a private build."""
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("XENT_CACHE_DIR", str(tmp_path / "file" / "cache"))
+@pytest.mark.parametrize("how", ["below a file", "permission denied"])
+def test_cache_that_cannot_be_created(tmp_path, monkeypatch, private_tmp, how):
+    """A cache that cannot be created, in this process: below a regular file (for root too), or where
+    mkdir is refused (simulated, as for HOME=/nonexistent without root): a private build."""
     monkeypatch.setenv("XENT_CPU_KERNEL", "1")
     monkeypatch.setattr(_cpu_kernel, "_state", {})
+    if how == "below a file":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("XENT_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    else:
+        home, real_mkdir = tmp_path / "nonexistent", os.mkdir
+
+        def mkdir(path, *args, **kw):
+            if str(path).startswith(str(home)):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_mkdir(path, *args, **kw)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.delenv("XENT_CACHE_DIR", raising=False)
     status = _cpu_kernel.kernel_status()
-    assert "private temporary folder" in status and "Not a directory" in status, status
+    assert status.startswith("compiled (built in") and "private temporary folder" in status, status
+    assert ("Not a directory" if how == "below a file" else "Permission denied") in status, status
     assert list(private_tmp.iterdir()) == []
+    _assert_losses_right()
 
 
 def test_umask_does_not_open_the_cache(tmp_path, monkeypatch):

@@ -57,13 +57,13 @@ _SOURCE = Path(__file__).with_name("_kernels") / "ce_rows.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _ABI = 5
 _CPUINFO = "/proc/cpuinfo"
-# The /proc/cpuinfo fields that say which instructions a CPU has (x86 'flags', Arm 'Features' and
-# 'CPU part', s390x 'features' and 'facilities', RISC-V 'isa' and 'uarch', POWER 'cpu' and 'revision'),
-# never the ones that change from run to run (MHz, bogomips).
+# The /proc/cpuinfo fields that say which CPU it is and which instructions it has (x86 'flags', Arm
+# 'Features' and 'CPU part', s390x 'features' and 'facilities', RISC-V 'isa', 'uarch' and 'marchid',
+# POWER 'cpu' and 'revision'), never the ones that change from run to run (MHz, bogomips).
 _CPU_FIELDS = frozenset({
     "flags", "features", "facilities", "vendor_id", "cpu family", "model", "model name", "cpu", "isa",
-    "uarch", "mmu", "revision", "machine", "cpu implementer", "cpu architecture", "cpu variant", "cpu part",
-    "cpu revision",
+    "uarch", "mmu", "mvendorid", "marchid", "mimpid", "revision", "machine", "cpu implementer",
+    "cpu architecture", "cpu variant", "cpu part", "cpu revision",
 })
 #: Rows per thread below which fewer threads take the rows.
 MIN_ROWS_PER_THREAD = 8
@@ -170,9 +170,11 @@ def _private_cache_dir() -> tuple[Path | None, str]:
     wanted = Path(os.path.abspath(_cache_dir()))
     try:
         for folder in [*reversed(wanted.parents), wanted]:
+            if os.path.isdir(folder):
+                continue
             try:
                 os.mkdir(folder, 0o700)
-            except FileExistsError:
+            except FileExistsError:  # made by a concurrent process: judged below like any other
                 continue
             os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask: 0700 exactly, whatever it is
         folder = Path(os.path.realpath(wanted))
@@ -316,8 +318,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             if lib is None:
                 return None, status
             how = f"built in {time.perf_counter() - started:.1f} s: {path}"
-            return lib, f"compiled ({how}; the cached one was not loaded: {why_not})" if why_not else \
-                f"compiled ({how})"
+            if why_not:
+                how += f"; the cached one was not loaded: {why_not}"
+            return lib, f"compiled ({how})"
     try:
         private = tempfile.mkdtemp(prefix="xent-kernel-")  # mode 0700, a new name: no one else's
     except OSError as err:
@@ -326,7 +329,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         reason = _untrusted_folder(Path(os.path.realpath(private)))
         if reason:
             return None, f"unavailable: {why_not}, and the temporary folder is not private: {reason}"
-        lib, status = _compile(cc, Path(private), None)
+        try:
+            lib, status = _compile(cc, Path(private), None)
+        except OSError as err:
+            return None, f"unavailable: {why_not}, and building in {private} failed ({err.strerror or err})"
         if lib is None:
             return None, status
         took = time.perf_counter() - started
