@@ -206,25 +206,27 @@ def test_truncated_library_is_rebuilt(cache):
     assert cache.read_bytes() == data and _recorded(cache) == hashlib.sha256(data).hexdigest()
 
 
-DROP_DAC = """
-import ctypes, os
-def drop_dac():  # root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: file permissions apply
+ENTER = """
+import ctypes, os, sys
+if os.geteuid() == 0 and sys.argv[-1] != "dropped":
+    # root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that file permissions apply to it: dropped
+    # from the bounding set (PR_CAPBSET_DROP), which takes effect at the next exec
     libc = ctypes.CDLL(None, use_errno=True)
     for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the next exec on
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-"""
-
-ENTER = """
-import os, sys, torch, xent
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            print("cannot drop CAP_DAC_OVERRIDE here:", os.strerror(ctypes.get_errno()))
+            sys.exit(77)
+    os.execv(sys.executable, [sys.executable, *sys.argv, "dropped"])
+import torch, xent
 from xent import _cpu_kernel
-locked = sys.argv[1]
+locked, nonexistent, others = sys.argv[1:4]
 try:
     os.listdir(locked)
-    print("permissions are not enforced here"); sys.exit(77)
+    print("permissions are not enforced here")
+    sys.exit(77)
 except PermissionError:
     pass
-for name, env in [("no home", {"HOME": sys.argv[2]}), ("another's home", {"HOME": sys.argv[3]}),
+for name, env in [("no home", {"HOME": nonexistent}), ("another's home", {"HOME": others}),
                   ("locked cache", {"XENT_CACHE_DIR": locked})]:
     for var in ("HOME", "XDG_CACHE_HOME", "XENT_CACHE_DIR"):
         os.environ.pop(var, None)
@@ -240,30 +242,25 @@ for name, env in [("no home", {"HOME": sys.argv[2]}), ("another's home", {"HOME"
 def test_cache_that_cannot_be_entered(tmp_path):
     """A cache path that cannot be created or entered (HOME=/nonexistent for a service account, another
     user's home, a folder of mode 0000) gives a private temporary build: the fused head works, no
-    traceback. The real permission checks of the kernel: root runs it without CAP_DAC_OVERRIDE."""
+    traceback. Real permissions in a subprocess: root runs it without CAP_DAC_OVERRIDE."""
     base = tmp_path / "perm"
     (base / "ro").mkdir(parents=True)
     (base / "locked").mkdir()
     (base / "home").mkdir()
     (base / "tmp").mkdir(mode=0o700)
+    script = base / "enter.py"
+    script.write_text(ENTER)
     os.chmod(base / "ro", 0o555)  # HOME=<ro>/nonexistent cannot be created, as /nonexistent for a user
     os.chmod(base / "locked", 0)
     os.chmod(base / "home", 0o700 if ROOT else 0)
     if ROOT:
         os.chown(base / "home", 12345, 12345)
-    preexec = None
-    if ROOT:
-        scope: dict = {}
-        exec(DROP_DAC, scope)
-        preexec = scope["drop_dac"]
     args = [str(base / "locked"), str(base / "ro" / "nonexistent"), str(base / "home")]
     env = {**os.environ, "TMPDIR": str(base / "tmp"), "XENT_CPU_KERNEL": "auto",
            "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     try:
-        run = subprocess.run([sys.executable, "-c", ENTER, *args], env=env, capture_output=True, text=True,
-                             timeout=300, preexec_fn=preexec)
-    except (OSError, subprocess.SubprocessError) as err:
-        pytest.skip(f"cannot drop CAP_DAC_OVERRIDE here: {err}")
+        run = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                             timeout=300)
     finally:
         for name in ("ro", "locked", "home"):
             os.chmod(base / name, 0o700)
