@@ -138,7 +138,7 @@ def test_half_precision(dtype, device):
 def test_bfloat16_weight_gradient_is_accumulated_in_float32(device):
     """One token per chunk: 512 bfloat16 partial products summed. Accumulated in float32 the error stays
     at one bfloat16 rounding, as with a single chunk; accumulated in bfloat16 it would grow with every add.
-    (On CUDA the GEMM writes float32 itself: xent._linear.float_out_mm.)"""
+    (On CUDA the GEMM writes float32 itself: xent._engine.float_out_mm.)"""
     h, W, b, y = _inputs(shape=(512,), D=16, V=64, seed=14, ignore_frac=0.0, dtype=torch.bfloat16,
                          device=device)
     _, (_, gW64, gb64), _ = _truth(h, W, b, y)
@@ -163,9 +163,9 @@ def test_bfloat16_weight_gradient_is_accumulated_in_float32(device):
 def test_float16_matmuls_do_not_flush_small_gradients(monkeypatch):
     """Where float16 is projected in float16 (CUDA), p·(1/N) would underflow in a float16 buffer; the
     chunk gradient is formed at unit scale instead. Forced on CPU here."""
-    import xent._linear
+    import xent._engine._plan
 
-    monkeypatch.setattr(xent._linear, "matmul_dtype", lambda dtype, device: dtype)
+    monkeypatch.setattr(xent._engine._plan, "matmul_dtype", lambda dtype, device: dtype)
     N, D, V = 4096, 8, 8000
     g = torch.Generator().manual_seed(15)
     # nearly flat logits (p_j ≈ 1/V, so p_j/N ≈ 3e-8 is below float16's smallest step) and hidden states
@@ -188,7 +188,7 @@ def test_float16_matmuls_do_not_flush_small_gradients(monkeypatch):
 def test_row_blocks_never_change_the_result(monkeypatch, reduction, closed_form):
     """The loss sees each chunk a few rows at a time (BLOCK_BYTES): blocks of 1 or 3 rows give the
     numbers of one block, for the closed-form and the autograd path, with the bias gradient."""
-    import xent._linear
+    import xent._engine._backends
 
     class Loss(xent.losses.CrossEntropy):
         has_closed_form_grad = closed_form
@@ -198,7 +198,7 @@ def test_row_blocks_never_change_the_result(monkeypatch, reduction, closed_form)
     ref = xent.linear_loss(h, W, y, bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
     ref_grads = _grads(ref, (h, W, b))
     for rows in (1, 3):
-        monkeypatch.setattr(xent._linear, "BLOCK_BYTES", rows * 4 * W.shape[0])
+        monkeypatch.setattr(xent._engine._backends, "BLOCK_BYTES", rows * 4 * W.shape[0])
         out = xent.linear_loss(h, W, y, bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         for g, r in zip(_grads(out, (h, W, b)), ref_grads):
@@ -375,7 +375,7 @@ def test_backward_twice_and_scaled_upstream():
 
 
 def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch):
-    from xent._linear import auto_chunk_size
+    from xent._engine import auto_chunk_size
 
     monkeypatch.delenv("XENT_CHUNK_MB", raising=False)
     # the budget's tokens, rounded down to a multiple of 64 (CHUNK_ALIGN: the GEMMs' row blocks)
@@ -400,14 +400,14 @@ def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch)
 def test_row_blocks_in_bfloat16(monkeypatch):
     """Half logits are copied to a float32 block buffer: blocks of any size fit it, including a last
     chunk whose single block is larger than the first chunk's blocks (5 tokens → 3 + 2, then 4 → 4)."""
-    import xent._linear
+    import xent._engine._backends as backends
 
     h, W, b, y = _inputs(shape=(9,), D=16, V=40, seed=17, ignore_frac=0.0, dtype=torch.bfloat16)
     ref = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=5, reduction="none")
     ref_grads = _grads(ref.float(), (h, W, b))
-    monkeypatch.setattr(xent._linear, "BLOCK_BYTES", 4 * 4 * W.shape[0])
-    assert [(s.start, s.stop) for s in xent._linear._blocks(5, 40)] == [(0, 3), (3, 5)]
-    assert [(s.start, s.stop) for s in xent._linear._blocks(4, 40)] == [(0, 4)]
+    monkeypatch.setattr(backends, "BLOCK_BYTES", 4 * 4 * W.shape[0])
+    assert [(s.start, s.stop) for s in backends.row_blocks(5, 40)] == [(0, 3), (3, 5)]
+    assert [(s.start, s.stop) for s in backends.row_blocks(4, 40)] == [(0, 4)]
     out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=5, reduction="none")
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for g, r in zip(_grads(out.float(), (h, W, b)), ref_grads):
@@ -415,11 +415,11 @@ def test_row_blocks_in_bfloat16(monkeypatch):
 
 
 def test_kept_chunk_buffer_carries_nothing_between_calls(monkeypatch):
-    """The CPU chunk buffer kept between calls (_chunk_buffer): calls of other shapes and dtypes in any
+    """The CPU chunk buffer kept between calls (chunk_buffer): calls of other shapes and dtypes in any
     order, and calls from two threads at once, give what a fresh buffer gives."""
     import threading
 
-    from xent import _linear
+    from xent._engine import _project as _linear
 
     def run(seed, n, V, dtype):
         h, W, _, y = _inputs(shape=(n,), D=8, V=V, ignore_frac=0.2, dtype=dtype, seed=seed)

@@ -140,21 +140,21 @@ def test_chunk_size_never_changes_the_result(chunk, seed, with_entropy):
 
 
 def test_ignored_positions_are_zero_with_zero_gradient_and_never_projected():
-    import xent._linear as engine
+    import xent._engine._loop as engine
 
     h, W, b, y = _head(seed=5)
-    rows_projected, original = [], engine._project
+    rows_projected, original = [], engine.project
 
     def spy(hh, ww, bb, out=None):
         rows_projected.append(hh.shape[0])
         return original(hh, ww, bb, out=out)
 
-    engine._project = spy
+    engine.project = spy
     try:
         lp, ent = xent.linear_log_probs(h, W, y, bias=b, with_entropy=True, chunk_size=1000)
         (gh,) = torch.autograd.grad(_sum_with((lp, ent)), h)
     finally:
-        engine._project = original
+        engine.project = original
     ignored = y == -100
     assert not lp[ignored].any() and not ent[ignored].any() and not gh[ignored].any()
     assert rows_projected == [int((~ignored).sum())] * 2  # forward, then backward recomputes

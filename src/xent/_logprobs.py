@@ -1,6 +1,6 @@
 """Token log-probabilities (and entropies) for RL: log q_y with q = softmax(cap(z)/T), differentiable.
 
-:func:`linear_log_probs` runs the fused engine of :mod:`xent._linear` (never the [N, V] logits) with a
+:func:`linear_log_probs` runs the fused engine of :mod:`xent._engine` (never the [N, V] logits) with a
 per-token "loss" of two values, log q_y and H(q); :func:`log_probs` is its plain twin on materialised
 logits. docs/REFERENCE.md §3 ("Token log-probs").
 """
@@ -11,14 +11,7 @@ import torch
 
 from . import _validate as V
 from ._compile import compiler_disable
-from ._linear import (
-    _check_linear,
-    _LinearLoss,
-    _Plan,
-    _valid_rows,
-    chunk_tokens,
-    projection_dtype_for,
-)
+from ._engine import LinearLoss, Plan, check_linear, chunk_tokens, projection_dtype_for, valid_rows
 from ._reduce import apply_token_loss, check_common
 from .losses._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
 
@@ -149,15 +142,15 @@ def linear_log_probs(
     """
     V.check_options(softcap=softcap)
     loss = TokenLogProb(temperature=temperature, softcap=softcap, with_entropy=with_entropy)
-    _check_linear(hidden, weight, bias, target, ignore_index, shift)
+    check_linear(hidden, weight, bias, target, ignore_index, shift)
     V.check_chunk_size(chunk_size)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    rows, tgt, positions, out_shape, _ = _valid_rows(hidden, target, ignore_index, shift)
+    rows, tgt, positions, out_shape, _ = valid_rows(hidden, target, ignore_index, shift)
     n, num_classes = rows.numel(), weight.shape[0]
     mm = projection_dtype_for(hidden, projection_dtype)
     chunk = chunk_tokens(chunk_size, n, num_classes, mm.itemsize, hidden.device)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, (), mm)
+    plan = Plan(loss, rows, tgt, chunk, dtype, (), mm)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    out = _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, None, False)
+    out = LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, None, False)
     return _split(out, with_entropy)
 

@@ -15,6 +15,7 @@ import torch
 
 from . import _validate as V
 from ._compile import compiler_disable
+from ._engine import check_head, check_linear
 from ._linear import linear_loss
 from ._reduce import apply_token_loss, check_common, select_top_fraction
 from .losses._base import TokenLoss, nll_and_shift
@@ -143,18 +144,16 @@ def linear_rho1_loss(
     :func:`xent.linear_distill_loss` projects a teacher), soft-capped alike. Other arguments as
     :func:`xent.linear_cross_entropy`.
     """
-    from ._linear import _check_head, _check_linear
-
     loss = Rho1(ratio=ratio, softcap=softcap)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
-    _check_linear(hidden, weight, bias, target, ignore_index, shift)
+    check_linear(hidden, weight, bias, target, ignore_index, shift)
     V.check_token_weights(token_weights, target.shape)
     if (ref_losses is None) == (ref_weight is None) or (ref_weight is None) != (ref_hidden is None):
         raise ValueError("give the reference as ref_losses, or as ref_hidden and ref_weight (not both)")
     heads = ()
     if ref_weight is not None:
-        _check_head(ref_hidden, ref_weight, ref_bias, shift, "ref_hidden", "ref_weight", "ref_bias")
+        check_head(ref_hidden, ref_weight, ref_bias, shift, "ref_hidden", "ref_weight", "ref_bias")
         if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} / ref_weight shape "
                              f"{tuple(ref_weight.shape)} must match hidden {tuple(hidden.shape)} on every "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backends import BLOCK_BYTES, RowRequest, select
+from . import _backends
+from ._backends import RowRequest, select
 from ._plan import Plan, float_out_mm
 from ._project import as_dtype, chunk_buffer, project
 
@@ -76,7 +77,7 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
     uniform = unit and want and n > 0 and scale.dim() == 1 and scale.stride(0) == 0
     f_all = (float(scale[0].abs()) or 1.0) if uniform else 1.0
     # half weight gradients are formed a [V_s, D] slice at a time, about half a float32 block each
-    slice_rows = max(1, BLOCK_BYTES // (2 * 4 * weight.shape[1]))
+    slice_rows = max(1, _backends.BLOCK_BYTES // (2 * 4 * weight.shape[1]))
     for sl in plan.chunks():
         c = sl.stop - sl.start
         s, f = (scale[sl] if want else None), 1.0
