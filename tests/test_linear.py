@@ -325,8 +325,8 @@ def test_bad_input():
         xent.linear_cross_entropy(h, W, y, chunk_size=0)
     with pytest.raises(TypeError, match="loss must be a xent.losses.TokenLoss"):
         xent.linear_loss(h, W, y, loss=torch.nn.CrossEntropyLoss())
-    with pytest.raises(ValueError, match=r"weight_classes must have shape \[V\] = \[37\]"):
-        xent.linear_cross_entropy(h, W, y, weight_classes=torch.ones(5))
+    with pytest.raises(ValueError, match=r"^weight must have shape \[V\] = \[37\]"):
+        xent.linear_cross_entropy(h, W, y, weight=torch.ones(5))
 
 
 def test_torch_compile_model_calling_it():

@@ -37,8 +37,11 @@ __all__ = [
     "eaft_loss",
     "emo_loss",
     "entropy_regularized_loss",
+    "eval",
     "focal_loss",
     "gold_loss",
+    "integrations",
+    "keras",
     "linear_cross_entropy",
     "linear_distill_loss",
     "linear_log_probs",
@@ -50,10 +53,12 @@ __all__ = [
     "losses",
     "multi_token_loss",
     "nn",
+    "parallel",
     "poly_loss",
     "rho1_loss",
     "sparse_distill_loss",
     "tailr_loss",
+    "train",
 ]
 
 

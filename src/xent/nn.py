@@ -68,7 +68,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, hidden, weight, target, bias=None, num_items=None, token_weights=None) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, target, bias=bias, num_items=num_items,
+        return linear_cross_entropy(hidden, weight, target, linear_bias=bias, num_items=num_items,
                                     token_weights=token_weights, **self.options)
 
     def extra_repr(self) -> str:

@@ -453,8 +453,8 @@ def check_errors(rank, sizes):
             dtype=torch.float64)), ValueError, "local_bias must have shape [V]")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r[:, :2], target), ValueError, "local_weight")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target[:, :3]), ValueError, "target shape")
-    _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, weight_classes=weight), ValueError,
-            "weight_classes must have shape [V]")
+    _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, weight=weight), ValueError,
+            "weight must have shape [V]")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, chunk_size=0), ValueError,
             "chunk_size")
     bad_w = torch.ones(2, 5, dtype=torch.float64)

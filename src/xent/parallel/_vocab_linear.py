@@ -126,7 +126,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: int | str = "auto",
     ignore_index: int = -100,
     reduction: str = "mean",
-    weight_classes: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -134,10 +134,11 @@ def vocab_parallel_linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     sum_hidden_grad: bool = True,
     projection_dtype: torch.dtype | None = None,
+    **deprecated,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ W.T + b`` with the head W ``[V, D]`` sharded over the vocabulary.
 
-    The value of ``xent.linear_cross_entropy(hidden, W, target, bias=b, ...)`` on every rank, without
+    The value of ``xent.linear_cross_entropy(hidden, W, target, linear_bias=b, ...)`` on every rank, without
     the full logits and without even this rank's ``[N, V_r]`` logits: one chunk ``[C, V_r]`` at a time.
 
     Args:
@@ -146,7 +147,8 @@ def vocab_parallel_linear_cross_entropy(
         local_weight: ``[V_r, D]``, this rank's contiguous rows of W; slices in rank order, sizes free.
         target: ``[...]`` GLOBAL ids, the same on every rank; ``ignore_index`` is skipped.
         local_bias: this rank's ``[V_r]`` of the bias, optional.
-        weight_classes: this rank's ``[V_r]`` of the class weights (``weight`` is the projection).
+        weight: this rank's ``[V_r]`` of the class weights (as ``torch.nn.functional.cross_entropy``; the
+            old spelling ``weight_classes=`` works with a DeprecationWarning).
         sum_hidden_grad: all-reduce the gradient of ``hidden`` over ``group`` (default), so every rank
             receives the full d loss/d hidden = Σ_r g_r·W_r, what a tensor-parallel head needs. Set False
             when the framework already does it (Megatron's copy-to-tensor-parallel-region): each rank
@@ -164,6 +166,8 @@ def vocab_parallel_linear_cross_entropy(
     forward, one of ``[N, D]`` in the backward. A collective: every rank calls it with the same
     hidden, target and options.
     """
+    weight = V.take_deprecated("vocab_parallel_linear_cross_entropy", deprecated,
+                               {"weight_classes": "weight"}, {"weight": weight})["weight"]
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
@@ -171,7 +175,7 @@ def vocab_parallel_linear_cross_entropy(
     V.check_ids_tensor(target, hidden.shape[:-1], lead_name="hidden")
     V.check_token_weights(token_weights, target.shape)
     size = local_weight.shape[0]
-    V.check_options(num_classes=size, weight=weight_classes, weight_name="weight_classes",
+    V.check_options(num_classes=size, weight=weight,
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     V.check_chunk_size(chunk_size)
     V.check_ignore_index(ignore_index)
@@ -191,9 +195,9 @@ def vocab_parallel_linear_cross_entropy(
     V.check_num_items_covers(num_items, n)
     # local_stats holds about four [C, V_r] float32 temporaries
     chunk = chunk_tokens(chunk_size, n, size, 4 * 4, hidden.device)
-    setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
+    setup = _Setup(rows, tgt, chunk, dtype, weight, float(label_smoothing), float(z_loss), softcap,
                    ignore_index, group, sum_hidden_grad,
-                   reduction == "mean" and weight_classes is not None and num_items is None, tw)
+                   reduction == "mean" and weight is not None and num_items is None, tw)
     per_token, w_y = _VocabParallelLinearCE.apply(hidden2d, local_weight, local_bias, setup)
     if tw is not None:
         per_token = per_token * tw  # autograd carries w_t into the upstream gradient of each token
@@ -202,4 +206,4 @@ def vocab_parallel_linear_cross_entropy(
         return flat.index_copy(0, positions, per_token).view(out_shape)
     valid = torch.ones(n, dtype=torch.bool, device=per_token.device)
     return reduce_tokens(per_token, valid, reduction, num_items,
-                         denominator_weight(None if weight_classes is None else w_y, tw))
+                         denominator_weight(None if weight is None else w_y, tw))
