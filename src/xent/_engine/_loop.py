@@ -76,8 +76,6 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
     # the host once per call, not once per chunk (a device sync each on CUDA).
     uniform = unit and want and n > 0 and scale.dim() == 1 and scale.stride(0) == 0
     f_all = (float(scale[0].abs()) or 1.0) if uniform else 1.0
-    # half weight gradients are formed a [V_s, D] slice at a time, about half a float32 block each
-    slice_rows = max(1, _backends.BLOCK_BYTES // (2 * 4 * weight.shape[1]))
     for sl in plan.chunks():
         c = sl.stop - sl.start
         s, f = (scale[sl] if want else None), 1.0
@@ -104,25 +102,27 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
             else:
                 grad_h.index_copy_(0, rows, gh)
         if need[1]:
-            if mt != dt and float_out_mm(dev):  # the GEMM accumulates into the float32 gradient itself
-                fresh = grad_w is None
-                if fresh:
-                    grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
-                torch.addmm(grad_w, z.t(), h, beta=0.0 if fresh else 1.0, alpha=f, out_dtype=dt, out=grad_w)
-            elif mt != dt:  # half [V_s, D] products accumulated in float32, a cache-sized slice at a time
-                fresh = grad_w is None  # the first chunk writes, the others accumulate
-                if fresh:
-                    grad_w = torch.empty(weight.shape, dtype=dt, device=dev)
-                for v in range(0, num_classes, slice_rows):
-                    part = z[:, v : v + slice_rows].t() @ h
-                    backend.accumulate_(grad_w[v : v + slice_rows], part, f, fresh)
-            elif grad_w is None:  # the first chunk writes, the others accumulate: no zero-fill pass
-                grad_w = z.t() @ h
-            else:
-                grad_w.addmm_(z.t(), h)
+            grad_w = add_weight_grad(grad_w, z, h, f, weight.shape, dt, backend)
         del z
     if weights is not None:
         per_token.mul_(weights)
     if stats is not None:
         plan.per_token = per_token
     return per_token, grad_h, grad_w, grad_b
+
+
+def add_weight_grad(grad_w, z, h, f: float, shape, dt, backend):
+    """grad_w + f·zᵀh for a chunk's gradient z [C, V] and hidden states h [C, D] (grad_w None: the first
+    chunk, which writes instead of adding: no zero-fill pass); returns the accumulator, in ``dt``."""
+    fresh = grad_w is None
+    if z.dtype == dt:  # f is 1 here: only float16 chunks are formed at unit scale
+        return z.t() @ h if fresh else grad_w.addmm_(z.t(), h)
+    if fresh:
+        grad_w = torch.empty(shape, dtype=dt, device=z.device)
+    if float_out_mm(z.device):  # the GEMM accumulates into the float32 gradient itself
+        return torch.addmm(grad_w, z.t(), h, beta=0.0 if fresh else 1.0, alpha=f, out_dtype=dt, out=grad_w)
+    # half [V_s, D] products accumulated in float32, a slice of about half a float32 block at a time
+    slice_rows = max(1, _backends.BLOCK_BYTES // (2 * 4 * shape[1]))
+    for v in range(0, shape[0], slice_rows):
+        backend.accumulate_(grad_w[v : v + slice_rows], z[:, v : v + slice_rows].t() @ h, f, fresh)
+    return grad_w
