@@ -204,3 +204,53 @@ def test_rho1_checks_its_arguments_once(monkeypatch):
     h, W, _, y, _ = _inputs(seed=8)
     xent.linear_rho1_loss(h, W, y, ref_losses=torch.rand(y.shape)).backward()
     assert len(seen) == 1
+
+
+def _reference_rows(z, target, w_y, z_coef, scale):
+    """float64 autograd reference of the row contract: ℓ = w_y·(lse − z_y) + s·lse², its gradient times
+    scale, and the statistics (correct, entropy, lse)."""
+    x = z.detach().double().requires_grad_()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = w_y.double() * (lse - x.gather(-1, target[:, None])[:, 0]) + z_coef * lse.square()
+    (grad,) = torch.autograd.grad((loss * scale.double()).sum(), x)
+    p = torch.softmax(x.detach(), dim=-1)
+    entropy = -(p * torch.log_softmax(x.detach(), dim=-1)).sum(-1)
+    correct = (x.detach().gather(-1, target[:, None])[:, 0] >= x.detach().amax(-1)).double()
+    return loss.detach(), grad, torch.stack([correct, entropy, lse.detach()], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["torch", "cpu_kernel"])
+def test_row_backend_contract(name, dtype, monkeypatch):
+    """The RowBackend interface, for every backend that serves a cross-entropy chunk here: losses returned,
+    gradient written over the logits (rows contiguous, row stride > V), statistics filled; without a scale
+    the losses and statistics alone."""
+    from xent._engine import _backends
+
+    monkeypatch.setenv("XENT_CPU_KERNEL", "auto")
+    backend = _backends.get(name)
+    g = torch.Generator().manual_seed(9)
+    C, V = 11, 53
+    wc = torch.rand(V, generator=g) + 0.5
+    loss = xent.losses.CrossEntropy(weight=wc, z_loss=1e-3)
+    request = _backends.RowRequest(loss, loss.row_spec(), dtype, torch.float32, torch.device("cpu"),
+                                   grad=True, stats=True)
+    if isinstance(backend, str) or backend.can_serve(request) is not None:
+        pytest.skip(f"{name} cannot serve a CPU cross-entropy chunk here")
+    logits = (torch.randn(C, V, generator=g) * 3).to(dtype)
+    target = torch.randint(0, V, (C,), generator=g)
+    scale = torch.rand(C, generator=g)
+    ref_loss, ref_grad, ref_stats = _reference_rows(logits, target, wc[target], 1e-3, scale)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for with_scale in (True, False):
+        buf = torch.zeros(C, V + 3, dtype=dtype)
+        z = buf[:, :V].copy_(logits)
+        stats = torch.empty(C, 3)
+        out = backend.rows_(request, z, target, scale if with_scale else None, w_y=wc[target], stats=stats,
+                            scratch=backend.scratch(request, C, V))
+        assert out.dtype == torch.float32 and out.shape == (C,)
+        torch.testing.assert_close(out.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.double(), ref_stats, rtol=1e-5, atol=1e-5)
+        if with_scale:
+            torch.testing.assert_close(z.double(), ref_grad, **tol)
+            assert not buf[:, V:].any()  # nothing written past the row's V logits
