@@ -70,7 +70,7 @@ from ._plan import (
     projection_dtype_for,
 )
 from ._project import as_dtype, chunk_buffer, project, release_buffers
-from ._rows import check_head, check_linear, valid_rows
+from ._rows import check_head, valid_rows
 
 
 def check_serves(plan: Plan, device, bias_grad: bool) -> None:
@@ -81,7 +81,7 @@ def check_serves(plan: Plan, device, bias_grad: bool) -> None:
 
 __all__ = [
     "BLOCK_BYTES", "CHUNK_ALIGN", "DEFAULT_CHUNK_MB", "MIN_AUTO_CHUNK", "LinearLoss", "Plan", "RowBackend",
-    "RowRequest", "as_dtype", "auto_chunk_size", "block_rows", "check_backend", "check_head", "check_linear",
+    "RowRequest", "as_dtype", "auto_chunk_size", "block_rows", "check_backend", "check_head",
     "check_serves", "chunk_budget_mb", "chunk_buffer", "chunk_tokens", "float_out_mm", "matmul_dtype",
     "project", "projection_dtype_for", "release_buffers", "row_blocks", "row_request", "run", "select",
     "valid_rows",

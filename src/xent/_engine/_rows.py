@@ -6,11 +6,6 @@ from __future__ import annotations
 from .. import _validate as V
 
 
-def check_linear(hidden, weight, bias, target, ignore_index, shift, name="hidden", weight_name="weight"):
-    check_head(hidden, weight, bias, shift, name, weight_name)
-    V.check_target(target, hidden.shape[:-1], weight.shape[0], ignore_index, lead_name=name)
-
-
 def check_head(hidden, weight, bias, shift, name="hidden", weight_name="weight", bias_name="bias"):
     """hidden [..., D], weight [V, D] and bias [V] agree in shape and dtype (the target is checked apart:
     with a sharded head its ids range over the global vocabulary, not weight.shape[0])."""
