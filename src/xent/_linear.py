@@ -67,15 +67,16 @@ class FusedCall:
 def fused_call(hidden, linear_weight, target, *, linear_bias=None, shift=False, chunk_size="auto",
                ignore_index=-100, reduction="mean", num_items=None, token_weights=None, return_stats=False,
                projection_dtype=None, backend="auto", names=("hidden", "linear_weight", "linear_bias"),
-               check_ids=True) -> FusedCall:
-    """Checks a fused call's arguments (shapes, dtypes, target ids unless ``check_ids`` is False, options)
-    and returns them as a :class:`FusedCall`. ``names``: the head's argument names in error messages."""
+               head_checked=False) -> FusedCall:
+    """Checks a fused call's arguments (the head's shapes and dtypes unless the caller has,
+    ``head_checked``; the target ids; the options) and returns them as a :class:`FusedCall`. ``names``:
+    the head's argument names in error messages."""
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     name, weight_name, bias_name = names
-    check_head(hidden, linear_weight, linear_bias, shift, name, weight_name, bias_name)
-    if check_ids:
-        V.check_target(target, hidden.shape[:-1], linear_weight.shape[0], ignore_index, lead_name=name)
+    if not head_checked:
+        check_head(hidden, linear_weight, linear_bias, shift, name, weight_name, bias_name)
+    V.check_target(target, hidden.shape[:-1], linear_weight.shape[0], ignore_index, lead_name=name)
     V.check_token_weights(token_weights, target.shape)
     V.check_chunk_size(chunk_size)
     projection_dtype_for(hidden, projection_dtype)
@@ -326,7 +327,7 @@ def linear_distill_loss(
     call = fused_call(student_hidden, student_weight, target, linear_bias=student_bias, shift=shift,
                       chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction,
                       num_items=num_items, token_weights=token_weights, projection_dtype=projection_dtype,
-                      backend=backend, names=student)
+                      backend=backend, names=student, head_checked=True)
     return fused_loss(call, loss, extra_heads=((teacher_hidden, teacher_weight, teacher_bias),))
 
 
@@ -375,7 +376,7 @@ def linear_sparse_distill_loss(
     call = fused_call(student_hidden, student_weight, target, linear_bias=student_bias, shift=shift,
                       chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction,
                       num_items=num_items, token_weights=token_weights, projection_dtype=projection_dtype,
-                      backend=backend, names=student)
+                      backend=backend, names=student, head_checked=True)
     dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     teacher = (V.as_ids(teacher_ids), teacher_log_probs.detach().to(dtype))
     return fused_loss(call, loss, token_extras=teacher)
