@@ -227,9 +227,11 @@ class CpuKernelRows(RowBackend):
         _cpu_kernel.accumulate_(dst, src, alpha, fresh)
 
 
-#: The backends by name; an optional one (module path) is imported the first time it is asked for.
+#: The backends by name; an optional one (module path) is imported the first time it is asked for: its
+#: module defines ``BACKEND``, a :class:`RowBackend` instance whose ``name`` is the key.
 BACKENDS: dict[str, RowBackend] = {"torch": TorchRows(), "cpu_kernel": CpuKernelRows()}
 OPTIONAL = {"triton": "xent._engine._triton"}
+UNAVAILABLE: dict[str, str] = {}  # optional backends that did not import, and why
 #: What backend="auto" tries, in order: the first that can serve the call.
 AUTO_ORDER = ("triton", "cpu_kernel", "torch")
 NAMES = ("auto", *sorted({*BACKENDS, *OPTIONAL}))
@@ -239,12 +241,13 @@ def get(name: str) -> RowBackend | str:
     """The backend called ``name``, or why it is not available (an optional one that does not import)."""
     if name in BACKENDS:
         return BACKENDS[name]
-    try:
-        module = importlib.import_module(OPTIONAL[name])
-    except ImportError as err:
-        return f"the {name} backend is not available ({err})"
-    BACKENDS[name] = module.BACKEND
-    return BACKENDS[name]
+    if name not in UNAVAILABLE:
+        try:
+            BACKENDS[name] = importlib.import_module(OPTIONAL[name]).BACKEND
+            return BACKENDS[name]
+        except ImportError as err:  # the module itself, or what it needs (triton), is not installed
+            UNAVAILABLE[name] = f"the {name} backend is not available ({err})"
+    return UNAVAILABLE[name]
 
 
 def check_backend(backend) -> None:
