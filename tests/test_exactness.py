@@ -208,7 +208,7 @@ def test_plain_losses_keep_their_digits_at_large_logits(offset, device):
 def test_fused_keeps_its_digits_at_large_logits(offset, opts, device):
     h, W, b, y = _exact_logits(offset, seed=1, device=device)
     h.requires_grad_()
-    fused = xent.linear_cross_entropy(h, W, y, bias=b, reduction="none", chunk_size=5, **opts)
+    fused = xent.linear_cross_entropy(h, W, y, linear_bias=b, reduction="none", chunk_size=5, **opts)
     z64 = torch.addmm(b, h.detach(), W.T).double().requires_grad_()
     ref = xent.cross_entropy(z64, y, reduction="none", **opts)  # float64 in, float64 math
     torch.testing.assert_close(fused.double(), ref.detach(), rtol=0, atol=2e-6 + 1e-8 * offset**2 * 1e-6)
@@ -226,7 +226,7 @@ def test_losses_beyond_ce_keep_their_digits(offset, device):
         plain = loss(z, y).double()
         ref = loss(z64, y)  # the same definition in float64 on the same logits
         torch.testing.assert_close(plain, ref, rtol=0, atol=4e-6)
-        fused = xent.linear_loss(h, W, y, bias=b, loss=loss, reduction="none", chunk_size=5)
+        fused = xent.linear_loss(h, W, y, linear_bias=b, loss=loss, reduction="none", chunk_size=5)
         torch.testing.assert_close(fused.double(), ref, rtol=0, atol=4e-6)
 
 
