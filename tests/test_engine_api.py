@@ -115,6 +115,8 @@ def test_wrong_spellings_are_one_line_errors():
     assert "\n" not in str(err.value)
     with pytest.raises(TypeError, match="the head is linear_weight"):
         xent.linear_loss(h, weight=W, target=y)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'weight'"):
+        xent.linear_loss(h, W, y, weight=wc)  # its class weights live in the loss object
     with pytest.raises(TypeError, match="missing the head"):
         xent.linear_cross_entropy(h, target=y)
     with pytest.raises(TypeError, match="got 'weight' and its old spelling 'weight_classes'"):

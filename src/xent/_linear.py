@@ -199,7 +199,7 @@ def linear_loss(
             compiled CPU kernel where it can, else torch ops), "torch", "cpu_kernel" or "triton"; a named
             backend that cannot serve the call is a ValueError saying why (:mod:`xent._engine`).
     """
-    V.head_weight("linear_loss", linear_weight, deprecated.pop("weight", None))
+    V.head_weight("linear_loss", linear_weight, deprecated.pop("weight", None), class_weights=False)
     given = V.take_deprecated("linear_loss", deprecated, RENAMED, {"linear_bias": linear_bias})
     loss = CrossEntropy() if loss is None else loss
     check_loss(loss, 0, return_stats)

@@ -143,7 +143,7 @@ def linear_log_probs(
         n = (labels[:, 1:] != -100).sum()
         loss = -(advantages[:, 1:] * logp).sum() / n - 0.01 * entropy.sum() / n
     """
-    V.head_weight("linear_log_probs", linear_weight, deprecated.pop("weight", None))
+    V.head_weight("linear_log_probs", linear_weight, deprecated.pop("weight", None), class_weights=False)
     given = V.take_deprecated("linear_log_probs", deprecated, RENAMED, {"linear_bias": linear_bias})
     V.check_options(softcap=softcap)
     loss = TokenLogProb(temperature=temperature, softcap=softcap, with_entropy=with_entropy)

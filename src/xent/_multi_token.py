@@ -170,7 +170,8 @@ def linear_multi_token_loss(
     :func:`xent.multi_token_loss` and :func:`xent.linear_loss` (old spellings ``weights=`` and ``bias=``
     deprecated).
     """
-    V.head_weight("linear_multi_token_loss", linear_weight, deprecated.pop("weight", None))
+    V.head_weight("linear_multi_token_loss", linear_weight, deprecated.pop("weight", None),
+                  class_weights=False)
     given = V.take_deprecated("linear_multi_token_loss", deprecated, RENAMED,
                               {"stream_weights": stream_weights, "linear_bias": linear_bias})
     stream_weights, linear_bias = given["stream_weights"], given["linear_bias"]

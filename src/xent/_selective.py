@@ -56,7 +56,7 @@ def linear_rho1_loss(
     :func:`xent.linear_distill_loss` projects a teacher), soft-capped alike. Other arguments as
     :func:`xent.linear_cross_entropy` (``bias=`` is the old spelling of ``linear_bias``).
     """
-    V.head_weight("linear_rho1_loss", linear_weight, deprecated.pop("weight", None))
+    V.head_weight("linear_rho1_loss", linear_weight, deprecated.pop("weight", None), class_weights=False)
     given = V.take_deprecated("linear_rho1_loss", deprecated, RENAMED, {"linear_bias": linear_bias})
     loss = Rho1(ratio=ratio, softcap=softcap)
     call = fused_call(hidden, linear_weight, target, linear_bias=given["linear_bias"], shift=shift,

@@ -208,11 +208,15 @@ def take_deprecated(fn: str, deprecated: dict, renames: dict, given: dict) -> di
     return out
 
 
-def head_weight(fn: str, linear_weight, weight) -> None:
+def head_weight(fn: str, linear_weight, weight, class_weights: bool = True) -> None:
     """A fused function's head is ``linear_weight``: a 2-D ``weight=`` without it is the old spelling of
-    the head (``weight`` is the class weights, as in torch), a one-line error."""
+    the head (``weight`` is the class weights, as in torch), a one-line error; so is any ``weight=`` to a
+    function without class weights (``class_weights`` False: they belong to its loss object)."""
     if linear_weight is None:
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             raise TypeError(f"{fn}: the head is linear_weight (weight= is the [V] class weights, as in "
                             "torch); pass it as linear_weight= or positionally")
         raise TypeError(f"{fn}() missing the head: linear_weight [V, D]")
+    if weight is not None and not class_weights:
+        raise TypeError(f"{fn}() got an unexpected keyword argument 'weight' (the head is linear_weight; "
+                        "class weights belong to the loss object)")
