@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from .. import _linear
+from .. import _engine
 from ._errors import EvalError
 
 HEADS = ("auto", "fused", "forward")
@@ -64,7 +64,7 @@ class ModelHead:
         self.vocab = (int(weight.shape[0]) if isinstance(weight, torch.Tensor)
                       else int(model.config.vocab_size))
         if self.out is not None:
-            self.mm_dtype = _linear.matmul_dtype(self.out.weight.dtype, self.device)
+            self.mm_dtype = _engine.matmul_dtype(self.out.weight.dtype, self.device)
             self.weight = self.out.weight.to(self.mm_dtype)  # a copy only for float16 on the CPU
             self.bias = None if self.out.bias is None else self.out.bias.to(self.mm_dtype)
 
@@ -93,7 +93,7 @@ class ModelHead:
     @torch.no_grad()
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Final logits [C, V] float32 of hidden states h [C, D], divided by the temperature."""
-        z = _linear._project(h.to(self.mm_dtype), self.weight, self.bias).float()
+        z = _engine.project(h.to(self.mm_dtype), self.weight, self.bias).float()
         return self.finish(z, scale=self.out.hidden_scale, softcap=self.out.softcap)
 
     def finish(self, z: torch.Tensor, *, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
@@ -119,7 +119,7 @@ class ModelHead:
         inputs = _model_inputs(probe, self.device)
         want = self.model(**inputs).logits[0].float()  # [n, V]
         h = self.out.decoder(**inputs)[0][0]  # [n, D]
-        got = _linear._project(h.to(self.mm_dtype), self.weight, self.bias).float()
+        got = _engine.project(h.to(self.mm_dtype), self.weight, self.bias).float()
         got = self.finish(got, scale=self.out.hidden_scale, softcap=self.out.softcap) * self.temperature
         if got.shape != want.shape:
             self._fall_back(f"the fused head gives {tuple(got.shape)} logits, the forward "
@@ -160,5 +160,5 @@ class ModelHead:
 
 def chunk_rows(num_tokens: int, num_classes: int, device, buffers: int = 2) -> int:
     """Scored rows per chunk: ``buffers`` float32 [C, V] buffers within the fused engine's budget
-    (xent._linear.auto_chunk_size: 64 MiB on the CPU, 1 GiB on CUDA; XENT_CHUNK_MB overrides it)."""
-    return _linear.auto_chunk_size(max(num_tokens, 1), num_classes, 4 * buffers, device)
+    (xent._engine.auto_chunk_size: 64 MiB on the CPU, 1 GiB on CUDA; XENT_CHUNK_MB overrides it)."""
+    return _engine.auto_chunk_size(max(num_tokens, 1), num_classes, 4 * buffers, device)

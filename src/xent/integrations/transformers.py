@@ -171,7 +171,7 @@ def _fused_forward(model, loss: TokenLoss, named: dict, labels, chunk_size, retu
     else:
         target, shift = labels.to(hidden.device), True
     value = _linear.linear_loss(
-        hidden, head.weight, target, loss=fit_loss(loss, head), bias=head.bias, shift=shift,
+        hidden, head.weight, target, loss=fit_loss(loss, head), linear_bias=head.bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, num_items=num_items, return_stats=return_stats,
     )
     value, stats = value if return_stats else (value, None)

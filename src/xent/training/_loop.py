@@ -141,8 +141,8 @@ def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
     hidden = head.decoder(input_ids=inputs, attention_mask=attention_mask, **kwargs)[0]  # [b, T, D]
     if head.hidden_scale != 1.0:
         hidden = hidden * head.hidden_scale
-    return linear_loss(hidden, head.weight, seqs, loss=fit_loss(loss, head), bias=head.bias, shift=True,
-                       num_items=num_items, chunk_size=chunk_size)
+    return linear_loss(hidden, head.weight, seqs, loss=fit_loss(loss, head), linear_bias=head.bias,
+                       shift=True, num_items=num_items, chunk_size=chunk_size)
 
 
 def accumulate_gradients(model, loss: TokenLoss, batch: torch.Tensor, micro_batch_size: int,
