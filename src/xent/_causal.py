@@ -74,6 +74,7 @@ def causal_lm_loss(
     given) and shifted like them: the weight of label t+1 weighs the prediction of position t. Other
     options as :func:`xent.cross_entropy`.
     """
+    V.check_flags(return_stats=return_stats)
     V.check_logits(logits)
     if shift_labels is None:
         if not isinstance(labels, torch.Tensor):
@@ -118,6 +119,7 @@ def count_items(
     of a step (sum the counts) and over every rank, and the sum of the per-micro-batch, per-rank losses
     computed with ``num_items`` equals the full-batch mean exactly.
     """
+    V.check_flags(shift=shift)
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
         raise TypeError("labels must be an integer tensor")
     target = labels

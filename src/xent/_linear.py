@@ -502,6 +502,7 @@ def linear_loss(
             gradients equal those of the float32 computation on the upcast inputs (gradients returned in
             the inputs' dtype); costs float32 matmuls and a float32 [V, D] copy of the weight.
     """
+    V.check_flags(shift=shift, return_stats=return_stats)
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
         raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
@@ -698,13 +699,14 @@ def linear_sparse_distill_loss(
     Other arguments as :func:`xent.linear_distill_loss`.
     """
     from .losses._distill import distill_target
-    from .losses._sparse_distill import SparseDistill, check_sparse_teacher
+    from .losses._sparse_distill import SparseDistill, check_sparse_teacher, teacher_read_mask
 
     loss = SparseDistill(kind=kind, beta=beta, alpha=alpha, softcap=softcap)
     _check_head(student_hidden, student_weight, student_bias, shift, "student_hidden", "student_weight",
                 "student_bias")
     check_sparse_teacher(teacher_ids, teacher_log_probs, student_hidden.shape[:-1], student_weight.shape[0],
-                         lead_name="student_hidden")
+                         lead_name="student_hidden", read=teacher_read_mask(
+                             target, ignore_index, student_hidden.shape[:-1], shift=shift))
     target, ignore_index = distill_target(target, student_hidden.shape[:-1], student_hidden.device, 0.0,
                                           ignore_index)
     dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32

@@ -39,9 +39,10 @@ class TokenLogProb(TokenLoss):
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None, with_entropy: bool = False):
         super().__init__(softcap=softcap)
+        V.check_flags(with_entropy=with_entropy)
         check_temperature(temperature)
         self.temperature = float(temperature)
-        self.with_entropy = bool(with_entropy)
+        self.with_entropy = with_entropy
         self.num_outputs = 2 if self.with_entropy else 1
 
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,7 @@ def log_probs(
         >>> xent.log_probs(x, torch.tensor([0, -100, 2]))  # −(cross-entropy) per token
         tensor([-0.4170,  0.0000, -0.6041])
     """
+    V.check_flags(shift=shift, with_entropy=with_entropy)
     V.check_options(softcap=softcap)
     V.check_logits(logits)
     if shift:
@@ -147,6 +149,7 @@ def linear_log_probs(
         n = (labels[:, 1:] != -100).sum()
         loss = -(advantages[:, 1:] * logp).sum() / n - 0.01 * entropy.sum() / n
     """
+    V.check_flags(shift=shift, with_entropy=with_entropy)
     V.check_options(softcap=softcap)
     loss = TokenLogProb(temperature=temperature, softcap=softcap, with_entropy=with_entropy)
     _check_linear(hidden, weight, bias, target, ignore_index, shift)
