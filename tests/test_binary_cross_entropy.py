@@ -1,6 +1,7 @@
-"""xent.binary_cross_entropy_with_logits: equal to torch's function of that name for every option torch has
-(values and gradients), a float64 reference written with explicit sigmoids, and xent's own rules
-(ignore_index, num_items, all-ignored → 0, label smoothing as Keras)."""
+"""Binary cross-entropy under torch's two names. xent.binary_cross_entropy_with_logits: equal to torch's
+function of that name for every option torch has (values and gradients), a float64 reference written with
+explicit sigmoids, and xent's own rules (ignore_index, num_items, all-ignored → 0, label smoothing as
+Keras). xent.binary_cross_entropy: probabilities, equal to torch's (its clamp of the log at −100)."""
 
 import math
 
@@ -270,3 +271,11 @@ def test_unbatched_and_empty():
         got = f(a, y, reduction="none")
         assert got.shape == () and abs(got.item() - math.log(4.0)) < 1e-12
     assert xent.binary_cross_entropy(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
+
+
+def test_reference_worked_number():
+    """docs/REFERENCE.md, binary cross-entropy: p = (0.9, 0.2), y = (1, 0), mean 0.1642520335."""
+    p, y = torch.tensor([0.9, 0.2], dtype=D), torch.tensor([1.0, 0.0], dtype=D)
+    assert xent.binary_cross_entropy(p, y).item() == pytest.approx(0.1642520335, abs=1e-10)
+    x = torch.log(p) - torch.log1p(-p)
+    assert xent.binary_cross_entropy_with_logits(x, y).item() == pytest.approx(0.1642520335, abs=1e-10)
