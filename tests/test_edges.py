@@ -75,9 +75,12 @@ def test_non_bool_flags_are_refused(name, flag, bad):
     CALLS[name](**{flag: True})  # the same call with a real bool is fine
 
 
-def test_nn_module_flags():
+def test_nn_module_and_vocab_parallel_flags():
     with pytest.raises(TypeError, match="return_stats must be True or False"):
         xent.nn.CrossEntropyLoss(return_stats="yes")(_X, _Y)
+    for flag in ("shift", "sum_hidden_grad"):  # refused before the process group is looked at
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'yes'"):
+            xent.parallel.vocab_parallel_linear_cross_entropy(_H, _W, _Y, **{flag: "yes"})
 
 
 # ---------- multi-token streams ----------

@@ -70,6 +70,18 @@ def test_unbatched_equals_torch(target, ignore_index, weighted, label_smoothing,
     torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unbatched_probability_target(reduction):
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    kw = dict(reduction=reduction, label_smoothing=0.1, weight=w)
+    got, want = xent.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw)
+    assert got.shape == want.shape == ()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
 def test_issue_example_and_stats():
     x, y = torch.tensor([0.1, 2.0, -0.5]), torch.tensor(1)
     torch.testing.assert_close(xent.cross_entropy(x, y), F.cross_entropy(x, y))

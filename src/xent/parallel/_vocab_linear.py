@@ -164,6 +164,7 @@ def vocab_parallel_linear_cross_entropy(
     forward, one of ``[N, D]`` in the backward. A collective: every rank calls it with the same
     hidden, target and options.
     """
+    V.check_flags(shift=shift, sum_hidden_grad=sum_hidden_grad)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     _check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
