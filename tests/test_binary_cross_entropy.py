@@ -279,3 +279,13 @@ def test_reference_worked_number():
     assert xent.binary_cross_entropy(p, y).item() == pytest.approx(0.1642520335, abs=1e-10)
     x = torch.log(p) - torch.log1p(-p)
     assert xent.binary_cross_entropy_with_logits(x, y).item() == pytest.approx(0.1642520335, abs=1e-10)
+
+
+def test_probabilities_weight_may_require_grad():
+    """torch's binary_cross_entropy refuses a weight that requires grad; here it is a factor like any
+    other: d(mean w·ℓ)/dw = ℓ / n."""
+    p, y = _probs((2, 3))
+    w = (torch.rand(2, 3, dtype=D) + 0.5).requires_grad_(True)
+    loss = xent.binary_cross_entropy(p, y, w)
+    (gw,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(gw, _ref_probs(p, y) / 6, rtol=1e-12, atol=1e-12)

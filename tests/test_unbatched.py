@@ -95,6 +95,7 @@ _E = torch.randn(V, 4, generator=torch.Generator().manual_seed(1), dtype=torch.f
 _TEACHER = torch.randn(V, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 _IDS = torch.tensor([3, 0, 5])
 _TEACHER_LP = torch.log_softmax(_TEACHER, -1)[_IDS]
+_HEAD = torch.randn(9, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # x as hidden
 
 # name -> f(logits [..., V], target [...], batched: bool, **kw): every xent loss on logits and class ids
 LOSSES = {
@@ -118,8 +119,13 @@ LOSSES = {
     "log_probs": lambda x, y, b, **kw: xent.log_probs(x, y, temperature=0.7),
     "log_probs_entropy": lambda x, y, b, **kw: torch.stack(xent.log_probs(x, y, with_entropy=True), -1),
     "nn.CrossEntropyLoss": lambda x, y, b, **kw: xent.nn.CrossEntropyLoss(**kw)(x, y),
+    # the fused head on hidden [D] (x) and a 0-d target
+    "linear_cross_entropy": lambda x, y, b, **kw: xent.linear_cross_entropy(x, _HEAD, y, z_loss=1e-3, **kw),
+    "linear_loss_focal": lambda x, y, b, **kw: xent.linear_loss(x, _HEAD, y, loss=xent.losses.Focal(), **kw),
+    "linear_log_probs": lambda x, y, b, **kw: torch.stack(
+        xent.linear_log_probs(x, _HEAD, y, with_entropy=True), -1),
 }
-REDUCED = {"log_probs", "log_probs_entropy"}  # per-token only: no reduction argument
+REDUCED = {"log_probs", "log_probs_entropy", "linear_log_probs"}  # per-token only: no reduction argument
 
 
 @pytest.mark.parametrize("target", [4, -100])

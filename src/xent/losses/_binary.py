@@ -104,9 +104,11 @@ def binary_cross_entropy(
                   probabilities=True)
     p, y, valid, dtype = _prepare(input, target, label_smoothing, ignore_index, num_items)
     p = torch.where(valid, p, torch.full_like(p, 0.5))  # an ignored element is never read (nor its gradient)
-    w = None if weight is None else weight.to(device=p.device, dtype=dtype).expand(p.shape)
-    # torch's own kernel: its clamp of the logs at −100 and its gradient w·(p − y)/max(p(1 − p), 1e-12)
-    per_elem = F.binary_cross_entropy(p, y, w, reduction="none")
+    # torch's own kernel: its clamp of the logs at −100 and its gradient (p − y)/max(p(1 − p), 1e-12); the
+    # weight multiplies afterwards, as torch's kernel does, so it may require grad here too
+    per_elem = F.binary_cross_entropy(p, y, reduction="none")
+    if weight is not None:
+        per_elem = per_elem * weight.to(device=p.device, dtype=dtype)
     per_elem = torch.where(valid, per_elem, torch.zeros_like(per_elem))
     return reduce_tokens(per_elem, valid, reduction, num_items)
 
