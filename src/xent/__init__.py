@@ -12,7 +12,7 @@ from ._logprobs import linear_log_probs, log_probs
 from ._multi_token import linear_multi_token_loss, multi_token_loss
 from ._selective import linear_rho1_loss
 from ._stats import TokenStats
-from .losses._binary import binary_cross_entropy
+from .losses._binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._eaft import eaft_loss
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "TokenStats",
     "causal_lm_loss",
     "count_items",

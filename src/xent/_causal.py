@@ -80,6 +80,7 @@ def causal_lm_loss(
         raise TypeError("causal_lm_loss takes num_items or num_items_in_batch (its transformers name), "
                         "not both")
     num_items = num_items_in_batch if num_items is None else num_items
+    V.check_flags(return_stats=return_stats)
     V.check_logits(logits)
     if shift_labels is None:
         if not isinstance(labels, torch.Tensor):
@@ -124,6 +125,7 @@ def count_items(
     of a step (sum the counts) and over every rank, and the sum of the per-micro-batch, per-rank losses
     computed with ``num_items`` equals the full-batch mean exactly.
     """
+    V.check_flags(shift=shift)
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
         raise TypeError("labels must be an integer tensor")
     target = labels

@@ -71,6 +71,7 @@ def fused_call(hidden, linear_weight, target, *, linear_bias=None, shift=False, 
     """Checks a fused call's arguments (the head's shapes and dtypes unless the caller has,
     ``head_checked``; the target ids; the options) and returns them as a :class:`FusedCall`. ``names``:
     the head's argument names in error messages."""
+    V.check_flags(shift=shift, return_stats=return_stats)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     name, weight_name, bias_name = names
@@ -363,13 +364,14 @@ def linear_sparse_distill_loss(
     Other arguments as :func:`xent.linear_distill_loss`.
     """
     from .losses._distill import distill_target
-    from .losses._sparse_distill import SparseDistill, check_sparse_teacher
+    from .losses._sparse_distill import SparseDistill, check_sparse_teacher, teacher_read_mask
 
     loss = SparseDistill(kind=kind, beta=beta, alpha=alpha, softcap=softcap)
     student = ("student_hidden", "student_weight", "student_bias")
     check_head(student_hidden, student_weight, student_bias, shift, *student)
     check_sparse_teacher(teacher_ids, teacher_log_probs, student_hidden.shape[:-1], student_weight.shape[0],
-                         lead_name="student_hidden")
+                         lead_name="student_hidden", read=teacher_read_mask(
+                             target, ignore_index, student_hidden.shape[:-1], shift=shift))
     target, ignore_index = distill_target(target, student_hidden.shape[:-1], student_hidden.device, 0.0,
                                           ignore_index)
     loss.check(student_weight.shape[0])

@@ -32,9 +32,10 @@ class TokenLogProb(TokenLoss):
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None, with_entropy: bool = False):
         super().__init__(softcap=softcap)
+        V.check_flags(with_entropy=with_entropy)
         check_temperature(temperature)
         self.temperature = float(temperature)
-        self.with_entropy = bool(with_entropy)
+        self.with_entropy = with_entropy
         self.num_outputs = 2 if self.with_entropy else 1
 
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,7 @@ def log_probs(
         >>> xent.log_probs(x, torch.tensor([0, -100, 2]))  # −(cross-entropy) per token
         tensor([-0.4170,  0.0000, -0.6041])
     """
+    V.check_flags(shift=shift, with_entropy=with_entropy)
     V.check_options(softcap=softcap)
     V.check_logits(logits)
     if shift:
@@ -145,6 +147,7 @@ def linear_log_probs(
     """
     V.head_weight("linear_log_probs", linear_weight, deprecated.pop("weight", None), class_weights=False)
     given = V.take_deprecated("linear_log_probs", deprecated, RENAMED, {"linear_bias": linear_bias})
+    V.check_flags(shift=shift, with_entropy=with_entropy)
     V.check_options(softcap=softcap)
     loss = TokenLogProb(temperature=temperature, softcap=softcap, with_entropy=with_entropy)
     call = fused_call(hidden, linear_weight, target, linear_bias=given["linear_bias"], shift=shift,

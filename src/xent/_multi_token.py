@@ -59,6 +59,27 @@ def stream_targets(labels: torch.Tensor, num_streams: int, ignore_index: int) ->
     return out
 
 
+def stack_streams(streams, name: str):
+    """K streams given as a list or tuple, stacked into [K, ...] after checking them one by one (an empty
+    list, a non-tensor or streams of different shapes, dtypes or devices name the argument, instead of
+    failing inside torch.stack); a tensor is returned as it is."""
+    if not isinstance(streams, (list, tuple)):
+        return streams
+    if not streams:
+        raise ValueError(f"{name} is an empty {type(streams).__name__}: multi-token prediction needs K >= 1 "
+                         "streams")
+    first = streams[0]
+    for i, s in enumerate(streams):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(s).__name__}")
+        for what, a, b in (("shape", tuple(s.shape), tuple(first.shape)), ("dtype", s.dtype, first.dtype),
+                           ("device", s.device, first.device)):
+            if a != b:
+                raise ValueError(f"{name}[{i}] has {what} {a} but {name}[0] has {what} {b}: every stream "
+                                 f"must have the same {what}")
+    return torch.stack(list(streams))
+
+
 def _check(loss, num_streams, labels, token_weights):
     if not isinstance(loss, TokenLoss):
         raise TypeError(f"loss must be a xent.losses.TokenLoss, got {type(loss).__name__}")
@@ -100,8 +121,7 @@ def multi_token_loss(
     stream_weights = V.take_deprecated("multi_token_loss", deprecated, RENAMED,
                                        {"stream_weights": stream_weights})["stream_weights"]
     loss = CrossEntropy() if loss is None else loss
-    if isinstance(logits, (list, tuple)):
-        logits = torch.stack(list(logits))
+    logits = stack_streams(logits, "logits")
     V.check_logits(logits)
     num_streams = logits.shape[0]
     _check(loss, num_streams, labels, token_weights)
@@ -176,8 +196,7 @@ def linear_multi_token_loss(
                               {"stream_weights": stream_weights, "linear_bias": linear_bias})
     stream_weights, linear_bias = given["stream_weights"], given["linear_bias"]
     loss = CrossEntropy() if loss is None else loss
-    if isinstance(hiddens, (list, tuple)):
-        hiddens = torch.stack(list(hiddens))
+    hiddens = stack_streams(hiddens, "hiddens")
     V.check_floating("hiddens", hiddens)
     if hiddens.dim() < 3:
         raise ValueError(f"hiddens must have shape [K, ..., T, D], got shape {tuple(hiddens.shape)}")

@@ -160,10 +160,12 @@ def apply_token_loss(
     if reduction == "mean":
         loss = mean_loss(loss, valid, num_items, class_weight, z.dtype, tw)
     per_token = loss(z, safe, *extra)  # [...], or [..., K] for a loss with K values per token
+    # valid [...] broadcast over the K values; a shape tuple, not unpacked sizes: view() of no sizes is an
+    # error, and an unbatched call (logits [V], a 0-d target, as torch takes it) has valid.shape == ().
     extra_dims = (1,) * (per_token.dim() - valid.dim())
     if tw is not None:
-        per_token = per_token * tw.view(*tw.shape, *extra_dims)
-    per_token = torch.where(valid.view(*valid.shape, *extra_dims), per_token, torch.zeros_like(per_token))
+        per_token = per_token * tw.view(tw.shape + extra_dims)
+    per_token = torch.where(valid.view(valid.shape + extra_dims), per_token, torch.zeros_like(per_token))
     result = reduce_tokens(per_token, valid, reduction, num_items, denominator_weight(class_weight, tw))
     if not return_stats:
         return result

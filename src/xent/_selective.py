@@ -75,7 +75,7 @@ def linear_rho1_loss(
                              f"{linear_weight.shape[0]}")
         heads = ((ref_hidden, ref_weight, ref_bias),)
     else:
-        check_ref_losses(ref_losses, target.shape)
+        check_ref_losses(ref_losses, target, ignore_index, shift)
     tgt = target[..., 1:] if shift else target
     tw = None if token_weights is None else (token_weights[..., 1:] if shift else token_weights)
     # pass 1 scores every valid token, unweighted (weight-0 tokens are skipped as in every pass)

@@ -122,6 +122,14 @@ def check_number(name: str, value) -> float:
     return float(value)
 
 
+def check_flags(**flags) -> None:
+    """Each keyword a boolean option (``return_stats=...``, ``shift=...``): exactly True or False. A string,
+    a number or a tensor is refused rather than read by its truth value (``with_entropy="no"`` is true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+
+
 def check_chunk_size(chunk_size) -> None:
     ok = chunk_size == "auto" if isinstance(chunk_size, str) else (
         isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1)

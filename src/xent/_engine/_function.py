@@ -47,7 +47,7 @@ class LinearLoss(torch.autograd.Function):
             grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         else:  # recompute each chunk with the upstream gradients
             hidden2d, weight, bias = ctx.saved_tensors
-            if grad_out.dim() == 0:  # a scalar reduction: every token gets grad_out / denom
+            if ctx.denom is not None:  # a scalar reduction (not "none" of a 0-d target): grad_out / denom
                 scale = grad_out.expand(ctx.plan.rows.numel()) / ctx.denom
             else:
                 scale = grad_out.reshape(-1, *grad_out.shape[len(ctx.out_shape):])[ctx.positions]

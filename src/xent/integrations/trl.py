@@ -83,8 +83,9 @@ def patch_log_probs(model, *, temperature: float = 1.0, projection_dtype: torch.
         shift = shift_labels is None
         target = (labels if shift else shift_labels).to(hidden.device)
         log_probs, entropy = linear_log_probs(
-            hidden, head.weight, target, linear_bias=head.bias, temperature=float(temperature), softcap=head.softcap,
-            shift=shift, chunk_size=chunk_size, with_entropy=True, projection_dtype=projection_dtype)
+            hidden, head.weight, target, linear_bias=head.bias, temperature=float(temperature),
+            softcap=head.softcap, shift=shift, chunk_size=chunk_size, with_entropy=True,
+            projection_dtype=projection_dtype)
         mask = (target[:, 1:] if shift else target) != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,

@@ -122,10 +122,12 @@ def cap_in_place(logits: torch.Tensor, softcap: float | None):
 
 
 def row_max(logits: torch.Tensor) -> torch.Tensor:
-    """m = max_c z_c [..., 1], the shift of every log-sum-exp here (0 for a row of all −inf, which then
-    stays −inf); no gradient flows through it (the results do not depend on it)."""
+    """m = max_c z_c [..., 1], the shift of every log-sum-exp here; no gradient flows through it (the
+    results do not depend on it). A row of all −inf gets 0 (its log-sum-exp stays −inf); a row holding +inf
+    keeps m = +inf, so z − m is NaN there and its loss and gradient are NaN, as torch's cross_entropy gives
+    them (and the CPU kernel), never +inf."""
     m = logits.detach().amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
 class _LogSumExpAbout(torch.autograd.Function):

@@ -190,6 +190,7 @@ def cross_entropy(
         >>> round(xent.cross_entropy(x, y).item(), 6)
         0.51058
     """
+    V.check_flags(return_stats=return_stats)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         if return_stats:
             raise ValueError("return_stats needs class-id targets (top-1 correctness is undefined for "

@@ -59,11 +59,22 @@ class Excess(TokenLoss):
         return nll_and_shift(logits, target)[0] - nll_and_shift(ref_logits.to(logits.dtype), target)[0]
 
 
-def check_ref_losses(ref_losses, shape):
+def check_ref_losses(ref_losses, target, ignore_index, shift=False):
+    """Shaped like the target and finite wherever it is read (a valid target; not the first position
+    under ``shift``): an infinite reference loss would make the excess ±inf and rig the selection."""
     V.check_floating("ref_losses", ref_losses)
-    if tuple(ref_losses.shape) != tuple(shape):
+    if tuple(ref_losses.shape) != tuple(target.shape):
         raise ValueError(f"ref_losses shape {tuple(ref_losses.shape)} must equal the target shape "
-                         f"{tuple(shape)}")
+                         f"{tuple(target.shape)}")
+    read = target != ignore_index
+    if shift:
+        read = read[..., 1:]
+        ref_losses = ref_losses[..., 1:]
+    bad = read & ~torch.isfinite(ref_losses.detach())
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise ValueError(f"ref_losses has {n_bad} non-finite value(s) at valid targets (the first is "
+                         f"{ref_losses.detach()[bad][0].item()}); every reference loss must be finite")
 
 
 def rho1_loss(
@@ -91,7 +102,7 @@ def rho1_loss(
     loss = Rho1(ratio=ratio, softcap=softcap)
     check_common(logits, target, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
                  token_weights=token_weights)
-    check_ref_losses(ref_losses, target.shape)
+    check_ref_losses(ref_losses, target, ignore_index)
     ce = loss.as_cross_entropy()
     with torch.no_grad():
         own = apply_token_loss(ce, logits, target, ignore_index=ignore_index, reduction="none")

@@ -168,6 +168,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     weight = V.take_deprecated("vocab_parallel_linear_cross_entropy", deprecated,
                                {"weight_classes": "weight"}, {"weight": weight})["weight"]
+    V.check_flags(shift=shift, sum_hidden_grad=sum_hidden_grad)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
