@@ -204,6 +204,8 @@ def evaluate(
                         f"but the data has {seen.count}: it belongs to other data; remove it and drop "
                         "--resume")
     config["head"] = runner.head.kind
+    if runner.head.notes:
+        config["head_notes"] = list(runner.head.notes)
     if save_base is not None:
         _base_cache.save(save_base, runner.head, [k.hidden for k in runner.kept], {
             "tokenizer_sha256": _base_cache.tokenizer_sha256(tokenizer), "texts_sha256": stream.hexdigest(),
