@@ -17,14 +17,18 @@ SIZES = {  # field of a config's defaults -> its tiny value
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "decoder_layers": 2,
     "num_attention_heads": 2, "n_head": 2, "num_heads": 2, "n_heads": 2, "decoder_attention_heads": 2,
-    "num_key_value_heads": 1, "n_kv_heads": 1, "num_kv_heads": 1, "multi_query_group_num": 1,
+    "num_key_value_heads": 2, "n_kv_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
     "head_dim": 16, "kv_channels": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "kv_lora_rank": 16, "q_lora_rank": 16, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
     "moe_num_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1,
     "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_sequence_length": 128,
     "seq_length": 128, "first_k_dense_replace": 1, "decoder_ffn_dim": 64, "qk_head_dim": 16,
     "index_topk": 4, "index_head_dim": 16, "index_n_heads": 2, "embedding_dim": 32, "num_blocks": 2,
-    "lru_width": 32,
+    "lru_width": 32, "mamba_d_ssm": 32, "mamba_n_heads": 2, "mamba_d_head": 16, "mamba_d_state": 16,
+    "mamba_chunk_size": 16, "ssm_state_size": 16, "mamba_num_heads": 2, "mamba_head_dim": 16,
+    "chunk_size": 16, "moe_shared_expert_intermediate_size": 32, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2, "n_groups": 1,
+    "mamba_n_groups": 1,
 }
 # fields about the final logits (see xent.eval._head): switched on, so that the head is tested with them
 LOGIT_FIELDS = {"final_logit_softcapping": 2.0, "logit_scale": 4.0, "logits_scaling": 0.25,
@@ -106,6 +110,8 @@ def tiny_model(model_type: str, class_name: str, vocab: int, *, seed: int = 0):
             raise Unbuildable(f"not tiny from its defaults ({n / 1e6:.1f}M parameters)")
         torch.manual_seed(seed)
         model = cls(config).eval()
+        if hasattr(model, "set_default_language"):  # X-MOD: one adapter per language
+            model.set_default_language(next(iter(config.languages)))
     except Unbuildable:
         raise
     except Exception as err:

@@ -12,16 +12,19 @@ never the numbers. The first batch of a run checks that, once per model (:meth:`
 probe: the batch's windows at the run's batch size and padding side (a window cut short when no row is
 padded, so that padding is exercised whenever the run can pad):
 
-1. positions: the longest window alone, given an attention mask and position ids 0..n−1, against its bare
-   forward. A model that counts its positions otherwise (RoBERTa and its kin: from ``padding_idx + 1``)
-   is given no position ids (it derives its own); one whose forward differs even then gets only its
-   bare input ids, a window at a time.
-2. padding and batching: the padded probe's forward against each window's bare forward. Where a padded
-   row differs (recurrent state running through pad tokens, an indexer or a model that ignores the
-   attention mask) windows are batched only with windows of their own length, unpadded; where an
-   unpadded row differs too (logits that depend on the batch), each window runs alone. These compare two
-   computations of different shapes, so they allow their rounding: 2^10 float32 ε, 8 float16 ε or 4
-   bfloat16 ε times (1 + max |logit|).
+1. positions and cache: the longest window alone, given an attention mask, position ids 0..n−1 and
+   ``use_cache=False``, against its bare forward. A model that counts its positions otherwise (RoBERTa
+   and its kin: from ``padding_idx + 1``) is given no position ids (it derives its own); one whose logits
+   change without its key/value cache keeps it; one whose forward differs even then gets only its bare
+   input ids, a window at a time.
+2. padding and batching: two padded probes (the batch, and the longest window beside every other one
+   cut by a token) against each window's bare forward. Where a padded row differs (recurrent state
+   running through pad tokens, a model that ignores the attention mask) or the forward fails on a padded
+   batch, windows are batched only with windows of their own length, unpadded; where an unpadded row
+   differs too (logits that depend on the batch), each window runs alone. A config that sets a
+   sparse-attention indexer (``index_topk``: its choice of keys may take pad tokens, depending on the
+   data) is batched by length outright. These compare two computations of different shapes, so they
+   allow their rounding: 2^10 float32 ε, 8 float16 ε or 4 bfloat16 ε times (1 + max |logit|).
 3. the head (``head="auto"`` or ``"fused"``): the fused logits against ``model(...).logits`` at every
    real position of the probe, computed as the run computes them. Both come from the same hidden states,
    so they differ only by the rounding of the logits the forward returns: per logit at most 2 units in
@@ -59,6 +62,7 @@ _APPLIED = ("logit_scale", "logits_scaling", "final_logit_softcapping")
 _OF_LOGITS = re.compile(r"logit|lm_head|output|final")
 _TRANSFORM = re.compile(r"scale|scaling|softcap|soft_cap|multiplier")
 _ELSEWHERE = re.compile(r"attn|attention|router|routed|route")
+_INDEXER = re.compile(r"index(er)?_(topk|budget)")
 # rounding allowed between two computations of different shapes (batched vs alone), in ε of the dtype
 _NOISE_EPS = {torch.float32: 2.0**10, torch.float64: 2.0**20, torch.float16: 8.0, torch.bfloat16: 4.0}
 
@@ -78,6 +82,19 @@ def unapplied_logit_fields(config) -> list[str]:
                     and not re.search(r"cap", name):
                 continue  # a scale or multiplier of 1
             found.append(f"{prefix}{name}={value!r}")
+    return found
+
+
+def sparse_indexer_fields(config) -> list[str]:
+    """``name=value`` of the config's fields that set a sparse-attention indexer (``index_topk``,
+    ``index_topk_blocks``, ``indexer_budget``, nested ``text_config`` too): which keys a query attends
+    to is chosen from the scores of all keys, pad tokens included, so padding can change the logits."""
+    found = []
+    for prefix, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
+        if cfg is None or not hasattr(cfg, "to_dict"):
+            continue
+        found += [f"{prefix}{k}={v!r}" for k, v in cfg.to_dict().items()
+                  if _INDEXER.match(str(k)) and v is not None]
     return found
 
 
@@ -328,28 +345,42 @@ class ModelHead:
         probe = self._collate(rows)
         mask = probe["attention_mask"].bool()
         want = None
+        indexer = sparse_indexer_fields(getattr(self.model, "config", None))
+        if indexer and self.grouping == "padded" and self.batch_size > 1:
+            self.grouping = "length"
+            self._note(f"has a sparse-attention indexer ({', '.join(indexer)}), which may choose pad tokens: "
+                       "windows are batched only with windows of their own length, unpadded")
         if self.grouping == "padded" and len(rows) > 1:
-            padded = mask.sum(1) < mask.shape[1]
-            bad = {"padded": False, "unpadded": False}
-            try:
-                want = self._logits(probe).float()  # [B, T, V]
-            except torch.OutOfMemoryError:
-                raise
-            except (RuntimeError, ValueError) as err:  # a forward that cannot take this padding
-                bad["padded"], failed = True, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            else:
-                failed = None
-                for i, r in enumerate(rows):
-                    if not _noise_close(want[i][mask[i]], self._reference(r), dtype)[0]:
-                        bad["padded" if padded[i] else "unpadded"] = True
+            # two padded probes: the batch (padding forced), and the longest window beside every other
+            # window (or a copy of it) one token short (what a padded row sees is data-dependent for
+            # some models: a sparse-attention indexer)
+            others = [r[:-1] if len(r) > 1 else r for i, r in enumerate(rows) if i != longest] or [x[:-1]]
+            bad, failed = set(), None
+            for k, probe_rows in enumerate((rows, [x, *others])):
+                batch_k = probe if k == 0 else self._collate(probe_rows)
+                mask_k = batch_k["attention_mask"].bool()
+                try:
+                    logits = self._logits(batch_k).float()  # [B, T, V]
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError) as err:  # a forward that cannot take this padding
+                    failed = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                    break
+                full = mask_k.sum(1) == mask_k.shape[1]
+                for i, r in enumerate(probe_rows):
+                    if not _noise_close(logits[i][mask_k[i]], self._reference(r), dtype)[0]:
+                        bad.add("unpadded" if full[i] else "padded")
+                if k == 0:
+                    want = logits
+                del logits
             if failed is not None:
                 self.grouping, want = "length", None
                 self._note(f"fails on a padded batch ({failed}): windows are batched only with windows of "
                            "their own length, unpadded")
-            elif bad["unpadded"]:
+            elif "unpadded" in bad:
                 self.grouping, want = "alone", None
                 self._note("gives a window other logits in a batch than alone: each window is run alone")
-            elif bad["padded"]:
+            elif "padded" in bad:
                 self.grouping, want = "length", None
                 self._note("gives other logits to a padded window (its logits depend on the padding): "
                            "windows are batched only with windows of their own length, unpadded")
