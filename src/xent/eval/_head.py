@@ -35,7 +35,7 @@ padded, so that padding is exercised whenever the run can pad):
 
 A config field about the final logits that the head does not apply (a name with ``logit``, ``lm_head``,
 ``output`` or ``final`` and with ``scale``, ``scaling``, ``softcap``, ``soft_cap`` or ``multiplier``,
-not about attention or a router, set to something other than None/False/1: xLSTM's
+not about attention, a router or initialisation, set to something other than None/False/1: xLSTM's
 ``output_logit_soft_cap``, FalconH1's ``lm_head_multiplier``) makes "auto" use the model's own forward
 without further ado. Every such choice prints a note on stderr and is kept in :attr:`ModelHead.notes`.
 The check holds the probe's [B, T, V] logits once.
@@ -61,7 +61,7 @@ HEADS = ("auto", "fused", "forward")
 _APPLIED = ("logit_scale", "logits_scaling", "final_logit_softcapping")
 _OF_LOGITS = re.compile(r"logit|lm_head|output|final")
 _TRANSFORM = re.compile(r"scale|scaling|softcap|soft_cap|multiplier")
-_ELSEWHERE = re.compile(r"attn|attention|router|routed|route")
+_ELSEWHERE = re.compile(r"attn|attention|router|routed|route|init")
 _INDEXER = re.compile(r"index(er)?_(topk|budget)")
 # rounding allowed between two computations of different shapes (batched vs alone), in ε of the dtype
 _NOISE_EPS = {torch.float32: 2.0**10, torch.float64: 2.0**20, torch.float16: 8.0, torch.bfloat16: 4.0}
@@ -156,17 +156,22 @@ class ModelHead:
         self.decided = False
         self._bare = True  # the reference is the forward on input ids alone
         self.out = None
+        config = getattr(model, "config", None)
+        odd = [f"{k}={getattr(config, k)!r}" for k in _APPLIED if getattr(config, k, None) is not None
+               and (isinstance(getattr(config, k), bool) or not isinstance(getattr(config, k), (int, float)))]
         if head != "forward":
             from ..integrations.transformers import output_head
 
             try:
+                if odd:  # MPT's logit_scale="inv_sqrt_d_model": not a number the head can apply
+                    raise TypeError(f"its config sets {', '.join(odd)}, which the fused head cannot apply")
                 self.out = output_head(model)
-            except (TypeError, ValueError) as err:  # ValueError: a transform's value it cannot read
+            except (TypeError, ValueError) as err:
                 if head == "fused":
                     raise EvalError(f"head='fused': {err}") from None
                 self._fall_back(str(err))
         if self.mode == "auto":
-            fields = unapplied_logit_fields(getattr(model, "config", None))
+            fields = unapplied_logit_fields(config)
             if fields:
                 self._fall_back(f"its config sets {', '.join(fields)}, which the fused head does not apply")
         get_head = getattr(model, "get_output_embeddings", None)
