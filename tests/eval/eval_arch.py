@@ -141,6 +141,8 @@ def check(model, tok, *, batch_size: int = 2, padding_side: str = "left", dtype=
     from xent.eval._options import resolve_options
     from xent.eval._runner import document_windows
 
+    if dtype is not None:
+        model = model.to(dtype)  # the reference is this model's own forward, in this dtype
     opts = resolve_options(model, tok, max_length=MAX_LENGTH)
     windows = [(w.input_ids, w.labels) for d in DOCS
                for w in document_windows(tok(d, add_special_tokens=False)["input_ids"], opts)]
@@ -154,8 +156,7 @@ def check(model, tok, *, batch_size: int = 2, padding_side: str = "left", dtype=
         for d, p, v in zip(st["doc"].tolist(), st["position"].tolist(), st["loss"].tolist()):
             got[(d, p)] = v
 
-    subject = model if dtype is None else model.to(dtype)
-    r = xent.eval.evaluate(subject, tok, DOCS, max_length=MAX_LENGTH, batch_size=batch_size,
+    r = xent.eval.evaluate(model, tok, DOCS, max_length=MAX_LENGTH, batch_size=batch_size,
                            padding_side=padding_side, model_sha256="-", on_tokens=keep)
     losses = [got[k] for k in sorted(got)]
     err = (max((abs(a - b) for a, b in zip(losses, want)), default=0.0) if len(losses) == len(want)
