@@ -67,52 +67,48 @@ _INDEXER = re.compile(r"index(er)?_(topk|budget)")
 _NOISE_EPS = {torch.float32: 2.0**10, torch.float64: 2.0**20, torch.float16: 8.0, torch.bfloat16: 4.0}
 
 
+def _fields(config):
+    """(name, short name, value) of a config's fields and of its nested ``text_config``'s."""
+    for prefix, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            for name, value in cfg.to_dict().items():
+                yield prefix + str(name), str(name), value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def unapplied_logit_fields(config) -> list[str]:
     """``name=value`` of the config's fields about the final logits that the fused head does not apply
-    (nested ``text_config`` too), with a value that changes the logits."""
-    found = []
-    for prefix, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
-        if cfg is None or not hasattr(cfg, "to_dict"):
-            continue
-        for name, value in cfg.to_dict().items():
-            if (name in _APPLIED or not _OF_LOGITS.search(name) or not _TRANSFORM.search(name)
-                    or _ELSEWHERE.search(name) or value is None or value is False):
-                continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1 \
-                    and not re.search(r"cap", name):
-                continue  # a scale or multiplier of 1
-            found.append(f"{prefix}{name}={value!r}")
-    return found
+    (nested ``text_config`` too), with a value that changes the logits (not None/False, nor a scale or
+    multiplier of 1)."""
+    return [f"{full}={value!r}" for full, name, value in _fields(config)
+            if name not in _APPLIED and _OF_LOGITS.search(name) and _TRANSFORM.search(name)
+            and not _ELSEWHERE.search(name) and value is not None and value is not False
+            and not (_is_number(value) and value == 1 and "cap" not in name)]
 
 
 def sparse_indexer_fields(config) -> list[str]:
     """``name=value`` of the config's fields that set a sparse-attention indexer (``index_topk``,
     ``index_topk_blocks``, ``indexer_budget``, nested ``text_config`` too): which keys a query attends
     to is chosen from the scores of all keys, pad tokens included, so padding can change the logits."""
-    found = []
-    for prefix, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
-        if cfg is None or not hasattr(cfg, "to_dict"):
-            continue
-        found += [f"{prefix}{k}={v!r}" for k, v in cfg.to_dict().items()
-                  if _INDEXER.match(str(k)) and v is not None]
-    return found
-
-
-def _noise_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
-    """(a and b agree within the rounding of two computations of different shapes, max |a − b|); NaN and
-    ±inf must sit at the same places."""
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    if not bool(((a == b) | (a.isnan() & b.isnan()) | finite).all()):
-        return False, math.inf
-    if not bool(finite.any()):
-        return True, 0.0
-    err = float((a - b)[finite].abs().max())
-    bound = _NOISE_EPS.get(dtype, 4.0) * torch.finfo(dtype).eps * (1.0 + float(b[finite].abs().max()))
-    return err <= bound, err
+    return [f"{full}={value!r}" for full, name, value in _fields(config)
+            if _INDEXER.match(name) and value is not None]
 
 
 def _agrees(a: torch.Tensor | None, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    return a is not None and _noise_close(a, b, dtype)[0]
+    """a (None: no result) and b agree within the rounding of two computations of different shapes;
+    NaN and ±inf must sit at the same places."""
+    if a is None or a.shape != b.shape:
+        return False
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(((a == b) | (a.isnan() & b.isnan()) | finite).all()):
+        return False
+    if not bool(finite.any()):
+        return True
+    err = float((a - b)[finite].abs().max())
+    return err <= _NOISE_EPS.get(dtype, 4.0) * torch.finfo(dtype).eps * (1.0 + float(b[finite].abs().max()))
 
 
 def _rounding_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
@@ -157,8 +153,8 @@ class ModelHead:
         self._bare = True  # the reference is the forward on input ids alone
         self.out = None
         config = getattr(model, "config", None)
-        odd = [f"{k}={getattr(config, k)!r}" for k in _APPLIED if getattr(config, k, None) is not None
-               and (isinstance(getattr(config, k), bool) or not isinstance(getattr(config, k), (int, float)))]
+        values = {k: getattr(config, k, None) for k in _APPLIED}
+        odd = [f"{k}={v!r}" for k, v in values.items() if v is not None and not _is_number(v)]
         if head != "forward":
             from ..integrations.transformers import output_head
 
@@ -289,11 +285,13 @@ class ModelHead:
         return out
 
     def _alone(self, ids: torch.Tensor, **extra) -> torch.Tensor | None:
-        """The model's logits [n, V] float32 for input ids [n] run alone; None when its forward does not
-        take the ``extra`` arguments."""
+        """The model's logits [n, V] float32 for input ids [n] run alone; None when its forward fails with
+        the ``extra`` arguments."""
         try:
             out = self.model(input_ids=ids[None].to(self.device), **extra)
-        except TypeError:
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
             if not extra:
                 raise
             return None
@@ -310,116 +308,126 @@ class ModelHead:
 
     @torch.no_grad()
     def decide(self, batch: dict[str, torch.Tensor]) -> None:
-        """Once, at the first batch: how the model is run (positions, padding) and, under "auto" and
-        "fused", whether the fused head reproduces its forward (see the module's docstring)."""
+        """Once, at the first batch: how the model is run (positions, cache, padding) and, under "auto"
+        and "fused", whether the fused head reproduces its forward (see the module's docstring)."""
         if self.decided:
             return
         self.decided = True
-        dtype = self.logits_dtype
         rows = self._probe(batch)
         longest = max(range(len(rows)), key=lambda i: len(rows[i]))
-        x = rows[longest]
-        try:
-            ref = self._alone(x)  # the bare forward: what a token's numbers are
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:
-            ref, self._bare = None, False
-            self._note(f"fails on its input ids alone ({type(err).__name__}): the check runs it with an "
-                       "attention mask and position ids")
-        ones = torch.ones(1, len(x), dtype=torch.long, device=self.device)
-        arange = torch.arange(len(x), device=self.device)[None]
-        # the first way of running it that gives the bare forward's logits: with position ids, without
-        # them (a model that counts positions its own way); without a key/value cache, with one
-        for positions, no_cache in ((True, True), (False, True), (True, False), (False, False)):
-            extra = {"attention_mask": ones, **({"position_ids": arange} if positions else {}),
-                     **({"use_cache": False} if no_cache else {})}
-            if ref is None or _agrees(self._alone(x, **extra), ref, dtype):
-                break
-        else:
-            positions, no_cache = False, False
-            self.grouping = "alone"
-            self._note("gives other logits when given an attention mask: each window is run alone, from "
-                       "its input ids only")
-        self.positions = positions
-        self._no_cache = {"use_cache": False} if no_cache else {}
-        if not positions and self.grouping == "padded":
-            self._note("counts its positions otherwise than 0..n−1: it is given no position ids")
-        if not no_cache and self.grouping == "padded":
-            self._note("gives other logits without its key/value cache: it is run with one")
+        self._check_inputs(rows[longest])
         probe = self._collate(rows)
-        mask = probe["attention_mask"].bool()
-        want = None
-        indexer = sparse_indexer_fields(getattr(self.model, "config", None))
-        if indexer and self.grouping == "padded" and self.batch_size > 1:
-            self.grouping = "length"
-            self._note(f"has a sparse-attention indexer ({', '.join(indexer)}), which may choose pad tokens: "
-                       "windows are batched only with windows of their own length, unpadded")
-        if self.grouping == "padded" and len(rows) > 1:
-            # two padded probes: the batch (padding forced), and the longest window beside every other
-            # window (or a copy of it) one token short (what a padded row sees is data-dependent for
-            # some models: a sparse-attention indexer)
-            others = [r[:-1] if len(r) > 1 else r for i, r in enumerate(rows) if i != longest] or [x[:-1]]
-            bad, failed = set(), None
-            for k, probe_rows in enumerate((rows, [x, *others])):
-                batch_k = probe if k == 0 else self._collate(probe_rows)
-                mask_k = batch_k["attention_mask"].bool()
-                try:
-                    logits = self._logits(batch_k).float()  # [B, T, V]
-                except torch.OutOfMemoryError:
-                    raise
-                except (RuntimeError, ValueError) as err:  # a forward that cannot take this padding
-                    failed = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-                    break
-                full = mask_k.sum(1) == mask_k.shape[1]
-                for i, r in enumerate(probe_rows):
-                    if not _noise_close(logits[i][mask_k[i]], self._reference(r), dtype)[0]:
-                        bad.add("unpadded" if full[i] else "padded")
-                if k == 0:
-                    want = logits
-                del logits
-            if failed is not None:
-                self.grouping, want = "length", None
-                self._note(f"fails on a padded batch ({failed}): windows are batched only with windows of "
-                           "their own length, unpadded")
-            elif "unpadded" in bad:
-                self.grouping, want = "alone", None
-                self._note("gives a window other logits in a batch than alone: each window is run alone")
-            elif "padded" in bad:
-                self.grouping, want = "length", None
-                self._note("gives other logits to a padded window (its logits depend on the padding): "
-                           "windows are batched only with windows of their own length, unpadded")
+        want = self._check_padding(rows, longest, probe)
         if self.mode not in ("auto", "fused"):
             return
-        if want is None:
-            want = self._logits(probe).float()
-        want = want[mask.to(want.device)]  # [M, V]
-        ok = True
-        h = self._hidden_states(probe)  # [B, T, D]
-        if h.dim() != 3 or h.shape[:2] != mask.shape or h.shape[-1] != self.weight.shape[1]:
-            ok, detail = False, (f"its decoder gives {tuple(h.shape)} hidden states for {tuple(mask.shape)} "
-                                 f"inputs, its output embeddings take {self.weight.shape[1]} features")
-        else:
-            h = h[mask.to(h.device)]  # [M, D]
-            got = _linear._project(h.to(self.mm_dtype), self.weight, self.bias).float()
-            got = self.finish(got, scale=self.out.hidden_scale, softcap=self.out.softcap) * self.temperature
-        if not ok:
-            pass
-        elif got.shape != want.shape:
-            ok, detail = False, (f"the fused head gives {tuple(got.shape)} logits, the forward "
-                                 f"{tuple(want.shape)}")
-        else:
-            transformed = self.out.hidden_scale != 1.0 or self.out.softcap is not None
-            ok, err = _rounding_close(got, want.to(got.device), dtype, 4.0 if transformed else 2.0)
-            detail = (f"its forward does something to its logits that the fused head does not know (they "
-                      f"differ by up to {err:.3g} on the first batch, beyond the rounding of {dtype})")
-        if ok:
+        detail = self._head_difference(probe, want)
+        if detail is None:
             self.mode = "fused"
         elif self.forced:
             raise EvalError(f"head='fused' for {self.name} ({type(self.model).__name__}): {detail}; "
                             "use head 'auto' or 'forward'")
         else:
             self._fall_back(detail)
+
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        """Step 1: the first way of running the window x alone that gives its bare forward's logits:
+        with position ids, without them (a model that counts positions its own way); without a key/value
+        cache, with one; else each window runs alone, from its input ids only."""
+        try:
+            ref = self._alone(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            self._bare = False
+            self._note(f"fails on its input ids alone ({type(err).__name__}): the check runs it with an "
+                       "attention mask and position ids")
+            return
+        ones = torch.ones(1, len(x), dtype=torch.long, device=self.device)
+        arange = torch.arange(len(x), device=self.device)[None]
+        for positions, no_cache in ((True, True), (False, True), (True, False), (False, False)):
+            extra = {"attention_mask": ones, **({"position_ids": arange} if positions else {}),
+                     **({"use_cache": False} if no_cache else {})}
+            if _agrees(self._alone(x, **extra), ref, self.logits_dtype):
+                break
+        else:
+            self.grouping, positions, no_cache = "alone", False, False
+            self._note("gives other logits when given an attention mask: each window is run alone, from "
+                       "its input ids only")
+            return
+        self.positions = positions
+        self._no_cache = {"use_cache": False} if no_cache else {}
+        if not positions:
+            self._note("counts its positions otherwise than 0..n−1: it is given no position ids")
+        if not no_cache:
+            self._note("gives other logits without its key/value cache: it is run with one")
+
+    def _check_padding(self, rows: list[torch.Tensor], longest: int, probe: dict) -> torch.Tensor | None:
+        """Step 2: how windows are batched (see the module's docstring). Returns the probe's forward
+        logits [B, T, V] when the run will batch as the probe did, else None."""
+        indexer = sparse_indexer_fields(getattr(self.model, "config", None))
+        if indexer and self.grouping == "padded" and self.batch_size > 1:
+            self.grouping = "length"
+            self._note(f"has a sparse-attention indexer ({', '.join(indexer)}), which may choose pad tokens: "
+                       "windows are batched only with windows of their own length, unpadded")
+        if self.grouping != "padded" or len(rows) < 2:
+            return None
+        # two padded probes: the batch (padding forced), and the longest window beside every other
+        # window one token short (what a padded row sees can depend on the data)
+        x = rows[longest]
+        others = [r[:-1] if len(r) > 1 else r for i, r in enumerate(rows) if i != longest]
+        want, bad = None, set()
+        for k, probe_rows in enumerate((rows, [x, *others])):
+            batch_k = probe if k == 0 else self._collate(probe_rows)
+            mask_k = batch_k["attention_mask"].bool()
+            try:
+                logits = self._logits(batch_k).float()  # [B, T, V]
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError) as err:  # a forward that cannot take this padding
+                self.grouping = "length"
+                first = str(err).splitlines()[0][:120] if str(err) else ""
+                self._note(f"fails on a padded batch ({type(err).__name__}: {first}): windows are batched "
+                           "only with windows of their own length, unpadded")
+                return None
+            full = mask_k.sum(1) == mask_k.shape[1]
+            for i, r in enumerate(probe_rows):
+                if not _agrees(logits[i][mask_k[i]], self._reference(r), self.logits_dtype):
+                    bad.add("unpadded" if full[i] else "padded")
+            if k == 0:
+                want = logits
+            del logits
+        if "unpadded" in bad:
+            self.grouping = "alone"
+            self._note("gives a window other logits in a batch than alone: each window is run alone")
+        elif "padded" in bad:
+            self.grouping = "length"
+            self._note("gives other logits to a padded window (its logits depend on the padding): "
+                       "windows are batched only with windows of their own length, unpadded")
+        return want if not bad else None
+
+    def _head_difference(self, probe: dict, want: torch.Tensor | None) -> str | None:
+        """Step 3: None when the fused logits equal the forward's at every real position of the probe
+        (run as decided), within the rounding of the forward's dtype; else what differs."""
+        mask = probe["attention_mask"].bool()
+        if want is None:
+            want = self._logits(probe).float()
+        want = want[mask.to(want.device)]  # [M, V]
+        h = self._hidden_states(probe)  # [B, T, D]
+        if h.dim() != 3 or h.shape[:2] != mask.shape or h.shape[-1] != self.weight.shape[1]:
+            return (f"its decoder gives {tuple(h.shape)} hidden states for {tuple(mask.shape)} inputs, its "
+                    f"output embeddings take {self.weight.shape[1]} features")
+        h = h[mask.to(h.device)]  # [M, D]
+        got = _linear._project(h.to(self.mm_dtype), self.weight, self.bias).float()
+        got = self.finish(got, scale=self.out.hidden_scale, softcap=self.out.softcap) * self.temperature
+        if got.shape != want.shape:
+            return f"the fused head gives {tuple(got.shape)} logits, the forward {tuple(want.shape)}"
+        # a transform the head applies in float32 is rounded once more in the forward's dtype
+        transformed = self.out.hidden_scale != 1.0 or self.out.softcap is not None
+        ok, err = _rounding_close(got, want.to(got.device), self.logits_dtype, 4.0 if transformed else 2.0)
+        if ok:
+            return None
+        return (f"its forward does something to its logits that the fused head does not know (they differ "
+                f"by up to {err:.3g} on the first batch, beyond the rounding of {self.logits_dtype})")
 
     # -- both paths: chunks of final logits ----------------------------------------------------------
     @torch.no_grad()
