@@ -41,7 +41,7 @@ def test_train_saves_a_checkpoint_that_xent_eval_reads(model_dir, capsys):
     assert log["config"]["objective_options"] == {"gamma": 0.5}
     assert log["config"]["seq_len"] == 32  # the model's context
     assert "gamma=0.5" in log["objective"]
-    assert [e["step"] for e in log["eval_history"]] == [2, 4]
+    assert [e["step"] for e in log["eval_history"]] == [0, 2, 4]
     assert main(["eval", "--model", str(out), "--data", str(model_dir / "heldout.txt"), "--split", "lines",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
@@ -233,7 +233,7 @@ def test_eval_data_alone_is_scored_at_the_end(model_dir, capsys):
                "--batch-size", "2", "--no-progress"])
     assert rc == 0
     assert "held-out cross-entropy" in capsys.readouterr().out
-    assert [e["step"] for e in json.loads((out / "xent_train.json").read_text())["eval_history"]] == [2]
+    assert [e["step"] for e in json.loads((out / "xent_train.json").read_text())["eval_history"]] == [0, 2]
 
 
 def test_threads_and_ctrl_c(model_dir, capsys, monkeypatch):
