@@ -18,6 +18,7 @@ from ._output import OutputDir, describe
 
 
 def register(sub) -> None:
+    from ..training._objectives import OBJECTIVES
     from . import plain
 
     p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute) for tests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objectives", help="comma-separated objectives fine-tuned in phase 2 (default: "
-                   "ce,emo,tailr); from: ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly")
+                   f"ce,emo,tailr); from: {', '.join(OBJECTIVES)} (rho1's reference: the phase-1 model)")
     p.add_argument("--tailr-gammas", help="comma-separated γ of the extra TaiLr runs (default: 0.5,0.8; "
                    "--quick: 0.8; '' for none); the tailr objective itself is γ = 0.1, γ = 0 is ce")
     p.add_argument("--steps", type=int, help="fine-tuning steps per objective (overrides the preset)")

@@ -480,8 +480,9 @@ class _BestWeights:
 
 
 class _Progress:
-    """A tqdm bar when stderr is a terminal; otherwise one line (step, loss, tokens/s, time left) when
-    the first step ends and then every ``EVERY`` seconds, so logs and notebooks see the run move."""
+    """A tqdm bar when stderr is a terminal; otherwise (a log, a notebook, a worker process) one line
+    (step, loss, tokens/s, time left) when the first step ends, then every ``EVERY`` seconds, and at
+    the last step."""
 
     EVERY = 10.0
 
@@ -495,7 +496,11 @@ class _Progress:
         self.name, self.total, self.out = name, cfg.steps, sys.stderr
         self.start = self.last_line = time.perf_counter()
         self.lines, self.held_out, self.bar = 0, "", None
-        if getattr(self.out, "isatty", lambda: False)():
+        import multiprocessing
+
+        # a bar only for the main process on a terminal: the bars of worker processes would overwrite
+        # each other's line
+        if getattr(self.out, "isatty", lambda: False)() and multiprocessing.parent_process() is None:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
