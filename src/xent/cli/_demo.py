@@ -6,7 +6,7 @@ tokenizer and a small GPT-2; phase 1 trains it with cross-entropy; phase 2 fine-
 objective (and TaiLr at several γ) on docstrings of modules phase 1 never saw, from the same weights on
 the same batches; evaluates each model with xent's evaluator, samples continuations of held-out prefixes
 and scores them with MAUVE (features from the phase-1 model); scans the temperature of the
-cross-entropy model; writes summary.json, PNG figures, report.html (ending with the claims table) and
+cross-entropy model; writes summary.json, PNG figures, report.html (opening with the claims table) and
 the checkpoints into --out, and prints the tables.
 """
 

@@ -345,8 +345,8 @@ _PULLS = {
              "pull on unlikely tokens, the more so the larger γ",
     "gold": "GOLD multiplies it by max(q, b): little pull below p = b",
     "dft": "DFT multiplies it by q: almost none on unlikely tokens",
-    "emo": "EMO has cross-entropy's value but half its pull comes from the transport cost, so it differs "
-           "from 1 − p",
+    "emo": "EMO has cross-entropy's value but about half its pull on unlikely tokens (half its gradient "
+           "is the transport cost's)",
     "focal": "focal pulls less on the tokens it already predicts well",
     "poly": "Poly-1 adds ε·p(1 − p) to it",
     "ce_ls": "label smoothing stops pulling before p = 1 (it keeps ε/V on every token)",
@@ -667,10 +667,15 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
                     for row in claims_rows(summary))
     sanity = ""
     if summary.get("sanity_checks"):
-        srows = claims_rows({"claims": summary["sanity_checks"]})
+        holds = {"reproduces": "holds", "contradicted": "FAILS", "inconclusive": "inconclusive"}
+        srows = [[r[1], r[2], r[3].replace(" (vs ce fine-tune)", ""), r[4], holds[v["verdict"]]]
+                 for r, v in zip(claims_rows({"claims": summary["sanity_checks"]}), summary["sanity_checks"])]
         sanity = ("<p>Sanity check of the scan (an identity of softmax(z/τ), not a claim of the papers): "
-                  "the entropy must fall as τ → 0 and rise for τ &gt; 1.</p>"
-                  f'<table class="claims"><thead><tr>{chead}</tr></thead><tbody>'
+                  "the entropy must fall as τ → 0 and rise for τ &gt; 1, against τ = 1, per document.</p>"
+                  '<table class="claims"><thead><tr>'
+                  + "".join(f"<th>{h}</th>" for h in ("check", "run", "measured (vs τ = 1)", "95% interval",
+                                                      "verdict"))
+                  + "</tr></thead><tbody>"
                   + "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in srows)
                   + "</tbody></table>")
     pre = summary.get("pretrained", {})

@@ -381,6 +381,8 @@ def _train(model, cfg: TrainConfig, seqs, eval_sets: dict, loss_fn, micro: int, 
     history, eval_history, tokens, start = [], [], 0, time.perf_counter()
     bar = _Progress(cfg, loss_fn) if cfg.progress else None
     watch = _BestWeights(model, cfg, eval_sets, device, bar, eval_history)
+    if bar is not None:
+        bar.start = time.perf_counter()  # tokens/s and time left from the training steps, not step 0's eval
     stopped_at = None
     for step in range(cfg.steps):
         lr = lr_at(step, cfg)
