@@ -73,6 +73,25 @@ EXPLANATIONS = {
         "Poly-1 (Leng et al., ICLR 2022), ε = 1: cross-entropy + ε(1 − q<sub>y</sub>), an extra push on "
         "the probability of the correct token."
     ),
+    "dft": (
+        "DFT, dynamic fine-tuning (Wu et al., 2025): cross-entropy weighted by the model's own "
+        "sg(q<sub>y</sub>) (GOLD with b = 0; TRL's <code>loss_type=\"dft\"</code>): tokens the model finds "
+        "unlikely barely move it."
+    ),
+    "eaft": (
+        "EAFT (Diao et al., 2026): cross-entropy weighted by the entropy of the softmax over the 20 largest "
+        "logits, divided by 3 (the authors' code): confident tokens whose label the model disagrees with get "
+        "little gradient, so fine-tuning forgets less."
+    ),
+    "entropy_reg": (
+        "Cross-entropy minus 0.01 × the predictive entropy (the confidence penalty of Pereyra et al., 2017): "
+        "keeps the distribution from collapsing."
+    ),
+    "rho1": (
+        "Rho-1 (Lin et al., 2024): cross-entropy on the 60 % of each batch's tokens whose loss exceeds the "
+        "reference model's most; the reference here is the pre-trained model, so it trains on the tokens "
+        "where the fine-tune gained least (or lost most) over its start."
+    ),
 }
 
 
