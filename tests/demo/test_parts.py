@@ -354,3 +354,23 @@ def test_loss_vs_p_caption_names_the_curves_it_plots():
         assert ("GOLD" in caption) == ("gold" in cfg.objectives)
         assert ("TaiLr" in caption) == ("tailr" in cfg.objectives)
         assert ("rho1 is not drawn" in caption) == ("rho1" in cfg.objectives)
+
+
+def test_a_markov_win_says_when_every_fine_tune_forgot_the_source():
+    from xent.demo._report import findings
+
+    gen = torch.Generator().manual_seed(3)
+    pre_h = [300 + 50 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    pre_s = [120 + 10 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    ce_h = [x - 20 + (-1) ** d for d, x in enumerate(pre_h)]
+    ce_s = [x + 60 + (-1) ** d for d, x in enumerate(pre_s)]  # forgot the Markov text
+    emo_s = [x + 40 + (-1) ** d for d, x in enumerate(pre_s)]  # forgot less
+    s = _with_pretrained({"ce": (ce_h, ce_s), "emo": (ce_h, emo_s)}, (pre_h, pre_s))
+    d = s["objectives"]["emo"]["vs_pretrained"]["synthetic_nats_per_word"]
+    assert d["diff"] == pytest.approx(40 / 64)  # 40 nats per 64-word document
+    markov = findings(s)[2]
+    assert markov.startswith("Significantly closer to the Markov source than ce (lower loss on its text): "
+                             "emo")
+    assert "each of them has a higher loss on the Markov text than the pre-trained model" in markov
+    s2 = _with_pretrained({"ce": (ce_h, ce_s), "emo": (ce_h, [x - 5 for x in pre_s])}, (pre_h, pre_s))
+    assert "higher loss on the Markov text than the pre-trained" not in findings(s2)[2]

@@ -558,6 +558,9 @@ def _verdict(summary: dict, key: str, unit: str, better: str, none: str) -> str:
     losses = [(n, d) for n, d in rows if d["significant"] and d["diff"] > 0]
     if wins:
         text = better.format(base=base) + ": " + "; ".join(_show(n, d, unit) for n, d in wins) + "."
+        if key == "synthetic_nats_per_word" and all(worse_than_pretrained(objs[n], key) for n, _ in wins):
+            text += (" Still, each of them has a higher loss on the Markov text than the pre-trained model: "
+                     "fine-tuning on docstrings alone forgets part of it; these forget less.")
     else:
         text = none.format(base=base)
         text += f" (the best difference: {_show(*rows[0], unit)})." if not rows[0][1]["significant"] else "."

@@ -253,15 +253,20 @@ def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
     pre = summary.get(PRETRAINED)
     if pre:
         for entry in objs.values():
-            entry["vs_pretrained"] = {"heldout_nll_nats_per_token": paired_difference(
-                entry["heldout"]["doc_nll"], pre["heldout"]["doc_nll"], pre["heldout"]["doc_tokens"])}
+            entry["vs_pretrained"] = {
+                "heldout_nll_nats_per_token": paired_difference(
+                    entry["heldout"]["doc_nll"], pre["heldout"]["doc_nll"], pre["heldout"]["doc_tokens"]),
+                "synthetic_nats_per_word": paired_difference(
+                    entry["synthetic"]["doc_nll"], pre["synthetic"]["doc_nll"], words),
+            }
     return baseline
 
 
-def worse_than_pretrained(entry: dict) -> bool:
-    """Whether fine-tuning raised the held-out loss above the pre-trained model's (the point estimate of
-    the paired difference; False when there is no pre-trained model to compare with)."""
-    d = entry.get("vs_pretrained", {}).get("heldout_nll_nats_per_token")
+def worse_than_pretrained(entry: dict, key: str = "heldout_nll_nats_per_token") -> bool:
+    """Whether fine-tuning raised the loss ``key`` (held-out by default, or "synthetic_nats_per_word")
+    above the pre-trained model's (the point estimate of the paired difference; False when there is no
+    pre-trained model to compare with)."""
+    d = entry.get("vs_pretrained", {}).get(key)
     return d is not None and d["diff"] > 0
 
 
