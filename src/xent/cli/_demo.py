@@ -38,7 +38,8 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="models fine-tuned and scored at once, one process each (default: 2 or the CPU "
                         "count if smaller); the numbers do not depend on it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (or lines every ~10 s when not on a terminal)")
     p.set_defaults(run=run)
 
 
