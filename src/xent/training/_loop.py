@@ -18,6 +18,7 @@ import torch
 
 from .._causal import count_items
 from .._linear import linear_loss
+from .._reduce import top_fraction_count
 from .._selective import linear_rho1_loss
 from ..eval._options import model_context
 from ..integrations.transformers import fit_loss, output_head
@@ -176,12 +177,6 @@ def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
                        num_items=num_items, chunk_size=chunk_size)
 
 
-def selected_count(n: int, ratio: float) -> int:
-    """How many of n valid tokens Rho-1 trains on: ⌊ratio·n⌋, at least 1 (xent's selection rule)."""
-    count = min(n, int(ratio * n + 1e-6)) if n else 0
-    return max(count, 1) if n and ratio > 0 else count
-
-
 def accumulate_gradients(model, loss: TokenLoss, batch: torch.Tensor, micro_batch_size: int,
                          chunk_size="auto", ref_model=None) -> tuple[float, int]:
     """Forward and backward over ``batch`` [B, T] in micro-batches; returns (step loss, num_items).
@@ -193,7 +188,7 @@ def accumulate_gradients(model, loss: TokenLoss, batch: torch.Tensor, micro_batc
     micro_batches = batch.split(micro_batch_size)
     counts = [int(count_items(mb)) for mb in micro_batches]
     if getattr(loss, "selects_tokens", False):
-        counts = [selected_count(n, loss.ratio) for n in counts]
+        counts = [top_fraction_count(n, loss.ratio) for n in counts]
     num_items = sum(counts)  # targets in the whole step
     step_loss = 0.0
     for mb in micro_batches:
