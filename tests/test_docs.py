@@ -399,7 +399,9 @@ def test_train_example_on_a_demo_checkpoint(tmp_path, monkeypatch, capsys, one_t
     monkeypatch.chdir(tmp_path)
     ns = run_snippet("docs/training.md", 'path = "xent-demo/models/ce"', {})
     result = ns["result"]
-    assert [e["step"] for e in result.eval_history] == [20, 40, 60]
+    assert [e["step"] for e in result.eval_history] == [0, 20, 40, 60]  # step 0: the model as given
+    assert result.eval_at_end["eval_ce"] < result.eval_at_start["eval_ce"]
+    assert ns["after"] == pytest.approx(result.eval_at_end["eval_ce"], rel=1e-5)  # the weights returned
     assert ns["after"] < ns["before"] - 0.5  # the held-out loss improved on the starting model
     assert "held-out cross-entropy" in capsys.readouterr().out
     # the saved directory is one `xent eval` reads: the tokenizer went with the model
