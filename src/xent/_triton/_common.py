@@ -1,0 +1,74 @@
+"""Triton helpers shared by xent's kernels, written so that Triton's CPU interpreter computes exactly what
+a GPU does (docs/cuda.md):
+
+- bf16 is read and written through its bits (an int16 view): the load is a 16-bit shift, exact; the store
+  rounds float32 to nearest even by integer arithmetic, as torch's ``.to(torch.bfloat16)`` and a GPU's
+  ``cvt.rn.bf16.f32`` do. The interpreter's own bf16 conversions are wrong (its load flushes subnormals,
+  its store truncates), and it never does bf16 arithmetic at all (bf16 is uint16 to numpy), so the
+  kernels never use the bf16 type: the same code runs on both.
+- tanh is written with ``exp`` (libdevice's tanh returns None in the interpreter).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# tanh(x) = x + x³·P(x²) on |x| < 0.625, P a least-squares fit (≤ 1.3 ulp in float32 there); above,
+# 1 − 2/(e^{2|x|} + 1) (≤ 3 ulp with a correctly rounded exp; no cancellation: tanh ≥ 0.55 there).
+_T0 = tl.constexpr(-0.33333333206054655)
+_T1 = tl.constexpr(0.1333332510596335)
+_T2 = tl.constexpr(-0.05396643271747563)
+_T3 = tl.constexpr(0.021850154658520346)
+_T4 = tl.constexpr(-0.008751771509139118)
+_T5 = tl.constexpr(0.0032292201384225183)
+_T6 = tl.constexpr(-0.0008034715803403956)
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh of a float32 tensor (finite or ±inf; a NaN gives ±1: callers detect NaN inputs themselves)."""
+    ax = tl.abs(x)
+    x2 = x * x
+    p = _T6 * x2 + _T5
+    p = p * x2 + _T4
+    p = p * x2 + _T3
+    p = p * x2 + _T2
+    p = p * x2 + _T1
+    p = p * x2 + _T0
+    small = x + x * x2 * p
+    e = tl.exp(2.0 * tl.minimum(ax, 15.0))  # tanh(15) rounds to 1 in float32
+    large = 1.0 - 2.0 / (e + 1.0)
+    large = tl.where(x < 0.0, -large, large)
+    return tl.where(ax < 0.625, small, large)
+
+
+@triton.jit
+def load_f32(ptrs, mask, other, BF16: tl.constexpr):
+    """float32 values of the elements at ``ptrs`` (``other`` where ``mask`` is off). With ``BF16`` the
+    pointers are to the int16 bits of bfloat16 values, widened exactly by a shift."""
+    if BF16:
+        bits = tl.load(ptrs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, x, other)
+
+
+@triton.jit
+def bf16_bits(x):
+    """The int16 bits of float32 ``x`` rounded to bfloat16 to nearest even (a NaN becomes 0x7fc0)."""
+    u = x.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def store_f32(ptrs, x, mask, BF16: tl.constexpr):
+    """Store float32 ``x`` in the pointers' element type (float32, float16: the hardware's round to nearest
+    even), or with ``BF16`` as the rounded bits of bfloat16 into int16 pointers."""
+    if BF16:
+        tl.store(ptrs, bf16_bits(x), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)

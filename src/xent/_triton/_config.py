@@ -1,0 +1,55 @@
+"""Launch configurations of xent's Triton kernels: pure Python, no triton import (the compile checks and
+the docs enumerate them without a GPU).
+
+The row kernel (:mod:`xent._triton._rows`) runs one program per row of a [C, V] chunk and walks the row in
+tiles of ``block_v`` columns, twice (the online log-sum-exp, then the gradient). It holds no shared-memory
+tile of its own (reductions only), so its limit is registers: a tile is ``block_v / (32·num_warps)``
+elements per thread, and about six float32 values live per element in the gradient pass. The choice:
+
+- ``block_v`` = the next power of two ≥ V, capped at 4096 for float32 inputs and 8192 for bf16/fp16
+  (half the bytes per element: the same bytes in flight per tile); never below 128.
+- ``num_warps`` = ``block_v / 512`` clamped to [4, 16]: 16 elements per thread at the caps, 4 to 8
+  below them, so the per-element work stays in registers (benchmarks/results/triton_compile.md lists
+  each configuration's registers, spills and shared memory for sm_90, from ``triton.compile``).
+
+The tables below are every configuration :func:`row_config` can return; tests/triton/test_compile.py
+compiles each for sm_90 (and sm_100) and checks its resources. None of this has been timed on a GPU
+(docs/cuda.md): the caps are set from the compiled metadata, to be revised by benchmarks/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The widest tile per input element size in bytes (4: float32; 2: bf16, fp16).
+ROW_BLOCK_CAP = {4: 4096, 2: 8192}
+ROW_BLOCK_MIN = 128
+#: H100 (sm_90) shared memory per block with the opt-in attribute; B200 (sm_100) the same.
+SHARED_LIMIT = {90: 232_448, 100: 232_448}
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """One launch configuration of the row kernel: columns per tile and warps per program."""
+
+    block_v: int
+    num_warps: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def row_config(num_classes: int, itemsize: int) -> RowConfig:
+    """The row kernel's configuration for rows of ``num_classes`` logits of ``itemsize`` bytes."""
+    block = min(max(_next_pow2(num_classes), ROW_BLOCK_MIN), ROW_BLOCK_CAP[itemsize])
+    return RowConfig(block, min(16, max(4, block // 512)))
+
+
+def row_configs(itemsize: int) -> list[RowConfig]:
+    """Every configuration :func:`row_config` can return for inputs of ``itemsize`` bytes."""
+    out, block = [], ROW_BLOCK_MIN
+    while block <= ROW_BLOCK_CAP[itemsize]:
+        out.append(row_config(block, itemsize))
+        block *= 2
+    return out
