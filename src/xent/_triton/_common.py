@@ -57,11 +57,17 @@ def load_f32(ptrs, mask, other, BF16: tl.constexpr):
 
 @triton.jit
 def bf16_bits(x):
-    """The int16 bits of float32 ``x`` rounded to bfloat16 to nearest even (a NaN becomes 0x7fc0)."""
-    u = x.to(tl.uint32, bitcast=True)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
+    """The int16 bits of float32 ``x`` rounded to bfloat16 to nearest even (a NaN stays a quiet NaN).
+
+    On the magnitude's bits, so no integer overflows (Triton's overflow checks run under debug): adding
+    0x7FFF plus the lowest kept bit carries into the kept bits exactly when the dropped half is above
+    one half, or equal to it with the kept bits odd."""
+    u = x.to(tl.int32, bitcast=True)
+    sign = (u >> 16) & 0x8000
+    mag = u & 0x7FFFFFFF
+    mag = tl.where(mag > 0x7F800000, 0x7FC00000, mag)  # NaN: quiet, and no carry past the top
+    rounded = (mag + 0x7FFF + ((mag >> 16) & 1)) >> 16
+    return (rounded | sign).to(tl.uint16).to(tl.int16, bitcast=True)
 
 
 @triton.jit
