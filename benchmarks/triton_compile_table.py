@@ -1,5 +1,5 @@
-"""Registers, spills and shared memory of every Triton row-kernel configuration, compiled for sm_90 (and
-sm_100 where this Triton targets it) on a machine without a GPU; written to
+"""Registers, spills and shared memory of every configuration of the Triton row kernel and fused forward,
+compiled for sm_90 (and sm_100 where this Triton targets it) on a machine without a GPU; written to
 benchmarks/results/triton_compile.md.
 
     python benchmarks/triton_compile_table.py [--arch 90 100] [--out benchmarks/results/triton_compile.md]
@@ -22,11 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compile_all(archs: list[int]) -> list[dict]:
+def compile_all(archs: list[int], kernel: str = "rows") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "xent._triton._compile", "--flags", "grad", "all", "no_grad", "--arch",
+    flags = ["grad", "all", "no_grad"] if kernel == "rows" else ["plain", "all"]
+    cmd = [sys.executable, "-m", "xent._triton._compile", "--kernel", kernel, "--flags", *flags, "--arch",
            *map(str, archs)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if run.returncode != 0:
@@ -71,7 +72,9 @@ def main() -> None:
     rows = [dict(r, chosen="launcher") for r in compile_all(archs)] + [dict(r, chosen="wider")
                                                                       for r in wider(archs)]
     lines = [
-        "# Triton row kernel: compiled resources per configuration",
+        "# Triton kernels: compiled resources per configuration",
+        "",
+        "## The row kernel (cross-entropy rows after a cuBLAS projection)",
         "",
         f"Compiled on a machine without a GPU ({platform.machine()}, Python {platform.python_version()}) by "
         f"`python benchmarks/triton_compile_table.py` with triton {triton.__version__} (its own ptxas and "
@@ -92,6 +95,24 @@ def main() -> None:
         lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['flags']} | {r['block_v']} | {r['num_warps']} | "
                      f"{r['registers']} | {r['spill_stores']} | {r['spill_loads']} | {r['stack']} | "
                      f"{r['shared']} | {r['chosen']} |")
+    lines += [
+        "",
+        "## The fused no-grad forward (projection and log-sum-exp in one kernel)",
+        "",
+        "Every configuration of `xent._triton._config.FUSED_CONFIGS` for each operand variant: float32 "
+        "dots in TF32 or exact (`ieee`), bf16 on its tensor cores (the GPU variant; the interpreter tests "
+        "the float32 variant on the same exact values), float16. `plain` = cross-entropy only, `all` = "
+        "bias, class weights, label smoothing, soft-cap, statistics. Shared memory is the pipelined h and "
+        "W tiles.",
+        "",
+        "| arch | operands | flags | BLOCK_N×BLOCK_V×BLOCK_D | warps | stages | registers | spill stores "
+        "| spill loads | stack | shared B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in compile_all(archs, "fused"):
+        lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['flags']} | {r['block_n']}×{r['block_v']}×"
+                     f"{r['block_d']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+                     f"{r['spill_stores']} | {r['spill_loads']} | {r['stack']} | {r['shared']} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

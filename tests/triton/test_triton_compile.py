@@ -1,6 +1,7 @@
 """Every configuration the row kernel's launcher can choose compiles for sm_90 (Hopper), and the widest
-per dtype for sm_100 (Blackwell) where this Triton targets it, on this GPU-less machine (the wheel's
-ptxas), within the device's shared memory and spilling at most a word or two (xent._triton._compile)."""
+per dtype for sm_100 (Blackwell) where this Triton targets it, and so does every configuration of the
+fused forward for sm_90, on this GPU-less machine (the wheel's ptxas), within the device's shared memory
+and spilling at most a word or two (xent._triton._compile)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ pytest.importorskip("triton.language", reason="triton is not installed (pip inst
                                                 "-e '.[test]')")
 import torch  # noqa: E402
 
-from xent._triton._config import MAX_SPILL_BYTES, SHARED_LIMIT, row_config, row_configs  # noqa: E402
+from xent._triton._config import (  # noqa: E402
+    FUSED_CONFIGS,
+    MAX_SPILL_BYTES,
+    SHARED_LIMIT,
+    fused_config,
+    row_config,
+    row_configs,
+)
 
 
 def compile_configs(*args: str) -> list[dict]:
@@ -38,6 +46,7 @@ def check_resources(found: list[dict]) -> None:
         assert c["spill_stores"] <= MAX_SPILL_BYTES and c["spill_loads"] <= MAX_SPILL_BYTES, f"{what}: {c}"
 
 
+@pytest.mark.slow  # compiles with ptxas: 5-20 s each on two cores
 def test_every_launch_configuration_compiles_for_sm90():
     """Every tile configuration with every option on (the most registers), and the widest per dtype in
     the other variants (benchmarks/triton_compile_table.py compiles them all)."""
@@ -52,6 +61,7 @@ def test_every_launch_configuration_compiles_for_sm90():
     check_resources(widest)
 
 
+@pytest.mark.slow  # compiles with ptxas: 5-20 s each on two cores
 def test_widest_configurations_compile_for_sm100():
     from xent._triton._compile import supported_archs
 
@@ -62,8 +72,20 @@ def test_widest_configurations_compile_for_sm100():
     check_resources(found)
 
 
+@pytest.mark.slow  # compiles with ptxas: 5-20 s each on two cores
+def test_fused_forward_compiles_for_sm90():
+    """Every configuration of the fused forward, each operand variant (float32 in TF32 and exact, bf16 on
+    its tensor cores, float16), with every option (the most registers; benchmarks/triton_compile_table.py
+    adds the plain variant): within shared memory, spilling at most a word or two."""
+    found = compile_configs("--kernel", "fused", "--arch", "90", "--flags", "all")
+    assert len(found) == sum(len(c) for c in FUSED_CONFIGS.values()) * 2  # two operand variants each
+    check_resources(found)
+
+
 def test_launcher_only_chooses_listed_configurations():
     for itemsize in (4, 2):
         listed = set(row_configs(itemsize))
         for v in (1, 2, 100, 127, 128, 129, 1000, 4096, 32000, 128256, 151936, 256000, 10**7):
             assert row_config(v, itemsize) in listed
+            for n, d in ((1, 64), (5000, 2048), (16384, 16)):
+                assert fused_config(n, v, d, itemsize) in FUSED_CONFIGS[itemsize]

@@ -10,11 +10,10 @@ import pytest
 pytest.importorskip("triton.language", reason="triton is not installed (pip install -c constraints.txt "
                                                 "-e '.[test]')")
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from triton_harness import assert_rounded  # noqa: E402
+from triton_reference import ref_rows  # noqa: E402
 
 import xent._triton._rows as rows_module  # noqa: E402
-from reference import ref_cross_entropy  # noqa: E402
 from xent._triton import ce_rows_  # noqa: E402
 from xent._triton._config import RowConfig, row_config  # noqa: E402
 from xent.losses._base import logit_stats  # noqa: E402
@@ -26,25 +25,6 @@ HALF = (torch.bfloat16, torch.float16)
 def narrow(monkeypatch):
     """128-column tiles: a row of a few hundred logits spans several, the last one ragged."""
     monkeypatch.setattr(rows_module, "row_config", lambda num_classes, itemsize: RowConfig(128, 4))
-
-
-def ref_rows(z, y, scale, *, weight=None, z_coef=0.0, softcap=None, eps=0.0, loop=True):
-    """float64 losses [C] (the loop-by-token reference; torch's with ``loop`` False: the loop's one-hot sum
-    makes a −inf logit NaN) and gradients scale·dℓ/dz [C, V] (autograd through torch's cross-entropy) of
-    the logits as given (half inputs upcast exactly)."""
-    x = z.detach().to(torch.float64).requires_grad_(scale is not None)
-    w = None if weight is None else weight.to(torch.float64)
-    loss = ref_cross_entropy(x, y, reduction="none", weight=w, label_smoothing=eps, z_loss=z_coef,
-                             softcap=softcap)
-    capped = x if softcap is None else softcap * torch.tanh(x / softcap)
-    lse = capped.logsumexp(-1)
-    per = F.cross_entropy(capped, y, weight=w, label_smoothing=eps, reduction="none") + z_coef * lse**2
-    if loop:
-        torch.testing.assert_close(per.detach(), loss, rtol=1e-12, atol=1e-12)  # the two references agree
-    if scale is None:
-        return per.detach(), None
-    (grad,) = torch.autograd.grad(per, x, scale.to(torch.float64))
-    return per.detach(), grad
 
 
 def make(dtype, rows=7, num_classes=300, seed=0, spread=4.0):

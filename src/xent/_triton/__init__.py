@@ -8,6 +8,8 @@ without a GPU (tests/triton/).
 - :func:`ce_rows_`: the row kernel, cross-entropy rows of a chunk of logits after the projection, the
   gradient written in place; the same contract as the C kernel's :func:`xent._cpu_kernel.ce_rows_`, plus
   soft-capping and label smoothing.
+- :func:`fused_ce_forward`: the no-grad forward with the projection fused in: the losses (and
+  statistics) of ``h @ W.T + bias`` without writing any logits.
 - :func:`available`: whether triton can be imported and run here, and why not.
 """
 
@@ -18,7 +20,7 @@ import os
 
 import torch
 
-__all__ = ["available", "ce_rows_", "interpreted"]
+__all__ = ["available", "ce_rows_", "fused_ce_forward", "interpreted"]
 
 
 def interpreted() -> bool:
@@ -74,8 +76,21 @@ def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, 
     ok, why = available(z.device)
     if not ok:
         raise RuntimeError(f"the Triton row kernel cannot run here: {why}")
-    if target.shape != (rows,):
-        raise ValueError(f"target must be [C] = [{rows}], got {tuple(target.shape)}")
+    _check_rows(rows, num_classes, target, w_y, z_coef, stats, softcap, label_smoothing, class_weight)
+    if scale is not None and tuple(scale.shape) != (rows,):
+        raise ValueError(f"scale must be [{rows}], got {tuple(scale.shape)}")
+    from . import _rows  # imports triton
+
+    scale = None if scale is None else scale.to(torch.float32)  # an expanded scalar stays one (stride 0)
+    target, w_y, class_weight = _as_kernel_args(target, w_y, class_weight, z.device)
+    return _rows.launch(z, target, scale, w_y, float(z_coef), stats, softcap, float(label_smoothing),
+                        class_weight)
+
+
+def _check_rows(rows, num_classes, target, w_y, z_coef, stats, softcap, label_smoothing, class_weight):
+    """The checks the row kernel and the fused forward share: one line naming the bad argument."""
+    if tuple(target.shape) != (rows,):
+        raise ValueError(f"target must be [{rows}], got {tuple(target.shape)}")
     _check_float("z_coef", z_coef)
     _check_float("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -86,20 +101,64 @@ def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, 
             raise ValueError(f"softcap must be > 0, got {softcap}")
     if label_smoothing > 0.0 and w_y is not None and class_weight is None:
         raise ValueError("label smoothing with class weights (w_y) needs class_weight [V]")
-    for name, t, shape in (("scale", scale, (rows,)), ("w_y", w_y, (rows,)),
-                           ("class_weight", class_weight, (num_classes,))):
+    for name, t, shape in (("w_y", w_y, (rows,)), ("class_weight", class_weight, (num_classes,))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {list(shape)}, got {tuple(t.shape)}")
     if stats is not None and (stats.dtype != torch.float32 or not stats.is_contiguous()
                               or tuple(stats.shape) != (rows, 3)):
         raise ValueError(f"stats must be a contiguous float32 [{rows}, 3], got {stats.dtype} "
                          f"{tuple(stats.shape)}")
-    from . import _rows  # imports triton
 
+
+def _as_kernel_args(target, w_y, class_weight, device):
     f32 = torch.float32
     target = target.to(torch.int64).contiguous()
-    scale = None if scale is None else scale.to(f32)  # an expanded scalar stays one (stride 0)
     w_y = None if w_y is None else w_y.to(f32).contiguous()
-    class_weight = None if class_weight is None else class_weight.to(device=z.device, dtype=f32).contiguous()
-    return _rows.launch(z, target, scale, w_y, float(z_coef), stats, softcap, float(label_smoothing),
-                        class_weight)
+    class_weight = None if class_weight is None else class_weight.to(device=device, dtype=f32).contiguous()
+    return target, w_y, class_weight
+
+
+def fused_ce_forward(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
+                     w_y: torch.Tensor | None = None, z_coef: float = 0.0,
+                     stats: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                     softcap: float | None = None, label_smoothing: float = 0.0,
+                     class_weight: torch.Tensor | None = None,
+                     input_precision: str | None = None) -> torch.Tensor:
+    """The losses of :func:`ce_rows_` (no gradient) of the logits ``h @ w.T + bias``, computed without
+    writing them: the projection and the online log-sum-exp run in one kernel. ``h`` [C, D] and ``w``
+    [V, D] (and ``bias`` [V]) in one dtype, float32, bfloat16 or float16, rows contiguous; the products
+    are summed in float32. ``input_precision`` for float32 inputs: "ieee" (exact products) or "tf32"
+    (a GPU's tensor cores: operands rounded to a 10-bit mantissa, ~1e-3 relative); by default "tf32"
+    exactly when torch's own float32 matmuls may use it (``torch.get_float32_matmul_precision()`` is not
+    "highest"), so the result is that of projecting with torch, then :func:`ce_rows_`. Returns the
+    float32 losses [C]; ``stats`` as in :func:`ce_rows_`.
+    """
+    for name, t in (("h", h), ("w", w)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name}'s rows must be contiguous, got strides {tuple(t.stride())}")
+    if w.dtype != h.dtype or w.shape[1] != h.shape[1]:
+        raise ValueError(f"w must be [V, {h.shape[1]}] in {h.dtype}, got {tuple(w.shape)} in {w.dtype}")
+    if bias is not None and (bias.dtype != h.dtype or tuple(bias.shape) != (w.shape[0],)
+                             or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{w.shape[0]}] in {h.dtype}, got "
+                         f"{tuple(bias.shape)} in {bias.dtype}")
+    if input_precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"input_precision must be None, 'ieee' or 'tf32', got {input_precision!r}")
+    ok, why = available(h.device)
+    if not ok:
+        raise RuntimeError(f"the Triton fused forward cannot run here: {why}")
+    rows = h.shape[0]
+    _check_rows(rows, w.shape[0], target, w_y, z_coef, stats, softcap, label_smoothing, class_weight)
+    if input_precision is None:
+        input_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    from . import _fused  # imports triton
+
+    target, w_y, class_weight = _as_kernel_args(target, w_y, class_weight, h.device)
+    # bf16 dots on bf16 operands on a GPU; under the interpreter (whose bf16 dot is wrong) the same
+    # exact products in float32
+    return _fused.launch(h, w, bias, target, w_y, float(z_coef), stats, softcap, float(label_smoothing),
+                         class_weight, input_precision == "tf32", not interpreted())

@@ -78,3 +78,45 @@ def store_f32(ptrs, x, mask, BF16: tl.constexpr):
         tl.store(ptrs, bf16_bits(x), mask=mask)
     else:
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def online_lse_step(x, mx, k, s, t, c, wsum, w, wmask, STATS: tl.constexpr, SMOOTH: tl.constexpr,
+                    AXIS: tl.constexpr):
+    """One tile of an online log-sum-exp along ``AXIS`` of the (capped, masked to −inf) logits ``x``.
+
+    Running per row: mx the maximum, k the shift (mx where finite, else the old k: 0 while every logit
+    is −inf), s = Σ exp(z − k), with ``STATS`` t = Σ e·(z − k) (the entropy's sum), with ``SMOOTH``
+    c = Σ w·(z − k) (label smoothing's) over the columns seen, wsum = Σ w over the columns seen before
+    this tile; w (class weights, 0 at masked columns) and wmask broadcast against x. When the shift
+    grows every sum is carried over exactly: e·(z − k) and w·(z − k) keep one sign, so nothing cancels.
+    Returns the new (mx, k, s, t, c).
+    """
+    mx_new = tl.maximum(mx, tl.max(x, AXIS))
+    k_new = tl.where((mx_new > -_INF) & (mx_new < _INF), mx_new, k)
+    shift = k - k_new  # <= 0
+    alpha = tl.where(mx > -_INF, tl.exp(shift), 0.0)  # the old sums are 0 while mx is -inf
+    if AXIS == 1:
+        d = x - k_new[:, None]
+    else:
+        d = x - k_new
+    e = tl.exp(d)  # 0 at masked columns and -inf logits
+    if STATS:
+        t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * d, 0.0), AXIS)
+    s = alpha * s + tl.sum(e, AXIS)
+    if SMOOTH:
+        c = c + shift * wsum + tl.sum(tl.where(wmask, w * d, 0.0), AXIS)
+    return mx_new, k_new, s, t, c
+
+
+@triton.jit
+def smoothing_weights(cw_ptr, cols, mask, HAS_CW: tl.constexpr):
+    """Label smoothing's class weights w_c of the columns ``cols`` (1 without ``HAS_CW``), 0 where
+    ``mask`` is off."""
+    if HAS_CW:
+        return load_f32(cw_ptr + cols, mask, 0.0, False)
+    else:
+        return tl.where(mask, 1.0, 0.0)

@@ -59,3 +59,33 @@ def row_configs(itemsize: int) -> list[RowConfig]:
         out.append(row_config(block, itemsize))
         block *= 2
     return out
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """One launch configuration of the fused no-grad forward (:mod:`xent._triton._fused`): rows per
+    program, vocabulary columns per tile, hidden columns per dot step, warps and pipeline stages."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+#: The fused forward's configurations by input element size; the launcher takes the first whose tiles are
+#: not much wider than the problem. Shared memory is about num_stages·(block_n + block_v)·block_d·itemsize
+#: (the staged h and W tiles); benchmarks/results/triton_compile.md lists what each compiles to.
+FUSED_CONFIGS = {
+    4: (FusedConfig(64, 128, 32, 8, 3), FusedConfig(16, 64, 32, 4, 2)),
+    2: (FusedConfig(64, 128, 64, 8, 3), FusedConfig(16, 64, 32, 4, 2)),
+}
+
+
+def fused_config(rows: int, num_classes: int, hidden: int, itemsize: int) -> FusedConfig:
+    """The fused forward's configuration for ``rows`` × ``hidden`` inputs against ``num_classes`` classes
+    of ``itemsize`` bytes: the large tiles, or the small ones when the problem is smaller than a tile."""
+    big, small = FUSED_CONFIGS[itemsize]
+    if rows <= small.block_n or num_classes <= small.block_v or hidden <= small.block_d:
+        return small
+    return big

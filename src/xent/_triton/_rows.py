@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_f32, store_f32, tanh_f32
+from ._common import load_f32, online_lse_step, smoothing_weights, store_f32, tanh_f32
 from ._config import row_config
 
 _INF = tl.constexpr(float("inf"))
@@ -59,24 +59,13 @@ def _ce_rows_kernel(
         raw = load_f32(zrow + offs, mask, 0.0, BF16)
         nans += tl.sum((raw != raw).to(tl.int32), 0)
         x = tl.where(mask, _cap(raw, softcap, SOFTCAP), -float("inf"))
-        mx_new = tl.maximum(mx, tl.max(x, 0))
-        k_new = tl.where((mx_new > -_INF) & (mx_new < _INF), mx_new, k)
-        shift = k - k_new  # <= 0
-        alpha = tl.where(mx > -_INF, tl.exp(shift), 0.0)  # old sums are 0 while mx is -inf
-        d = x - k_new
-        e = tl.exp(d)  # 0 at masked columns and -inf logits
-        if STATS:
-            t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 0)
-        s = alpha * s + tl.sum(e, 0)
         if SMOOTH:
-            if HAS_CW:
-                w = load_f32(cw_ptr + offs, mask, 0.0, False)
-            else:
-                w = tl.where(mask, 1.0, 0.0)
-            c = c + shift * wsum + tl.sum(tl.where(mask, w * d, 0.0), 0)
+            w = smoothing_weights(cw_ptr, offs, mask, HAS_CW)
+        else:
+            w = 0.0
+        mx, k, s, t, c = online_lse_step(x, mx, k, s, t, c, wsum, w, mask, STATS, SMOOTH, 0)
+        if SMOOTH:
             wsum += tl.sum(w, 0)
-        mx = mx_new
-        k = k_new
 
     bad = (nans > 0) | (mx == _INF) | (mx == -_INF)
     rel = tl.log(s)
