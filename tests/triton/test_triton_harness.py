@@ -9,17 +9,8 @@ pytest.importorskip("triton.language", reason="triton is not installed (pip inst
                                                 "-e '.[test]')")
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton_test_kernels as K  # noqa: E402
 from triton_harness import assert_rounded  # noqa: E402
-
-from xent._triton._common import load_f32, store_f32, tanh_f32  # noqa: E402
-
-
-@triton.jit
-def _copy_kernel(src_ptr, dst_ptr, n, SRC_BF16: tl.constexpr, DST_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    store_f32(dst_ptr + offs, load_f32(src_ptr + offs, mask, 0.0, SRC_BF16), mask, DST_BF16)
 
 
 def copy(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -30,8 +21,8 @@ def copy(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
     grid = (triton.cdiv(src.numel(), 4096),)
-    _copy_kernel[grid](bits(src), bits(dst), src.numel(),
-                       SRC_BF16=src.dtype == torch.bfloat16, DST_BF16=dtype == torch.bfloat16, BLOCK=4096)
+    K.copy_kernel[grid](bits(src), bits(dst), src.numel(),
+                        SRC_BF16=src.dtype == torch.bfloat16, DST_BF16=dtype == torch.bfloat16, BLOCK=4096)
     return dst
 
 
@@ -81,67 +72,27 @@ def test_a_truncating_store_would_be_caught():
         assert_rounded(truncated, ref)
 
 
-@triton.jit
-def _bf16_arith_kernel(x_ptr, o_ptr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs)
-    tl.store(o_ptr + offs, (x * x).to(tl.float32))
-
-
-@triton.jit
-def _bf16_cast_kernel(x_ptr, o_ptr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(o_ptr + offs, tl.load(x_ptr + offs).to(tl.float32))
-
-
-@pytest.mark.parametrize("kernel", [_bf16_arith_kernel, _bf16_cast_kernel], ids=["arithmetic", "cast"])
+@pytest.mark.parametrize("kernel", [K.bf16_arith_kernel, K.bf16_cast_kernel], ids=["arithmetic", "cast"])
 def test_bf16_arithmetic_or_conversion_in_a_kernel_fails_loudly(kernel):
     x = torch.randn(16).to(torch.bfloat16)
     with pytest.raises(Exception, match="bf16"):
         kernel[(1,)](x, torch.empty(16), BLOCK=16)
 
 
-@triton.jit
-def _shifted_copy_kernel(x_ptr, o_ptr, n, shift, STORE_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n
-    if STORE_SHIFT:
-        tl.store(o_ptr + offs + shift, tl.load(x_ptr + offs, mask=mask), mask=mask)
-    else:
-        tl.store(o_ptr + offs, tl.load(x_ptr + offs + shift, mask=mask), mask=mask)
-
-
 @pytest.mark.parametrize("store", [False, True], ids=["load", "store"])
 def test_out_of_bounds_access_is_caught(harness, store):
     """One element past the end of a tensor (memory the interpreter would silently read or write) fails."""
     x, o = torch.arange(8.0), torch.zeros(8)
-    _shifted_copy_kernel[(1,)](x, o, 8, 0, STORE_SHIFT=store, BLOCK=8)  # in bounds: fine
+    K.shifted_copy_kernel[(1,)](x, o, 8, 0, STORE_SHIFT=store, BLOCK=8)  # in bounds: fine
     assert torch.equal(o, x) and harness.loads == 1 and harness.stores == 1
     with pytest.raises(Exception, match="outside every tensor argument"):
-        _shifted_copy_kernel[(1,)](x, o, 8, 1, STORE_SHIFT=store, BLOCK=8)
-
-
-@triton.jit
-def _float_arg_kernel(o_ptr, a):
-    tl.store(o_ptr, a * 1.0)
+        K.shifted_copy_kernel[(1,)](x, o, 8, 1, STORE_SHIFT=store, BLOCK=8)
 
 
 def test_float_arguments_arrive_as_float32():
     out = torch.zeros(1, dtype=torch.float64)
-    _float_arg_kernel[(1,)](out, 0.1)
+    K.float_arg_kernel[(1,)](out, 0.1)
     assert out.item() == float(torch.tensor(0.1, dtype=torch.float32))
-
-
-@triton.jit
-def _dot_kernel(a_ptr, b_ptr, o_ptr, TF32: tl.constexpr, M: tl.constexpr):
-    r = tl.arange(0, M)
-    a = tl.load(a_ptr + r[:, None] * M + r[None, :])
-    b = tl.load(b_ptr + r[:, None] * M + r[None, :])
-    if TF32:
-        c = tl.dot(a, b, input_precision="tf32")
-    else:
-        c = tl.dot(a, b, input_precision="ieee")
-    tl.store(o_ptr + r[:, None] * M + r[None, :], c)
 
 
 def test_tf32_dot_rounds_its_operands(harness):
@@ -155,20 +106,13 @@ def test_tf32_dot_rounds_its_operands(harness):
         return (torch.sign(m) * torch.floor(m.abs() * 2048 + 0.5) / 2048 * 2.0**e).float()
 
     out = torch.empty(16, 16)
-    _dot_kernel[(1,)](a, b, out, TF32=True, M=16)
+    K.dot_kernel[(1,)](a, b, out, TF32=True, M=16)
     expected = tf32(a).double() @ tf32(b).double()
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
     assert (out.double() - a.double() @ b.double()).abs().max() > 1e-4  # visibly not exact
     assert harness.tf32_dots == 1
-    _dot_kernel[(1,)](a, b, out, TF32=False, M=16)
+    K.dot_kernel[(1,)](a, b, out, TF32=False, M=16)
     torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)
-
-
-@triton.jit
-def _tanh_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(o_ptr + offs, tanh_f32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
 
 
 def test_tanh_within_a_few_ulp():
@@ -178,7 +122,7 @@ def test_tanh_within_a_few_ulp():
     n = base.numel()
     x = torch.cat([base, -base, torch.tensor([float("inf"), -float("inf")])])
     out = torch.empty_like(x)
-    _tanh_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
+    K.tanh_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
     ref = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps * ref.abs().clamp(min=torch.finfo(torch.float32).tiny)
     assert ((out.double() - ref).abs() <= 4 * ulp).all()
