@@ -27,14 +27,15 @@ timeout 150 "$py" -m pytest -q -m cuda -p no:cacheprovider -x \
   tests/test_linear.py tests/test_losses_fused.py tests/test_causal.py tests/test_exactness.py \
   tests/parallel/test_vocab_single.py 2>&1 | tee "$out/cuda_tests.log"
 tests=${PIPESTATUS[0]}
-# 1b. the Triton row kernel compiled on the device (tests/triton proves it under the CPU interpreter):
-# every dtype and option at real vocabulary sizes against float64 on the same device
+# 1b. the Triton kernels compiled on the device (tests/triton proves them under the CPU interpreter):
+# the row kernel at every dtype and option at real vocabulary sizes, and the fused forward, against
+# float64 on the same device
 timeout 120 "$py" - <<'PY' 2>&1 | tee "$out/triton_check.log"
 import sys
 
 import torch
 import torch.nn.functional as F
-from xent._triton import available, ce_rows_
+from xent._triton import available, ce_rows_, fused_ce_forward
 ok, why = available("cuda")
 if not ok:
     print("triton row kernel: not checked:", why)
@@ -66,6 +67,20 @@ for v in (128256, 256000, 1001):
             print(f"V={v} {str(dt)[6:]:8s} {opt}: loss rel {lerr:.1e}, grad rel {gerr:.1e}, lse {serr:.1e}"
                   + ("  FAIL" if bad else ""))
 print("triton row kernel:", "FAILED" if failed else "ok")
+# the fused no-grad forward (projection in the kernel) against float64 of the same inputs
+for dt, prec, tol in ((torch.bfloat16, None, 1e-5), (torch.float32, "ieee", 1e-5),
+                      (torch.float32, "tf32", 2e-3)):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(512, 2048, generator=g, device="cuda").to(dt)
+    w = (torch.randn(128256, 2048, generator=g, device="cuda") / 45).to(dt)
+    y = torch.randint(0, 128256, (512,), generator=g, device="cuda")
+    loss = fused_ce_forward(h, w, y, input_precision=prec)
+    ref = F.cross_entropy(h.double() @ w.double().T, y, reduction="none")
+    err = float(((loss.double() - ref) / ref.abs().clamp(min=1)).abs().max())
+    bad = err > tol
+    failed += bad
+    print(f"fused forward {str(dt)[6:]} {prec}: loss rel {err:.1e}" + ("  FAIL" if bad else ""))
+print("triton kernels:", "FAILED" if failed else "ok")
 sys.exit(1 if failed else 0)
 PY
 triton=${PIPESTATUS[0]}
