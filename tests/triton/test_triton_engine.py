@@ -175,3 +175,17 @@ def test_forced_backend_that_cannot_serve_says_why():
     h, w, b, y, _, _ = make(torch.float64)
     with pytest.raises(ValueError, match="triton"):
         run(h, w, b, y, reduction="mean")
+
+
+def test_cpu_without_the_interpreter_is_refused_and_auto_never_takes_it(harness, monkeypatch):
+    """Outside TRITON_INTERPRET a CPU call forced to "triton" is a one-line error naming the variable, and
+    "auto" takes another backend even once the Triton backend has been imported."""
+    h, w, b, y, _, _ = make(torch.float32)
+    run(h, w, b, y, reduction="mean")  # forced under the interpreter: imports the backend
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        run(h, w, b, y, reduction="mean")
+    launches = harness.launches
+    auto = run(h, w, b, y, reduction="mean", backend="auto")
+    assert harness.launches == launches  # no Triton kernel ran
+    torch.testing.assert_close(auto, run(h, w, b, y, reduction="mean", backend="torch"), rtol=1e-6, atol=1e-7)
