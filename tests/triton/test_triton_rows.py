@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("triton.language", reason="triton is not installed (pip install -c constraints.txt "
                                                 "-e '.[test]')")
 import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from triton_harness import assert_rounded  # noqa: E402
 from triton_reference import ref_rows  # noqa: E402
 
@@ -191,3 +193,17 @@ def test_out_of_range_target_asserts():
     """The kernel's device_assert fires under the harness (the bare interpreter never evaluates it)."""
     with pytest.raises(Exception, match="target out of range"):
         ce_rows_(torch.zeros(2, 5), torch.tensor([1, 5]), None, None, 0.0)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 9), num_classes=st.integers(1, 700), tile=st.sampled_from([128, 256, None]),
+       seed=st.integers(0, 2**16), smooth=st.booleans())
+def test_any_shape_any_tile(monkeypatch, rows, num_classes, tile, seed, smooth):
+    """Random row counts, vocabulary sizes (1 included) and tiles: every address checked, float64 exact."""
+    # set for every example (a function-scoped monkeypatch outlives one hypothesis example)
+    monkeypatch.setattr(rows_module, "row_config",
+                        row_config if tile is None else (lambda v, size, tile=tile: RowConfig(tile, 4)))
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, num_classes, generator=g) * 3
+    y = torch.randint(0, num_classes, (rows,), generator=g)
+    check(z, y, torch.rand(rows, generator=g) + 0.5, eps=0.1 if smooth else 0.0, z_coef=1e-3)
