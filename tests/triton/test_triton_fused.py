@@ -9,6 +9,8 @@ import pytest
 pytest.importorskip("triton.language", reason="triton is not installed (pip install -c constraints.txt "
                                                 "-e '.[test]')")
 import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from triton_reference import ref_rows  # noqa: E402
 
 import xent._triton._fused as fused_module  # noqa: E402
@@ -120,3 +122,17 @@ def test_non_finite_rows_and_bad_arguments():
         fused_ce_forward(h, w, y, input_precision="tf32x3")
     with pytest.raises(ValueError, match="target"):
         fused_ce_forward(h, w, y[:-1])
+
+
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 40), num_classes=st.integers(1, 200), hidden=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_any_shape(rows, num_classes, hidden, seed):
+    """Random N, V (1 included) and D against the forced 16×32×16 tiles: every address checked."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=g)
+    w = torch.randn(num_classes, hidden, generator=g) * 0.5
+    y = torch.randint(0, num_classes, (rows,), generator=g)
+    loss = fused_ce_forward(h, w, y, input_precision="ieee")
+    ref, _ = ref_rows(h.double() @ w.double().T, y, None)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-6, atol=2e-6)
