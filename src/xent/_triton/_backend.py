@@ -38,10 +38,16 @@ class TritonRows(RowBackend):
             return "the Triton kernel computes one cross-entropy per token, without extra heads"
         return None
 
+    def scratch(self, request, max_rows, num_classes):
+        # the z-loss coefficient as a number, read once per call: under a class-weighted mean it is a 0-d
+        # tensor on the device, and reading it per chunk would synchronise per chunk
+        return float(request.spec.z_coef)
+
     def rows_(self, request, z, target, scale, *, w_y=None, stats=None, extra=(), grad_bias=None,
               bias_alpha=1.0, scratch=None):
         spec = request.spec
-        loss = ce_rows_(z, target, scale, w_y, float(spec.z_coef), stats, softcap=spec.softcap,
+        z_coef = float(spec.z_coef) if scratch is None else scratch
+        loss = ce_rows_(z, target, scale, w_y, z_coef, stats, softcap=spec.softcap,
                         label_smoothing=spec.label_smoothing, class_weight=spec.class_weight)
         if grad_bias is not None and scale is not None:  # z now holds the chunk's gradient
             grad_bias.add_(z.sum(dim=0, dtype=grad_bias.dtype), alpha=bias_alpha)
