@@ -29,7 +29,7 @@ $(STAMP_DEMO): pyproject.toml constraints.txt | $(PY)
 # everything: the demo's packages too, so a later `make demo` installs nothing
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "installing xent, every extra (Keras, JAX, TensorFlow included) and the test tools into $(VENV)..."
-	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[all,keras,test]'
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[all,keras,trl,test]'
 	touch $(STAMP) $(STAMP_DEMO)
 	@echo "installed: the commands are in $(VENV)/bin (source $(VENV)/bin/activate, or run $(VENV)/bin/xent)"
 

@@ -36,8 +36,9 @@ of the weight (:func:`matmul_dtype`).
 Choosing the row backend: the fused functions take ``backend="auto"`` (the default), ``"torch"``,
 ``"cpu_kernel"`` or ``"triton"``. A named backend that cannot serve the call (a loss it does not
 compute, a device or dtype it does not take) raises a one-line ``ValueError`` saying why. "auto" takes
-the first of ``triton``, ``cpu_kernel``, ``torch`` that can serve the call. Environment variables only
-change what "auto" may do and how big its chunks are; they never override a named backend:
+the first of ``cpu_kernel``, ``torch`` that can serve the call (``triton`` joins it once it has run on a
+GPU: it is proven under Triton's interpreter and compiled for sm_90 only; docs/cuda.md). Environment
+variables only change what "auto" may do and how big its chunks are; they never override a named backend:
 
 - ``XENT_CPU_KERNEL``: ``auto`` (default: the CPU kernel where it builds), ``0`` (never), ``1`` (an
   error when it cannot be built). :func:`xent._cpu_kernel.kernel_status` says which, and why.
