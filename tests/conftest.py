@@ -1,7 +1,41 @@
 """Fixtures shared by every test directory."""
 
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+
+def _import_triton_interpreted() -> None:
+    """Imports triton and the Triton kernel modules under TRITON_INTERPRET=1, first thing in the session.
+
+    @triton.jit decides when a function is decorated whether it is interpreted, so the kernels of
+    tests/triton run on CPU tensors only if triton is first imported under the variable; other tests
+    import it earlier through torch (its OpInfo samples, torch.compile), which made tests/triton skip
+    itself in a full run. The variable is restored afterwards (tests/triton/conftest.py sets it per test).
+    Imported first, triton also loads before any TensorFlow (xent.keras): in the other order LLVM's
+    duplicate command-line options abort the process."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # before find_spec("triton.language"), which imports triton
+    sys.path.insert(0, str(Path(__file__).parent / "triton"))
+    try:
+        if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.language") is None:
+            return
+        for name in ("xent._triton._rows", "xent._triton._fused", "triton_test_kernels"):
+            importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_triton_interpreted()
 
 
 @pytest.fixture
