@@ -147,7 +147,7 @@ def checked(body, args) -> int:
     joined = dist.init_from_env(args.device)
     try:
         rank, _ = dist.rank_and_world()
-        with OutputDir(args.out, rank=rank) as out, cpu_threads(args.threads):
+        with OutputDir(args.out, rank=rank) as out, save_base_lock(args), cpu_threads(args.threads):
             return body(args, out)
     except EvalError as err:
         raise CommandError(str(err)) from None
@@ -156,6 +156,18 @@ def checked(body, args) -> int:
     finally:
         if joined:
             dist.shutdown()
+
+
+def save_base_lock(args):
+    """The --save-base directory's lock for the run (see xent.eval._base_cache.lock), or no lock."""
+    import contextlib
+
+    save_base = getattr(args, "save_base", None)
+    if save_base is None:
+        return contextlib.nullcontext()
+    from xent.eval import _base_cache
+
+    return _base_cache.lock(save_base)
 
 
 def run(args) -> int:
