@@ -6,7 +6,9 @@ Implementations (each skipped cleanly when missing):
     liger             liger_kernel's LigerFusedLinearCrossEntropyLoss
     cce               cut_cross_entropy.linear_cross_entropy(h, W, y, impl="cce")   (filters small grads)
     cce_kahan_full_c  the same with impl="cce_kahan_full_c"      where that CCE version has it
-    xent              xent.linear_cross_entropy(h, W, y)
+    xent              xent.linear_cross_entropy(h, W, y)           backend="auto"
+    xent_torch        the same with backend="torch"                the chunk loop's torch-ops rows
+    xent_triton       the same with backend="triton"               the Triton row kernel (xent._triton)
     xent_mbN          xent with XENT_CHUNK_MB=N (the chunk-budget sweep that fixes the CUDA default)
 
 Shapes (N tokens × D hidden × V vocabulary): trl 16384×2048×248320 (TRL PR 6858), cce 8192×2304×256000
@@ -44,7 +46,7 @@ SHAPES = {
     "llama": (8192, 4096, 128256),
 }
 SMOKE_SHAPES = {"tiny": (512, 64, 3001)}
-IMPLS = ("naive", "torch_chunked", "liger", "cce", "cce_kahan_full_c", "xent")
+IMPLS = ("naive", "torch_chunked", "liger", "cce", "cce_kahan_full_c", "xent", "xent_torch", "xent_triton")
 SWEEP = ("xent_mb256", "xent_mb4096")  # on the first shape only: what the CUDA chunk budget should be
 SMOKE_IMPLS = ("naive", "torch_chunked", "xent", "xent_mb1")
 REPEATS, SMOKE_REPEATS = 5, 2
@@ -54,7 +56,7 @@ REF_ROWS = 1024  # rows of the float64 reference at a time
 # ---------------------------------------------------------------------------------------------------
 # Child side: one implementation on one shape, in a fresh process.
 
-def _loss_fn(impl: str):
+def _loss_fn(impl: str, device: str = "cuda"):
     import torch
     import torch.nn.functional as F
 
@@ -76,8 +78,21 @@ def _loss_fn(impl: str):
     if impl.startswith("xent"):
         if impl.startswith("xent_mb"):
             os.environ["XENT_CHUNK_MB"] = impl[len("xent_mb"):]
+        import inspect
+
         import xent
 
+        if impl in ("xent_torch", "xent_triton"):
+            backend = impl[len("xent_"):]
+            if "backend" not in inspect.signature(xent.linear_cross_entropy).parameters:
+                raise ImportError("this xent has no backend= argument")
+            if backend == "triton":
+                from xent._triton import available
+
+                ok, why = available(device)
+                if not ok:
+                    raise ImportError(f"the Triton backend cannot run on {device}: {why}")
+            return lambda h, w, y: xent.linear_cross_entropy(h, w, y, backend=backend)
         return lambda h, w, y: xent.linear_cross_entropy(h, w, y)
     raise ValueError(impl)
 
@@ -116,7 +131,7 @@ def child(spec: dict) -> dict:
     impl, (n, d, v), device = spec["impl"], spec["shape"], spec["device"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:
-        fn = _loss_fn(impl)
+        fn = _loss_fn(impl, device)
     except ImportError as e:
         return {"status": f"skipped: {e}"}
     g = torch.Generator(device=device).manual_seed(0)

@@ -3,7 +3,7 @@
 xent.linear_cross_entropy forward + backward at 4096×512×32000 bfloat16, default (bf16 projection) and
 projection_dtype=torch.float32 interleaved (order alternating per round), one warm-up each, median of 5
 rounds of wall and process CPU time. The fresh-process table is benchmarks/linear_cross_entropy.py
---new; this is the quick in-process ratio quoted in the README.
+--new; this is the quick in-process ratio (docs/fused-head.md names this script).
 
     python benchmarks/projection_dtype_cost.py
 """

@@ -7,6 +7,7 @@ logits, large offsets), and its fallback and errors.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import fields
 
 import pytest
@@ -173,8 +174,10 @@ def test_cache_is_keyed_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("XENT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("XENT_CPU_KERNEL", "1")
     assert "built in" in _cpu_kernel.kernel_status()
-    built = list((tmp_path / "kernels").glob("ce_rows-*.so"))
-    assert len(built) == 1 and len(list((tmp_path / "kernels").iterdir())) == 1  # no temporary left
+    (built,) = (tmp_path / "kernels").glob("ce_rows-*.so")
+    recorded = built.with_name(built.name + ".sha256")
+    assert sorted((tmp_path / "kernels").iterdir()) == [built, recorded]  # no temporary left
+    assert recorded.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
     monkeypatch.setattr(_cpu_kernel, "_state", {})
     assert _cpu_kernel.kernel_status().startswith("compiled (cached")
 

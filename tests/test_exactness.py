@@ -44,7 +44,7 @@ def test_mixed_sign_class_weights_value_and_grad_equal_torch():
     # fused: the same head and targets through linear_cross_entropy
     h = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    fused = xent.linear_cross_entropy(h, W, y, weight_classes=w, label_smoothing=0.1, chunk_size=2)
+    fused = xent.linear_cross_entropy(h, W, y, weight=w, label_smoothing=0.1, chunk_size=2)
     plain = F.cross_entropy(h @ W.T, y, weight=w, label_smoothing=0.1)
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(torch.autograd.grad(fused, (h, W)), torch.autograd.grad(plain, (h, W)))
@@ -98,14 +98,14 @@ def test_fused_zloss_with_class_weights_equals_torch(chunk_size):
     y = torch.randint(0, 9, (2, 6), generator=g)
     y[0, 2] = -100
     w = torch.rand(9, generator=g, dtype=torch.float64) * 3
-    fused = xent.linear_cross_entropy(h, W, y, weight_classes=w, z_loss=1e-2, chunk_size=chunk_size)
+    fused = xent.linear_cross_entropy(h, W, y, weight=w, z_loss=1e-2, chunk_size=chunk_size)
     ref = _torch_ce_plus_zloss((h @ W.T).reshape(-1, 9), y.reshape(-1), w, 1e-2)
     torch.testing.assert_close(fused, ref)
     torch.testing.assert_close(torch.autograd.grad(fused, (h, W)), torch.autograd.grad(ref, (h, W)))
     # num_items divides both parts alike
-    fused_n = xent.linear_cross_entropy(h, W, y, weight_classes=w, z_loss=1e-2, num_items=7,
+    fused_n = xent.linear_cross_entropy(h, W, y, weight=w, z_loss=1e-2, num_items=7,
                                         chunk_size=chunk_size)
-    per = xent.linear_cross_entropy(h, W, y, weight_classes=w, z_loss=1e-2, reduction="none")
+    per = xent.linear_cross_entropy(h, W, y, weight=w, z_loss=1e-2, reduction="none")
     torch.testing.assert_close(fused_n, per.sum() / 7)
 
 
@@ -208,7 +208,7 @@ def test_plain_losses_keep_their_digits_at_large_logits(offset, device):
 def test_fused_keeps_its_digits_at_large_logits(offset, opts, device):
     h, W, b, y = _exact_logits(offset, seed=1, device=device)
     h.requires_grad_()
-    fused = xent.linear_cross_entropy(h, W, y, bias=b, reduction="none", chunk_size=5, **opts)
+    fused = xent.linear_cross_entropy(h, W, y, linear_bias=b, reduction="none", chunk_size=5, **opts)
     z64 = torch.addmm(b, h.detach(), W.T).double().requires_grad_()
     ref = xent.cross_entropy(z64, y, reduction="none", **opts)  # float64 in, float64 math
     torch.testing.assert_close(fused.double(), ref.detach(), rtol=0, atol=2e-6 + 1e-8 * offset**2 * 1e-6)
@@ -226,7 +226,7 @@ def test_losses_beyond_ce_keep_their_digits(offset, device):
         plain = loss(z, y).double()
         ref = loss(z64, y)  # the same definition in float64 on the same logits
         torch.testing.assert_close(plain, ref, rtol=0, atol=4e-6)
-        fused = xent.linear_loss(h, W, y, bias=b, loss=loss, reduction="none", chunk_size=5)
+        fused = xent.linear_loss(h, W, y, linear_bias=b, loss=loss, reduction="none", chunk_size=5)
         torch.testing.assert_close(fused.double(), ref, rtol=0, atol=4e-6)
 
 

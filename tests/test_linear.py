@@ -58,7 +58,7 @@ def _grads(out, tensors, seed=2):
 def test_fused_equals_plain_float64(opts, reduction, chunk_size, shift, device):
     h, W, b, y = _inputs(device=device)
     o = _opts(opts, W.shape[0], device=device)
-    fused = xent.linear_cross_entropy(h, W, y, bias=b, shift=shift, chunk_size=chunk_size,
+    fused = xent.linear_cross_entropy(h, W, y, linear_bias=b, shift=shift, chunk_size=chunk_size,
                                       reduction=reduction, **o)
     plain = _plain(h, W, b, y, shift, reduction, o)
     assert fused.shape == plain.shape and fused.dtype == torch.float64
@@ -72,7 +72,8 @@ def test_fused_equals_plain_float64(opts, reduction, chunk_size, shift, device):
 def test_fused_float32_against_float64_reference(opts, shift, device):
     h, W, b, y = _inputs(shape=(2, 13), D=16, V=53, seed=3, dtype=torch.float32, device=device)
     o = _opts(opts, 53, torch.float32, device=device)
-    fused = xent.linear_cross_entropy(h, W, y, bias=b, shift=shift, chunk_size=5, reduction="none", **o)
+    fused = xent.linear_cross_entropy(h, W, y, linear_bias=b, shift=shift, chunk_size=5, reduction="none",
+                                      **o)
     logits64 = (h.double() @ W.double().T + b.double()).cpu()  # the float64 reference runs on the CPU
     ref_o = {("weight" if k == "weight_classes" else k): (v.cpu() if torch.is_tensor(v) else v)
              for k, v in o.items()}
@@ -86,14 +87,14 @@ def test_gradcheck_fused(device):
     o = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0}
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda h, W, b, r=reduction: xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=3,
+            lambda h, W, b, r=reduction: xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=3,
                                                                    reduction=r, **o), (h, W, b))
 
 
 def test_all_ignored(device):
     h, W, b, y = _inputs(ignore_frac=1.0, device=device)
     for reduction in ("mean", "sum"):
-        out = xent.linear_cross_entropy(h, W, y, bias=b, reduction=reduction)
+        out = xent.linear_cross_entropy(h, W, y, linear_bias=b, reduction=reduction)
         assert out.item() == 0.0
         for g in torch.autograd.grad(out, (h, W, b)):
             assert torch.equal(g, torch.zeros_like(g))
@@ -112,7 +113,7 @@ def _truth(h, W, b, y):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype, device):
     h, W, b, y = _inputs(shape=(4, 9), D=32, V=101, seed=5, dtype=dtype, device=device)
-    fused = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=7)
+    fused = xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=7)
     assert fused.dtype == torch.float32
     gh, gW, gb = torch.autograd.grad(fused, (h, W, b))
     assert gh.dtype == gW.dtype == gb.dtype == dtype
@@ -138,13 +139,13 @@ def test_half_precision(dtype, device):
 def test_bfloat16_weight_gradient_is_accumulated_in_float32(device):
     """One token per chunk: 512 bfloat16 partial products summed. Accumulated in float32 the error stays
     at one bfloat16 rounding, as with a single chunk; accumulated in bfloat16 it would grow with every add.
-    (On CUDA the GEMM writes float32 itself: xent._linear.float_out_mm.)"""
+    (On CUDA the GEMM writes float32 itself: xent._engine.float_out_mm.)"""
     h, W, b, y = _inputs(shape=(512,), D=16, V=64, seed=14, ignore_frac=0.0, dtype=torch.bfloat16,
                          device=device)
     _, (_, gW64, gb64), _ = _truth(h, W, b, y)
     errors = {}
     for chunk in (1, 512):
-        out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=chunk)
+        out = xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=chunk)
         gW, gb = torch.autograd.grad(out, (W, b))
         errors[chunk] = [((g.double() - r).norm() / r.norm()).item() for g, r in ((gW, gW64), (gb, gb64))]
     for many, one in zip(errors[1], errors[512]):
@@ -163,9 +164,9 @@ def test_bfloat16_weight_gradient_is_accumulated_in_float32(device):
 def test_float16_matmuls_do_not_flush_small_gradients(monkeypatch):
     """Where float16 is projected in float16 (CUDA), p·(1/N) would underflow in a float16 buffer; the
     chunk gradient is formed at unit scale instead. Forced on CPU here."""
-    import xent._linear
+    import xent._engine._plan
 
-    monkeypatch.setattr(xent._linear, "matmul_dtype", lambda dtype, device: dtype)
+    monkeypatch.setattr(xent._engine._plan, "matmul_dtype", lambda dtype, device: dtype)
     N, D, V = 4096, 8, 8000
     g = torch.Generator().manual_seed(15)
     # nearly flat logits (p_j ≈ 1/V, so p_j/N ≈ 3e-8 is below float16's smallest step) and hidden states
@@ -175,7 +176,7 @@ def test_float16_matmuls_do_not_flush_small_gradients(monkeypatch):
     W = (0.01 * torch.randn(V, D, generator=g)).half().requires_grad_(True)
     b = torch.zeros(V, dtype=torch.float16, requires_grad=True)
     y = torch.randint(0, V, (N,), generator=g)
-    out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=1024)
+    out = xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=1024)
     gh, gW, gb = torch.autograd.grad(out, (h, W, b))
     _, grads64, _ = _truth(h, W, b, y)
     for g, g64 in zip((gh, gW, gb), grads64):
@@ -188,18 +189,18 @@ def test_float16_matmuls_do_not_flush_small_gradients(monkeypatch):
 def test_row_blocks_never_change_the_result(monkeypatch, reduction, closed_form):
     """The loss sees each chunk a few rows at a time (BLOCK_BYTES): blocks of 1 or 3 rows give the
     numbers of one block, for the closed-form and the autograd path, with the bias gradient."""
-    import xent._linear
+    import xent._engine._backends
 
     class Loss(xent.losses.CrossEntropy):
         has_closed_form_grad = closed_form
 
     h, W, b, y = _inputs(seed=16)
     o = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
-    ref = xent.linear_loss(h, W, y, bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
+    ref = xent.linear_loss(h, W, y, linear_bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
     ref_grads = _grads(ref, (h, W, b))
     for rows in (1, 3):
-        monkeypatch.setattr(xent._linear, "BLOCK_BYTES", rows * 4 * W.shape[0])
-        out = xent.linear_loss(h, W, y, bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
+        monkeypatch.setattr(xent._engine._backends, "BLOCK_BYTES", rows * 4 * W.shape[0])
+        out = xent.linear_loss(h, W, y, linear_bias=b, loss=Loss(**o), chunk_size=10, reduction=reduction)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         for g, r in zip(_grads(out, (h, W, b)), ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
@@ -214,8 +215,8 @@ def test_generic_engine_matches_closed_form(device):
     h, W, b, y = _inputs(seed=6, device=device)
     o = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
     for reduction in ("mean", "none"):
-        a = xent.linear_loss(h, W, y, bias=b, loss=AutogradCE(**o), chunk_size=4, reduction=reduction)
-        c = xent.linear_loss(h, W, y, bias=b, loss=xent.losses.CrossEntropy(**o), chunk_size=4,
+        a = xent.linear_loss(h, W, y, linear_bias=b, loss=AutogradCE(**o), chunk_size=4, reduction=reduction)
+        c = xent.linear_loss(h, W, y, linear_bias=b, loss=xent.losses.CrossEntropy(**o), chunk_size=4,
                              reduction=reduction)
         torch.testing.assert_close(a, c)
         for ga, gc in zip(_grads(a, (h, W, b)), _grads(c, (h, W, b))):
@@ -237,12 +238,12 @@ def test_num_items_and_accumulation(device):
 @given(chunk=st.integers(1, 40), batch=st.integers(1, 4), seed=st.integers(0, 1000))
 def test_chunk_size_and_batch_never_change_the_result(chunk, batch, seed):
     h, W, b, y = _inputs(shape=(batch, 9), seed=seed)
-    ref = xent.linear_cross_entropy(h, W, y, bias=b, shift=True, reduction="none", chunk_size="auto")
-    out = xent.linear_cross_entropy(h, W, y, bias=b, shift=True, reduction="none", chunk_size=chunk)
+    ref = xent.linear_cross_entropy(h, W, y, linear_bias=b, shift=True, reduction="none", chunk_size="auto")
+    out = xent.linear_cross_entropy(h, W, y, linear_bias=b, shift=True, reduction="none", chunk_size=chunk)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     # each sequence alone gives its own row
     for i in range(batch):
-        one = xent.linear_cross_entropy(h[i : i + 1], W, y[i : i + 1], bias=b, shift=True,
+        one = xent.linear_cross_entropy(h[i : i + 1], W, y[i : i + 1], linear_bias=b, shift=True,
                                         reduction="none", chunk_size=chunk)
         torch.testing.assert_close(one[0], ref[i], rtol=1e-12, atol=1e-12)
 
@@ -272,7 +273,7 @@ def test_never_allocates_tokens_by_vocab(reduction):
     N, D, V = 96, 16, 500
     h, W, b, y = _inputs(shape=(N,), D=D, V=V, seed=8, ignore_frac=0.0, dtype=torch.float32)
     with _Recorder() as rec:
-        out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=16, reduction=reduction)
+        out = xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=16, reduction=reduction)
         torch.autograd.grad(out.sum(), (h, W, b))
     assert rec.max_numel <= 16 * V < N * V
     # the positive control: the plain path does allocate [N, V]
@@ -286,19 +287,19 @@ def test_ignored_tokens_are_dropped_before_the_projection():
     h, W, b, y = _inputs(shape=(N,), D=D, V=V, seed=9, ignore_frac=0.0, dtype=torch.float32)
     y[::4] = -100  # 30 valid tokens
     with _Recorder() as rec:
-        xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=1000)
+        xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=1000)
     # D=8 and V=64 are the other dimensions: the token dimension of every matmul is 30, never 40
     assert rec.mm_dims == {30, 8, 64}
     y[:] = -100
     with _Recorder() as rec:
-        xent.linear_cross_entropy(h, W, y, bias=b)
+        xent.linear_cross_entropy(h, W, y, linear_bias=b)
     assert rec.mm_rows == []
 
 
 def test_no_grad_does_one_matmul():
     h, W, b, y = _inputs(shape=(20,), seed=10, ignore_frac=0.0, dtype=torch.float32)
     with torch.no_grad(), _Recorder() as rec:
-        xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=1000)
+        xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=1000)
     assert len(rec.mm_rows) == 1
 
 
@@ -306,7 +307,8 @@ def test_module():
     h, W, b, y = _inputs(seed=11)
     mod = xent.nn.LinearCrossEntropyLoss(label_smoothing=0.1, shift=True)
     torch.testing.assert_close(mod(h, W, y, bias=b),
-                               xent.linear_cross_entropy(h, W, y, bias=b, label_smoothing=0.1, shift=True))
+                               xent.linear_cross_entropy(h, W, y, linear_bias=b, label_smoothing=0.1,
+                                                         shift=True))
 
 
 def test_bad_input():
@@ -316,7 +318,7 @@ def test_bad_input():
     with pytest.raises(TypeError, match="weight dtype torch.float64 must equal hidden dtype torch.float32"):
         xent.linear_cross_entropy(h, W.double(), y)
     with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \[37\]"):
-        xent.linear_cross_entropy(h, W, y, bias=b[:3])
+        xent.linear_cross_entropy(h, W, y, linear_bias=b[:3])
     bad = y.clone()
     bad[0, 0] = 37
     with pytest.raises(ValueError, match=r"the first is 37"):
@@ -325,8 +327,8 @@ def test_bad_input():
         xent.linear_cross_entropy(h, W, y, chunk_size=0)
     with pytest.raises(TypeError, match="loss must be a xent.losses.TokenLoss"):
         xent.linear_loss(h, W, y, loss=torch.nn.CrossEntropyLoss())
-    with pytest.raises(ValueError, match=r"weight_classes must have shape \[V\] = \[37\]"):
-        xent.linear_cross_entropy(h, W, y, weight_classes=torch.ones(5))
+    with pytest.raises(ValueError, match=r"^weight must have shape \[V\] = \[37\]"):
+        xent.linear_cross_entropy(h, W, y, weight=torch.ones(5))
 
 
 def test_torch_compile_model_calling_it():
@@ -355,8 +357,8 @@ def test_torch_compile_model_calling_it():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     h, W, b, y = _inputs(shape=(4, 33), D=64, V=1000, seed=12, dtype=torch.float32)
-    cpu = xent.linear_cross_entropy(h, W, y, bias=b, shift=True, label_smoothing=0.1)
-    cuda = xent.linear_cross_entropy(h.cuda(), W.cuda(), y.cuda(), bias=b.cuda(), shift=True,
+    cpu = xent.linear_cross_entropy(h, W, y, linear_bias=b, shift=True, label_smoothing=0.1)
+    cuda = xent.linear_cross_entropy(h.cuda(), W.cuda(), y.cuda(), linear_bias=b.cuda(), shift=True,
                                      label_smoothing=0.1)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
@@ -364,7 +366,7 @@ def test_cuda_matches_cpu():
 def test_backward_twice_and_scaled_upstream():
     """A second backward (retain_graph) recomputes; an upstream scale multiplies the stored gradients."""
     h, W, b, y = _inputs(seed=13)
-    out = xent.linear_cross_entropy(h, W, y, bias=b, label_smoothing=0.1)
+    out = xent.linear_cross_entropy(h, W, y, linear_bias=b, label_smoothing=0.1)
     plain = xent.cross_entropy(h @ W.T + b, y, label_smoothing=0.1)
     first = torch.autograd.grad(3.0 * out, (h, W, b), retain_graph=True)
     second = torch.autograd.grad(-0.5 * out, (h, W, b))
@@ -375,7 +377,7 @@ def test_backward_twice_and_scaled_upstream():
 
 
 def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch):
-    from xent._linear import auto_chunk_size
+    from xent._engine import auto_chunk_size
 
     monkeypatch.delenv("XENT_CHUNK_MB", raising=False)
     # the budget's tokens, rounded down to a multiple of 64 (CHUNK_ALIGN: the GEMMs' row blocks)
@@ -400,26 +402,26 @@ def test_auto_chunk_size_is_a_memory_budget_in_the_projection_dtype(monkeypatch)
 def test_row_blocks_in_bfloat16(monkeypatch):
     """Half logits are copied to a float32 block buffer: blocks of any size fit it, including a last
     chunk whose single block is larger than the first chunk's blocks (5 tokens → 3 + 2, then 4 → 4)."""
-    import xent._linear
+    import xent._engine._backends as backends
 
     h, W, b, y = _inputs(shape=(9,), D=16, V=40, seed=17, ignore_frac=0.0, dtype=torch.bfloat16)
-    ref = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=5, reduction="none")
+    ref = xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=5, reduction="none")
     ref_grads = _grads(ref.float(), (h, W, b))
-    monkeypatch.setattr(xent._linear, "BLOCK_BYTES", 4 * 4 * W.shape[0])
-    assert [(s.start, s.stop) for s in xent._linear._blocks(5, 40)] == [(0, 3), (3, 5)]
-    assert [(s.start, s.stop) for s in xent._linear._blocks(4, 40)] == [(0, 4)]
-    out = xent.linear_cross_entropy(h, W, y, bias=b, chunk_size=5, reduction="none")
+    monkeypatch.setattr(backends, "BLOCK_BYTES", 4 * 4 * W.shape[0])
+    assert [(s.start, s.stop) for s in backends.row_blocks(5, 40)] == [(0, 3), (3, 5)]
+    assert [(s.start, s.stop) for s in backends.row_blocks(4, 40)] == [(0, 4)]
+    out = xent.linear_cross_entropy(h, W, y, linear_bias=b, chunk_size=5, reduction="none")
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for g, r in zip(_grads(out.float(), (h, W, b)), ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)
 
 
 def test_kept_chunk_buffer_carries_nothing_between_calls(monkeypatch):
-    """The CPU chunk buffer kept between calls (_chunk_buffer): calls of other shapes and dtypes in any
+    """The CPU chunk buffer kept between calls (chunk_buffer): calls of other shapes and dtypes in any
     order, and calls from two threads at once, give what a fresh buffer gives."""
     import threading
 
-    from xent import _linear
+    from xent._engine import _project as _linear
 
     def run(seed, n, V, dtype):
         h, W, _, y = _inputs(shape=(n,), D=8, V=V, ignore_frac=0.2, dtype=dtype, seed=seed)

@@ -91,7 +91,7 @@ def test_plain_matches_loop_reference(opts, shift):
 @pytest.mark.parametrize("opts", OPTIONS, ids=str)
 def test_fused_matches_reference_and_plain(opts, shift, chunk_size, with_entropy):
     h, W, b, y = _head(seed=3)
-    fused = xent.linear_log_probs(h, W, y, bias=b, shift=shift, chunk_size=chunk_size,
+    fused = xent.linear_log_probs(h, W, y, linear_bias=b, shift=shift, chunk_size=chunk_size,
                                   with_entropy=with_entropy, **opts)
     plain = xent.log_probs(h @ W.T + b, y, shift=shift, with_entropy=with_entropy, **opts)
     ref = ref_log_probs(h @ W.T + b, y, shift=shift, **opts)
@@ -119,7 +119,7 @@ def test_gradcheck_plain_and_fused():
     for with_entropy in (False, True):
         assert torch.autograd.gradcheck(
             lambda h, W, bias, e=with_entropy: xent.linear_log_probs(
-                h, W, y, bias=bias, temperature=1.3, softcap=2.5, chunk_size=2, with_entropy=e),
+                h, W, y, linear_bias=bias, temperature=1.3, softcap=2.5, chunk_size=2, with_entropy=e),
             (h, W, bias))
 
 
@@ -140,21 +140,21 @@ def test_chunk_size_never_changes_the_result(chunk, seed, with_entropy):
 
 
 def test_ignored_positions_are_zero_with_zero_gradient_and_never_projected():
-    import xent._linear as engine
+    import xent._engine._loop as engine
 
     h, W, b, y = _head(seed=5)
-    rows_projected, original = [], engine._project
+    rows_projected, original = [], engine.project
 
     def spy(hh, ww, bb, out=None):
         rows_projected.append(hh.shape[0])
         return original(hh, ww, bb, out=out)
 
-    engine._project = spy
+    engine.project = spy
     try:
-        lp, ent = xent.linear_log_probs(h, W, y, bias=b, with_entropy=True, chunk_size=1000)
+        lp, ent = xent.linear_log_probs(h, W, y, linear_bias=b, with_entropy=True, chunk_size=1000)
         (gh,) = torch.autograd.grad(_sum_with((lp, ent)), h)
     finally:
-        engine._project = original
+        engine.project = original
     ignored = y == -100
     assert not lp[ignored].any() and not ent[ignored].any() and not gh[ignored].any()
     assert rows_projected == [int((~ignored).sum())] * 2  # forward, then backward recomputes
@@ -163,7 +163,7 @@ def test_ignored_positions_are_zero_with_zero_gradient_and_never_projected():
 def test_entropy_alone_and_backward_twice():
     """Differentiating one output only, and a second backward (retain_graph), both recompute exactly."""
     h, W, b, y = _head(seed=6)
-    lp, ent = xent.linear_log_probs(h, W, y, bias=b, with_entropy=True, chunk_size=4)
+    lp, ent = xent.linear_log_probs(h, W, y, linear_bias=b, with_entropy=True, chunk_size=4)
     (g1,) = torch.autograd.grad(ent.sum(), h, retain_graph=True)
     (g2,) = torch.autograd.grad(ent.sum(), h)
     _, ref_ent = ref_log_probs(h @ W.T + b, y)
@@ -193,7 +193,7 @@ def test_masked_logits():
     W = torch.where(torch.isfinite(x), x, 0.0).T.contiguous().requires_grad_()
     bias = torch.zeros(V_, dtype=torch.float64)
     bias[5] = -math.inf
-    fused = xent.linear_log_probs(h, W, y, bias=bias, with_entropy=True, chunk_size=2)
+    fused = xent.linear_log_probs(h, W, y, linear_bias=bias, with_entropy=True, chunk_size=2)
     torch.testing.assert_close(fused, (lp, ent), rtol=1e-12, atol=1e-13)
     gh, gw = torch.autograd.grad(_sum_with(fused), (h, W))
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
@@ -205,7 +205,7 @@ def test_low_precision_inputs(dtype):
     """Half inputs: projected in their dtype, log-probs in float32; close to float64 on the same inputs,
     gradients returned in the inputs' dtype."""
     h, W, b, y = _head(seed=8, dtype=dtype)
-    lp, ent = xent.linear_log_probs(h, W, y, bias=b, with_entropy=True, temperature=0.8)
+    lp, ent = xent.linear_log_probs(h, W, y, linear_bias=b, with_entropy=True, temperature=0.8)
     assert lp.dtype == torch.float32
     ref_lp, ref_ent = ref_log_probs((h.double() @ W.double().T + b.double()), y, temperature=0.8)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}

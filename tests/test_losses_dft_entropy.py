@@ -230,7 +230,8 @@ def test_fused_equals_plain(loss, plain, reduction, chunk_size):
     w = torch.rand(3, 6, generator=g, dtype=torch.float64)
     kw = {"reduction": "mean", "num_items": 13} if reduction == "num_items" else {"reduction": reduction}
     for tw in (None, w):
-        fused = xent.linear_loss(h, W, y, loss=loss, bias=b, chunk_size=chunk_size, token_weights=tw, **kw)
+        fused = xent.linear_loss(h, W, y, loss=loss, linear_bias=b, chunk_size=chunk_size, token_weights=tw,
+                                 **kw)
         expected = plain(h @ W.T + b, y, token_weights=tw, **kw)
         torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
         up = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1), dtype=fused.dtype)

@@ -58,7 +58,7 @@ def _grads(out, inputs, seed=1):
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_fused_equals_plain(loss, plain, reduction, chunk_size, device):
     hidden, weight, bias, target = _data(device=device)
-    fused = xent.linear_loss(hidden, weight, target, loss=loss, bias=bias, chunk_size=chunk_size,
+    fused = xent.linear_loss(hidden, weight, target, loss=loss, linear_bias=bias, chunk_size=chunk_size,
                              reduction=reduction)
     expected = plain(hidden @ weight.T + bias, target, reduction=reduction)
     torch.testing.assert_close(fused, expected, atol=1e-12, rtol=1e-12)
@@ -121,6 +121,6 @@ def test_chunk_size_and_padding_never_change_the_result(seed, which, chunk_size,
     hidden, weight, bias, target = _data(seed=seed % 1000)
     flat = target.view(-1)
     flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:n_ignored]] = -100
-    fused = xent.linear_loss(hidden, weight, target, loss=loss, bias=bias, chunk_size=chunk_size)
+    fused = xent.linear_loss(hidden, weight, target, loss=loss, linear_bias=bias, chunk_size=chunk_size)
     expected = plain(hidden @ weight.T + bias, target)
     torch.testing.assert_close(fused, expected, atol=1e-12, rtol=1e-12)

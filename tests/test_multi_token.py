@@ -48,7 +48,8 @@ def test_default_weights_and_loop_reference():
     lam = [1.0, 0.15, 0.15]  # DeepSeek-V3: λ = 0.3 shared by the K − 1 = 2 extra streams
     assert got.item() == pytest.approx(ref_mtp(logits, y, lam), rel=1e-12)
     tw = torch.rand(y.shape, dtype=torch.float64)
-    got = xent.linear_multi_token_loss(hs, W, y, bias=b, weights=[1.0, 0.5, 0.25], token_weights=tw)
+    got = xent.linear_multi_token_loss(hs, W, y, linear_bias=b, stream_weights=[1.0, 0.5, 0.25],
+                                       token_weights=tw)
     assert got.item() == pytest.approx(ref_mtp(logits, y, [1.0, 0.5, 0.25], tw), rel=1e-12)
 
 
@@ -59,7 +60,8 @@ def test_fused_equals_plain(reduction, chunk_size):
     tw = torch.rand(y.shape, dtype=torch.float64)
     opts = dict(weights=[1.0, 0.3, 0.1], loss=xent.losses.CrossEntropy(z_loss=1e-3, softcap=4.0),
                 reduction=reduction, token_weights=tw)
-    fused = xent.linear_multi_token_loss(list(hs.unbind(0)), W, y, bias=b, chunk_size=chunk_size, **opts)
+    fused = xent.linear_multi_token_loss(list(hs.unbind(0)), W, y, linear_bias=b, chunk_size=chunk_size,
+                                         **opts)
     plain = xent.multi_token_loss(hs @ W.T + b, y, **opts)
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
     up = torch.rand(fused.shape, dtype=torch.float64) if fused.dim() else None
@@ -78,14 +80,14 @@ def test_micro_batches_with_per_stream_num_items_add_up():
 
 def test_one_stream_is_the_causal_lm_loss():
     hs, W, b, y = _problem(seed=3)
-    got = xent.linear_multi_token_loss(hs[:1], W, y, bias=b)
-    torch.testing.assert_close(got, xent.linear_cross_entropy(hs[0], W, y, bias=b, shift=True))
+    got = xent.linear_multi_token_loss(hs[:1], W, y, linear_bias=b)
+    torch.testing.assert_close(got, xent.linear_cross_entropy(hs[0], W, y, linear_bias=b, shift=True))
 
 
 def test_bad_input():
     hs, W, b, y = _problem()
     with pytest.raises(ValueError, match="weights must be a sequence of K = 3 numbers"):
-        xent.linear_multi_token_loss(hs, W, y, weights=[1.0, 0.5])
+        xent.linear_multi_token_loss(hs, W, y, stream_weights=[1.0, 0.5])
     with pytest.raises(ValueError, match="num_items must hold one count per stream"):
         xent.linear_multi_token_loss(hs, W, y, num_items=10)
     with pytest.raises(ValueError, match="class weights"):

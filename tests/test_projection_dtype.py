@@ -35,13 +35,13 @@ def _run(fn, tensors):
 
 FUNCTIONS = {
     "linear_cross_entropy": lambda h, W, b, y, **kw: xent.linear_cross_entropy(
-        h, W, y, bias=b, shift=True, z_loss=1e-4, chunk_size=17, **kw),
+        h, W, y, linear_bias=b, shift=True, z_loss=1e-4, chunk_size=17, **kw),
     "linear_cross_entropy_none": lambda h, W, b, y, **kw: xent.linear_cross_entropy(
-        h, W, y, bias=b, reduction="none", chunk_size=17, **kw),
+        h, W, y, linear_bias=b, reduction="none", chunk_size=17, **kw),
     "linear_loss_tailr": lambda h, W, b, y, **kw: xent.linear_loss(
-        h, W, y, bias=b, loss=xent.losses.TaiLr(gamma=0.1), chunk_size=17, **kw),
+        h, W, y, linear_bias=b, loss=xent.losses.TaiLr(gamma=0.1), chunk_size=17, **kw),
     "linear_log_probs": lambda h, W, b, y, **kw: xent.linear_log_probs(
-        h, W, y, bias=b, shift=True, temperature=0.8, with_entropy=True, chunk_size=17, **kw),
+        h, W, y, linear_bias=b, shift=True, temperature=0.8, with_entropy=True, chunk_size=17, **kw),
     "linear_distill_loss": lambda h, W, b, y, **kw: xent.linear_distill_loss(
         h, W, (h * 0.5).detach(), W.detach().flip(0), y, kind="jsd", student_bias=b, chunk_size=17, **kw),
 }

@@ -396,7 +396,7 @@ def _head(seed=17, shape=(3, 7)):
 def test_fused_equals_plain(loss, plain, reduction, chunk_size):
     h, W, b, y, w = _head()
     kw = _reduction_kwargs(reduction)
-    fused = xent.linear_loss(h, W, y, loss=loss, bias=b, chunk_size=chunk_size, token_weights=w, **kw)
+    fused = xent.linear_loss(h, W, y, loss=loss, linear_bias=b, chunk_size=chunk_size, token_weights=w, **kw)
     expected = plain(h @ W.T + b, y, token_weights=w, **kw)
     torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
     for a, c in zip(_grad(fused, (h, W, b)), _grad(expected, (h, W, b))):
@@ -433,20 +433,20 @@ def test_fused_float32_and_backward_twice():
 
 
 def test_zero_weight_tokens_are_dropped_before_the_projection():
-    import xent._linear as engine
+    import xent._engine._loop as engine
 
     h, W, _, y, w = _head(seed=21)
-    shapes, original = [], engine._project
+    shapes, original = [], engine.project
 
     def spy(hh, ww, bb, out=None):
         shapes.append(hh.shape[0])
         return original(hh, ww, bb, out=out)
 
-    engine._project = spy
+    engine.project = spy
     try:
         xent.linear_cross_entropy(h, W, y, token_weights=w, chunk_size=1000).backward()
     finally:
-        engine._project = original
+        engine.project = original
     assert shapes == [int(((y != -100) & (w != 0)).sum())]
 
 
@@ -463,9 +463,10 @@ def test_num_items_micro_batches_sum_to_the_full_batch():
     torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(torch.autograd.grad(parts, x)[0], torch.autograd.grad(full, x)[0],
                                rtol=1e-12, atol=1e-13)
-    fused_full = xent.linear_cross_entropy(h, W, y, bias=b, token_weights=w, label_smoothing=0.1, z_loss=1e-2)
+    fused_full = xent.linear_cross_entropy(h, W, y, linear_bias=b, token_weights=w, label_smoothing=0.1,
+                                           z_loss=1e-2)
     fused_parts = sum(
-        xent.linear_cross_entropy(h[i : i + 2], W, y[i : i + 2], bias=b, token_weights=w[i : i + 2],
+        xent.linear_cross_entropy(h[i : i + 2], W, y[i : i + 2], linear_bias=b, token_weights=w[i : i + 2],
                                   num_items=mass, label_smoothing=0.1, z_loss=1e-2, chunk_size=2)
         for i in (0, 2))
     torch.testing.assert_close(fused_parts, fused_full, rtol=1e-12, atol=1e-13)

@@ -10,15 +10,16 @@ from ._causal import causal_lm_loss, count_items
 from ._linear import linear_cross_entropy, linear_distill_loss, linear_loss, linear_sparse_distill_loss
 from ._logprobs import linear_log_probs, log_probs
 from ._multi_token import linear_multi_token_loss, multi_token_loss
-from ._selective import linear_rho1_loss, rho1_loss
+from ._selective import linear_rho1_loss
 from ._stats import TokenStats
-from .losses._binary import binary_cross_entropy
+from .losses._binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .losses._cross_entropy import cross_entropy
 from .losses._distill import distill_loss
 from .losses._eaft import eaft_loss
 from .losses._emo import emo_loss
 from .losses._focal import focal_loss, poly_loss
 from .losses._regularized import dft_loss, entropy_regularized_loss
+from .losses._rho1 import rho1_loss
 from .losses._sparse_distill import sparse_distill_loss
 from .losses._tailr import gold_loss, tailr_loss
 
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "TokenStats",
     "causal_lm_loss",
     "count_items",
@@ -36,8 +38,11 @@ __all__ = [
     "eaft_loss",
     "emo_loss",
     "entropy_regularized_loss",
+    "eval",
     "focal_loss",
     "gold_loss",
+    "integrations",
+    "keras",
     "linear_cross_entropy",
     "linear_distill_loss",
     "linear_log_probs",
@@ -49,10 +54,12 @@ __all__ = [
     "losses",
     "multi_token_loss",
     "nn",
+    "parallel",
     "poly_loss",
     "rho1_loss",
     "sparse_distill_loss",
     "tailr_loss",
+    "train",
 ]
 
 

@@ -49,6 +49,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     *,
     ignore_index: int = -100,
+    num_items=None,
     num_items_in_batch=None,
     shift_labels: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -71,9 +72,15 @@ def causal_lm_loss(
     reduction="none" returns ``[B, T−1]`` (``[B, T]`` with shift_labels): the loss of predicting each
     next token, 0 where ignored. ``return_stats=True`` returns ``(loss, stats)`` (:class:`xent.TokenStats`,
     as :func:`xent.cross_entropy`). ``token_weights`` are shaped like ``labels`` (like ``shift_labels`` when
-    given) and shifted like them: the weight of label t+1 weighs the prediction of position t. Other
-    options as :func:`xent.cross_entropy`.
+    given) and shifted like them: the weight of label t+1 weighs the prediction of position t.
+    ``num_items`` as :func:`xent.cross_entropy`; ``num_items_in_batch`` is the same argument under the name
+    transformers passes it (give one of them). Other options as :func:`xent.cross_entropy`.
     """
+    if num_items is not None and num_items_in_batch is not None:
+        raise TypeError("causal_lm_loss takes num_items or num_items_in_batch (its transformers name), "
+                        "not both")
+    num_items = num_items_in_batch if num_items is None else num_items
+    V.check_flags(return_stats=return_stats)
     V.check_logits(logits)
     if shift_labels is None:
         if not isinstance(labels, torch.Tensor):
@@ -96,7 +103,7 @@ def causal_lm_loss(
             target = _mask_shift_labels(target, position_ids.to(target.device), ignore_index)
     return cross_entropy(
         logits, target, ignore_index=ignore_index, reduction=reduction, weight=weight,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, num_items=num_items_in_batch,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, num_items=num_items,
         token_weights=token_weights, return_stats=return_stats,
     )
 
@@ -118,6 +125,7 @@ def count_items(
     of a step (sum the counts) and over every rank, and the sum of the per-micro-batch, per-rank losses
     computed with ``num_items`` equals the full-batch mean exactly.
     """
+    V.check_flags(shift=shift)
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
         raise TypeError("labels must be an integer tensor")
     target = labels

@@ -1,6 +1,6 @@
 """Token log-probabilities (and entropies) for RL: log q_y with q = softmax(cap(z)/T), differentiable.
 
-:func:`linear_log_probs` runs the fused engine of :mod:`xent._linear` (never the [N, V] logits) with a
+:func:`linear_log_probs` runs the fused engine of :mod:`xent._engine` (never the [N, V] logits) with a
 per-token "loss" of two values, log q_y and H(q); :func:`log_probs` is its plain twin on materialised
 logits. docs/REFERENCE.md §3 ("Token log-probs").
 """
@@ -11,14 +11,7 @@ import torch
 
 from . import _validate as V
 from ._compile import compiler_disable
-from ._linear import (
-    _check_linear,
-    _LinearLoss,
-    _Plan,
-    _valid_rows,
-    chunk_tokens,
-    projection_dtype_for,
-)
+from ._linear import RENAMED, fused_call, fused_loss
 from ._reduce import apply_token_loss, check_common
 from .losses._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
 
@@ -39,9 +32,10 @@ class TokenLogProb(TokenLoss):
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None, with_entropy: bool = False):
         super().__init__(softcap=softcap)
+        V.check_flags(with_entropy=with_entropy)
         check_temperature(temperature)
         self.temperature = float(temperature)
-        self.with_entropy = bool(with_entropy)
+        self.with_entropy = with_entropy
         self.num_outputs = 2 if self.with_entropy else 1
 
     def token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -98,6 +92,7 @@ def log_probs(
         >>> xent.log_probs(x, torch.tensor([0, -100, 2]))  # −(cross-entropy) per token
         tensor([-0.4170,  0.0000, -0.6041])
     """
+    V.check_flags(shift=shift, with_entropy=with_entropy)
     V.check_options(softcap=softcap)
     V.check_logits(logits)
     if shift:
@@ -115,10 +110,10 @@ def log_probs(
 @compiler_disable
 def linear_log_probs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
+    linear_weight: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
     *,
-    bias: torch.Tensor | None = None,
+    linear_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     shift: bool = False,
@@ -126,19 +121,22 @@ def linear_log_probs(
     with_entropy: bool = False,
     ignore_index: int = -100,
     projection_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    **deprecated,
 ):
-    r"""Per-token log q_y of ``hidden @ weight.T + bias`` without ever holding the [N, V] logits.
+    r"""Per-token log q_y of ``hidden @ linear_weight.T + linear_bias`` without the [N, V] logits.
 
-    Same values and gradients (for hidden, weight and bias) as
-    ``xent.log_probs(hidden @ weight.T + bias, target, ...)``: q = softmax(cap(z)/T), a tensor shaped
-    like the target (``target[..., 1:]`` with ``shift``), 0 at ignored positions (which are dropped
-    before the projection); with ``with_entropy=True`` the pair (log-probs, entropies H(q)), both
-    differentiable. The gradient is closed-form (∂log q_y/∂z = (onehot − q)/T, ∂H/∂z_i =
+    Same values and gradients (for hidden, linear_weight and linear_bias) as
+    ``xent.log_probs(hidden @ linear_weight.T + linear_bias, target, ...)``: q = softmax(cap(z)/T), a
+    tensor shaped like the target (``target[..., 1:]`` with ``shift``), 0 at ignored positions (which
+    are dropped before the projection); with ``with_entropy=True`` the pair (log-probs, entropies H(q)),
+    both differentiable. The gradient is closed-form (∂log q_y/∂z = (onehot − q)/T, ∂H/∂z_i =
     −q_i(log q_i + H)/T, times 1 − tanh² under soft-capping) and computed in backward, one chunk of
-    logits at a time (the forward is one matmul per chunk). Shapes, ``shift`` and ``chunk_size`` as
-    :func:`xent.linear_loss`. ``projection_dtype=torch.float32`` projects half inputs in float32 (the
-    log-probs of the float32 computation on the upcast inputs; see :func:`xent.linear_loss`). First-order
-    only (no double backward).
+    logits at a time (the forward is one matmul per chunk). Shapes, ``shift``, ``chunk_size`` and
+    ``backend`` as :func:`xent.linear_loss` (``bias=`` is the old spelling of ``linear_bias``).
+    ``projection_dtype=torch.float32`` projects half inputs in float32 (the log-probs of the float32
+    computation on the upcast inputs; see :func:`xent.linear_loss`). First-order only (no double
+    backward).
 
     Example (a policy-gradient step with an entropy bonus; ``labels`` −100 outside the completion)::
 
@@ -147,17 +145,12 @@ def linear_log_probs(
         n = (labels[:, 1:] != -100).sum()
         loss = -(advantages[:, 1:] * logp).sum() / n - 0.01 * entropy.sum() / n
     """
+    V.head_weight("linear_log_probs", linear_weight, deprecated.pop("weight", None), class_weights=False)
+    given = V.take_deprecated("linear_log_probs", deprecated, RENAMED, {"linear_bias": linear_bias})
+    V.check_flags(shift=shift, with_entropy=with_entropy)
     V.check_options(softcap=softcap)
     loss = TokenLogProb(temperature=temperature, softcap=softcap, with_entropy=with_entropy)
-    _check_linear(hidden, weight, bias, target, ignore_index, shift)
-    V.check_chunk_size(chunk_size)
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    rows, tgt, positions, out_shape, _ = _valid_rows(hidden, target, ignore_index, shift)
-    n, num_classes = rows.numel(), weight.shape[0]
-    mm = projection_dtype_for(hidden, projection_dtype)
-    chunk = chunk_tokens(chunk_size, n, num_classes, mm.itemsize, hidden.device)
-    plan = _Plan(loss, rows, tgt, chunk, dtype, (), mm)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    out = _LinearLoss.apply(hidden2d, weight, bias, plan, out_shape, positions, None, False)
-    return _split(out, with_entropy)
-
+    call = fused_call(hidden, linear_weight, target, linear_bias=given["linear_bias"], shift=shift,
+                      chunk_size=chunk_size, ignore_index=ignore_index, reduction="none",
+                      projection_dtype=projection_dtype, backend=backend)
+    return _split(fused_loss(call, loss), with_entropy)

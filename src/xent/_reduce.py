@@ -95,6 +95,13 @@ def sum_token_stats(per_token: torch.Tensor, stats: torch.Tensor, valid: torch.T
     )
 
 
+def top_fraction_count(n: int, ratio: float) -> int:
+    """How many of n valid tokens :func:`select_top_fraction` keeps: ⌊ratio·n⌋, at least 1 when n > 0 and
+    ratio > 0 (a training step that sums these over micro-batches gets Rho-1's num_items)."""
+    count = min(n, int(ratio * n + 1e-6)) if n else 0  # +1e-6: 0.29·100 is 28.999999999999996 in floats
+    return max(count, 1) if n and ratio > 0.0 else count
+
+
 def select_top_fraction(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
     """Rho-1's selection: a bool mask shaped like ``scores`` holding the ⌊ratio·n⌋ valid tokens with the
     largest scores (n the number of valid tokens; at least 1 when n > 0 and ratio > 0); ties in stable
@@ -106,10 +113,7 @@ def select_top_fraction(scores: torch.Tensor, valid: torch.Tensor, ratio: float)
     if torch.isnan(picked).any():
         raise ValueError(f"the selection scores (excess losses) have {int(torch.isnan(picked).sum())} NaN "
                          "value(s) at valid tokens")
-    n = idx.numel()
-    count = min(n, int(ratio * n + 1e-6)) if n else 0  # +1e-6: 0.29·100 is 28.999999999999996 in floats
-    if n and ratio > 0.0:
-        count = max(count, 1)
+    count = top_fraction_count(idx.numel(), ratio)
     order = torch.sort(picked, descending=True, stable=True).indices[:count]
     mask = torch.zeros(flat_valid.shape, dtype=torch.bool, device=scores.device)
     mask[idx[order]] = True
@@ -160,10 +164,12 @@ def apply_token_loss(
     if reduction == "mean":
         loss = mean_loss(loss, valid, num_items, class_weight, z.dtype, tw)
     per_token = loss(z, safe, *extra)  # [...], or [..., K] for a loss with K values per token
+    # valid [...] broadcast over the K values; a shape tuple, not unpacked sizes: view() of no sizes is an
+    # error, and an unbatched call (logits [V], a 0-d target, as torch takes it) has valid.shape == ().
     extra_dims = (1,) * (per_token.dim() - valid.dim())
     if tw is not None:
-        per_token = per_token * tw.view(*tw.shape, *extra_dims)
-    per_token = torch.where(valid.view(*valid.shape, *extra_dims), per_token, torch.zeros_like(per_token))
+        per_token = per_token * tw.view(tw.shape + extra_dims)
+    per_token = torch.where(valid.view(valid.shape + extra_dims), per_token, torch.zeros_like(per_token))
     result = reduce_tokens(per_token, valid, reduction, num_items, denominator_weight(class_weight, tw))
     if not return_stats:
         return result

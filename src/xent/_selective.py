@@ -11,112 +11,23 @@ the reference losses given; one matmul more per token with a reference head).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import _validate as V
 from ._compile import compiler_disable
-from ._linear import linear_loss
-from ._reduce import apply_token_loss, check_common, select_top_fraction
-from .losses._base import TokenLoss, nll_and_shift
-from .losses._cross_entropy import CrossEntropy
-
-#: The fraction of tokens Rho-1 trains on: 60% for its 1B model in the paper's math continual
-#: pretraining (70% for 7B).
-DEFAULT_RATIO = 0.6
-
-
-class Rho1(CrossEntropy):
-    r"""Rho-1 selective language modelling (Lin et al., NeurIPS 2024, "Rho-1: Not All Tokens Are What You
-    Need", arXiv 2404.07965).
-
-    .. math:: e_t = \mathrm{CE}_\theta(t) - \mathrm{CE}_{\mathrm{ref}}(t), \qquad
-              L = \frac{1}{|S|}\sum_{t \in S} \mathrm{CE}_\theta(t), \quad
-              S = \text{the } \lfloor k\,n \rfloor \text{ valid tokens of largest } e_t
-
-    The per-token loss is cross-entropy (soft-capped when ``softcap`` is set); the selection is over a
-    whole call, so this object is used by :func:`xent.rho1_loss` and :func:`xent.linear_rho1_loss`, not by
-    :func:`xent.linear_loss` (which refuses it). ``ratio`` k: 0.6 as the paper's 1B model (0.7 for 7B).
-    Ties in e_t: stable order (the earlier token first). Gradients reach the selected tokens only; the
-    selection itself is not differentiated.
-    """
-
-    selects_tokens = True
-
-    def __init__(self, *, ratio: float = DEFAULT_RATIO, softcap: float | None = None):
-        super().__init__(softcap=softcap)
-        V.check_range("ratio", ratio, 0.0, 1.0)
-        self.ratio = float(ratio)
-
-    def as_cross_entropy(self) -> CrossEntropy:
-        return CrossEntropy(softcap=self.softcap)
-
-    def __repr__(self) -> str:
-        return f"Rho1(ratio={self.ratio!r}, softcap={self.softcap!r})"
-
-
-class _Excess(TokenLoss):
-    """CE_θ − CE_ref per token, from the model's and the reference's logits (both soft-capped alike):
-    the selection score of the fused path's first pass with a reference head."""
-
-    num_extra = 1
-
-    def __call__(self, logits, target, ref_logits):
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-            ref_logits = self.softcap * torch.tanh(ref_logits / self.softcap)
-        return nll_and_shift(logits, target)[0] - nll_and_shift(ref_logits.to(logits.dtype), target)[0]
-
-
-def _check_ref_losses(ref_losses, shape):
-    V.check_floating("ref_losses", ref_losses)
-    if tuple(ref_losses.shape) != tuple(shape):
-        raise ValueError(f"ref_losses shape {tuple(ref_losses.shape)} must equal the target shape "
-                         f"{tuple(shape)}")
-
-
-def rho1_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    ref_losses: torch.Tensor,
-    *,
-    ratio: float = DEFAULT_RATIO,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items=None,
-    token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rho-1 loss of logits ``[..., V]`` against ids ``[...]``: cross-entropy on the ⌊ratio·n⌋ valid tokens
-    whose excess CE_θ − ``ref_losses`` is largest; see :class:`xent.losses.Rho1`.
-
-    ``ref_losses`` ``[...]`` (shaped like ``target``): the reference model's per-token cross-entropy,
-    e.g. ``xent.cross_entropy(ref_logits, target, reduction="none")``. ``reduction="mean"`` divides by
-    the number of selected tokens (by Σ w_t over them with ``token_weights``, which multiply the selected
-    tokens' losses; a token of weight 0 is never selected). ``num_items`` replaces that denominator: for
-    gradient accumulation pass the selected-token count of the whole step (each call selects
-    ⌊ratio·n⌋ of its own n valid tokens). ``"none"``: CE at the selected tokens, 0 elsewhere.
-    """
-    loss = Rho1(ratio=ratio, softcap=softcap)
-    check_common(logits, target, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-                 token_weights=token_weights)
-    _check_ref_losses(ref_losses, target.shape)
-    ce = loss.as_cross_entropy()
-    with torch.no_grad():
-        own = apply_token_loss(ce, logits, target, ignore_index=ignore_index, reduction="none")
-    valid = target != ignore_index
-    if token_weights is not None:
-        valid = valid & (token_weights != 0)
-    selected = select_top_fraction(own - ref_losses.detach().to(own.dtype), valid, loss.ratio)
-    weights = selected.to(own.dtype) if token_weights is None else torch.where(selected, token_weights, 0.0)
-    return apply_token_loss(ce, logits, target, ignore_index=ignore_index, reduction=reduction,
-                            num_items=num_items, token_weights=weights)
+from ._engine import check_head
+from ._linear import RENAMED, fused_call, fused_loss
+from ._reduce import select_top_fraction
+from .losses._rho1 import DEFAULT_RATIO, Excess, Rho1, check_ref_losses
 
 
 @compiler_disable
 def linear_rho1_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
+    linear_weight: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
     *,
     ref_losses: torch.Tensor | None = None,
     ref_hidden: torch.Tensor | None = None,
@@ -124,7 +35,7 @@ def linear_rho1_loss(
     ref_bias: torch.Tensor | None = None,
     ratio: float = DEFAULT_RATIO,
     softcap: float | None = None,
-    bias: torch.Tensor | None = None,
+    linear_bias: torch.Tensor | None = None,
     shift: bool = False,
     chunk_size: int | str = "auto",
     ignore_index: int = -100,
@@ -132,49 +43,49 @@ def linear_rho1_loss(
     num_items=None,
     token_weights: torch.Tensor | None = None,
     projection_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    **deprecated,
 ) -> torch.Tensor:
-    """:func:`xent.rho1_loss` of ``hidden @ weight.T + bias`` without the logits, in two passes (module
-    docstring): a forward pass without gradient for every token's CE, the selection, then the fused
-    cross-entropy on the selected tokens only.
+    """:func:`xent.rho1_loss` of ``hidden @ linear_weight.T + linear_bias`` without the logits, in two
+    passes (module docstring): a forward pass without gradient for every token's CE, the selection, then
+    the fused cross-entropy on the selected tokens only.
 
     The reference comes as ``ref_losses`` (per-token CE shaped like ``target``, shifted like it), or as a
     reference head ``ref_hidden`` ``[..., D_r]`` (positions as ``hidden``), ``ref_weight`` ``[V, D_r]``,
     ``ref_bias``: then the first pass projects both heads per chunk (the reference without gradient, as
     :func:`xent.linear_distill_loss` projects a teacher), soft-capped alike. Other arguments as
-    :func:`xent.linear_cross_entropy`.
+    :func:`xent.linear_cross_entropy` (``bias=`` is the old spelling of ``linear_bias``).
     """
-    from ._linear import _check_head, _check_linear
-
+    V.head_weight("linear_rho1_loss", linear_weight, deprecated.pop("weight", None), class_weights=False)
+    given = V.take_deprecated("linear_rho1_loss", deprecated, RENAMED, {"linear_bias": linear_bias})
     loss = Rho1(ratio=ratio, softcap=softcap)
-    V.check_reduction(reduction)
-    V.check_num_items(num_items, reduction)
-    _check_linear(hidden, weight, bias, target, ignore_index, shift)
-    V.check_token_weights(token_weights, target.shape)
+    call = fused_call(hidden, linear_weight, target, linear_bias=given["linear_bias"], shift=shift,
+                      chunk_size=chunk_size, ignore_index=ignore_index, reduction=reduction,
+                      num_items=num_items, token_weights=token_weights, projection_dtype=projection_dtype,
+                      backend=backend)
     if (ref_losses is None) == (ref_weight is None) or (ref_weight is None) != (ref_hidden is None):
         raise ValueError("give the reference as ref_losses, or as ref_hidden and ref_weight (not both)")
     heads = ()
     if ref_weight is not None:
-        _check_head(ref_hidden, ref_weight, ref_bias, shift, "ref_hidden", "ref_weight", "ref_bias")
-        if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.shape[0] != weight.shape[0]:
+        check_head(ref_hidden, ref_weight, ref_bias, shift, "ref_hidden", "ref_weight", "ref_bias")
+        if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.shape[0] != linear_weight.shape[0]:
             raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} / ref_weight shape "
                              f"{tuple(ref_weight.shape)} must match hidden {tuple(hidden.shape)} on every "
-                             f"dimension but the last and weight's vocabulary size {weight.shape[0]}")
+                             f"dimension but the last and linear_weight's vocabulary size "
+                             f"{linear_weight.shape[0]}")
         heads = ((ref_hidden, ref_weight, ref_bias),)
     else:
-        _check_ref_losses(ref_losses, target.shape)
+        check_ref_losses(ref_losses, target, ignore_index, shift)
     tgt = target[..., 1:] if shift else target
     tw = None if token_weights is None else (token_weights[..., 1:] if shift else token_weights)
-    common = dict(bias=bias, shift=shift, chunk_size=chunk_size, ignore_index=ignore_index,
-                  projection_dtype=projection_dtype)
     # pass 1 scores every valid token, unweighted (weight-0 tokens are skipped as in every pass)
     keep = None if token_weights is None else (token_weights != 0).to(token_weights.dtype)
+    scoring = replace(call, reduction="none", num_items=None, token_weights=keep)
     with torch.no_grad():  # one matmul per head and chunk
         if heads:
-            excess = linear_loss(hidden, weight, target, loss=_Excess(softcap=softcap), reduction="none",
-                                 token_weights=keep, _extra_heads=heads, **common)
+            excess = fused_loss(scoring, Excess(softcap=softcap), extra_heads=heads)
         else:
-            own = linear_loss(hidden, weight, target, loss=loss.as_cross_entropy(), reduction="none",
-                              token_weights=keep, **common)
+            own = fused_loss(scoring, loss.as_cross_entropy())
             ref = ref_losses[..., 1:] if shift else ref_losses
             excess = own - ref.detach().to(own.dtype)
     valid = tgt != ignore_index
@@ -184,5 +95,4 @@ def linear_rho1_loss(
     weights = selected.to(excess.dtype) if tw is None else torch.where(selected, tw, 0.0).to(excess.dtype)
     if shift:  # token_weights are shaped like target (the first position's weight is unused)
         weights = torch.cat([torch.zeros_like(weights[..., :1]), weights], dim=-1)
-    return linear_loss(hidden, weight, target, loss=loss.as_cross_entropy(), reduction=reduction,
-                       num_items=num_items, token_weights=weights, **common)
+    return fused_loss(replace(call, token_weights=weights), loss.as_cross_entropy())

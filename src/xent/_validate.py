@@ -122,6 +122,14 @@ def check_number(name: str, value) -> float:
     return float(value)
 
 
+def check_flags(**flags) -> None:
+    """Each keyword a boolean option (``return_stats=...``, ``shift=...``): exactly True or False. A string,
+    a number or a tensor is refused rather than read by its truth value (``with_entropy="no"`` is true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+
+
 def check_chunk_size(chunk_size) -> None:
     ok = chunk_size == "auto" if isinstance(chunk_size, str) else (
         isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1)
@@ -187,3 +195,36 @@ def check_token_weights(token_weights, shape, *, name: str = "token_weights", li
         raise ValueError(
             f"{name} has {n_bad} non-finite value(s) (the first is {first}); every weight must be finite"
         )
+
+
+def take_deprecated(fn: str, deprecated: dict, renames: dict, given: dict) -> dict:
+    """The values of old keyword spellings: ``deprecated`` holds the keywords a function received that it
+    does not name (its ``**deprecated``), ``renames`` maps an old spelling to its name now, ``given`` the
+    new names' values. Returns ``given`` with each old spelling moved to its new name, each with a
+    DeprecationWarning; a TypeError for an unknown keyword or a value given under both names."""
+    import warnings
+
+    out = dict(given)
+    for old, value in deprecated.items():
+        new = renames.get(old)
+        if new not in given:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {old!r}")
+        if out.get(new) is not None:
+            raise TypeError(f"{fn}() got {new!r} and its old spelling {old!r}: give {new!r} only")
+        warnings.warn(f"{fn}({old}=...) is deprecated: use {new}=", DeprecationWarning, stacklevel=3)
+        out[new] = value
+    return out
+
+
+def head_weight(fn: str, linear_weight, weight, class_weights: bool = True) -> None:
+    """A fused function's head is ``linear_weight``: a 2-D ``weight=`` without it is the old spelling of
+    the head (``weight`` is the class weights, as in torch), a one-line error; so is any ``weight=`` to a
+    function without class weights (``class_weights`` False: they belong to its loss object)."""
+    if linear_weight is None:
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            raise TypeError(f"{fn}: the head is linear_weight (weight= is the [V] class weights, as in "
+                            "torch); pass it as linear_weight= or positionally")
+        raise TypeError(f"{fn}() missing the head: linear_weight [V, D]")
+    if weight is not None and not class_weights:
+        raise TypeError(f"{fn}() got an unexpected keyword argument 'weight' (the head is linear_weight; "
+                        "class weights belong to the loss object)")

@@ -7,14 +7,16 @@ import inspect
 import torch
 
 from ._causal import causal_lm_loss
-from ._linear import linear_cross_entropy
+from ._linear import RENAMED, linear_cross_entropy
 from .losses._cross_entropy import cross_entropy
 
 
 def _check_options(fn, options: dict, per_call: tuple) -> None:
     """Unknown or per-call options fail at construction, not silently at the first forward."""
-    allowed = [p.name for p in inspect.signature(fn).parameters.values()
-               if p.kind is p.KEYWORD_ONLY and p.name not in per_call]
+    params = inspect.signature(fn).parameters.values()
+    allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in per_call]
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # old spellings, renamed by fn with a warning
+        allowed += [old for old, new in RENAMED.items() if new in allowed]
     for name in options:
         if name not in allowed:
             raise TypeError(f"unknown option {name!r} for {fn.__name__}; options are {allowed}")
@@ -64,11 +66,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        _check_options(linear_cross_entropy, options, per_call=("bias", "num_items", "token_weights"))
+        _check_options(linear_cross_entropy, options, per_call=("linear_bias", "num_items", "token_weights"))
         self.options = options
 
     def forward(self, hidden, weight, target, bias=None, num_items=None, token_weights=None) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, target, bias=bias, num_items=num_items,
+        return linear_cross_entropy(hidden, weight, target, linear_bias=bias, num_items=num_items,
                                     token_weights=token_weights, **self.options)
 
     def extra_repr(self) -> str:

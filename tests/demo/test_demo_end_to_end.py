@@ -122,11 +122,20 @@ def test_paired_differences_with_ce_and_the_findings(demo_dir):
     page = (demo_dir / "report.html").read_text()
     for item in findings(summary):
         assert html.escape(item) in page
-    held = findings(summary)[0]
+    first, held = findings(summary)[:2]
     better = [n for n, s in objectives.items() if n != "ce"
               and s["vs_baseline"]["heldout_nll_nats_per_token"]["significant"]
-              and s["vs_baseline"]["heldout_nll_nats_per_token"]["diff"] < 0]
+              and s["vs_baseline"]["heldout_nll_nats_per_token"]["diff"] < 0
+              and s["nll_mean"] <= summary["pretrained"]["nll_mean"]]  # a model worse than its start: no win
     assert held.startswith("Significantly lower" if better else "No objective has a significantly lower")
+    # every fine-tune against the pre-trained model, on the same tokens
+    pre = summary["pretrained"]
+    for name, s in objectives.items():
+        got = s["vs_pretrained"]["heldout_nll_nats_per_token"]
+        delta, se = _paired_reference(s["heldout"]["doc_nll"], pre["heldout"]["doc_nll"],
+                                      pre["heldout"]["doc_tokens"])
+        assert got["diff"] == pytest.approx(delta, rel=1e-9) and got["se"] == pytest.approx(se, rel=1e-9)
+        assert (f"{name} (+" in first.split(": ")[0]) == (delta > 0) or first.startswith("Every fine-tune")
 
 
 @pytest.mark.slow
@@ -219,12 +228,18 @@ def test_claims_table_recomputed_from_summary_json(demo_dir):
         assert row["ci95"] == pytest.approx([lo, hi], rel=1e-9, abs=1e-12), row["claim"]
         called = lo > 0 or hi < 0
         sign = +1 if "higher" in row["claim"] or "rises" in row["claim"] else -1
-        assert row["verdict"] == ("inconclusive" if not called else
-                                  "reproduces" if diff * sign > 0 else "contradicted"), row["claim"]
+        verdict = "inconclusive" if not called else "reproduces" if diff * sign > 0 else "contradicted"
+        run = objs.get(row["run"])
+        start = summary["pretrained"]["nll_mean"]
+        if verdict == "reproduces" and run is not None and run["nll_mean"] > start:
+            verdict = "not a win: worse than the pre-trained model"
+        assert row["verdict"] == verdict, row["claim"]
 
     runs = [c["run"] for c in claims]
     assert runs[:2] == ["emo", "emo"] and {"tailr", "tailr@0.8"} <= set(runs)
-    for row in claims:
+    assert all(r in objs for r in runs)  # the temperature identity is a sanity check, not a claim
+    assert [c["run"] for c in summary["sanity_checks"]] == ["ce, τ = 0.5", "ce, τ = 2"]
+    for row in claims + summary["sanity_checks"]:
         run = row["run"]
         if row["measure"].startswith("Δ MAUVE"):
             deltas = [a - b for a, b in zip(objs[run]["generation"]["mauve_by_seed"],
@@ -251,10 +266,12 @@ def test_claims_table_recomputed_from_summary_json(demo_dir):
         assert g["mauve"] == pytest.approx(np.mean(g["mauve_by_seed"]), rel=1e-12)
         assert g["mauve_ci95"] == pytest.approx(list(_t_interval(g["mauve_by_seed"])), rel=1e-9)
         assert 0 < g["mauve"] <= 1
-    # the report shows every claim's verdict
+    # the report shows every claim's verdict, the claims first
     page = (demo_dir / "report.html").read_text()
     for row in claims:
         assert html.escape(row["claim"]) in page
+    assert page.index("<h2>The papers' claims") < page.index("<h2>All models") < page.index("<h2>Temperature")
+    assert page.index("Sanity check of the scan") > page.index("<h2>Temperature")
     t = ce["temperature"]
     assert 0.2 < t["t_star"] < 5 and abs(t["at_t_star"]["nll_mean"]) <= min(r["nll_mean"] for r in t["scan"])
 

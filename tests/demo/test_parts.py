@@ -253,3 +253,124 @@ def test_curve_sequences_score_every_heldout_token_once_from_its_own_document(co
         pos += len(real) - 1
     assert d == len(docs) - 1
     assert predicted == [t for doc in docs for t in doc[1:]]  # every token once, in order
+
+
+def test_reliability_counts_never_overlap_a_bar():
+    """Every bin's count is drawn above its bar, within the axes, clear of every bar (full bins too)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xent.eval._html import draw_reliability
+
+    accuracy = [0.0, 0.3, 0.81, 0.95, 1.0, 1.0, 0.99]
+    counts = [12, 400, 5000, 123456, 30000, 999, 7]
+    bins = [{"bin": [(8 + b) / 15, (9 + b) / 15], "tokens": n, "confidence": (8.5 + b) / 15, "accuracy": a}
+            for b, (n, a) in enumerate(zip(counts, accuracy))]
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    draw_reliability(ax, bins)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    texts = [t.get_window_extent(renderer) for t in ax.texts]
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert len(texts) == len(bars) == len(counts)
+    for i, t in enumerate(texts):
+        assert all(not t.overlaps(b) for b in bars), (counts[i], accuracy[i])
+        assert axes_box.y0 <= t.y0 and t.y1 <= axes_box.y1, counts[i]  # not cut off above the axes
+    plt.close(fig)
+
+
+def _with_pretrained(objectives: dict, pretrained: tuple) -> dict:
+    """_summary's demo summary with a pre-trained model (the one every fine-tune started from)."""
+    from xent.demo._run import compare_with_baseline
+
+    summary = _summary(objectives)
+    h, s = pretrained
+    summary["pretrained"] = {"ece": 0.5, "heldout": {"doc_nll": h, "doc_tokens": [100] * len(h)},
+                             "synthetic": {"doc_nll": s, "doc_tokens": [80] * len(s)}}
+    for entry in summary["objectives"].values():
+        entry.pop("vs_baseline", None)
+    words = ["a" + " a" * 63] * len(s)
+    summary["baseline"] = compare_with_baseline(summary, words)
+    summary["data"] = {"finetune_tokens": 5288}
+    return summary
+
+
+def test_a_fine_tune_worse_than_the_pretrained_model_is_no_win():
+    """The overfit case: both fine-tunes end above the pre-trained model's held-out loss; emo is
+    significantly below ce, but is named no winner; the finding, the table and the claim say WORSE."""
+    from xent.demo._claims import NOT_A_WIN, REPRODUCED, claims
+    from xent.demo._report import WORSE, findings, table_rows
+
+    gen = torch.Generator().manual_seed(2)
+    pre = [300 + 50 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    syn = [120 + 10 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    ce = [x + 100 + (-1) ** d for d, x in enumerate(pre)]  # +1 nat/token on every 100-token document
+    emo = [x + 80 + (-1) ** d for d, x in enumerate(pre)]  # +0.8: better than ce, worse than pretrained
+    s = _with_pretrained({"ce": (ce, syn), "emo": (emo, syn)}, (pre, syn))
+    for name, shift in (("ce", 1.0), ("emo", 0.8)):
+        d = s["objectives"][name]["vs_pretrained"]["heldout_nll_nats_per_token"]
+        delta, se = _paired_reference(s["objectives"][name]["heldout"]["doc_nll"], pre, [100] * 30)
+        assert d["diff"] == pytest.approx(delta) == pytest.approx(shift) and d["se"] == pytest.approx(se)
+    first, held, *_ = findings(s)
+    assert first.startswith("Fine-tuning made the held-out loss WORSE than the pre-trained model's for ce "
+                            "(+1.0000 ± ") and "emo (+0.8000 ± " in first and "5,288" in first
+    assert held.startswith("No objective has a significantly lower held-out perplexity than ce")
+    assert "but worse than the pre-trained model, so no win: emo (-0.2000 ± " in held
+    plain = {n: {**o, "perplexity": 1.0, "perplexity_ci95": [1.0, 1.0], "bits_per_byte": 1.0, "ece": 0.1,
+                 "synthetic_kl_nats_per_word": 0.1, "synthetic_gap_bits_per_byte": 0.1,
+                 "train_cpu_seconds": 1.0} for n, o in s["objectives"].items()}
+    rows = {r[0]: r for r in table_rows({**s, "objectives": plain, "pretrained": {
+        **s["pretrained"], "perplexity": 1.0, "perplexity_ci95": [1.0, 1.0], "bits_per_byte": 1.0,
+        "synthetic_kl_nats_per_word": 0.1, "synthetic_gap_bits_per_byte": 0.1, "train_cpu_seconds": 1.0}})}
+    assert rows["pretrained"][3] == "(the start)"
+    assert rows["emo"][3].startswith("+0.8000 ± ") and rows["emo"][3].endswith(f"* {WORSE}")
+    # the EMO perplexity claim reproduces against ce, but emo is worse than where it started
+    s["objectives"]["emo"]["generation"] = s["objectives"]["ce"]["generation"] = {"mauve_by_seed": [0.5, 0.5]}
+    rows = claims(s)
+    nll = next(r for r in rows if r["measure"] == "Δ held-out NLL")
+    assert nll["diff"] < 0 and nll["called"] and nll["verdict"] == NOT_A_WIN != REPRODUCED
+    # below the pre-trained model, the same difference is a win
+    better = [x - 20 + (-1) ** d for d, x in enumerate(pre)]
+    s2 = _with_pretrained({"ce": (ce, syn), "emo": (better, syn)}, (pre, syn))
+    first, held, *_ = findings(s2)
+    assert first.startswith("Fine-tuning made the held-out loss WORSE than the pre-trained model's for ce")
+    assert "emo" not in first.split(":")[0] and held.startswith("Significantly lower held-out perplexity "
+                                                                "than ce: emo (-1.2000 ± ")
+
+
+def test_loss_vs_p_caption_names_the_curves_it_plots():
+    from xent.demo import DemoConfig
+    from xent.demo._report import loss_vs_p_caption
+    from xent.demo._run import runs
+
+    for cfg in (DemoConfig(), DemoConfig(objectives=("ce", "gold", "rho1"), tailr_gammas=())):
+        plan = runs(cfg)
+        caption = loss_vs_p_caption({"runs": {n: {"objective": o, "options": opts}
+                                              for n, (o, opts) in plan.items()}})
+        curves = caption.split("Curves: ")[1].split(" (legend)")[0].split(", ")
+        assert curves == [n for n, (o, _) in plan.items() if o != "rho1"]
+        assert ("GOLD" in caption) == ("gold" in cfg.objectives)
+        assert ("TaiLr" in caption) == ("tailr" in cfg.objectives)
+        assert ("rho1 is not drawn" in caption) == ("rho1" in cfg.objectives)
+
+
+def test_a_markov_win_says_when_every_fine_tune_forgot_the_source():
+    from xent.demo._report import findings
+
+    gen = torch.Generator().manual_seed(3)
+    pre_h = [300 + 50 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    pre_s = [120 + 10 * torch.rand(1, generator=gen).item() for _ in range(30)]
+    ce_h = [x - 20 + (-1) ** d for d, x in enumerate(pre_h)]
+    ce_s = [x + 60 + (-1) ** d for d, x in enumerate(pre_s)]  # forgot the Markov text
+    emo_s = [x + 40 + (-1) ** d for d, x in enumerate(pre_s)]  # forgot less
+    s = _with_pretrained({"ce": (ce_h, ce_s), "emo": (ce_h, emo_s)}, (pre_h, pre_s))
+    d = s["objectives"]["emo"]["vs_pretrained"]["synthetic_nats_per_word"]
+    assert d["diff"] == pytest.approx(40 / 64)  # 40 nats per 64-word document
+    markov = findings(s)[2]
+    assert markov.startswith("Significantly closer to the Markov source than ce (lower loss on its text): "
+                             "emo")
+    assert "each of them has a higher loss on the Markov text than the pre-trained model" in markov
+    s2 = _with_pretrained({"ce": (ce_h, ce_s), "emo": (ce_h, [x - 5 for x in pre_s])}, (pre_h, pre_s))
+    assert "higher loss on the Markov text than the pre-trained" not in findings(s2)[2]

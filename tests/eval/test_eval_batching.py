@@ -19,14 +19,14 @@ def _batch_lengths(model, tok, docs, **kw):
     """The real lengths of the windows of each forward pass, and the result."""
     seen = []
 
-    def hook(_module, _args, kwargs):
-        seen.append(kwargs["attention_mask"].sum(1).tolist())
+    def batch(st):  # a row's real length: the context of its last scored token (one window each here)
+        last = {}
+        for row, context in zip(st["row"].tolist(), st["context"].tolist()):
+            last[row] = max(last.get(row, 0), context)
+        seen.append([last[r] for r in sorted(last)])
 
-    handle = model.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        result = xent.eval.evaluate(model, tok, docs, max_length=64, model_sha256="-", head="forward", **kw)
-    finally:
-        handle.remove()
+    result = xent.eval.evaluate(model, tok, docs, max_length=64, model_sha256="-", head="forward",
+                                on_tokens=batch, **kw)
     return seen, result
 
 

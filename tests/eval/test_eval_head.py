@@ -182,3 +182,223 @@ def test_pair_stats_with_minus_inf_logits():
     assert got["rkl"].tolist() == close(kl(lq, lp))
     assert got["jsd"].tolist() == close([(a + b) / 2 for a, b in zip(kl(lp, mix), kl(lq, mix))])
     assert torch.isfinite(got["nll_base"]).all() and torch.isfinite(got["dp"]).all()
+
+
+# -- the check: a token's numbers are those of its window's own forward, whatever the head and batching --
+
+def _gpt2(tok, cls=None, dtype=torch.float32, **cfg):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0, **cfg)
+    model = (cls or transformers.GPT2LMHeadModel)(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model.to(dtype)
+
+
+def _alone_losses(model, tok, docs=DOCS):
+    """Per-token losses (document order), float64 log-softmax of each document's own forward alone."""
+    out = []
+    with torch.no_grad():
+        for d in docs:
+            ids = [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            out += [-logp[t, y].item() for t, y in enumerate(ids[1:])]
+    return out
+
+
+def _run(model, tok, docs=DOCS, **kw):
+    got = {}
+
+    def keep(st):
+        for d, p, v in zip(st["doc"].tolist(), st["position"].tolist(), st["loss"].tolist()):
+            got[(d, p)] = v
+
+    r = xent.eval.evaluate(model, tok, docs, max_length=64, model_sha256="-", on_tokens=keep, **kw)
+    return r, [got[k] for k in sorted(got)]
+
+
+class LateHalved(transformers.GPT2LMHeadModel if transformers else object):
+    """Halves its logits from input position 16 on: the first 16 tokens look like a plain GPT-2."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = torch.cat([out.logits[:, :16], out.logits[:, 16:] * 0.5], 1)
+        return out
+
+
+class BatchHalved(transformers.GPT2LMHeadModel if transformers else object):
+    """Halves its logits only in a batch of more than one window."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if out.logits.shape[0] > 1:
+            out.logits = out.logits * 0.5
+        return out
+
+
+class Scaled102(transformers.GPT2LMHeadModel if transformers else object):
+    """An unknown ×1.02 logit scale: within 3 % of the head, beyond the rounding of bfloat16."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 1.02
+        return out
+
+
+class HeadMultiplier(transformers.GPT2LMHeadModel if transformers else object):
+    """FalconH1's rule: logits · config.lm_head_multiplier."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.config.lm_head_multiplier
+        return out
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_transform_beyond_the_first_16_tokens_is_seen(tok, side, capsys):
+    model = _gpt2(tok, LateHalved)
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=3, padding_side=side)
+    assert r.config["head"] == "forward" and "own forward" in capsys.readouterr().err
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_a_transform_only_in_a_batch_runs_each_window_alone_with_a_note(tok):
+    model = _gpt2(tok, BatchHalved)
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=3)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert any("run alone" in n for n in r.config["head_notes"])
+
+
+def test_an_unknown_scale_in_bfloat16_falls_back_and_fused_refuses(tok):
+    model = _gpt2(tok, Scaled102, dtype=torch.bfloat16)
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=1)
+    assert r.config["head"] == "forward"
+    assert got == pytest.approx(want, abs=1e-5)
+    with pytest.raises(xent.eval.EvalError, match=r"head='fused' .*Scaled102.*beyond the rounding"):
+        _run(model, tok, batch_size=1, head="fused")
+
+
+def test_bfloat16_fused_equals_its_own_forward_exactly(tok):
+    model = _gpt2(tok, dtype=torch.bfloat16)
+    fused, got = _run(model, tok, batch_size=1)
+    forward, want = _run(model, tok, batch_size=1, head="forward")
+    assert fused.config["head"] == "fused" and "head_notes" not in fused.config
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_float16_on_the_cpu_stays_fused_with_its_forward_numbers(tok):
+    model = _gpt2(tok, dtype=torch.float16)
+    r, got = _run(model, tok, batch_size=3)
+    assert r.config["head"] == "fused" and "head_notes" not in r.config
+    # the fused head projects in float32; the forward rounds its logits to float16 (≤ 2^-11 relative)
+    want = _alone_losses(model, tok)
+    assert got == pytest.approx(want, abs=0.05)
+    assert abs(sum(got) - sum(want)) / len(got) < 5e-3
+
+
+def test_config_fields_about_the_logits():
+    from xent.eval._head import unapplied_logit_fields
+
+    assert unapplied_logit_fields(transformers.FalconH1Config(lm_head_multiplier=0.98)) == [
+        "lm_head_multiplier=0.98"]
+    assert unapplied_logit_fields(transformers.FalconH1Config()) == []  # a multiplier of 1
+    assert unapplied_logit_fields(transformers.xLSTMConfig()) == ["output_logit_soft_cap=30.0"]
+    assert unapplied_logit_fields(transformers.RecurrentGemmaConfig()) == ["logits_soft_cap=30.0"]
+    # applied by the head (Gemma 2 soft-cap, Cohere, Granite), or about attention and embeddings
+    for cfg in (transformers.Gemma2Config(), transformers.CohereConfig(),
+                transformers.GraniteConfig(logits_scaling=4.0, attention_multiplier=0.5,
+                                           embedding_multiplier=2.0)):
+        assert unapplied_logit_fields(cfg) == [], cfg
+
+
+def test_a_logits_multiplier_in_the_config_means_the_forward(tok, capsys):
+    # in bfloat16 a 0.98 multiplier is within the rounding allowed two computations, so only the config
+    # field can tell: auto uses the forward; fused is used when the check shows no difference
+    model = _gpt2(tok, HeadMultiplier, dtype=torch.bfloat16, lm_head_multiplier=0.98)
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=1)
+    assert r.config["head"] == "forward" and "lm_head_multiplier=0.98" in capsys.readouterr().err
+    assert got == pytest.approx(want, abs=1e-5)
+    plain = _gpt2(tok, dtype=torch.bfloat16, lm_head_multiplier=0.98)  # the field, not applied
+    r, got = _run(plain, tok, batch_size=1, head="fused")
+    assert r.config["head"] == "fused"
+    assert got == pytest.approx(_alone_losses(plain, tok), abs=1e-5)
+
+
+def test_mpt_inv_sqrt_d_model_logit_scale(tok, capsys):
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(vocab_size=len(tok), d_model=32, n_heads=2, n_layers=2, max_seq_len=64,
+                                 logit_scale="inv_sqrt_d_model")
+    model = transformers.MptForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=2)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert r.config["head"] == "forward" and "logit_scale" in capsys.readouterr().err
+
+
+ROBERTA = ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"]
+
+
+@pytest.mark.parametrize("model_type", ROBERTA)
+@pytest.mark.parametrize(("batch_size", "side"), [(1, "right"), (3, "right"), (3, "left")])
+def test_roberta_family_positions(model_type, batch_size, side, tok):
+    from eval_arch import causal_lm_types, tiny_model
+
+    name = dict(causal_lm_types())[model_type]
+    model = tiny_model(model_type, name, len(tok))
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=batch_size, padding_side=side)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert any("position" in n for n in r.config["head_notes"])
+
+
+def test_roberta_compare_positions(tok):
+    from eval_arch import tiny_model
+
+    base, model = (tiny_model("roberta", "RobertaForCausalLM", len(tok), seed=s) for s in (0, 1))
+    got = xent.eval.compare(base, model, tok, DOCS, max_length=64, batch_size=3, model_sha256={},
+                            data_sha256="-")
+    nb, nm = _alone_losses(base, tok), _alone_losses(model, tok)
+    assert got.tokens == len(nb)
+    assert got.nll_base == pytest.approx(math.fsum(nb) / len(nb), rel=1e-6)
+    assert got.nll_model == pytest.approx(math.fsum(nm) / len(nm), rel=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rwkv_padding_changes_nothing(tok, side):
+    from eval_arch import tiny_model
+
+    model = tiny_model("rwkv", "RwkvForCausalLM", len(tok))
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=3, padding_side=side)
+    assert got == pytest.approx(want, abs=1e-5)
+    if side == "left":  # the recurrent state would run through the pad tokens
+        assert any("padding" in n for n in r.config["head_notes"])
+
+
+def test_cli_head_option(model_dir, other_model_dir, tmp_path, capsys):
+    import json
+
+    from xent.cli import main
+
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(DOCS) + "\n")
+    heads = {}
+    for head in ("auto", "fused", "forward"):
+        assert main(["eval", "--model", str(model_dir), "--data", str(data), "--split", "lines", "--json",
+                     "--head", head, "--batch-size", "2"]) == 0
+        heads[head] = json.loads(capsys.readouterr().out)
+    assert [heads[h]["config"]["head"] for h in heads] == ["fused", "fused", "forward"]
+    assert heads["forward"]["nll_mean"] == pytest.approx(heads["auto"]["nll_mean"], rel=1e-6)
+    assert main(["compare", "--base", str(model_dir), "--model", str(other_model_dir), "--data", str(data),
+                 "--split", "lines", "--json", "--head", "forward"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["head"] == {"base": "forward", "model": "forward"}
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", str(model_dir), "--data", str(data), "--head", "logits"])
+    assert exit_.value.code == 2

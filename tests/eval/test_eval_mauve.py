@@ -146,3 +146,23 @@ def test_repetition_and_distinct_n_by_hand():
     # trigrams: 123 234 341 412 123 234 341 | 555 555 555 → 5 unique of 10
     assert s["distinct_3"] == pytest.approx(5 / 10)
     assert s["samples"] == 3
+
+
+def test_sizes_are_checked_before_faiss():
+    """More buckets than points is a faiss traceback inside compute_mauve; one text a side has no
+    distribution; a handful a side gives a number that is mostly noise: refused, refused, warned."""
+    p, q = _clusters(3, 3, 0.0), _clusters(4, 3, 0.5)
+    with pytest.raises(EvalError, match=r"^num_buckets=7 is more than the 6 texts \(3 in P, 3 in Q\)"):
+        mauve_from_features(p, q, num_buckets=7, threads=1)
+    with pytest.raises(EvalError, match=r"^MAUVE needs at least 2 texts on each side .* 1 in P and 3 in Q"):
+        mauve_from_features(p[:1], q, threads=1)
+    with pytest.warns(UserWarning, match=r"^MAUVE of 3 and 3 texts: under 10 on a side"):
+        r = mauve_from_features(p, q, num_buckets=6, threads=1)
+    assert 0.0 < r.mauve <= 1.0 and r.num_buckets == 6
+    with pytest.warns(UserWarning, match=r"^MAUVE of 2 and 40 texts"):
+        mauve_from_features(p[:2], _clusters(5, 40, 0.0), threads=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough texts: no warning
+        mauve_from_features(_clusters(6, 10, 0.0), _clusters(7, 12, 0.0), threads=1)

@@ -42,11 +42,12 @@ def make_inputs(name: str) -> dict:
         shape = (4, 6)
         y = rng.random(shape)
         y[rng.random(shape) < 0.2] = IGNORE
-        inputs = {"x_logits": _logits(rng, shape, scale=3.0), "target": y,
-                  "upstream": rng.standard_normal(shape)}
+        x = rng.uniform(0.02, 0.98, shape) if spec.get("probabilities") else _logits(rng, shape, scale=3.0)
+        inputs = {"x_logits": x, "target": y, "upstream": rng.standard_normal(shape)}
         if spec.get("weights"):
             inputs["weight"] = rng.random(shape) + 0.5
-            inputs["pos_weight"] = rng.random(shape[-1:]) * 3 + 0.2
+            if not spec.get("probabilities"):  # torch's probability function has no pos_weight
+                inputs["pos_weight"] = rng.random(shape[-1:]) * 3 + 0.2
         return inputs
     if kind == "linear":
         b, t, d, v = 3, 7, 8, 13
@@ -88,12 +89,19 @@ CASES = {
     "focal_detach_half": {"fn": "focal_loss", "options": {"gamma": 0.5, "detach_factor": True}},
     "poly": {"fn": "poly_loss", "options": {"epsilon": 1.0, "num_items": 30}},
     "poly_none": {"fn": "poly_loss", "options": {"epsilon": -0.5, "reduction": "none"}},
-    "bce": {"fn": "binary_cross_entropy", "kind": "binary", "options": {}},
-    "bce_weights_smoothing": {"fn": "binary_cross_entropy", "kind": "binary", "weights": True,
+    "bce": {"fn": "binary_cross_entropy_with_logits", "kind": "binary", "options": {}},
+    "bce_weights_smoothing": {"fn": "binary_cross_entropy_with_logits", "kind": "binary", "weights": True,
                               "options": {"label_smoothing": 0.1}},
-    "bce_none_num_items": {"fn": "binary_cross_entropy", "kind": "binary", "weights": True,
+    "bce_none_num_items": {"fn": "binary_cross_entropy_with_logits", "kind": "binary", "weights": True,
                            "options": {"num_items": 7}},
-    "bce_none": {"fn": "binary_cross_entropy", "kind": "binary", "options": {"reduction": "none"}},
+    "bce_none": {"fn": "binary_cross_entropy_with_logits", "kind": "binary",
+                 "options": {"reduction": "none"}},
+    # probabilities (in (0.02, 0.98): where torch's gradient formula and the derivative of its clamped logs
+    # agree), as torch's binary_cross_entropy
+    "bce_probs": {"fn": "binary_cross_entropy", "kind": "binary", "probabilities": True, "weights": True,
+                  "options": {"label_smoothing": 0.1}},
+    "bce_probs_none": {"fn": "binary_cross_entropy", "kind": "binary", "probabilities": True,
+                       "options": {"reduction": "none"}},
     "linear": {"fn": "linear_cross_entropy", "kind": "linear", "bias": True,
                "options": {"shift": True, "chunk_size": 5}},
     "linear_options": {"fn": "linear_cross_entropy", "kind": "linear",

@@ -223,7 +223,7 @@ def _():
     for tag, target, eps, weight in (("hard", y, 0.0, None), ("soft_smooth", soft, 0.1, None),
                                      ("sample_weight", y, 0.05, sw)):
         theirs = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=eps)
-        ours = xk.BinaryCrossEntropy(label_smoothing=eps)
+        ours = xk.BinaryCrossEntropy(from_logits=True, label_smoothing=eps)
         out[f"{tag}/keras"], (out[f"{tag}/grad_keras"],) = value_and_grads(
             lambda t, theirs=theirs, target=target, weight=weight: theirs(target, t, sample_weight=weight),
             [x],
@@ -231,6 +231,19 @@ def _():
         out[f"{tag}/ours"], (out[f"{tag}/grad_ours"],) = value_and_grads(
             lambda t, ours=ours, target=target, weight=weight: ours(target, t, sample_weight=weight), [x],
             BACKEND == "jax")
+    # probabilities, both at their default from_logits=False, inside Keras' clip [1e-7, 1 − 1e-7]
+    p = rng.uniform(0.01, 0.99, (5, 7)).astype("float32")
+    out["probs"] = p
+    out["probs/keras"], (out["probs/grad_keras"],) = value_and_grads(
+        lambda t: keras.losses.BinaryCrossentropy(label_smoothing=0.05)(y, t, sample_weight=sw), [p], False)
+    out["probs/ours"], (out["probs/grad_ours"],) = value_and_grads(
+        lambda t: xk.BinaryCrossEntropy(label_smoothing=0.05)(y, t, sample_weight=sw), [p], False)
+    # p = 0 and 1 against the wrong label: torch's clamp gives 100, Keras' clip 16.1
+    edge_p, edge_y = np.array([0.0, 1.0, 0.5], "float32"), np.array([1.0, 0.0, 1.0], "float32")
+    out["edge/ours"] = to_numpy(xk.binary_cross_entropy(edge_p, edge_y, reduction="none"))
+    out["edge/keras"] = to_numpy(keras.losses.binary_crossentropy(edge_y[:, None], edge_p[:, None]))
+    (out["edge/grad_ours"],) = value_and_grads(
+        lambda t: ops.sum(xk.binary_cross_entropy(t, edge_y, reduction="none")), [edge_p], False)[1]
     return out
 
 
@@ -390,6 +403,46 @@ def _():
             tf.zeros((2, 3, 4)), tf.zeros((4, 5)), tf.constant(bad))
     return {"messages": np.array(messages), "traced": to_numpy(traced),
             "traced_fused": to_numpy(traced_fused)}
+
+
+@check("edges")
+def _():
+    """Values eager code refuses in one line (a negative num_items, logits given as probabilities, a
+    non-bool flag) are NaN when traced, never a plausible number."""
+    h, w = rng.standard_normal((2, 3, 4)).astype("float32"), rng.standard_normal((4, 5)).astype("float32")
+    x, y = rng.standard_normal((2, 3, 5)).astype("float32"), rng.integers(0, 5, (2, 3))
+    probs_target = np.array([1.0, 0.0, 1.0], "float32")
+    out = {}
+    jit = jax.jit if BACKEND == "jax" else tf.function
+    fused = jit(lambda h, w, n: xk.linear_cross_entropy(h, w, y, num_items=n))
+    plain = jit(lambda x, n: xk.cross_entropy(x, y, num_items=n))
+    for tag, n in (("minus_one", -1.0), ("inf", np.inf), ("nan", np.nan), ("six", 6.0)):
+        out[f"fused/{tag}"] = to_numpy(fused(h, w, np.float32(n)))
+        out[f"plain/{tag}"] = to_numpy(plain(x, np.float32(n)))
+    out["fused/eager_six"] = to_numpy(xk.linear_cross_entropy(h, w, y, num_items=6))
+    out["probs_traced"] = to_numpy(jit(lambda t: xk.binary_cross_entropy(t, probs_target))(
+        np.array([2.0, -1.0, 0.5], "float32")))
+    calls = {
+        "fused_negative": lambda: xk.linear_cross_entropy(h, w, y, num_items=-1),
+        "plain_negative": lambda: xk.cross_entropy(x, y, num_items=-1),
+        "logits_as_probs": lambda: xk.binary_cross_entropy(np.array([2.0, -1.0, 0.5], "float32"),
+                                                           probs_target),
+        "pos_weight_probs": lambda: xk.binary_cross_entropy(np.full(3, 0.5, "float32"), probs_target,
+                                                            pos_weight=np.ones(3, "float32")),
+        "from_logits_str": lambda: xk.BinaryCrossEntropy(from_logits="yes"),
+        "shift_int": lambda: xk.CrossEntropy(shift=1),
+        "fused_shift_str": lambda: xk.linear_cross_entropy(h, w, y, shift="yes"),
+        "transpose_int": lambda: xk.linear_cross_entropy(h, w, y, transpose_kernel=0),
+        "detach_str": lambda: xk.focal_loss(x, y, detach_factor="no"),
+        "head_use_bias": lambda: xk.LMHead(5, use_bias=1),
+    }
+    for tag, call in calls.items():
+        try:
+            call()
+            out[f"message/{tag}"] = "no error"
+        except Exception as err:  # noqa: BLE001 - the type and text are what is checked
+            out[f"message/{tag}"] = f"{type(err).__name__}: {err}"
+    return out
 
 
 def main():

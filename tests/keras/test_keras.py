@@ -175,9 +175,51 @@ def test_binary_cross_entropy_equals_keras_and_torch(backend):
         np.testing.assert_allclose(r[f"{tag}/grad_ours"], r[f"{tag}/grad_keras"], rtol=1e-5, atol=1e-8,
                                    err_msg=tag)
         weight = None if sw is None else torch.tensor(sw, dtype=torch.float64)[:, None].expand_as(x)
-        ref = xent.binary_cross_entropy(x, torch.tensor(y, dtype=torch.float64), label_smoothing=eps,
-                                        weight=weight)
+        ref = xent.binary_cross_entropy_with_logits(x, torch.tensor(y, dtype=torch.float64), weight,
+                                                    label_smoothing=eps)
         np.testing.assert_allclose(r[f"{tag}/ours"], ref.item(), rtol=2e-6, err_msg=tag)
+    # probabilities, Keras' default: equal inside Keras' clip, and to torch's binary_cross_entropy
+    np.testing.assert_allclose(r["probs/ours"], r["probs/keras"], rtol=2e-6)
+    np.testing.assert_allclose(r["probs/grad_ours"], r["probs/grad_keras"], rtol=1e-5, atol=1e-8)
+    p = torch.tensor(r["probs"], dtype=torch.float64)
+    y = torch.tensor(r["target"], dtype=torch.float64) * 0.95 + 0.025
+    sw = torch.tensor(r["sample_weight"], dtype=torch.float64)[:, None].expand_as(p)
+    np.testing.assert_allclose(r["probs/ours"], F.binary_cross_entropy(p, y, sw).item(), rtol=2e-6)
+    # p = 0 or 1 against the wrong label: torch's clamp of the log at −100, with no NaN gradient; Keras
+    # clips p at 1e-7 (about 16 nats)
+    edge = F.binary_cross_entropy(torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0]),
+                                  reduction="none")
+    np.testing.assert_allclose(r["edge/ours"], edge.numpy(), rtol=1e-6)
+    assert np.all((15.5 < r["edge/keras"][:2]) & (r["edge/keras"][:2] < 16.2)), r["edge/keras"]
+    assert np.all(np.isfinite(r["edge/grad_ours"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edges_traced_give_nan_and_eager_raise_one_line(backend):
+    r = results(backend, "edges")
+    for path in ("fused", "plain"):
+        for tag in ("minus_one", "inf", "nan"):
+            assert np.isnan(r[f"{path}/{tag}"]), (path, tag, r[f"{path}/{tag}"])
+        assert np.isfinite(r[f"{path}/six"])
+    np.testing.assert_allclose(r["fused/six"], r["fused/eager_six"], rtol=1e-6)
+    assert np.isnan(r["probs_traced"])  # logits given to the probability function, traced
+    messages = {k[len("message/"):]: str(v) for k, v in r.items() if k.startswith("message/")}
+    expected = {
+        "fused_negative": "ValueError: num_items must be a finite number >= 0, got -1.0",
+        "plain_negative": "ValueError: num_items must be a finite number >= 0, got -1.0",
+        "logits_as_probs": "ValueError: input must hold probabilities in [0, 1] (from_logits=True for "
+                           "logits); 2 valid element(s) are not, the first is 2.0",
+        "pos_weight_probs": "ValueError: pos_weight needs from_logits=True",
+        "from_logits_str": "TypeError: from_logits must be True or False, got 'yes' of type str",
+        "shift_int": "TypeError: shift must be True or False, got 1 of type int",
+        "fused_shift_str": "TypeError: shift must be True or False, got 'yes' of type str",
+        "transpose_int": "TypeError: transpose_kernel must be True or False, got 0 of type int",
+        "detach_str": "TypeError: detach_factor must be True or False, got 'no' of type str",
+        "head_use_bias": "TypeError: use_bias must be True or False, got 1 of type int",
+    }
+    assert set(messages) == set(expected)
+    for tag, start in expected.items():
+        assert messages[tag].startswith(start) and "\n" not in messages[tag], (tag, messages[tag])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

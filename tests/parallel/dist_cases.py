@@ -289,24 +289,24 @@ def check_fused_partial_hidden_grad(rank, sizes):
 
 def check_fused_chunks(rank, sizes):
     """The fused path never projects more than chunk_size tokens at once, forward or backward."""
-    import xent._linear as engine
+    import xent._engine._loop as engine
     import xent.parallel._vocab_linear as fused
 
     hidden, W, b, _, target, _, _ = _problem("fused_chunks", sizes)
-    shapes, original = [], engine._project
+    shapes, original = [], engine.project
 
     def spy(h, w, bias, out=None):
         out = original(h, w, bias, out=out)
         shapes.append(tuple(out.shape))
         return out
 
-    engine._project = fused._project = spy
+    engine.project = fused.project = spy
     try:
         h = hidden.clone().requires_grad_()
         w_r = W.split(sizes)[rank].clone().requires_grad_()
         vocab_parallel_linear_cross_entropy(h, w_r, target, chunk_size=3).backward()
     finally:
-        engine._project = fused._project = original
+        engine.project = fused.project = original
     n = int((target != -100).sum())
     assert len(shapes) == 2 * -(-n // 3), shapes  # pass 1 and backward, ceil(n / 3) chunks each
     assert all(c <= 3 and v == sizes[rank] for c, v in shapes), shapes
@@ -453,8 +453,8 @@ def check_errors(rank, sizes):
             dtype=torch.float64)), ValueError, "local_bias must have shape [V]")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r[:, :2], target), ValueError, "local_weight")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target[:, :3]), ValueError, "target shape")
-    _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, weight_classes=weight), ValueError,
-            "weight_classes must have shape [V]")
+    _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, weight=weight), ValueError,
+            "weight must have shape [V]")
     _raises(lambda: vocab_parallel_linear_cross_entropy(h, w_r, target, chunk_size=0), ValueError,
             "chunk_size")
     bad_w = torch.ones(2, 5, dtype=torch.float64)

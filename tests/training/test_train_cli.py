@@ -41,7 +41,7 @@ def test_train_saves_a_checkpoint_that_xent_eval_reads(model_dir, capsys):
     assert log["config"]["objective_options"] == {"gamma": 0.5}
     assert log["config"]["seq_len"] == 32  # the model's context
     assert "gamma=0.5" in log["objective"]
-    assert [e["step"] for e in log["eval_history"]] == [2, 4]
+    assert [e["step"] for e in log["eval_history"]] == [0, 2, 4]
     assert main(["eval", "--model", str(out), "--data", str(model_dir / "heldout.txt"), "--split", "lines",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
@@ -109,6 +109,12 @@ def _one_line(capsys):
     (["--objective", "gold", "--epsilon", "1"],
      "--epsilon does not apply to objective 'gold' (its options: --threshold)"),
     (["--device", "tpu"], "--device 'tpu' is not a device (cpu, cuda, cuda:N, mps)"),
+    (["--objective", "rho1"], "objective 'rho1' needs --ref-model DIR"),
+    (["--objective", "ce", "--ref-model", "x"], "--ref-model is for objective 'rho1' only, not 'ce'"),
+    (["--objective", "eaft", "--ratio", "0.5"], "--ratio does not apply to objective 'eaft' (its options: "
+     "--top-k, --alpha"),
+    (["--patience", "2"], "--patience 2 needs --eval-data and --eval-every N > 0"),
+    (["--patience", "-1"], "--patience must be at least 0, got -1"),
     (["--max-document-mb", "0"], "--max-document-mb must be positive, got 0"),
 ])
 def test_bad_options_are_refused_before_loading(model_dir, tmp_path, capsys, no_model_load, extra, message):
@@ -233,7 +239,7 @@ def test_eval_data_alone_is_scored_at_the_end(model_dir, capsys):
                "--batch-size", "2", "--no-progress"])
     assert rc == 0
     assert "held-out cross-entropy" in capsys.readouterr().out
-    assert [e["step"] for e in json.loads((out / "xent_train.json").read_text())["eval_history"]] == [2]
+    assert [e["step"] for e in json.loads((out / "xent_train.json").read_text())["eval_history"]] == [0, 2]
 
 
 def test_threads_and_ctrl_c(model_dir, capsys, monkeypatch):
@@ -259,3 +265,49 @@ def test_threads_and_ctrl_c(model_dir, capsys, monkeypatch):
     assert "interrupted/step-N" in capsys.readouterr().err
     assert main([*argv[:-1], "0"]) == 2
     assert capsys.readouterr().err == "xent train: error: --threads must be at least 1, got 0\n"
+
+
+def test_every_objective_trains_from_the_command_line(model_dir, tmp_path, capsys):
+    """Each name of xent.training.OBJECTIVES, two steps through ``xent train`` (rho1 with the initial
+    model as its reference): the log names the loss object and its options, the loss is finite."""
+    import math
+
+    from xent.training import OBJECTIVES, make_objective
+
+    options = {"eaft": ["--top-k", "5"], "entropy_reg": ["--beta", "0.05"], "rho1": ["--ratio", "0.5"],
+               "dft": []}
+    for name in OBJECTIVES:
+        out = tmp_path / name
+        extra = options.get(name, [])
+        if name == "rho1":
+            extra = [*extra, "--ref-model", str(model_dir / "init")]
+        assert _train(model_dir, out, "--objective", name, "--steps", "2", *extra) == 0, name
+        assert f"{name}: 2 steps" in capsys.readouterr().out
+        log = json.loads((out / "xent_train.json").read_text())
+        expected = {"eaft": {"k": 5}, "entropy_reg": {"beta": 0.05}, "rho1": {"ratio": 0.5}}.get(name, {})
+        assert log["config"]["objective_options"] == expected, name
+        if name != "emo":  # EMO's repr holds its cost embedding's shape, built from the model
+            assert log["objective"] == repr(make_objective(name, **expected)), name
+        assert all(math.isfinite(h["loss"]) for h in log["history"]) and len(log["history"]) == 2
+
+
+def test_rho1_trains_on_the_selected_share_of_the_tokens(model_dir, tmp_path, capsys):
+    args = ["--steps", "1", "--batch-size", "4", "--micro-batch-size", "2"]
+    assert _train(model_dir, tmp_path / "ce", *args) == 0
+    assert _train(model_dir, tmp_path / "rho1", *args, "--objective", "rho1", "--ratio", "0.5",
+                  "--ref-model", model_dir / "init") == 0
+    ce, rho1 = (json.loads((tmp_path / n / "xent_train.json").read_text())["tokens"] for n in ("ce", "rho1"))
+    assert rho1 == 2 * ((ce // 2) // 2)  # each micro-batch keeps ⌊0.5·n⌋ of its n targets
+
+
+def test_patience_stops_and_the_best_weights_are_saved(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _train(model_dir, out, "--eval-data", model_dir / "heldout.txt", "--split", "lines", "--steps",
+                  "60", "--eval-every", "2", "--patience", "1", "--lr", "0.5", "--warmup-steps", "0") == 0
+    printed = capsys.readouterr().out
+    log = json.loads((out / "xent_train.json").read_text())
+    assert log["stopped_at"] is not None and len(log["history"]) == log["stopped_at"] < 60
+    assert f"{log['stopped_at']} of 60 steps (patience)" in printed
+    ce = [e["eval_ce"] for e in log["eval_history"]]
+    assert log["eval_at_end"]["eval_ce"] == min(ce) and log["best_step"] == log["eval_history"][
+        ce.index(min(ce))]["step"]

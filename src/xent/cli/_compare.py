@@ -66,7 +66,7 @@ def _run(args, out) -> int:
             base, model, tokenizer, corpus, model_tokenizer=model_tokenizer, max_length=args.max_length,
             stride=args.stride, bos=args.bos, preset=args.preset, batch_size=args.batch_size,
             progress=progress, model_sha256={"base": base_sha, "model": model_sha},
-            base_cache=args.base_cache,
+            base_cache=args.base_cache, head=args.head,
             extra_config={"base": args.base, "model": args.model, "data": list(args.data),
                           "split": args.split, "text_field": args.text_field, "limit": args.limit,
                           "dtype": args.dtype,

@@ -6,7 +6,7 @@ tokenizer and a small GPT-2; phase 1 trains it with cross-entropy; phase 2 fine-
 objective (and TaiLr at several γ) on docstrings of modules phase 1 never saw, from the same weights on
 the same batches; evaluates each model with xent's evaluator, samples continuations of held-out prefixes
 and scores them with MAUVE (features from the phase-1 model); scans the temperature of the
-cross-entropy model; writes summary.json, PNG figures, report.html (ending with the claims table) and
+cross-entropy model; writes summary.json, PNG figures, report.html (opening with the claims table) and
 the checkpoints into --out, and prints the tables.
 """
 
@@ -18,6 +18,7 @@ from ._output import OutputDir, describe
 
 
 def register(sub) -> None:
+    from ..training._objectives import OBJECTIVES
     from . import plain
 
     p = sub.add_parser("demo", help="train tiny models with several objectives and compare them",
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute) for tests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objectives", help="comma-separated objectives fine-tuned in phase 2 (default: "
-                   "ce,emo,tailr); from: ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly")
+                   f"ce,emo,tailr); from: {', '.join(OBJECTIVES)} (rho1's reference: the phase-1 model)")
     p.add_argument("--tailr-gammas", help="comma-separated γ of the extra TaiLr runs (default: 0.5,0.8; "
                    "--quick: 0.8; '' for none); the tailr objective itself is γ = 0.1, γ = 0 is ce")
     p.add_argument("--steps", type=int, help="fine-tuning steps per objective (overrides the preset)")
@@ -37,7 +38,8 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="models fine-tuned and scored at once, one process each (default: 2 or the CPU "
                         "count if smaller); the numbers do not depend on it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (or lines every ~10 s when not on a terminal)")
     p.set_defaults(run=run)
 
 

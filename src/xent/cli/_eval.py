@@ -41,6 +41,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model weights dtype; the softmax is float32 regardless")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--head", choices=["auto", "fused", "forward"], default="auto",
+                   help="auto (default): the fused head (no [batch, length, vocabulary] logits) when a check "
+                        "on the first batch shows that it gives the model's own logits, else the model's "
+                        "forward, with a note; fused: the fused head, refused when the check shows a "
+                        "difference; forward: always the model's own logits")
     add_threads_argument(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own Python code (off: it is never run)")
@@ -281,7 +286,7 @@ def _run(args, out) -> int:
             checkpoint_dir=args.out, resume=args.resume, progress=progress,
             on_tokens=sink.add if sink else None, on_checkpoint=sink.flush if sink else None,
             model_sha256=model_sha, stop_after=args.stop_after, temperature=args.temperature,
-            fit_temperature=args.fit_temperature, save_base=args.save_base,
+            fit_temperature=args.fit_temperature, save_base=args.save_base, head=args.head,
             # the outputs belong to the checkpoint's fingerprint: a resume that adds --per-token would
             # lack the rows of the documents scored before it
             extra_config={"model": args.model, "tokenizer": args.tokenizer, "data": list(args.data),

@@ -5,27 +5,43 @@ The loss is computed from the hidden states through the fused head (``xent.linea
 tokenizer's BOS (or EOS), concatenated and cut into sequences of --seq-len. The trained model and its
 tokenizer are saved with save_pretrained in --out (safetensors), with xent_train.json (the config and
 the loss history); ``xent eval --model OUT`` reads it.
+
+With --eval-data the held-out cross-entropy is measured before the first step, every --eval-every steps
+and at the end, and the weights with the lowest value are the ones saved (--no-restore-best: the last
+step's); --patience K stops after K evaluations without improvement. Objectives that need more than a
+name are Python-only: distillation (a teacher's logits) and multi-token prediction (K prediction
+streams); rho1 takes its reference model with --ref-model DIR.
+
+examples:
+  xent train --model gpt2-local --data train.jsonl --eval-data val.jsonl --eval-every 50 --patience 3 --out ft
+  xent train --model DIR --data train.txt --split lines --objective tailr --gamma 0.5 --out ft-tailr
+  xent train --model DIR --data train.jsonl --objective rho1 --ref-model REF_DIR --out ft-rho1
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from ._output import OutputDir, check_device, describe
 from ._threads import add_threads_argument, check_threads, cpu_threads
 
-# objective-option flags -> (option name, type)
-_OPTION_FLAGS = {"label_smoothing": float, "z_loss": float, "gamma": float, "threshold": float,
-                 "epsilon": float, "ratio_cap": float}
+# objective option -> (its flag, type)
+_OPTION_FLAGS = {"label_smoothing": ("--label-smoothing", float), "z_loss": ("--z-loss", float),
+                 "gamma": ("--gamma", float), "threshold": ("--threshold", float),
+                 "epsilon": ("--epsilon", float), "ratio_cap": ("--ratio-cap", float),
+                 "k": ("--top-k", int), "alpha": ("--alpha", float), "beta": ("--beta", float),
+                 "ratio": ("--ratio", float)}
 
 
 def register(sub) -> None:
     from ..training._loop import TrainConfig
+    from ..training._objectives import OBJECTIVES, PYTHON_ONLY, objective_options
     from . import plain
 
     d = TrainConfig()  # one set of defaults: the CLI's are the API's
     p = sub.add_parser("train", help="train a causal language model with an xent objective",
-                       description=plain(__doc__))
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help=".txt, .jsonl, .parquet files or saved datasets directories")
@@ -38,10 +54,14 @@ def register(sub) -> None:
     p.add_argument("--eval-data", nargs="+", metavar="PATH",
                    help="held-out documents: cross-entropy every --eval-every steps and at the end")
     p.add_argument("--objective", default=d.objective,
-                   help=f"ce, ce_ls, ce_zloss, emo, tailr, gold, focal, poly (default: {d.objective})")
-    for name, typ in _OPTION_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ,
-                       help="objective option (overrides the objective's default)")
+                   help=f"{', '.join(OBJECTIVES)} (default: {d.objective}); Python-only: "
+                        f"{'; '.join(f'{k}: needs {v}' for k, v in PYTHON_ONLY.items())}")
+    for name, (flag, typ) in _OPTION_FLAGS.items():
+        users = [o for o in OBJECTIVES if name in objective_options(o)]
+        p.add_argument(flag, dest=name, type=typ,
+                       help=f"option {name} of {', '.join(users)} (overrides the objective's default)")
+    p.add_argument("--ref-model", metavar="DIR",
+                   help="rho1's reference model (a local causal-LM directory with the same vocabulary)")
     p.add_argument("--from-scratch", action="store_true", help="re-initialise the weights from the config")
     p.add_argument("--steps", type=int, metavar="N", default=d.steps,
                    help=f"optimizer steps (default: {d.steps})")
@@ -61,12 +81,19 @@ def register(sub) -> None:
                    help=f"max gradient norm, 0: none (default: {d.grad_clip:g})")
     p.add_argument("--eval-every", type=int, metavar="N", default=d.eval_every,
                    help="held-out cross-entropy every K steps with --eval-data (default: 0, at the end only)")
+    p.add_argument("--patience", type=int, metavar="K", default=d.patience,
+                   help="with --eval-data: stop after K evaluations without a lower held-out "
+                        "cross-entropy (default: 0, never)")
+    p.add_argument("--no-restore-best", action="store_true",
+                   help="with --eval-data: save the last step's weights, not those of the lowest "
+                        "held-out cross-entropy")
     p.add_argument("--save-every", type=int, metavar="N", default=d.save_every,
                    help=f"also save OUT/step-N every N steps (default: {d.save_every}, never)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"batch order and dropout (default: {d.seed})")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     add_threads_argument(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or, when not on a terminal, no progress line every ~10 s)")
     p.set_defaults(run=run, interrupted=interrupted)
 
 
@@ -99,13 +126,17 @@ def check_arguments(args) -> None:
     if args.objective not in OBJECTIVES:
         raise CommandError(f"unknown objective {args.objective!r}; choose from {', '.join(OBJECTIVES)}")
     accepted = objective_options(args.objective)
-    for name in _OPTION_FLAGS:
+    for name, (flag, _) in _OPTION_FLAGS.items():
         if getattr(args, name) is not None and name not in accepted:
-            flags = [_flag(n) for n in _OPTION_FLAGS if n in accepted]
-            raise CommandError(f"{_flag(name)} does not apply to objective {args.objective!r} (its options: "
+            flags = [f for n, (f, _) in _OPTION_FLAGS.items() if n in accepted]
+            raise CommandError(f"{flag} does not apply to objective {args.objective!r} (its options: "
                                f"{', '.join(flags) or 'none'})")
+    if (args.objective == "rho1") != (args.ref_model is not None):
+        raise CommandError("objective 'rho1' needs --ref-model DIR (the reference model whose per-token "
+                           "loss it compares with)" if args.ref_model is None else
+                           f"--ref-model is for objective 'rho1' only, not {args.objective!r}")
     for name, low in (("steps", 1), ("batch_size", 1), ("micro_batch_size", 1), ("seq_len", 2),
-                      ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0)):
+                      ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("patience", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise CommandError(f"{_flag(name)} must be at least {low}, got {value}")
@@ -117,10 +148,13 @@ def check_arguments(args) -> None:
         if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
             need = "a positive" if positive else "a non-negative"
             raise CommandError(f"{_flag(name)} must be {need} finite number, got {value}")
-    for name in _OPTION_FLAGS:  # their ranges are the losses' to check (Poly's epsilon may be negative)
+    if args.patience and not (args.eval_data and args.eval_every):
+        raise CommandError(f"--patience {args.patience} needs --eval-data and --eval-every N > 0 (the "
+                           "held-out cross-entropy it watches)")
+    for name, (flag, _) in _OPTION_FLAGS.items():  # their ranges are the losses' to check
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
-            raise CommandError(f"{_flag(name)} must be a finite number, got {value}")
+            raise CommandError(f"{flag} must be a finite number, got {value}")
     if not args.max_document_mb > 0:
         raise CommandError(f"--max-document-mb must be positive, got {args.max_document_mb:g}")
     check_device(args.device)
@@ -161,6 +195,7 @@ def _run(args, out) -> int:
         # --from-scratch re-initialises every weight: a checkpoint lacking some is no matter then
         model, tokenizer, _ = load_model(args.model, device=args.device,
                                          allow_missing_weights=args.from_scratch)
+        ref_model = load_model(args.ref_model, device=args.device)[0] if args.ref_model else None
         docs = _documents(corpus)
         eval_docs = _documents(eval_corpus) if eval_corpus else None
     except EvalError as err:
@@ -180,23 +215,33 @@ def _run(args, out) -> int:
         micro_batch_size=args.micro_batch_size, seq_len=seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
         seed=args.seed, eval_every=args.eval_every, save_dir=args.out, save_every=args.save_every,
+        patience=args.patience, restore_best=not args.no_restore_best, threads=torch.get_num_threads(),
         progress=not args.no_progress,
     )
     sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     stream = _tokenize(tokenizer, docs, sep)
     eval_stream = _tokenize(tokenizer, eval_docs, sep) if eval_docs else None
     try:
-        result = train(model.train(), stream, cfg, eval_data=eval_stream, tokenizer=tokenizer)
+        result = train(model.train(), stream, cfg, eval_data=eval_stream, tokenizer=tokenizer,
+                       ref_model=ref_model)
     except SaveError as err:
         raise CommandError(_save_elsewhere(model, tokenizer, err)) from None
     except (ValueError, TypeError, FloatingPointError) as err:
         raise CommandError(str(err)) from None
     last = result.history[-1]
-    msg = (f"{args.objective}: {cfg.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s; "
-           f"last step loss {last['loss']:.4f}")
+    steps = f"{len(result.history)} of {cfg.steps} steps (patience)" if result.stopped_at else \
+        f"{cfg.steps} steps"
+    print(f"{args.objective}: {steps}, {result.tokens:,} target tokens in {result.seconds:.1f}s; "
+          f"last step loss {last['loss']:.4f}")
     if result.eval_history:
-        msg += f", held-out cross-entropy {result.eval_history[-1]['eval_ce']:.4f} nats/token"
-    print(msg)
+        start, end = result.eval_at_start["eval_ce"], result.eval_at_end["eval_ce"]
+        which = (f"the weights of step {result.best_step}, the lowest" if result.restored
+                 else "the last step's weights")
+        print(f"held-out cross-entropy {start:.4f} nats/token at the start, {end:.4f} saved ({which})"
+              + ("" if end < start else ": no better than the model it started from"))
+    else:
+        print("no --eval-data: no held-out loss was measured (a long run can overfit: give --eval-data "
+              "and --patience)")
     print(f"saved to {args.out}")
     _remove_stale_saves(args.out)
     return 0

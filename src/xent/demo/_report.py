@@ -9,7 +9,8 @@ import os
 from ..eval._html import THIN_BIN_SHARE, draw_reliability
 
 COLORS = {"ce": "#1f77b4", "ce_ls": "#ff7f0e", "ce_zloss": "#8c564b", "emo": "#2ca02c", "tailr": "#d62728",
-          "gold": "#9467bd", "focal": "#e377c2", "poly": "#7f7f7f", "pretrained": "#000000"}
+          "gold": "#9467bd", "focal": "#e377c2", "poly": "#7f7f7f", "dft": "#bcbd22", "eaft": "#17becf",
+          "entropy_reg": "#aec7e8", "rho1": "#98df8a", "pretrained": "#000000"}
 _SWEEP = ["#ff9896", "#a0522d", "#800000", "#ffbb78"]  # the tailr@γ runs
 
 
@@ -71,6 +72,25 @@ EXPLANATIONS = {
     "poly": (
         "Poly-1 (Leng et al., ICLR 2022), ε = 1: cross-entropy + ε(1 − q<sub>y</sub>), an extra push on "
         "the probability of the correct token."
+    ),
+    "dft": (
+        "DFT, dynamic fine-tuning (Wu et al., 2025): cross-entropy weighted by the model's own "
+        "sg(q<sub>y</sub>) (GOLD with b = 0; TRL's <code>loss_type=\"dft\"</code>): tokens the model finds "
+        "unlikely barely move it."
+    ),
+    "eaft": (
+        "EAFT (Diao et al., 2026): cross-entropy weighted by the entropy of the softmax over the 20 largest "
+        "logits, divided by 3 (the authors' code): confident tokens whose label the model disagrees with get "
+        "little gradient, so fine-tuning forgets less."
+    ),
+    "entropy_reg": (
+        "Cross-entropy minus 0.01 × the predictive entropy (the confidence penalty of Pereyra et al., 2017): "
+        "keeps the distribution from collapsing."
+    ),
+    "rho1": (
+        "Rho-1 (Lin et al., 2024): cross-entropy on the 60 % of each batch's tokens whose loss exceeds the "
+        "reference model's most; the reference here is the pre-trained model, so it trains on the tokens "
+        "where the fine-tune gained least (or lost most) over its start."
     ),
 }
 
@@ -315,6 +335,8 @@ def _loss_vs_p(out: str, cfg, vocab_size: int) -> str:
     axes[0].plot(p, -p.log(), "k--", lw=2, label="−log p")
     plan = runs(cfg)
     for name, (objective, options) in plan.items():
+        if objective == "rho1":  # cross-entropy on the tokens it selects: the ce curve (see the caption)
+            continue
         loss = make_objective(objective, init, **options)
         if getattr(loss, "unit_embedding", None) is not None:
             loss.unit_embedding = loss.unit_embedding.double()
@@ -334,6 +356,39 @@ def _loss_vs_p(out: str, cfg, vocab_size: int) -> str:
     axes[1].set_title("pull on the correct logit")
     axes[0].legend()
     return _save(fig, out, "loss_vs_p.png")
+
+
+# what each plotted objective does to the pull on the correct logit, as p varies (loss_vs_p.png)
+_PULLS = {
+    "tailr": "TaiLr (tailr, tailr@γ) multiplies it by its weight q/(γ + (1−γ)q) clipped to [b, 1]: less "
+             "pull on unlikely tokens, the more so the larger γ",
+    "gold": "GOLD multiplies it by max(q, b): little pull below p = b",
+    "dft": "DFT multiplies it by q: almost none on unlikely tokens",
+    "emo": "EMO has cross-entropy's value but about half its pull on unlikely tokens (half its gradient "
+           "is the transport cost's)",
+    "focal": "focal pulls less on the tokens it already predicts well",
+    "poly": "Poly-1 adds ε·p(1 − p) to it",
+    "ce_ls": "label smoothing stops pulling before p = 1 (it keeps ε/V on every token)",
+    "ce_zloss": "z-loss leaves it almost unchanged",
+    "eaft": "EAFT multiplies it by the normalised top-k entropy (small where the model is confident)",
+    "entropy_reg": "the entropy bonus adds −β·p·(log p + H) to it",
+}
+
+
+def loss_vs_p_caption(summary: dict) -> str:
+    """The caption of loss_vs_p.png, naming the curves it plots: the demo's runs (rho1's per-token loss is
+    cross-entropy's, so it has no curve of its own) and the dashed references."""
+    plotted = [n for n, r in summary.get("runs", {}).items() if r["objective"] != "rho1"]
+    objectives = {summary["runs"][n]["objective"] for n in plotted}
+    pulls = [text for name, text in _PULLS.items() if name in objectives]
+    return ("What each objective asks of one token, computed with the loss objects: left, its value; right, "
+            "its pull −∂ℓ/∂z_y on the correct logit, as the probability p of the correct token varies (the "
+            "rest of the mass spread evenly over the other tokens). Curves: "
+            f"{', '.join(plotted)} (legend); dashed black, cross-entropy's −log p (left) and 1 − p (right). "
+            "Cross-entropy's pull, 1 − p, is largest on the tokens it finds least likely"
+            + ("; " + "; ".join(pulls) if pulls else "") + "."
+            + (" rho1 is not drawn: its loss is cross-entropy on the tokens it selects." if any(
+                r["objective"] == "rho1" for r in summary.get("runs", {}).values()) else ""))
 
 
 def _passage(out: str, summary: dict, passage_losses: dict) -> str:
@@ -359,17 +414,23 @@ def _fmt(x: float, nd: int = 3) -> str:
 SIGNIFICANT = "*"  # marks a paired difference with |Δ| > 1.96 SE
 
 
+WORSE = "worse"  # marks a fine-tune whose held-out loss is above the pre-trained model's
+
+
 def table_header(summary: dict) -> list[str]:
     """The column names of :func:`table_rows` (the baseline named in the Δ column)."""
-    return ["objective", "held-out ppl", "95% CI", f"Δ NLL vs {summary.get('baseline', 'ce')} ± SE",
+    pre = ["Δ NLL vs pretrained ± SE"] if summary.get("pretrained") else []
+    return ["objective", "held-out ppl", "95% CI", *pre, f"Δ NLL vs {summary.get('baseline', 'ce')} ± SE",
             "bits/byte", "ECE", "Markov KL/word", "Markov gap bpb", "MAUVE", "train CPU s"]
 
 
-def _delta(entry: dict, key: str) -> str:
-    if "vs_baseline" not in entry:
-        return "(baseline)"
-    d = entry["vs_baseline"][key]
+def _delta(entry: dict, key: str, which: str = "vs_baseline", none: str = "(baseline)") -> str:
+    if which not in entry:
+        return none
+    d = entry[which][key]
     mark = f" {SIGNIFICANT}" if d["significant"] else ""
+    if which == "vs_pretrained" and d["diff"] > 0:
+        mark += f" {WORSE}"
     return f"{d['diff']:+.4f} ± {_fmt(d['se'], 4)}{mark}"
 
 
@@ -379,7 +440,9 @@ def table_rows(summary: dict) -> list[list[str]]:
     for name, s in _runs(summary).items():
         lo, hi = s["perplexity_ci95"] or [math.nan, math.nan]
         mauve = _fmt(s["generation"]["mauve"]) if "generation" in s else "–"
-        rows.append([name, f"{s['perplexity']:.2f}", f"[{lo:.2f}, {hi:.2f}]",
+        pre = [_delta(s, "heldout_nll_nats_per_token", "vs_pretrained", "(the start)")] \
+            if summary.get("pretrained") else []
+        rows.append([name, f"{s['perplexity']:.2f}", f"[{lo:.2f}, {hi:.2f}]", *pre,
                      _delta(s, "heldout_nll_nats_per_token"), _fmt(s["bits_per_byte"]), _fmt(s["ece"]),
                      _fmt(s["synthetic_kl_nats_per_word"], 4), _fmt(s["synthetic_gap_bits_per_byte"], 4),
                      mauve, f"{s['train_cpu_seconds']:.1f}"])
@@ -443,6 +506,9 @@ DEFINITIONS = [
      " with e<sub>d</sub> the document's difference. Negative is better; * marks |Δ| > 1.96·SE "
      "(significant at 5 %). Pairing removes what the models share (the hard documents are hard for "
      "all), so it resolves far smaller differences than the two perplexity intervals."),
+    ("Δ NLL vs pretrained ± SE", "the same paired difference against the pre-trained model, the one "
+     "every fine-tune started from: negative means fine-tuning lowered the held-out loss; positive, "
+     "marked <em>worse</em>, means the fine-tune made it worse (it overfit the fine-tuning documents)."),
     ("bits/byte", "the summed loss in bits divided by the UTF-8 bytes of the text, Σℓ / (B·ln 2): "
      "unlike perplexity, comparable across tokenizers."),
     ("ECE", "expected calibration error: the tokens are put in 15 equal-width bins of the model's top-1 "
@@ -468,37 +534,77 @@ def _fmt(x: float, nd: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _show(n: str, d: dict, unit: str) -> str:
+    return f"{n} ({d['diff']:+.4f} ± {d['se']:.4f} {unit}, z = {d['z']:+.1f})"
+
+
 def _verdict(summary: dict, key: str, unit: str, better: str, none: str) -> str:
     """One sentence on ``key`` of every objective's vs_baseline: the objectives significantly better
     (Δ < 0) and worse than the baseline, or that none is significantly better. ``better`` and ``none``
-    are the sentence's openings, with {base} for the baseline's name."""
+    are the sentence's openings, with {base} for the baseline's name. On the held-out loss, an objective
+    better than the baseline but worse than the pre-trained model is not named a winner."""
+    from ._run import worse_than_pretrained
+
     base = summary["baseline"]
-    rows = [(n, s["vs_baseline"][key]) for n, s in summary["objectives"].items() if "vs_baseline" in s]
+    objs = summary["objectives"]
+    rows = [(n, s["vs_baseline"][key]) for n, s in objs.items() if "vs_baseline" in s]
     rows.sort(key=lambda r: r[1]["diff"])
 
-    def show(n, d):
-        return f"{n} ({d['diff']:+.4f} ± {d['se']:.4f} {unit}, z = {d['z']:+.1f})"
-
     wins = [(n, d) for n, d in rows if d["significant"] and d["diff"] < 0]
+    hollow = []
+    if key == "heldout_nll_nats_per_token":
+        hollow = [(n, d) for n, d in wins if worse_than_pretrained(objs[n])]
+        wins = [w for w in wins if w not in hollow]
     losses = [(n, d) for n, d in rows if d["significant"] and d["diff"] > 0]
     if wins:
-        text = better.format(base=base) + ": " + "; ".join(show(n, d) for n, d in wins) + "."
+        text = better.format(base=base) + ": " + "; ".join(_show(n, d, unit) for n, d in wins) + "."
+        if key == "synthetic_nats_per_word" and all(worse_than_pretrained(objs[n], key) for n, _ in wins):
+            text += (" Still, each of them has a higher loss on the Markov text than the pre-trained model: "
+                     "fine-tuning on docstrings alone forgets part of it; these forget less.")
     else:
         text = none.format(base=base)
-        text += f" (the best difference: {show(*rows[0])})." if not rows[0][1]["significant"] else "."
+        text += f" (the best difference: {_show(*rows[0], unit)})." if not rows[0][1]["significant"] else "."
+    if hollow:
+        text += (f" Lower than {base} but worse than the pre-trained model, so no win: "
+                 f"{'; '.join(_show(n, d, unit) for n, d in hollow)}.")
     if losses:
-        text += f" Significantly worse than {base}: {'; '.join(show(n, d) for n, d in losses)}."
+        text += f" Significantly worse than {base}: {'; '.join(_show(n, d, unit) for n, d in losses)}."
     return text
+
+
+def pretrained_finding(summary: dict) -> str | None:
+    """Whether fine-tuning helped: the fine-tunes whose held-out loss is above the pre-trained model's
+    (from ``vs_pretrained``), or that every one is below it."""
+    objs = summary["objectives"]
+    rows = [(n, s["vs_pretrained"]["heldout_nll_nats_per_token"]) for n, s in objs.items()
+            if "vs_pretrained" in s]
+    if not rows:
+        return None
+    worse = [(n, d) for n, d in rows if d["diff"] > 0]
+    unit = "nats/token"
+    if not worse:
+        best = min(rows, key=lambda r: r[1]["diff"])
+        return ("Every fine-tune lowered the held-out loss of the pre-trained model it started from (the "
+                f"largest drop: {_show(*best, unit)}).")
+    tokens = summary.get("data", {}).get("finetune_tokens", 0)
+    return ("Fine-tuning made the held-out loss WORSE than the pre-trained model's for "
+            f"{'; '.join(_show(n, d, unit) for n, d in worse)}: {'they' if len(worse) > 1 else 'it'} "
+            f"overfit the {tokens:,} fine-tuning tokens (use fewer --steps, or stop on held-out loss: "
+            "xent.train's patience). Beating ce is no win for a model worse than the one it started from.")
 
 
 def findings(summary: dict) -> list[str]:
     """The headline comparisons, computed from the paired per-document differences with the baseline
-    (``vs_baseline``): a winner is named only where its difference is significant."""
+    (``vs_baseline``) and with the pre-trained model (``vs_pretrained``): a winner is named only where its
+    difference is significant and it is better than the model it was fine-tuned from."""
     objs = summary["objectives"]
     if len(objs) < 2 or "baseline" not in summary:
-        return []
+        pre = pretrained_finding(summary)
+        return [pre] if pre else []
     ece = sorted(objs, key=lambda n: objs[n]["ece"])
+    pre = pretrained_finding(summary)
     return [
+        *([pre] if pre else []),
         _verdict(summary, "heldout_nll_nats_per_token", "nats/token",
                  "Significantly lower held-out perplexity than {base}",
                  "No objective has a significantly lower held-out perplexity than {base}"),
@@ -545,12 +651,7 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
             "(their accuracy rests on few tokens and is noisy). On the diagonal a model is calibrated; "
             "below it, over-confident; above, under-confident."
         ),
-        "loss_vs_p.png": (
-            "What each objective asks of one token, computed with the loss objects: its value and its pull on"
-            " the correct logit as the probability p of the correct token varies (the rest of the mass spread"
-            " evenly). Cross-entropy's pull, 1 − p, is largest on the tokens it finds least likely; TaiLr, "
-            "GOLD and EMO pull less there, focal pulls less on the tokens it already predicts well."
-        ),
+        "loss_vs_p.png": loss_vs_p_caption(summary),
         "passage.png": (
             f"Per-token loss of each model on the first {len(summary['passage']['tokens'])} tokens of one "
             "held-out passage (cut at the end of a word): darker is more surprised."
@@ -586,6 +687,19 @@ def _html(out: str, summary: dict, figures: list[str]) -> str:
     chead = "".join(f"<th>{e(h)}</th>" for h in CLAIMS_HEADER)
     cbody = "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>"
                     for row in claims_rows(summary))
+    sanity = ""
+    if summary.get("sanity_checks"):
+        holds = {"reproduces": "holds", "contradicted": "FAILS", "inconclusive": "inconclusive"}
+        srows = [[r[1], r[2], r[3].replace(" (vs ce fine-tune)", ""), r[4], holds[v["verdict"]]]
+                 for r, v in zip(claims_rows({"claims": summary["sanity_checks"]}), summary["sanity_checks"])]
+        sanity = ("<p>Sanity check of the scan (an identity of softmax(z/τ), not a claim of the papers): "
+                  "the entropy must fall as τ → 0 and rise for τ &gt; 1, against τ = 1, per document.</p>"
+                  '<table class="claims"><thead><tr>'
+                  + "".join(f"<th>{h}</th>" for h in ("check", "run", "measured (vs τ = 1)", "95% interval",
+                                                      "verdict"))
+                  + "</tr></thead><tbody>"
+                  + "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in srows)
+                  + "</tbody></table>")
     pre = summary.get("pretrained", {})
     temp = summary["objectives"].get("ce", {}).get("temperature")
     temp_text = ""
@@ -626,12 +740,25 @@ docstrings of modules phase 1 never saw ({d.get('finetune_documents', '?')} docu
 checked in every run) on the same batches (seed {summary['seed']}): only the objective differs. The losses
 are computed from the hidden states by <code>xent.linear_loss</code>. Held-out: {d['heldout_documents']}
 other documents of the target domain and {d['synthetic_documents']} Markov documents.</p>
+<h2>The papers' claims at this scale</h2>
+<p>Each claim, the difference measured here against the cross-entropy fine-tune (<code>ce</code>), on the
+same documents: losses and over-confidence as paired per-document differences with the
+document-clustered SE; MAUVE with its paired t interval over the sampling
+seeds. A claim <em>reproduces</em> or is
+<em>contradicted</em> only when the 95% interval excludes 0; otherwise it is <em>inconclusive</em>. A claim
+that reproduces against ce is <em>not a win</em> when its run ends with a higher held-out loss than the
+pre-trained model it started from (the table's Δ vs pretrained). A 2-layer
+model fine-tuned for minutes on {d.get('finetune_tokens', 0):,} tokens is not the papers' regime: a claim
+that does not reproduce here is not refuted in theirs.</p>
+<table class="claims"><thead><tr>{chead}</tr></thead><tbody>{cbody}</tbody></table>
+{"<h2>Findings</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>" if items else ""}
+<h2>All models on the held-out documents</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p class="note">{SIGNIFICANT} significant: the paired difference is more than 1.96 standard errors from 0.
+<p class="note">{SIGNIFICANT} significant: the paired difference is more than 1.96 standard errors from 0;
+{WORSE}: the fine-tune ends with a higher held-out loss than the pre-trained model it started from.
 Held-out metrics are computed by <code>xent.eval.evaluate</code> (the same numbers as
 <code>xent eval --model models/NAME --data data/heldout.jsonl</code>). train CPU s of
 <code>pretrained</code> is phase 1's.</p>
-{"<h2>Findings</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>" if items else ""}
 <h2>What the columns mean</h2>
 <dl class="defs">{defs}</dl>
 <h2>The objectives</h2>
@@ -657,6 +784,7 @@ the same sample, averaged over samples; distinct-n: unique n-grams / all n-grams
 <p class="note">{SIGNIFICANT}: the 95% paired interval excludes 0.</p>
 <h2>Temperature</h2>
 {temp_text}
+{sanity}
 <h2>Figures</h2>
 {figs}
 <p>Data, both phases, evaluation, sampling and MAUVE took {summary.get('total_seconds', math.nan):.0f} s wall
@@ -664,15 +792,6 @@ the same sample, averaged over samples; distinct-n: unique n-grams / all n-grams
 Python {e(env['python'])}, torch {e(env['torch'])}. Reproduce: <code>xent demo{quick} --seed
 {summary['seed']}</code>. Files: <code>summary.json</code>, the checkpoints under <code>models/</code>
 (<code>models/pretrained</code> is phase 1's), the text under <code>data/</code>.</p>
-<h2>The papers' claims at this scale</h2>
-<p>Each claim, the difference measured here against the cross-entropy fine-tune (<code>ce</code>), on the
-same documents: losses and over-confidence as paired per-document differences with the
-document-clustered SE; MAUVE with its paired t interval over the sampling
-seeds. A claim <em>reproduces</em> or is
-<em>contradicted</em> only when the 95% interval excludes 0; otherwise it is <em>inconclusive</em>. A 2-layer
-model fine-tuned for minutes on {d.get('finetune_tokens', 0):,} tokens is not the papers' regime: a claim
-that does not reproduce here is not refuted in theirs.</p>
-<table class="claims"><thead><tr>{chead}</tr></thead><tbody>{cbody}</tbody></table>
 </body></html>
 """
     with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:

@@ -223,7 +223,9 @@ def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
     else the first objective), and to the pre-trained model's entry when there is one, and returns the
     baseline's name: the paired per-document differences of the held-out loss (nats/token), of the loss
     on the Markov text (nats/word, which is the difference of the two KL estimates: the source's −log p
-    cancels) and, where recorded, of the over-confidence (mean top-1 probability − top-1 accuracy)."""
+    cancels) and, where recorded, of the over-confidence (mean top-1 probability − top-1 accuracy).
+    With a pre-trained model, each objective also gets ``vs_pretrained``: the paired difference of its
+    held-out loss from the model every fine-tune started from (> 0: fine-tuning made it worse)."""
     objs = summary["objectives"]
     baseline = "ce" if "ce" in objs else next(iter(objs))
     base = objs[baseline]
@@ -248,7 +250,24 @@ def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
             entry["vs_baseline"]["heldout_overconfidence"] = paired_difference(
                 entry["heldout"]["doc_overconfidence"], base["heldout"]["doc_overconfidence"],
                 base["heldout"]["doc_tokens"])
+    pre = summary.get(PRETRAINED)
+    if pre:
+        for entry in objs.values():
+            entry["vs_pretrained"] = {
+                "heldout_nll_nats_per_token": paired_difference(
+                    entry["heldout"]["doc_nll"], pre["heldout"]["doc_nll"], pre["heldout"]["doc_tokens"]),
+                "synthetic_nats_per_word": paired_difference(
+                    entry["synthetic"]["doc_nll"], pre["synthetic"]["doc_nll"], words),
+            }
     return baseline
+
+
+def worse_than_pretrained(entry: dict, key: str = "heldout_nll_nats_per_token") -> bool:
+    """Whether fine-tuning raised the loss ``key`` (held-out by default, or "synthetic_nats_per_word")
+    above the pre-trained model's (the point estimate of the paired difference; False when there is no
+    pre-trained model to compare with)."""
+    d = entry.get("vs_pretrained", {}).get(key)
+    return d is not None and d["diff"] > 0
 
 
 def _metrics(r) -> dict:
@@ -374,7 +393,7 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
         seq_len=cfg.seq_len, lr=cfg.pretrain_lr, min_lr=cfg.pretrain_lr / 10,
         warmup_steps=cfg.pretrain_warmup_steps, seed=cfg.seed, eval_every=cfg.pretrain_steps // 4,
         save_dir=os.path.join(out, "models", PRETRAINED), progress=progress, eval_data=eval_sets,
-        tokenizer=tokenizer)
+        tokenizer=tokenizer, threads=cfg.threads, restore_best=False)  # see _run_one on restore_best
     pretrain_cpu = time.process_time() - cpu0
     model.eval()
     pretrained_sha = state_dict_sha256(model)
@@ -403,7 +422,7 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     # -- phase 2: each objective fine-tunes a copy of the phase-1 model; the pre-trained model is evaluated
     passage_doc, passage = _pick_passage(data.heldout)
     job = _Job(cfg, out, tokenizer, target, eval_sets, data.heldout, data.synthetic, data.source, passage,
-               progress and cfg.jobs == 1, plan, pretrained_sha, prefixes, human_features)
+               progress, plan, pretrained_sha, prefixes, human_features)
     names = list(plan) + [PRETRAINED]  # ce first: it also scans the temperature
     passage_losses = {}
     workers = min(cfg.jobs, len(names))
@@ -432,9 +451,10 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
             raise RuntimeError(f"{name} did not start from the phase-1 weights")
 
     summary["baseline"] = compare_with_baseline(summary, data.synthetic)
-    from ._claims import claims
+    from ._claims import claims, sanity_checks
 
     summary["claims"] = claims(summary)
+    summary["sanity_checks"] = sanity_checks(summary)
     log("plotting")
     summary["passage"] = {"source": data.heldout_sources[passage_doc], "text": passage,
                           "tokens": passage_losses[names[0]]["tokens"]}
@@ -511,12 +531,15 @@ def _run_one(job: _Job, name: str):
     cpu_start = time.process_time()  # this process's CPU time: the work, not the wait for a busy core
     if name != PRETRAINED:
         objective, options = job.plan[name]
+        # restore_best=False: every objective trains the same steps, and the curves' held-out documents
+        # are the table's, so choosing weights by them would select on the test set
         result = xent.train(
             model, job.stream, objective=objective, objective_options=options, steps=cfg.steps,
             batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, min_lr=cfg.lr / 10,
             warmup_steps=cfg.warmup_steps, seed=cfg.seed + 1, eval_every=cfg.eval_every,
             save_dir=os.path.join(job.out, "models", name), progress=job.progress, eval_data=job.eval_sets,
-            tokenizer=tokenizer,
+            tokenizer=tokenizer, threads=cfg.threads, restore_best=False,
+            ref_model=features_model if objective == "rho1" else None,  # Rho-1's reference: phase 1's
         )
         desc = OBJECTIVES[objective][0]
         if options:
@@ -536,6 +559,11 @@ def _run_one(job: _Job, name: str):
         entry.update({"description": "the phase-1 model (cross-entropy from scratch), not fine-tuned",
                       "checkpoint": f"models/{PRETRAINED}"})
     model.eval()
+    if job.progress:  # what runs next takes a while and prints nothing of its own
+        import sys
+
+        print(f"  {name}: evaluating, sampling {cfg.mauve_seeds} × {len(job.prefixes)} continuations, MAUVE",
+              file=sys.stderr, flush=True)
     heldout, heldout_docs = _evaluate_by_document(model, tokenizer, job.heldout, cfg.seq_len)
     synthetic, synthetic_docs = _evaluate_by_document(model, tokenizer, job.synthetic, cfg.seq_len)
     gap = synthetic_gap(synthetic, job.synthetic, job.source, synthetic_docs["doc_nll"])

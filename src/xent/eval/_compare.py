@@ -167,8 +167,9 @@ class CompareRunner(ChunkedScorer):
                  base_head=None):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.base, self.model, self.model_tokenizer = base, model, model_tokenizer
-        self.heads = (base_head or ModelHead(base, head=head, name="the base model"),
-                      ModelHead(model, head=head))
+        batching = dict(batch_size=opts.batch_size, padding_side=opts.padding_side, pad_id=self.pad_id)
+        self.heads = (base_head or ModelHead(base, head=head, name="the base model", **batching),
+                      ModelHead(model, head=head, **batching))
         if self.heads[0].vocab != self.heads[1].vocab:
             raise EvalError(f"the models' vocabularies differ: {self.heads[0].vocab} vs "
                             f"{self.heads[1].vocab} logits")

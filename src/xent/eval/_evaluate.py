@@ -111,7 +111,8 @@ def evaluate(
             max_length). bos: "first" | "every" | "none" (default "first" if the tokenizer has a BOS).
             preset: "lm-eval", "llama.cpp" or "transformers" (see xent.eval._options). See
             xent.eval._windows for the exact windowing.
-        batch_size, padding_side: change speed, not results.
+        batch_size, padding_side: change speed, not results (a model whose logits change with them is
+            run without padding, or a window at a time: see ``head``).
         checkpoint_every: documents per chunk; with ``checkpoint_dir`` the exact totals are saved after
             each chunk and ``resume=True`` continues from them (the result equals an uninterrupted run).
         progress(tokens), on_tokens(per-token dict): called after each batch; on_checkpoint(next
@@ -121,9 +122,15 @@ def evaluate(
             hashes its files).
         head: "auto" (default): the decoder, then the output embeddings applied to the scored positions
             only, a chunk at a time (no [B, T, V] logits), when that reproduces the model's forward on
-            the first tokens; otherwise (an architecture whose forward does something else to its
-            logits) the model's own forward, with a note on stderr. "forward": always the model's own
-            forward. The head used is recorded as ``config["head"]``.
+            every position of the first batch (within the rounding of the forward's dtype) and the
+            config names no transform of the logits that the head does not apply; otherwise the model's
+            own forward, with a note on stderr. "fused": the fused head; EvalError when the check shows
+            a difference. "forward": always the model's own forward. Whatever the head, a token's
+            numbers are those of ``model(input_ids=window).logits`` on its window alone: a model whose
+            logits change with the position ids, the padding or the batch (RoBERTa's positions, the
+            recurrent state of RWKV or xLSTM running through pad tokens) is run without them, with a
+            note (see xent.eval._head). The head used is recorded as ``config["head"]``, the notes as
+            ``config["head_notes"]``.
         temperature: score softmax(z / T), z the model's final logits (after its soft-capping).
         fit_temperature: also find T* = argmin_T Σ_t ℓ_t(z_t / T) over the corpus (temperature scaling:
             Newton's method on 1/T, the NLL being convex in it) and report the NLL, ECE, entropy and
@@ -204,6 +211,8 @@ def evaluate(
                         f"but the data has {seen.count}: it belongs to other data; remove it and drop "
                         "--resume")
     config["head"] = runner.head.kind
+    if runner.head.notes:
+        config["head_notes"] = list(runner.head.notes)
     if save_base is not None:
         _base_cache.save(save_base, runner.head, [k.hidden for k in runner.kept], {
             "tokenizer_sha256": _base_cache.tokenizer_sha256(tokenizer), "texts_sha256": stream.hexdigest(),

@@ -6,10 +6,39 @@ the model's forward applies to its final logits (Cohere's ``logit_scale``, Grani
 Gemma 2/3's ``final_logit_softcapping``: :func:`xent.integrations.transformers.output_head` knows them)
 in float32. Only one chunk of logits [C, V] exists at a time, never [B, T, V].
 
-Whether the fused head reproduces the model's forward is checked once per model, on a few tokens of the
-first batch, against ``model(...).logits``: a forward that does something else to its logits (an
-architecture the integration does not know) is scored with the model's own forward instead, and a note
-says so on stderr. ``head="forward"`` asks for the model's own forward outright.
+What a token's numbers are is fixed by the model's own forward on its window alone,
+``model(input_ids=window[None]).logits``; batching, padding and the fused head may change the speed,
+never the numbers. The first batch of a run checks that, once per model (:meth:`ModelHead.decide`), on a
+probe: the batch's windows at the run's batch size and padding side (a window cut short when no row is
+padded, so that padding is exercised whenever the run can pad):
+
+1. positions and cache: the longest window alone, given an attention mask, position ids 0..n−1 and
+   ``use_cache=False``, against its bare forward. A model that counts its positions otherwise (RoBERTa
+   and its kin: from ``padding_idx + 1``) is given no position ids (it derives its own); one whose logits
+   change without its key/value cache keeps it; one whose forward differs even then gets only its bare
+   input ids, a window at a time.
+2. padding and batching: two padded probes (the batch, and the longest window beside every other one
+   cut by a token) against each window's bare forward. Where a padded row differs (recurrent state
+   running through pad tokens, a model that ignores the attention mask) or the forward fails on a padded
+   batch, windows are batched only with windows of their own length, unpadded; where an unpadded row
+   differs too (logits that depend on the batch), each window runs alone. A config that sets a
+   sparse-attention indexer (``index_topk``: its choice of keys may take pad tokens, depending on the
+   data) is batched by length outright. These compare two computations of different shapes, so they
+   allow their rounding: 2^10 float32 ε, 8 float16 ε or 4 bfloat16 ε times (1 + max |logit|).
+3. the head (``head="auto"`` or ``"fused"``): the fused logits against ``model(...).logits`` at every
+   real position of the probe, computed as the run computes them. Both come from the same hidden states,
+   so they differ only by the rounding of the logits the forward returns: per logit at most 2 units in
+   the last place of the forward's dtype at that logit (4 when the head applies a scale or soft-cap,
+   which the forward rounds again), plus 64 float32 ε · max |logit| for the order of the float32
+   accumulation. A larger difference means the forward does something the head does not know: "auto"
+   then scores with the model's own forward, "fused" refuses (EvalError).
+
+A config field about the final logits that the head does not apply (a name with ``logit``, ``lm_head``,
+``output`` or ``final`` and with ``scale``, ``scaling``, ``softcap``, ``soft_cap`` or ``multiplier``,
+not about attention, a router or initialisation, set to something other than None/False/1: xLSTM's
+``output_logit_soft_cap``, FalconH1's ``lm_head_multiplier``) makes "auto" use the model's own forward
+without further ado. Every such choice prints a note on stderr and is kept in :attr:`ModelHead.notes`.
+The check holds the probe's [B, T, V] logits once.
 
 Per-token statistics of a chunk (:func:`logit_stats`, :func:`pair_logit_stats`) come from one pass over
 its float32 logits and one logsumexp, the row max m and S = Σ exp(z − m):
@@ -19,27 +48,93 @@ loss = (m − z_y) + log S, entropy = log S − Σ q (z − m), top-1 probabilit
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import torch
 
-from .. import _linear
+from .. import _engine
 from ._errors import EvalError
 
 HEADS = ("auto", "fused", "forward")
-_PROBE_TOKENS = 16  # tokens of the first window on which the fused head is checked against the forward
+# the config fields of the final logits that output_head applies
+_APPLIED = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+_OF_LOGITS = re.compile(r"logit|lm_head|output|final")
+_TRANSFORM = re.compile(r"scale|scaling|softcap|soft_cap|multiplier")
+_ELSEWHERE = re.compile(r"attn|attention|router|routed|route|init")
+_INDEXER = re.compile(r"index(er)?_(topk|budget)")
+# rounding allowed between two computations of different shapes (batched vs alone), in ε of the dtype
+_NOISE_EPS = {torch.float32: 2.0**10, torch.float64: 2.0**20, torch.float16: 8.0, torch.bfloat16: 4.0}
 
 
-def _model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-            "position_ids": batch["position_ids"].to(device), "use_cache": False}
+def _fields(config):
+    """(name, short name, value) of a config's fields and of its nested ``text_config``'s."""
+    for prefix, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            for name, value in cfg.to_dict().items():
+                yield prefix + str(name), str(name), value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def unapplied_logit_fields(config) -> list[str]:
+    """``name=value`` of the config's fields about the final logits that the fused head does not apply
+    (nested ``text_config`` too), with a value that changes the logits (not None/False, nor a scale or
+    multiplier of 1)."""
+    return [f"{full}={value!r}" for full, name, value in _fields(config)
+            if name not in _APPLIED and _OF_LOGITS.search(name) and _TRANSFORM.search(name)
+            and not _ELSEWHERE.search(name) and value is not None and value is not False
+            and not (_is_number(value) and value == 1 and "cap" not in name)]
+
+
+def sparse_indexer_fields(config) -> list[str]:
+    """``name=value`` of the config's fields that set a sparse-attention indexer (``index_topk``,
+    ``index_topk_blocks``, ``indexer_budget``, nested ``text_config`` too): which keys a query attends
+    to is chosen from the scores of all keys, pad tokens included, so padding can change the logits."""
+    return [f"{full}={value!r}" for full, name, value in _fields(config)
+            if _INDEXER.match(name) and value is not None]
+
+
+def _agrees(a: torch.Tensor | None, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """a (None: no result) and b agree within the rounding of two computations of different shapes;
+    NaN and ±inf must sit at the same places."""
+    if a is None or a.shape != b.shape:
+        return False
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(((a == b) | (a.isnan() & b.isnan()) | finite).all()):
+        return False
+    if not bool(finite.any()):
+        return True
+    err = float((a - b)[finite].abs().max())
+    return err <= _NOISE_EPS.get(dtype, 4.0) * torch.finfo(dtype).eps * (1.0 + float(b[finite].abs().max()))
+
+
+def _rounding_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                    ulps: float) -> tuple[bool, float]:
+    """(got agrees with want within ``ulps`` units in the last place of ``dtype`` at each of want's
+    values, plus 64 float32 ε · max |want|, max |got − want|)."""
+    finite = torch.isfinite(got) & torch.isfinite(want)
+    if not bool(((got == want) | (got.isnan() & want.isnan()) | finite).all()):
+        return False, math.inf
+    if not bool(finite.any()):
+        return True, 0.0
+    g, w = got[finite], want[finite]
+    _, exponent = torch.frexp(w)  # |w| in [2^(e−1), 2^e): one unit in the last place is ε · 2^(e−1)
+    ulp = torch.ldexp(torch.full_like(w, torch.finfo(dtype).eps), exponent - 1)
+    floor = 64 * torch.finfo(torch.float32).eps * float(w.abs().max())
+    diff = (g - w).abs()
+    return bool((diff <= ulps * ulp + floor).all()), float(diff.max())
 
 
 class ModelHead:
     """How one model's final logits at the scored positions are produced (fused, or its own forward),
-    divided by ``temperature``."""
+    divided by ``temperature``. ``batch_size``, ``padding_side`` and ``pad_id`` are the run's (the check
+    exercises padding when the run may pad)."""
 
-    def __init__(self, model, *, head: str = "auto", temperature: float = 1.0, name: str = "model"):
+    def __init__(self, model, *, head: str = "auto", temperature: float = 1.0, name: str = "model",
+                 batch_size: int = 1, padding_side: str = "right", pad_id: int = 0):
         if head not in HEADS:
             raise EvalError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -47,24 +142,42 @@ class ModelHead:
         self.model, self.name, self.temperature = model, name, float(temperature)
         self.device = next(model.parameters()).device
         self.mode = head  # "auto" until the first batch decides
+        self.forced = head == "fused"
         self.reason: str | None = None
+        self.notes: list[str] = []
+        self.batch_size, self.padding_side, self.pad_id = batch_size, padding_side, pad_id
+        self.positions = True  # pass position ids 0..n−1 of the real tokens
+        self._no_cache = {"use_cache": False}  # no key/value cache, unless that changes the logits
+        self.grouping = "padded"  # "padded" | "length" (unpadded, by length) | "alone" (a window at a time)
+        self.decided = False
+        self._bare = True  # the reference is the forward on input ids alone
         self.out = None
+        config = getattr(model, "config", None)
+        values = {k: getattr(config, k, None) for k in _APPLIED}
+        odd = [f"{k}={v!r}" for k, v in values.items() if v is not None and not _is_number(v)]
         if head != "forward":
             from ..integrations.transformers import output_head
 
             try:
+                if odd:  # MPT's logit_scale="inv_sqrt_d_model": not a number the head can apply
+                    raise TypeError(f"its config sets {', '.join(odd)}, which the fused head cannot apply")
                 self.out = output_head(model)
-            except TypeError as err:
+            except (TypeError, ValueError) as err:
                 if head == "fused":
                     raise EvalError(f"head='fused': {err}") from None
                 self._fall_back(str(err))
+        if self.mode == "auto":
+            fields = unapplied_logit_fields(config)
+            if fields:
+                self._fall_back(f"its config sets {', '.join(fields)}, which the fused head does not apply")
         get_head = getattr(model, "get_output_embeddings", None)
         table = get_head() if callable(get_head) else None
         weight = getattr(table, "weight", None)
         self.vocab = (int(weight.shape[0]) if isinstance(weight, torch.Tensor)
                       else int(model.config.vocab_size))
+        self.logits_dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         if self.out is not None:
-            self.mm_dtype = _linear.matmul_dtype(self.out.weight.dtype, self.device)
+            self.mm_dtype = _engine.matmul_dtype(self.out.weight.dtype, self.device)
             self.weight = self.out.weight.to(self.mm_dtype)  # a copy only for float16 on the CPU
             self.bias = None if self.out.bias is None else self.out.bias.to(self.mm_dtype)
 
@@ -77,23 +190,61 @@ class ModelHead:
     def fused(self) -> bool:
         return self.mode != "forward"
 
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"xent: note: {self.name} ({type(self.model).__name__}) {text}", file=sys.stderr)
+
     def _fall_back(self, reason: str) -> None:
         self.mode, self.reason = "forward", reason
-        print(f"xent: note: {self.name} ({type(self.model).__name__}) is scored with its own forward, which "
-              f"holds [batch, length, vocabulary] logits: {reason}", file=sys.stderr)
+        self._note("is scored with its own forward, which holds [batch, length, vocabulary] logits: "
+                   + reason)
+
+    # -- running the model as decided ----------------------------------------------------------------
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict:
+        out = {"input_ids": batch["input_ids"].to(self.device),
+               "attention_mask": batch["attention_mask"].to(self.device), **self._no_cache}
+        if self.positions:
+            out["position_ids"] = batch["position_ids"].to(self.device)
+        return out
+
+    def _outputs(self, batch: dict[str, torch.Tensor], call) -> torch.Tensor:
+        """call(model inputs) → [b, t, X] for the batch [B, T], run as decided: padded, or unpadded
+        groups of windows of one length (bare input ids, as a window alone is run), or a window at a
+        time; [B, T, X] with zeros at padded positions."""
+        if self.grouping == "padded":
+            return call(self._inputs(batch))
+        mask = batch["attention_mask"].bool()
+        lengths = mask.sum(1)
+        keys = lengths if self.grouping == "length" else torch.arange(len(lengths))
+        out = None
+        for key in keys.unique().tolist():
+            idx = (keys == key).nonzero().squeeze(1)  # rows of the group
+            n = int(lengths[idx[0]])
+            cols = mask[idx].nonzero()[:, 1].view(len(idx), n)  # [g, n] columns of the real tokens
+            ids = batch["input_ids"][idx[:, None], cols]
+            y = call({"input_ids": ids.to(self.device), **self._no_cache})  # [g, n, X]
+            if out is None:
+                out = y.new_zeros(mask.shape + y.shape[2:])
+            out[idx[:, None].to(y.device), cols.to(y.device)] = y
+        return out
+
+    def _logits(self, batch) -> torch.Tensor:
+        return self._outputs(batch, lambda inputs: self.model(**inputs).logits)
+
+    def _hidden_states(self, batch) -> torch.Tensor:
+        return self._outputs(batch, lambda inputs: self.out.decoder(**inputs)[0])
 
     # -- the fused path ------------------------------------------------------------------------------
     @torch.no_grad()
     def hidden(self, batch: dict[str, torch.Tensor], rows, cols) -> torch.Tensor:
         """Last hidden states [N, D] (model dtype) of the scored positions (rows, cols)."""
-        out = self.out.decoder(**_model_inputs(batch, self.device))
-        h = out[0]  # [B, T, D]
+        h = self._hidden_states(batch)  # [B, T, D]
         return h[rows.to(h.device), cols.to(h.device)]
 
     @torch.no_grad()
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Final logits [C, V] float32 of hidden states h [C, D], divided by the temperature."""
-        z = _linear._project(h.to(self.mm_dtype), self.weight, self.bias).float()
+        z = _engine.project(h.to(self.mm_dtype), self.weight, self.bias).float()
         return self.finish(z, scale=self.out.hidden_scale, softcap=self.out.softcap)
 
     def finish(self, z: torch.Tensor, *, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
@@ -107,39 +258,176 @@ class ModelHead:
         return z
 
     # -- the choice, on the first batch --------------------------------------------------------------
+    def _probe(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The real input ids of each window of the batch; when the run may pad (batch size > 1) and no
+        window of the batch is shorter than another, the last one cut to half (a copy of the first one
+        cut to half when the batch has one window)."""
+        mask = batch["attention_mask"].bool()
+        rows = [batch["input_ids"][i][mask[i]] for i in range(len(mask))]
+        if self.batch_size > 1 and len({len(r) for r in rows}) == 1 and len(rows[0]) > 1:
+            half = rows[0][: len(rows[0]) // 2]
+            if len(rows) == 1:
+                rows.append(half)
+            else:
+                rows[-1] = rows[-1][: len(rows[-1]) // 2]
+        return rows
+
+    def _collate(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        T = max(len(r) for r in rows)
+        out = {"input_ids": torch.full((len(rows), T), self.pad_id, dtype=torch.long),
+               "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),
+               "position_ids": torch.zeros((len(rows), T), dtype=torch.long)}
+        for i, r in enumerate(rows):
+            cols = slice(0, len(r)) if self.padding_side == "right" else slice(T - len(r), T)
+            out["input_ids"][i, cols] = r
+            out["attention_mask"][i, cols] = 1
+            out["position_ids"][i, cols] = torch.arange(len(r))
+        return out
+
+    def _alone(self, ids: torch.Tensor, **extra) -> torch.Tensor | None:
+        """The model's logits [n, V] float32 for input ids [n] run alone; None when its forward fails with
+        the ``extra`` arguments."""
+        try:
+            out = self.model(input_ids=ids[None].to(self.device), **extra)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if not extra:
+                raise
+            return None
+        return out.logits[0].float()
+
+    def _reference(self, ids: torch.Tensor) -> torch.Tensor:
+        """The logits [n, V] that fix a window's numbers: its bare forward, or (a forward that needs them)
+        with an attention mask and position ids."""
+        if self._bare:
+            return self._alone(ids)
+        n = len(ids)
+        return self._alone(ids, attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+                           position_ids=torch.arange(n, device=self.device)[None], use_cache=False)
+
     @torch.no_grad()
     def decide(self, batch: dict[str, torch.Tensor]) -> None:
-        """Under "auto", compare the fused head with the model's forward on the first tokens of the
-        batch's first window; fall back to the forward (with a note) when they differ."""
-        if self.mode != "auto":
+        """Once, at the first batch: how the model is run (positions, cache, padding) and, under "auto"
+        and "fused", whether the fused head reproduces its forward (see the module's docstring)."""
+        if self.decided:
             return
-        n = min(_PROBE_TOKENS, int(batch["attention_mask"][0].sum()))
-        row = batch["attention_mask"][0].nonzero().squeeze(1)[:n]
-        probe = {k: batch[k][:1, row] for k in ("input_ids", "attention_mask", "position_ids")}
-        inputs = _model_inputs(probe, self.device)
-        want = self.model(**inputs).logits[0].float()  # [n, V]
-        h = self.out.decoder(**inputs)[0][0]  # [n, D]
-        got = _linear._project(h.to(self.mm_dtype), self.weight, self.bias).float()
+        self.decided = True
+        rows = self._probe(batch)
+        longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+        self._check_inputs(rows[longest])
+        probe = self._collate(rows)
+        want = self._check_padding(rows, longest, probe)
+        if self.mode not in ("auto", "fused"):
+            return
+        detail = self._head_difference(probe, want)
+        if detail is None:
+            self.mode = "fused"
+        elif self.forced:
+            raise EvalError(f"head='fused' for {self.name} ({type(self.model).__name__}): {detail}; "
+                            "use head 'auto' or 'forward'")
+        else:
+            self._fall_back(detail)
+
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        """Step 1: the first way of running the window x alone that gives its bare forward's logits:
+        with position ids, without them (a model that counts positions its own way); without a key/value
+        cache, with one; else each window runs alone, from its input ids only."""
+        try:
+            ref = self._alone(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            self._bare = False
+            self._note(f"fails on its input ids alone ({type(err).__name__}): the check runs it with an "
+                       "attention mask and position ids")
+            return
+        ones = torch.ones(1, len(x), dtype=torch.long, device=self.device)
+        arange = torch.arange(len(x), device=self.device)[None]
+        for positions, no_cache in ((True, True), (False, True), (True, False), (False, False)):
+            extra = {"attention_mask": ones, **({"position_ids": arange} if positions else {}),
+                     **({"use_cache": False} if no_cache else {})}
+            if _agrees(self._alone(x, **extra), ref, self.logits_dtype):
+                break
+        else:
+            self.grouping, positions, no_cache = "alone", False, False
+            self._note("gives other logits when given an attention mask: each window is run alone, from "
+                       "its input ids only")
+            return
+        self.positions = positions
+        self._no_cache = {"use_cache": False} if no_cache else {}
+        if not positions:
+            self._note("counts its positions otherwise than 0..n−1: it is given no position ids")
+        if not no_cache:
+            self._note("gives other logits without its key/value cache: it is run with one")
+
+    def _check_padding(self, rows: list[torch.Tensor], longest: int, probe: dict) -> torch.Tensor | None:
+        """Step 2: how windows are batched (see the module's docstring). Returns the probe's forward
+        logits [B, T, V] when the run will batch as the probe did, else None."""
+        indexer = sparse_indexer_fields(getattr(self.model, "config", None))
+        if indexer and self.grouping == "padded" and self.batch_size > 1:
+            self.grouping = "length"
+            self._note(f"has a sparse-attention indexer ({', '.join(indexer)}), which may choose pad tokens: "
+                       "windows are batched only with windows of their own length, unpadded")
+        if self.grouping != "padded" or len(rows) < 2:
+            return None
+        # two padded probes: the batch (padding forced), and the longest window beside every other
+        # window one token short (what a padded row sees can depend on the data)
+        x = rows[longest]
+        others = [r[:-1] if len(r) > 1 else r for i, r in enumerate(rows) if i != longest]
+        want, bad = None, set()
+        for k, probe_rows in enumerate((rows, [x, *others])):
+            batch_k = probe if k == 0 else self._collate(probe_rows)
+            mask_k = batch_k["attention_mask"].bool()
+            try:
+                logits = self._logits(batch_k).float()  # [B, T, V]
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError) as err:  # a forward that cannot take this padding
+                self.grouping = "length"
+                first = str(err).splitlines()[0][:120] if str(err) else ""
+                self._note(f"fails on a padded batch ({type(err).__name__}: {first}): windows are batched "
+                           "only with windows of their own length, unpadded")
+                return None
+            full = mask_k.sum(1) == mask_k.shape[1]
+            for i, r in enumerate(probe_rows):
+                if not _agrees(logits[i][mask_k[i]], self._reference(r), self.logits_dtype):
+                    bad.add("unpadded" if full[i] else "padded")
+            if k == 0:
+                want = logits
+            del logits
+        if "unpadded" in bad:
+            self.grouping = "alone"
+            self._note("gives a window other logits in a batch than alone: each window is run alone")
+        elif "padded" in bad:
+            self.grouping = "length"
+            self._note("gives other logits to a padded window (its logits depend on the padding): "
+                       "windows are batched only with windows of their own length, unpadded")
+        return want if not bad else None
+
+    def _head_difference(self, probe: dict, want: torch.Tensor | None) -> str | None:
+        """Step 3: None when the fused logits equal the forward's at every real position of the probe
+        (run as decided), within the rounding of the forward's dtype; else what differs."""
+        mask = probe["attention_mask"].bool()
+        if want is None:
+            want = self._logits(probe).float()
+        want = want[mask.to(want.device)]  # [M, V]
+        h = self._hidden_states(probe)  # [B, T, D]
+        if h.dim() != 3 or h.shape[:2] != mask.shape or h.shape[-1] != self.weight.shape[1]:
+            return (f"its decoder gives {tuple(h.shape)} hidden states for {tuple(mask.shape)} inputs, its "
+                    f"output embeddings take {self.weight.shape[1]} features")
+        h = h[mask.to(h.device)]  # [M, D]
+        got = _engine.project(h.to(self.mm_dtype), self.weight, self.bias).float()
         got = self.finish(got, scale=self.out.hidden_scale, softcap=self.out.softcap) * self.temperature
         if got.shape != want.shape:
-            self._fall_back(f"the fused head gives {tuple(got.shape)} logits, the forward "
-                            f"{tuple(want.shape)}")
-            return
-        # the same computation up to the rounding of the model's dtype (bfloat16: 2^-8 per logit)
-        tol = 1e-4 if self.weight.dtype == torch.float32 else 3e-2
-        # a broken model's NaN/inf logits are the same in both (and stopped later, by check_finite)
-        finite = torch.isfinite(got) & torch.isfinite(want)
-        same_nonfinite = bool(((got == want) | (got.isnan() & want.isnan()) | finite).all())
-        diff = (got - want)[finite].abs()
-        err = float(diff.max()) if diff.numel() else 0.0
-        bound = tol * (1.0 + float(want[finite].abs().max())) if diff.numel() else 0.0
-        if not same_nonfinite:
-            err = math.inf
-        if not err <= bound:
-            self._fall_back(f"its forward does something to its logits that the fused head does not know "
-                            f"(they differ by up to {err:.3g} on the first tokens)")
-        else:
-            self.mode = "fused"
+            return f"the fused head gives {tuple(got.shape)} logits, the forward {tuple(want.shape)}"
+        # a transform the head applies in float32 is rounded once more in the forward's dtype
+        transformed = self.out.hidden_scale != 1.0 or self.out.softcap is not None
+        ok, err = _rounding_close(got, want.to(got.device), self.logits_dtype, 4.0 if transformed else 2.0)
+        if ok:
+            return None
+        return (f"its forward does something to its logits that the fused head does not know (they differ "
+                f"by up to {err:.3g} on the first batch, beyond the rounding of {self.logits_dtype})")
 
     # -- both paths: chunks of final logits ----------------------------------------------------------
     @torch.no_grad()
@@ -152,7 +440,7 @@ class ModelHead:
             for s in range(0, len(rows), size):
                 yield s, self.project(h[s : s + size])
             return
-        logits = self.model(**_model_inputs(batch, self.device)).logits  # [B, T, V]
+        logits = self._logits(batch)  # [B, T, V]
         r, c = rows.to(logits.device), cols.to(logits.device)
         for s in range(0, len(rows), size):
             yield s, self.finish(logits[r[s : s + size], c[s : s + size]].float())
@@ -160,5 +448,5 @@ class ModelHead:
 
 def chunk_rows(num_tokens: int, num_classes: int, device, buffers: int = 2) -> int:
     """Scored rows per chunk: ``buffers`` float32 [C, V] buffers within the fused engine's budget
-    (xent._linear.auto_chunk_size: 64 MiB on the CPU, 1 GiB on CUDA; XENT_CHUNK_MB overrides it)."""
-    return _linear.auto_chunk_size(max(num_tokens, 1), num_classes, 4 * buffers, device)
+    (xent._engine.auto_chunk_size: 64 MiB on the CPU, 1 GiB on CUDA; XENT_CHUNK_MB overrides it)."""
+    return _engine.auto_chunk_size(max(num_tokens, 1), num_classes, 4 * buffers, device)

@@ -94,12 +94,13 @@ def draw_reliability(ax, calibration: list[dict], *, color: str = "C0") -> None:
            edgecolor=["#aaaaaa" if t else "black" for t in thin], lw=0.5)
     ax.scatter([b["confidence"] for b in bins], acc, s=9, zorder=3,
                c=["#999999" if t else "black" for t in thin])
-    for x, b, t in zip(centers, bins, thin):  # the count just above the bar (inside it near the top)
+    for x, b, t in zip(centers, bins, thin):  # the count just above its bar, never over a bar
         top = max(b["accuracy"], 0.0)
-        y, va = (top + 0.025, "bottom") if top < 0.8 else (top - 0.025, "top")
-        ax.text(x, y, compact_count(b["tokens"]), rotation=90, ha="center", va=va, fontsize=6,
+        ax.text(x, top + 0.02, compact_count(b["tokens"]), rotation=90, ha="center", va="bottom", fontsize=6,
                 color="#777777" if t else "black")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability", ylabel="top-1 accuracy")
+    # room above accuracy 1 for the counts of the fullest bars
+    ax.set(xlim=(0, 1), ylim=(0, 1.16), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], xlabel="top-1 probability",
+           ylabel="top-1 accuracy")
 
 
 def _plots(out_dir: str, summary: dict) -> list[str]:

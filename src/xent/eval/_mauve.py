@@ -36,6 +36,10 @@ class MauveResult:
         return asdict(self)
 
 
+#: Fewer texts than this on a side give a warning: the k-means histograms of a handful of points say little
+#: (mauve-text's "auto" quantisation wants |texts|/10 clusters); fewer than 2 on a side are refused.
+MIN_TEXTS = 10
+
 # mauve-text 0.4's defaults, passed explicitly so an upgrade that changes them cannot change a score.
 DEFAULTS = {"num_buckets": "auto", "mauve_scaling_factor": 5.0, "kmeans_num_redo": 5, "kmeans_max_iter": 500,
             "kmeans_explained_var": 0.9, "divergence_curve_discretization_size": 25}
@@ -56,7 +60,9 @@ def mauve(p_texts, q_texts, *, model, tokenizer, max_length: int | None = None, 
     with as many threads as torch uses (1 in the demo: the same numbers on any machine).
 
     Returns a :class:`MauveResult`; ``.features`` names the model and the features. Raises EvalError (a
-    ValueError) for an empty set, an empty text or a bad option.
+    ValueError) for an empty set, an empty text, fewer than 2 texts on a side, more ``num_buckets`` than
+    texts (k-means cannot make more clusters than points) or a bad option; warns (``UserWarning``) when a
+    side has fewer than :data:`MIN_TEXTS` (10) texts, where the score is mostly noise.
 
     Example:
         >>> r = xent.eval.mauve(human, generated, model=model, tokenizer=tok, seed=0)  # doctest: +SKIP
@@ -140,7 +146,8 @@ def mauve_from_features(p_features, q_features, *, seed: int = 25, num_buckets: 
                         kmeans_max_iter: int = 500, threads: int | None = None) -> MauveResult:
     """MAUVE of two feature arrays [n_p, D] and [n_q, D], by ``mauve.compute_mauve`` with the options
     given (the rest at mauve-text's defaults, :data:`DEFAULTS`), on the CPU, with ``threads`` threads
-    (default: torch's count) for its PCA and k-means, restored afterwards."""
+    (default: torch's count) for its PCA and k-means, restored afterwards. The sizes are checked as in
+    :func:`mauve` (at least 2 rows a side, a warning under :data:`MIN_TEXTS`, at most n_p + n_q buckets)."""
     import numpy as np
 
     try:
@@ -158,8 +165,10 @@ def mauve_from_features(p_features, q_features, *, seed: int = 25, num_buckets: 
             raise EvalError(f"{name} has {int((~np.isfinite(a)).sum())} non-finite values")
     if p.shape[1] != q.shape[1]:
         raise EvalError(f"p_features and q_features have different widths: {p.shape[1]} and {q.shape[1]}")
-    if not (num_buckets == "auto" or (isinstance(num_buckets, int) and num_buckets >= 2)):
+    if not (num_buckets == "auto" or (isinstance(num_buckets, int) and not isinstance(num_buckets, bool)
+                                      and num_buckets >= 2)):
         raise EvalError(f"num_buckets must be 'auto' or an integer >= 2, got {num_buckets!r}")
+    _check_sizes(len(p), len(q), num_buckets)
     if threads is None:
         import torch
 
@@ -179,6 +188,22 @@ def mauve_from_features(p_features, q_features, *, seed: int = 25, num_buckets: 
         faiss.omp_set_num_threads(before)
     return MauveResult(float(out.mauve), float(out.frontier_integral), int(out.num_buckets), len(p), len(q),
                        "given features")
+
+
+def _check_sizes(n_p: int, n_q: int, num_buckets) -> None:
+    """k-means clusters the n_p + n_q points together: no more buckets than points (faiss would fail
+    deep inside); a side of one text has no distribution; a side under MIN_TEXTS gets a warning."""
+    if min(n_p, n_q) < 2:
+        raise EvalError(f"MAUVE needs at least 2 texts on each side (10 or more for a usable score), got "
+                        f"{n_p} in P and {n_q} in Q")
+    if num_buckets != "auto" and num_buckets > n_p + n_q:
+        raise EvalError(f"num_buckets={num_buckets} is more than the {n_p + n_q} texts ({n_p} in P, {n_q} in "
+                        "Q) that k-means clusters: use at most that many, or 'auto'")
+    if min(n_p, n_q) < MIN_TEXTS:
+        import warnings
+
+        warnings.warn(f"MAUVE of {n_p} and {n_q} texts: under {MIN_TEXTS} on a side the k-means histograms "
+                      "are too coarse for the score to mean much", UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

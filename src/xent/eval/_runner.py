@@ -233,7 +233,8 @@ class Runner(ChunkedScorer):
                  head: str = "auto", temperature: float = 1.0, keep_hidden: bool = False):
         super().__init__(tokenizer, opts, rank=rank, world=world)
         self.model = model
-        self.head = ModelHead(model, head=head, temperature=temperature)
+        self.head = ModelHead(model, head=head, temperature=temperature, batch_size=opts.batch_size,
+                              padding_side=opts.padding_side, pad_id=self.pad_id)
         self.keep_hidden = keep_hidden  # keep each batch's scored hidden states (to fit a temperature)
         self.kept: list = []
         self.totals = [Totals(opts.max_length) for _ in range(n_files)]

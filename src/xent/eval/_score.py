@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _linear
+from .. import _engine
 from ._windows import IGNORE, Window
 
 
@@ -100,7 +100,7 @@ def row_blocks(z: torch.Tensor):
     block run in cache; on an accelerator the whole chunk."""
     if z.device.type != "cpu":
         return [slice(0, z.shape[0])]
-    return list(_linear._blocks(z.shape[0], z.shape[1]))
+    return list(_engine.row_blocks(z.shape[0], z.shape[1]))
 
 
 def _stats_block(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Integrations with other libraries, each imported on first use: ``xent.integrations.transformers``
-(:func:`~xent.integrations.transformers.patch_causal_lm`, :func:`~xent.integrations.transformers.unpatch`)."""
+(:func:`~xent.integrations.transformers.patch_causal_lm`, :func:`~xent.integrations.transformers.unpatch`)
+and ``xent.integrations.trl`` (:class:`~xent.integrations.trl.XentSFTTrainer`,
+:class:`~xent.integrations.trl.XentGRPOTrainer`)."""
 
-_SUBMODULES = ("transformers",)
+_SUBMODULES = ("transformers", "trl")
 
 
 def __getattr__(name):

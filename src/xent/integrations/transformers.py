@@ -95,7 +95,9 @@ def patch_causal_lm(model, loss: TokenLoss | None = None, *, chunk_size: int | s
     and logsumexp over the call's target tokens, computed in the fused pass), for a ``Trainer`` to log:
     sum them over the micro-batches of a step (and all-reduce over ranks), then divide
     (:meth:`xent.TokenStats.means`). ``xent_stats`` is a plain attribute, not a key of the output, so
-    indexing the output (``out[0]``, ``out["loss"]``) is unchanged.
+    indexing the output (``out[0]``, ``out["loss"]``) is unchanged. The latest call's statistics are also
+    ``model.xent_stats``, which a wrapper that rebuilds the output (accelerate's mixed precision: a
+    ``Trainer`` with ``bf16=True``) cannot drop.
     """
     loss = CrossEntropy() if loss is None else loss
     if not isinstance(loss, TokenLoss):
@@ -169,13 +171,16 @@ def _fused_forward(model, loss: TokenLoss, named: dict, labels, chunk_size, retu
     else:
         target, shift = labels.to(hidden.device), True
     value = _linear.linear_loss(
-        hidden, head.weight, target, loss=fit_loss(loss, head), bias=head.bias, shift=shift,
+        hidden, head.weight, target, loss=fit_loss(loss, head), linear_bias=head.bias, shift=shift,
         chunk_size=chunk_size, ignore_index=ignore_index, num_items=num_items, return_stats=return_stats,
     )
     value, stats = value if return_stats else (value, None)
     out = CausalLMOutputWithPast(loss=value, logits=None, **_passed_on(outputs, CausalLMOutputWithPast))
     if stats is not None:
         out.xent_stats = stats  # an attribute, not a ModelOutput key: out[i] and out.to_tuple() unchanged
+        # accelerate's mixed-precision wrapper rebuilds the output from its keys, dropping that attribute:
+        # the latest call's statistics stay reachable on the model itself.
+        model.xent_stats = stats
     return out
 
 

@@ -20,6 +20,7 @@ from ._classes import GOLD, BinaryCrossEntropy, CrossEntropy, Focal, Poly, TaiLr
 from ._linear import LMHead, linear_cross_entropy
 from ._losses import (
     binary_cross_entropy,
+    binary_cross_entropy_with_logits,
     causal_lm_loss,
     cross_entropy,
     focal_loss,
@@ -37,6 +38,7 @@ __all__ = [
     "Poly",
     "TaiLr",
     "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "causal_lm_loss",
     "cross_entropy",
     "focal_loss",

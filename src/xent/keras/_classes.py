@@ -30,11 +30,12 @@ class _TokenLoss(keras.losses.Loss):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
                  name: str | None = None, dtype=None, **options):
+        V.check_flags(shift=shift)
         V.check_reduction(reduction)
         V.check_ignore_index(ignore_index)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.ignore_index = int(ignore_index)
-        self.shift = bool(shift)
+        self.shift = shift
         self.options = options
 
     def __call__(self, y_true, y_pred, sample_weight=None, *, num_items=None):
@@ -139,10 +140,11 @@ class Focal(_TokenLoss):
     def __init__(self, *, gamma: float = 2.0, alpha: float = 1.0, detach_factor: bool = False,
                  softcap: float | None = None, ignore_index: int = -100, reduction: str = "mean",
                  shift: bool = False, name: str | None = None, dtype=None):
+        V.check_flags(detach_factor=detach_factor)
         L._check_focal(gamma, alpha)
         V.check_options(softcap=softcap)
         super().__init__(ignore_index=ignore_index, reduction=reduction, shift=shift, name=name, dtype=dtype,
-                         gamma=float(gamma), alpha=float(alpha), detach_factor=bool(detach_factor),
+                         gamma=float(gamma), alpha=float(alpha), detach_factor=detach_factor,
                          softcap=softcap)
 
 
@@ -161,14 +163,19 @@ class Poly(_TokenLoss):
 
 class BinaryCrossEntropy(keras.losses.Loss):
     """:func:`xent.keras.binary_cross_entropy` as a Keras loss: ``keras.losses.BinaryCrossentropy(
-    from_logits=True)`` plus ``ignore_index``, ``pos_weight`` and ``num_items``. A ``[B]`` sample_weight
-    scales each row (broadcast over the last axes) and, as in Keras, is not a normaliser."""
+    from_logits=...)`` (probabilities by default, as Keras'; ``from_logits=True`` for logits) plus
+    ``ignore_index``, ``pos_weight`` (logits only) and ``num_items``. A ``[B]`` sample_weight scales each
+    row (broadcast over the last axes) and, as in Keras, is not a normaliser."""
 
-    def __init__(self, *, pos_weight=None, label_smoothing: float = 0.0, ignore_index: float = -100,
-                 reduction: str = "mean", name: str | None = None, dtype=None):
+    def __init__(self, *, from_logits: bool = False, pos_weight=None, label_smoothing: float = 0.0,
+                 ignore_index: float = -100, reduction: str = "mean", name: str | None = None, dtype=None):
+        V.check_flags(from_logits=from_logits)
         V.check_reduction(reduction)
         V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+        if pos_weight is not None and not from_logits:
+            raise ValueError("pos_weight needs from_logits=True (torch's binary_cross_entropy has none)")
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = from_logits
         self.pos_weight = pos_weight
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = ignore_index
@@ -191,12 +198,13 @@ class BinaryCrossEntropy(keras.losses.Loss):
         return self._run(y_true, y_pred, "none", None, None)
 
     def _run(self, y_true, y_pred, reduction, weight, num_items):
-        return L.binary_cross_entropy(y_pred, y_true, weight=weight, pos_weight=self.pos_weight,
-                                      label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
-                                      reduction=reduction, num_items=num_items)
+        return L.binary_cross_entropy(y_pred, y_true, weight, from_logits=self.from_logits,
+                                      pos_weight=self.pos_weight, label_smoothing=self.label_smoothing,
+                                      ignore_index=self.ignore_index, reduction=reduction,
+                                      num_items=num_items)
 
     def get_config(self):
         pw = self.pos_weight
         pw = np.asarray(C.concrete(pw)).tolist() if pw is not None and ops.is_tensor(pw) else pw
-        return {"name": self.name, "reduction": self.reduction, "pos_weight": pw,
-                "label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index}
+        return {"name": self.name, "reduction": self.reduction, "from_logits": self.from_logits,
+                "pos_weight": pw, "label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index}

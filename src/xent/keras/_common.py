@@ -174,9 +174,10 @@ def broadcast_sample_weight(sample_weight, shape, name: str = "sample_weight"):
 
 
 def row_max(z):
-    """m = max_c z_c [..., 1] without gradient (the results do not depend on it); 0 for a row of −inf."""
+    """m = max_c z_c [..., 1] without gradient (the results do not depend on it); 0 for a row of −inf, +inf
+    kept (a row holding +inf gives NaN, as torch and xent's PyTorch functions)."""
     m = ops.stop_gradient(ops.max(z, axis=-1, keepdims=True))
-    return ops.where(ops.isfinite(m), m, ops.zeros_like(m))
+    return ops.where(m == float("-inf"), ops.zeros_like(m), m)
 
 
 def tanh(u):
@@ -208,11 +209,13 @@ def nll_and_shift(z, y):
 def mean_denominator(valid, num_items, token_weight, dtype):
     """num_items if given, else Σ_valid w (the count of valid targets without weights), whatever its sign;
     1 when no target is valid or num_items is 0, so that case gives an exact 0 with a zero gradient.
-    num_items = 0 while targets are valid (only knowable under tracing here) gives NaN."""
+    A num_items that eager code refuses (0 while targets are valid, negative, infinite or NaN) can reach
+    here only traced: it gives NaN, never a plausible number."""
     count = ops.sum(ops.cast(valid, "int32"))
     if num_items is not None:
         n = ops.cast(num_items, dtype)
-        stray = ops.logical_and(n == 0, count > 0)
+        stray = ops.logical_or(ops.logical_and(n == 0, count > 0),
+                               ops.logical_not(ops.logical_and(ops.isfinite(n), n >= 0)))
         n = ops.where(n == 0, ops.ones_like(n), n)
         return ops.where(stray, ops.full_like(n, float("nan")), n)
     if token_weight is None:

@@ -63,6 +63,7 @@ def linear_cross_entropy(hidden, kernel, target, *, bias=None, transpose_kernel:
     are masked, not dropped (shapes are static), so they still cost their share of the matmuls.
     First-order only: the gradient is computed in closed form.
     """
+    V.check_flags(transpose_kernel=transpose_kernel, shift=shift)
     V.check_reduction(reduction)
     if reduction == "none":
         raise ValueError("reduction='none' is not fused: linear_cross_entropy returns 'mean' or 'sum'; "
@@ -238,6 +239,7 @@ class LMHead(keras.layers.Layer):
                  shift: bool = False, ignore_index: int = -100, label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None, chunk_size="auto",
                  kernel_initializer="glorot_uniform", **kwargs):
+        V.check_flags(use_bias=use_bias, shift=shift)
         super().__init__(**kwargs)
         if tied_embedding is None and (vocab_size is None or int(vocab_size) < 1):
             raise ValueError(f"vocab_size must be an int >= 1 for an untied head, got {vocab_size!r}")
@@ -253,8 +255,8 @@ class LMHead(keras.layers.Layer):
         # Kept out of Keras' tracking: the embedding's weights belong to the embedding layer (tracked
         # twice, an optimizer would see them twice).
         object.__setattr__(self, "_tied", tied_embedding)
-        self.use_bias = bool(use_bias)
-        self.loss_options = dict(shift=bool(shift), ignore_index=int(ignore_index),
+        self.use_bias = use_bias
+        self.loss_options = dict(shift=shift, ignore_index=int(ignore_index),
                                  label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                  softcap=softcap, chunk_size=chunk_size)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)

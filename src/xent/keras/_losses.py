@@ -246,9 +246,10 @@ def focal_loss(logits, target, *, gamma: float = 2.0, alpha: float = 1.0, detach
                softcap: float | None = None, ignore_index: int = -100, reduction: str = "mean",
                num_items=None, sample_weight=None):
     """Focal loss −α(1−q_y)^γ log q_y (Lin et al. 2017); the twin of :func:`xent.focal_loss`."""
+    V.check_flags(detach_factor=detach_factor)
     _check_focal(gamma, alpha)
     terms = lambda nll: focal_terms(nll, gamma=float(gamma), alpha=float(alpha),  # noqa: E731
-                                    detach_factor=bool(detach_factor))
+                                    detach_factor=detach_factor)
     return _nll_loss(terms, logits, target, label_smoothing=0.0, softcap=softcap, ignore_index=ignore_index,
                      reduction=reduction, num_items=num_items, sample_weight=sample_weight)
 
@@ -269,41 +270,17 @@ def poly_loss(logits, target, *, epsilon: float = 1.0, softcap: float | None = N
 
 # ---------- binary cross-entropy ----------
 
-def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, label_smoothing: float = 0.0,
-                         ignore_index: float = -100, reduction: str = "mean", num_items=None):
-    r"""ℓ = −w·[p_w·y·log σ(x) + (1−y)·log(1−σ(x))] from logits, in log-sigmoid form (no epsilon); the
-    twin of :func:`xent.binary_cross_entropy` (same options and rules: ``weight`` rescales and is not a
-    normaliser, "mean" divides by the count of valid elements, a target equal to ``ignore_index`` is
-    skipped, label smoothing y ← y(1−ε) + ε/2). Equal to ``keras.losses.BinaryCrossentropy(
-    from_logits=True)`` when nothing is ignored (a ``[B]`` sample weight is ``weight`` broadcast over the
-    last axes)."""
-    V.check_reduction(reduction)
-    V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    V.check_number("ignore_index", ignore_index)
-    if 0.0 <= ignore_index <= 1.0:
-        raise ValueError(f"ignore_index must lie outside [0, 1] (a valid target), got {ignore_index}")
-    logits = C.as_tensor("logits", logits)
-    C.check_floating("logits", logits)
-    target = C.as_tensor("target", target)
-    shape = tuple(logits.shape)
-    if tuple(target.shape) != shape:
-        raise ValueError(f"target shape {tuple(target.shape)} must equal logits shape {shape}")
-    num_items = C.check_num_items(num_items, reduction)
-    dt = C.compute_dtype(logits)
-    x = ops.cast(logits, dt)
-    y = ops.cast(target, dt)
-    value = C.concrete(y)
-    if value is not None and value.size:
-        badv = (value != ignore_index) & ~((value >= 0.0) & (value <= 1.0))
-        if badv.any():
-            raise ValueError(f"target has {int(badv.sum())} value(s) outside [0, 1] that are not "
-                             f"ignore_index={ignore_index}; the first is {value[badv].flat[0]}")
-    valid = y != ignore_index
-    bad = ops.logical_and(valid, ops.logical_not(ops.logical_and(y >= 0.0, y <= 1.0)))  # NaN too
-    C.check_num_items_covers(num_items, valid)
-    y = ops.where(ops.logical_and(valid, ops.logical_not(bad)), y, ops.zeros_like(y))
-    if label_smoothing > 0.0:
-        y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
+def binary_cross_entropy_with_logits(input, target, weight=None, *, pos_weight=None,
+                                     label_smoothing: float = 0.0, ignore_index: float = -100,
+                                     reduction: str = "mean", num_items=None):
+    r"""ℓ = −w·[p_w·y·log σ(x) + (1−y)·log(1−σ(x))] from logits x (``input``), in log-sigmoid form (no
+    epsilon); the twin of :func:`xent.binary_cross_entropy_with_logits` (same options and rules: ``weight``
+    rescales and is not a normaliser, "mean" divides by the count of valid elements, a target equal to
+    ``ignore_index`` is skipped, label smoothing y ← y(1−ε) + ε/2). Equal to
+    ``keras.losses.BinaryCrossentropy(from_logits=True)`` when nothing is ignored (a ``[B]`` sample weight
+    is ``weight`` broadcast over the last axes)."""
+    x, y, valid, bad, shape, dt = _binary_prepare(input, target, label_smoothing, ignore_index, reduction,
+                                                  num_items)
     # −log σ(x) and −log(1 − σ(x)) = −log σ(−x): exact for any x, no cancellation, no epsilon.
     pos = -ops.log_sigmoid(x) * y
     if pos_weight is not None:
@@ -314,6 +291,83 @@ def binary_cross_entropy(logits, target, *, weight=None, pos_weight=None, label_
     return _finish(per_elem, valid, bad, reduction, num_items, None)
 
 
+def binary_cross_entropy(input, target, weight=None, *, from_logits: bool = False, pos_weight=None,
+                         label_smoothing: float = 0.0, ignore_index: float = -100, reduction: str = "mean",
+                         num_items=None):
+    r"""Binary cross-entropy of probabilities p (``input``; logits with ``from_logits=True``, Keras'
+    convention and default) against targets y in [0, 1].
+
+    With ``from_logits=False``: ℓ = −w·[y·max(log p, −100) + (1−y)·max(log(1−p), −100)], the twin of
+    :func:`xent.binary_cross_entropy` (torch's clamp of each log at −100: p = 0 or 1 costs at most 100·w,
+    where Keras' ``BinaryCrossentropy()`` clips p to [1e-7, 1 − 1e-7], at most 16.1; the two agree inside
+    that range). Gradients equal torch's wherever no log is clamped. ``pos_weight`` is for logits only.
+    An input outside [0, 1] at a valid element is refused eagerly and makes the loss NaN when traced.
+    With ``from_logits=True``: :func:`binary_cross_entropy_with_logits`. The other options as there."""
+    V.check_flags(from_logits=from_logits)
+    if from_logits:
+        return binary_cross_entropy_with_logits(
+            input, target, weight, pos_weight=pos_weight, label_smoothing=label_smoothing,
+            ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+    if pos_weight is not None:
+        raise ValueError("pos_weight needs from_logits=True (torch's binary_cross_entropy has none), got "
+                         f"a pos_weight with from_logits={from_logits!r}")
+    p, y, valid, bad, shape, dt = _binary_prepare(input, target, label_smoothing, ignore_index, reduction,
+                                                  num_items, probabilities=True)
+    # max(log p, −100) and max(log(1 − p), −100), torch's rule; the log is taken of a safe value where
+    # its argument is 0, so the clamped branch has a zero gradient, never 0·inf = NaN
+    some_p, some_q = p > 0.0, p < 1.0
+    log_p = ops.where(some_p, ops.log(ops.where(some_p, p, ops.ones_like(p))), -100.0)
+    log_1mp = ops.where(some_q, ops.log1p(-ops.where(some_q, p, ops.zeros_like(p))), -100.0)
+    per_elem = -(y * ops.maximum(log_p, -100.0) + (1.0 - y) * ops.maximum(log_1mp, -100.0))
+    if weight is not None:
+        per_elem = per_elem * ops.cast(_check_broadcast("weight", weight, shape), dt)
+    return _finish(per_elem, valid, bad, reduction, num_items, None)
+
+
+def _binary_prepare(input, target, label_smoothing, ignore_index, reduction, num_items, probabilities=False):
+    """Checks shared by both binary losses; (input and smoothed targets in the compute dtype with
+    ignored elements safe, valid, bad (a value only tracing could let through), shape, dtype)."""
+    V.check_reduction(reduction)
+    V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    V.check_number("ignore_index", ignore_index)
+    if 0.0 <= ignore_index <= 1.0:
+        raise ValueError(f"ignore_index must lie outside [0, 1] (a valid target), got {ignore_index}")
+    input = C.as_tensor("input", input)
+    C.check_floating("input", input)
+    target = C.as_tensor("target", target)
+    shape = tuple(input.shape)
+    if tuple(target.shape) != shape:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal input shape {shape}")
+    num_items = C.check_num_items(num_items, reduction)
+    dt = C.compute_dtype(input)
+    x = ops.cast(input, dt)
+    y = ops.cast(target, dt)
+    value = C.concrete(y)
+    if value is not None and value.size:
+        badv = (value != ignore_index) & ~((value >= 0.0) & (value <= 1.0))
+        if badv.any():
+            raise ValueError(f"target has {int(badv.sum())} value(s) outside [0, 1] that are not "
+                             f"ignore_index={ignore_index}; the first is {value[badv].flat[0]}")
+    valid = y != ignore_index
+    bad = ops.logical_and(valid, ops.logical_not(ops.logical_and(y >= 0.0, y <= 1.0)))  # NaN too
+    if probabilities:
+        p, known = C.concrete(x), C.concrete(valid)
+        if p is not None and known is not None and p.size:
+            badp = known & ~((p >= 0.0) & (p <= 1.0))
+            if badp.any():
+                raise ValueError(
+                    "input must hold probabilities in [0, 1] (from_logits=True for logits); "
+                    f"{int(badp.sum())} valid element(s) are not, the first is {p[badp].flat[0]}")
+        out_of_range = ops.logical_not(ops.logical_and(x >= 0.0, x <= 1.0))
+        bad = ops.logical_or(bad, ops.logical_and(valid, out_of_range))
+        x = ops.where(ops.logical_and(valid, ops.logical_not(bad)), x, ops.full_like(x, 0.5))
+    C.check_num_items_covers(num_items, valid)
+    y = ops.where(ops.logical_and(valid, ops.logical_not(bad)), y, ops.zeros_like(y))
+    if label_smoothing > 0.0:
+        y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return x, y, valid, bad, shape, dt
+
+
 def _check_broadcast(name, w, shape):
     w = C.as_tensor(name, w)
     C.check_floating(name, w)
@@ -321,5 +375,5 @@ def _check_broadcast(name, w, shape):
     ok = len(w_shape) <= len(shape) and all(
         a in (1, b) for a, b in zip(reversed(w_shape), reversed(shape)))
     if not ok:
-        raise ValueError(f"{name} shape {w_shape} does not broadcast to logits shape {shape}")
+        raise ValueError(f"{name} shape {w_shape} does not broadcast to input shape {shape}")
     return w

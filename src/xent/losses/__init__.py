@@ -10,17 +10,9 @@ from ._eaft import EAFT
 from ._emo import EMO
 from ._focal import Focal, Poly
 from ._regularized import DFT, EntropyRegularized
+from ._rho1 import Rho1
 from ._sparse_distill import SparseDistill
 from ._tailr import GOLD, TaiLr
-
-
-def __getattr__(name):
-    if name == "Rho1":  # lives beside its two-pass functions, which need the fused engine
-        from .._selective import Rho1
-
-        return Rho1
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = ["TokenLoss", "CrossEntropy", "EMO", "TaiLr", "GOLD", "DFT", "Focal", "Poly", "EntropyRegularized",
            "Distill", "EAFT", "SparseDistill", "Rho1"]

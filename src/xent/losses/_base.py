@@ -8,9 +8,29 @@ object, so a loss written once is fused for free.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import _validate as V
+
+
+@dataclass(frozen=True)
+class CrossEntropyRows:
+    """A loss's declaration that it is exactly cross-entropy with these options, so a row backend with a
+    closed form of its own (a compiled kernel) may compute it instead of the loss's torch code:
+
+    ℓ = (1−ε)·w_y·(lse z − z_y) + (ε/V)·Σ_c w_c (lse z − z_c) + z_coef·(lse z)², z ← c·tanh(z/c) first.
+
+    class_weight: ``[V]`` w_c or None (all 1). label_smoothing: ε. z_coef: the z-loss coefficient as the
+    rows see it (the option times a class-weighted mean's count scale; a float, or a 0-d float32 tensor
+    under a class-weighted mean, read with ``float()`` by a backend that needs a number). softcap: c or
+    None."""
+
+    class_weight: torch.Tensor | None
+    label_smoothing: float
+    z_coef: float | torch.Tensor
+    softcap: float | None
 
 
 class TokenLoss:
@@ -46,6 +66,12 @@ class TokenLoss:
     def token_weight(self, target: torch.Tensor) -> torch.Tensor | None:
         """Per-token class weight w_y in the denominator of reduction="mean"; None means 1. (Per-token
         weights w_t are the caller's, applied by the reduction and the fused engine: no loss sees them.)"""
+        return None
+
+    def row_spec(self) -> CrossEntropyRows | None:
+        """What a row backend other than torch ops may compute in this loss's place: a
+        :class:`CrossEntropyRows` when the loss is exactly that cross-entropy, else None (the default:
+        only the loss's own torch code computes it)."""
         return None
 
     def check(self, num_classes: int) -> None:
@@ -96,10 +122,12 @@ def cap_in_place(logits: torch.Tensor, softcap: float | None):
 
 
 def row_max(logits: torch.Tensor) -> torch.Tensor:
-    """m = max_c z_c [..., 1], the shift of every log-sum-exp here (0 for a row of all −inf, which then
-    stays −inf); no gradient flows through it (the results do not depend on it)."""
+    """m = max_c z_c [..., 1], the shift of every log-sum-exp here; no gradient flows through it (the
+    results do not depend on it). A row of all −inf gets 0 (its log-sum-exp stays −inf); a row holding +inf
+    keeps m = +inf, so z − m is NaN there and its loss and gradient are NaN, as torch's cross_entropy gives
+    them (and the CPU kernel), never +inf."""
     m = logits.detach().amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
 class _LogSumExpAbout(torch.autograd.Function):

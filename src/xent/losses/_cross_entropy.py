@@ -11,7 +11,7 @@ import torch
 
 from .. import _validate as V
 from .._reduce import apply_token_loss, as_token_weights, check_common, compute_dtype, reduce_tokens
-from ._base import TokenLoss, exp_in_place, nll_and_shift
+from ._base import CrossEntropyRows, TokenLoss, exp_in_place, nll_and_shift
 
 
 class CrossEntropy(TokenLoss):
@@ -91,14 +91,13 @@ class CrossEntropy(TokenLoss):
             loss = loss + self._z_coef(lse) * lse.square()
         return loss
 
-    def row_kernel_args(self, target: torch.Tensor):
-        """(w_y [N] or None, z-loss coefficient) when the fused head's compiled CPU kernel
-        (:mod:`xent._cpu_kernel`) computes exactly this loss: no label smoothing, no soft-capping, and
-        this class itself (a subclass may change the formulas). None otherwise."""
-        if type(self) is not CrossEntropy or self.label_smoothing > 0.0 or self.softcap is not None:
+    def row_spec(self) -> CrossEntropyRows | None:
+        """This loss's options for a row backend's closed form; None for a subclass (which may change the
+        formulas)."""
+        if type(self) is not CrossEntropy:
             return None
-        z_coef = float(self._z_coef(torch.ones((), dtype=torch.float32))) if self.z_loss > 0.0 else 0.0
-        return self.token_weight(target), z_coef
+        z_coef = self._z_coef(torch.ones((), dtype=torch.float32)) if self.z_loss > 0.0 else 0.0
+        return CrossEntropyRows(self.weight, self.label_smoothing, z_coef, self.softcap)
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
         """Closed form on a [N, V] buffer that is overwritten with the gradient (no autograd graph).
@@ -191,6 +190,7 @@ def cross_entropy(
         >>> round(xent.cross_entropy(x, y).item(), 6)
         0.51058
     """
+    V.check_flags(return_stats=return_stats)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         if return_stats:
             raise ValueError("return_stats needs class-id targets (top-1 correctness is undefined for "

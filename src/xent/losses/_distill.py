@@ -91,6 +91,7 @@ class Distill(TokenLoss):
                  temperature: float = 1.0, t_squared: bool = False, softcap: float | None = None,
                  hard_weight: float = 0.0):
         super().__init__(softcap=softcap)
+        V.check_flags(t_squared=t_squared)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         V.check_range("beta", beta, 0.0, 1.0)
@@ -102,7 +103,7 @@ class Distill(TokenLoss):
         self.beta = float(beta)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
-        self.t_squared = bool(t_squared)
+        self.t_squared = t_squared
         self.hard_weight = float(hard_weight)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .. import _validate as V
 from .._reduce import apply_token_loss, check_common
 from ._base import TokenLoss, exp_in_place, nll_and_shift
 
@@ -88,13 +89,14 @@ class Focal(NLLLoss):
     def __init__(self, *, gamma: float = 2.0, alpha: float = 1.0, detach_factor: bool = False,
                  softcap: float | None = None):
         super().__init__(softcap=softcap)
+        V.check_flags(detach_factor=detach_factor)
         if not (math.isfinite(gamma) and gamma >= 0.0):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
         if not (math.isfinite(alpha) and alpha > 0.0):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
         self.gamma = float(gamma)
         self.alpha = float(alpha)
-        self.detach_factor = bool(detach_factor)
+        self.detach_factor = detach_factor
 
     def nll_terms(self, nll):
         alpha, gamma = self.alpha, self.gamma

@@ -107,8 +107,27 @@ class SparseDistill(TokenLoss):
                 f"softcap={self.softcap!r})")
 
 
-def check_sparse_teacher(teacher_ids, teacher_log_probs, lead_shape, num_classes, *, lead_name):
-    """ids [..., k] distinct integers in [0, V), log-probs [..., k] ≤ 0 whose mass is at most 1."""
+def teacher_read_mask(target, ignore_index, lead_shape, *, shift=False):
+    """[...] bool over the teacher's positions: where its ids and log-probs are read (a valid target; with
+    ``shift`` position t is read when target[..., t+1] is valid, the last position never). None: all are.
+    Elsewhere they are never read, so padding there (id −1, log-prob 0 or NaN) is accepted."""
+    if target is None:
+        if not shift:
+            return None
+        read = torch.ones(lead_shape, dtype=torch.bool)
+        read[..., -1] = False
+        return read
+    V.check_ids_tensor(target, lead_shape, lead_name="the teacher's positions")
+    V.check_ignore_index(ignore_index)
+    valid = target != ignore_index
+    if not shift:
+        return valid
+    return torch.cat([valid[..., 1:], torch.zeros_like(valid[..., :1])], dim=-1)
+
+
+def check_sparse_teacher(teacher_ids, teacher_log_probs, lead_shape, num_classes, *, lead_name, read=None):
+    """ids [..., k] distinct integers in [0, V), log-probs [..., k] ≤ 0 whose mass is at most 1, at the
+    positions ``read`` ([...] bool, :func:`teacher_read_mask`; None: every position)."""
     V.check_floating("teacher_log_probs", teacher_log_probs)
     if not isinstance(teacher_ids, torch.Tensor):
         raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(teacher_ids).__name__}")
@@ -122,10 +141,13 @@ def check_sparse_teacher(teacher_ids, teacher_log_probs, lead_shape, num_classes
     if teacher_log_probs.shape != teacher_ids.shape:
         raise ValueError(f"teacher_log_probs shape {tuple(teacher_log_probs.shape)} must equal teacher_ids "
                          f"shape {tuple(teacher_ids.shape)}")
+    if read is not None:  # [n, k]: only the positions whose teacher is read
+        teacher_ids = teacher_ids[read.to(teacher_ids.device)]
+        teacher_log_probs = teacher_log_probs[read.to(teacher_log_probs.device)]
     bad = (teacher_ids < 0) | (teacher_ids >= num_classes)
     if bad.any():
-        raise ValueError(f"teacher_ids has {int(bad.sum())} id(s) outside [0, {num_classes}); the first is "
-                         f"{int(teacher_ids[bad][0])}")
+        raise ValueError(f"teacher_ids has {int(bad.sum())} id(s) outside [0, {num_classes}) at positions "
+                         f"that are not ignored; the first is {int(teacher_ids[bad][0])}")
     if k > 1:
         ordered = teacher_ids.sort(dim=-1).values
         dup = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
@@ -139,6 +161,18 @@ def check_sparse_teacher(teacher_ids, teacher_log_probs, lead_shape, num_classes
     if (mass > 1.0 + MASS_TOLERANCE).any():
         raise ValueError(f"teacher_log_probs hold more than probability 1 at a position (max mass "
                          f"{float(mass.max()):.6g}); they must be log-probs of the full vocabulary")
+
+
+def _unread_as_valid(teacher_ids, teacher_log_probs, read):
+    """The plain path computes every position before masking: at the positions never read the teacher is
+    replaced by ids 0..k−1 with mass 1/(k+1) each (finite, in range), so padding there cannot raise."""
+    if read is None:
+        return teacher_ids, teacher_log_probs
+    k = teacher_ids.shape[-1]
+    keep = read.to(teacher_ids.device).unsqueeze(-1)
+    ids = torch.where(keep, teacher_ids, torch.arange(k, device=teacher_ids.device, dtype=teacher_ids.dtype))
+    lp = torch.where(keep, teacher_log_probs, torch.full_like(teacher_log_probs, -math.log(k + 1)))
+    return ids, lp
 
 
 def sparse_distill_loss(
@@ -177,11 +211,14 @@ def sparse_distill_loss(
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
     lead_shape = student_logits.shape[:-1]
-    check_sparse_teacher(teacher_ids, teacher_log_probs, lead_shape, num_classes, lead_name="student_logits")
     if target is not None:
         V.check_target(target, lead_shape, num_classes, ignore_index, lead_name="student_logits")
+    read = teacher_read_mask(target, ignore_index, lead_shape)
+    check_sparse_teacher(teacher_ids, teacher_log_probs, lead_shape, num_classes, lead_name="student_logits",
+                         read=read)
     V.check_token_weights(token_weights, lead_shape, like="student_logits shape without its last dimension")
     target, ignore_index = distill_target(target, lead_shape, student_logits.device, 0.0, ignore_index)
-    return apply_token_loss(loss, student_logits, target, V.as_ids(teacher_ids), teacher_log_probs,
+    teacher_ids, teacher_log_probs = _unread_as_valid(V.as_ids(teacher_ids), teacher_log_probs, read)
+    return apply_token_loss(loss, student_logits, target, teacher_ids, teacher_log_probs,
                             ignore_index=ignore_index, reduction=reduction, num_items=num_items,
                             token_weights=token_weights)

@@ -5,7 +5,7 @@
   fused and chunked (no logits held).
 
 Data parallelism needs nothing here: :func:`xent.count_items` with ``group=`` gives the global count of
-targets to pass as ``num_items`` (the recipe is in the README, "Distributed training").
+targets to pass as ``num_items`` (the recipe is in docs/distributed.md).
 Runs on any torch.distributed backend (NCCL on GPUs, gloo on CPUs).
 """
 

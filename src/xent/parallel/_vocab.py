@@ -146,7 +146,7 @@ def owned_targets(target: torch.Tensor, valid: torch.Tensor, shard: Shard):
 
 class ShardGrad(TokenLoss):
     """The gradient of a vocabulary slice, as a TokenLoss whose "target" is the token's index into the
-    global statistics: so :func:`xent._linear._run` chunks, projects and accumulates for the fused path.
+    global statistics: so :func:`xent._engine.run` chunks, projects and accumulates for the fused path.
 
     dℓ/dz_j = p_j·coef − (1−ε)w_y·[j=y] − (ε/V)·w_j with p_j = exp(z_j − lse) over the GLOBAL lse, times
     1 − (z/c)² under soft-capping (as CrossEntropy.value_and_grad).

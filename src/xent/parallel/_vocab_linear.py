@@ -4,7 +4,7 @@ Forward, per chunk of C valid tokens and without an autograd graph: project to [
 slice to three numbers per token (max, sum of exponentials, smoothing sum), drop the chunk. Then the
 two all-reduces of :mod:`xent.parallel._vocab` for all tokens at once; the target logits are row dots
 h·W[y] on the rank that owns y. Backward recomputes each chunk with the global logsumexp through the
-chunk loop of the fused engine (:func:`xent._linear._run`), then sums the hidden gradient over the
+chunk loop of the fused engine (:func:`xent._engine.run`), then sums the hidden gradient over the
 ranks: one all-reduce of [N, D].
 """
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._compile import compiler_disable
-from .._linear import _as, _check_head, _Plan, _project, _run, _valid_rows, chunk_tokens
+from .._engine import Plan, as_dtype, check_head, chunk_tokens, project, run, valid_rows
 from .._reduce import as_token_weights, denominator_weight, reduce_tokens
 from ..losses._base import check_first_order
 from ._vocab import ShardGrad, all_max, all_sum, group_place, local_stats, owned_targets, softcapped
@@ -50,7 +50,7 @@ def _local_pass(setup: _Setup, hidden2d, w, b, wc):
     out = [torch.empty(n, dtype=setup.dtype, device=hidden2d.device) for _ in range(3)]
     for sl in _spans(n, setup.chunk):
         h = hidden2d.index_select(0, setup.rows[sl]).to(setup.dtype)  # [C, D]
-        stats = local_stats(softcapped(_project(h, w, b), setup.softcap), wc)  # from a [C, V_r] buffer
+        stats = local_stats(softcapped(project(h, w, b), setup.softcap), wc)  # from a [C, V_r] buffer
         for buf, x in zip(out, stats):
             buf[sl] = x
     return out
@@ -75,7 +75,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     def forward(ctx, hidden2d, weight, bias, setup: _Setup):
         # Returns ℓ [n] and w_y [n] for the valid tokens, identical on every rank.
         dt, size = setup.dtype, weight.shape[0]
-        w, b = _as(weight, dt), _as(bias, dt)  # a float32 copy once for half inputs
+        w, b = as_dtype(weight, dt), as_dtype(bias, dt)  # a float32 copy once for half inputs
         wc = None if setup.weight_classes is None else setup.weight_classes.to(device=w.device, dtype=dt)
         m_local, sumexp_local, dev_local = _local_pass(setup, hidden2d, w, b, wc)
         m, shard = all_max(m_local, size, setup.group)
@@ -93,7 +93,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         grad_fn = ShardGrad(stats, shard, w=wc, eps=setup.eps, softcap=setup.softcap)
         n = setup.rows.numel()
         # the chunk loop's "targets" are indices into the per-token global statistics
-        ctx.plan = _Plan(grad_fn, setup.rows, torch.arange(n, device=m.device), setup.chunk, dt, ())
+        ctx.plan = Plan(grad_fn, setup.rows, torch.arange(n, device=m.device), setup.chunk, dt, ())
         ctx.setup = setup
         ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(hidden2d, weight, bias)
@@ -105,7 +105,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         check_first_order("vocab_parallel_linear_cross_entropy")
         hidden2d, weight, bias = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
-        grads = _run(ctx.plan, hidden2d, weight, bias, grad_loss.to(ctx.plan.compute_dtype), need)[1:]
+        grads = run(ctx.plan, hidden2d, weight, bias, grad_loss.to(ctx.plan.compute_dtype), need)[1:]
         grad_h = grads[0]
         if grad_h is not None and ctx.setup.sum_hidden_grad:
             # hidden feeds every rank's slice: its gradient is the sum of the slices' contributions
@@ -126,7 +126,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: int | str = "auto",
     ignore_index: int = -100,
     reduction: str = "mean",
-    weight_classes: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -134,10 +134,11 @@ def vocab_parallel_linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     sum_hidden_grad: bool = True,
     projection_dtype: torch.dtype | None = None,
+    **deprecated,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ W.T + b`` with the head W ``[V, D]`` sharded over the vocabulary.
 
-    The value of ``xent.linear_cross_entropy(hidden, W, target, bias=b, ...)`` on every rank, without
+    The value of ``xent.linear_cross_entropy(hidden, W, target, linear_bias=b, ...)`` on every rank, without
     the full logits and without even this rank's ``[N, V_r]`` logits: one chunk ``[C, V_r]`` at a time.
 
     Args:
@@ -146,7 +147,8 @@ def vocab_parallel_linear_cross_entropy(
         local_weight: ``[V_r, D]``, this rank's contiguous rows of W; slices in rank order, sizes free.
         target: ``[...]`` GLOBAL ids, the same on every rank; ``ignore_index`` is skipped.
         local_bias: this rank's ``[V_r]`` of the bias, optional.
-        weight_classes: this rank's ``[V_r]`` of the class weights (``weight`` is the projection).
+        weight: this rank's ``[V_r]`` of the class weights (as ``torch.nn.functional.cross_entropy``; the
+            old spelling ``weight_classes=`` works with a DeprecationWarning).
         sum_hidden_grad: all-reduce the gradient of ``hidden`` over ``group`` (default), so every rank
             receives the full d loss/d hidden = Σ_r g_r·W_r, what a tensor-parallel head needs. Set False
             when the framework already does it (Megatron's copy-to-tensor-parallel-region): each rank
@@ -164,14 +166,17 @@ def vocab_parallel_linear_cross_entropy(
     forward, one of ``[N, D]`` in the backward. A collective: every rank calls it with the same
     hidden, target and options.
     """
+    weight = V.take_deprecated("vocab_parallel_linear_cross_entropy", deprecated,
+                               {"weight_classes": "weight"}, {"weight": weight})["weight"]
+    V.check_flags(shift=shift, sum_hidden_grad=sum_hidden_grad)
     V.check_reduction(reduction)
     V.check_num_items(num_items, reduction)
-    _check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
+    check_head(hidden, local_weight, local_bias, shift, weight_name="local_weight", bias_name="local_bias")
     # the id range needs the global V, known after the first all-reduce
     V.check_ids_tensor(target, hidden.shape[:-1], lead_name="hidden")
     V.check_token_weights(token_weights, target.shape)
     size = local_weight.shape[0]
-    V.check_options(num_classes=size, weight=weight_classes, weight_name="weight_classes",
+    V.check_options(num_classes=size, weight=weight,
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     V.check_chunk_size(chunk_size)
     V.check_ignore_index(ignore_index)
@@ -186,14 +191,14 @@ def vocab_parallel_linear_cross_entropy(
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     token_weights = as_token_weights(token_weights, dtype, hidden.device)
-    rows, tgt, positions, out_shape, tw = _valid_rows(hidden, target, ignore_index, shift, token_weights)
+    rows, tgt, positions, out_shape, tw = valid_rows(hidden, target, ignore_index, shift, token_weights)
     n = rows.numel()
     V.check_num_items_covers(num_items, n)
     # local_stats holds about four [C, V_r] float32 temporaries
     chunk = chunk_tokens(chunk_size, n, size, 4 * 4, hidden.device)
-    setup = _Setup(rows, tgt, chunk, dtype, weight_classes, float(label_smoothing), float(z_loss), softcap,
+    setup = _Setup(rows, tgt, chunk, dtype, weight, float(label_smoothing), float(z_loss), softcap,
                    ignore_index, group, sum_hidden_grad,
-                   reduction == "mean" and weight_classes is not None and num_items is None, tw)
+                   reduction == "mean" and weight is not None and num_items is None, tw)
     per_token, w_y = _VocabParallelLinearCE.apply(hidden2d, local_weight, local_bias, setup)
     if tw is not None:
         per_token = per_token * tw  # autograd carries w_t into the upstream gradient of each token
@@ -202,4 +207,4 @@ def vocab_parallel_linear_cross_entropy(
         return flat.index_copy(0, positions, per_token).view(out_shape)
     valid = torch.ones(n, dtype=torch.bool, device=per_token.device)
     return reduce_tokens(per_token, valid, reduction, num_items,
-                         denominator_weight(None if weight_classes is None else w_y, tw))
+                         denominator_weight(None if weight is None else w_y, tw))

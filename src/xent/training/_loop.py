@@ -18,6 +18,8 @@ import torch
 
 from .._causal import count_items
 from .._linear import linear_loss
+from .._reduce import top_fraction_count
+from .._selective import linear_rho1_loss
 from ..eval._options import model_context
 from ..integrations.transformers import fit_loss, output_head
 from ..losses import TokenLoss
@@ -45,16 +47,31 @@ class TrainConfig:
     eval_every: int = 0  # held-out cross-entropy every k steps and at the end (0: at the end only)
     save_dir: str | None = None  # save_pretrained here at the end (and every save_every steps)
     save_every: int = 0
-    progress: bool = True  # a tqdm progress bar
+    patience: int = 0  # stop after this many evaluations without a lower held-out cross-entropy (0: off)
+    restore_best: bool = True  # with eval_data: end with the weights of the lowest held-out cross-entropy
+    threads: int | None = None  # torch CPU threads during the run; None: the free cores (as the CLI)
+    progress: bool = True  # a bar on a terminal, else a line every ~10 s on stderr; False: silent
 
 
 @dataclass
 class TrainResult:
+    """What a run did. With ``eval_data``: ``eval_history`` starts at step 0 (the model as given),
+    ``eval_at_start`` and ``eval_at_end`` are the held-out cross-entropies (nats/token, by eval set) of
+    the model as given and as returned, ``best_step`` the step of the lowest cross-entropy on the first
+    eval set (0: the model as given), ``restored`` whether the returned weights are that step's rather
+    than the last step's, and ``stopped_at`` the step where ``patience`` stopped the run (None: it ran
+    every step)."""
+
     history: list[dict]  # one row per step: step, loss, lr, grad_norm, tokens, seconds
     eval_history: list[dict]  # step and the cross-entropy (nats/token) of each eval set, by name
     seconds: float
     tokens: int  # target tokens trained on
     objective: str  # repr of the loss object
+    eval_at_start: dict | None = None
+    eval_at_end: dict | None = None
+    best_step: int | None = None
+    restored: bool = False
+    stopped_at: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -131,9 +148,8 @@ def _batches(num_seqs: int, batch_size: int, generator: torch.Generator):
         pos += batch_size
 
 
-def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
-                     chunk_size="auto") -> torch.Tensor:
-    """Σℓ / num_items over one micro-batch of sequences [b, T] (targets: the next tokens)."""
+def _hidden(model, seqs: torch.Tensor):
+    """(the model's output head, its last hidden states [b, T, D]) for sequences [b, T] (−100: padding)."""
     head = output_head(model)
     inputs = torch.where(seqs == -100, torch.zeros_like(seqs), seqs)
     attention_mask = (seqs != -100).long()
@@ -141,22 +157,42 @@ def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
     hidden = head.decoder(input_ids=inputs, attention_mask=attention_mask, **kwargs)[0]  # [b, T, D]
     if head.hidden_scale != 1.0:
         hidden = hidden * head.hidden_scale
-    return linear_loss(hidden, head.weight, seqs, loss=fit_loss(loss, head), bias=head.bias, shift=True,
+    return head, hidden
+
+
+def micro_batch_loss(model, loss: TokenLoss, seqs: torch.Tensor, num_items,
+                     chunk_size="auto", ref_model=None) -> torch.Tensor:
+    """Σℓ / num_items over one micro-batch of sequences [b, T] (targets: the next tokens).
+
+    A loss that selects its tokens (Rho-1) scores them against ``ref_model``'s head, without gradient."""
+    head, hidden = _hidden(model, seqs)
+    loss = fit_loss(loss, head)
+    if getattr(loss, "selects_tokens", False):
+        with torch.no_grad():
+            ref_head, ref_hidden = _hidden(ref_model, seqs)
+        return linear_rho1_loss(hidden, head.weight, seqs, ref_hidden=ref_hidden, ref_weight=ref_head.weight,
+                                ref_bias=ref_head.bias, ratio=loss.ratio, softcap=loss.softcap,
+                                linear_bias=head.bias, shift=True, num_items=num_items, chunk_size=chunk_size)
+    return linear_loss(hidden, head.weight, seqs, loss=loss, linear_bias=head.bias, shift=True,
                        num_items=num_items, chunk_size=chunk_size)
 
 
 def accumulate_gradients(model, loss: TokenLoss, batch: torch.Tensor, micro_batch_size: int,
-                         chunk_size="auto") -> tuple[float, int]:
+                         chunk_size="auto", ref_model=None) -> tuple[float, int]:
     """Forward and backward over ``batch`` [B, T] in micro-batches; returns (step loss, num_items).
 
     Each micro-batch's loss is Σℓ / num_items with num_items the target count of the whole batch, so
-    the gradients that add up in ``.grad`` are exactly those of the full batch's mean loss.
+    the gradients that add up in ``.grad`` are exactly those of the full batch's mean loss. Rho-1 selects
+    within each micro-batch, so its num_items is the sum of the micro-batches' selected counts.
     """
     micro_batches = batch.split(micro_batch_size)
-    num_items = sum(count_items(mb) for mb in micro_batches)  # targets in the whole step
+    counts = [int(count_items(mb)) for mb in micro_batches]
+    if getattr(loss, "selects_tokens", False):
+        counts = [top_fraction_count(n, loss.ratio) for n in counts]
+    num_items = sum(counts)  # targets in the whole step
     step_loss = 0.0
     for mb in micro_batches:
-        value = micro_batch_loss(model, loss, mb, num_items, chunk_size)
+        value = micro_batch_loss(model, loss, mb, num_items, chunk_size, ref_model)
         value.backward()
         step_loss += value.item()
     return step_loss, int(num_items)
@@ -205,8 +241,12 @@ def check_config(cfg: TrainConfig) -> None:
         number(name, integer=True, low=1)
     number("micro_batch_size", integer=True, low=1, none_ok=True)
     number("seq_len", integer=True, low=2, none_ok=True)  # input + target at least; None: the model's
-    for name in ("warmup_steps", "eval_every", "save_every"):
+    for name in ("warmup_steps", "eval_every", "save_every", "patience"):
         number(name, integer=True, low=0)
+    number("threads", integer=True, low=1, none_ok=True)
+    for name in ("restore_best", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
     number("seed", integer=True)
     number("lr", above=0)
     number("min_lr", low=0, none_ok=True)  # None: lr/10
@@ -234,7 +274,7 @@ def _save_error(message, directory, step, log) -> SaveError:
 
 
 def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tokenizer=None,
-          **overrides) -> TrainResult:
+          ref_model=None, **overrides) -> TrainResult:
     """Train a transformers causal LM in place with any xent objective; returns the loss history.
 
     Args:
@@ -247,10 +287,25 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
             cross-entropy every ``eval_every`` steps; ``eval_history`` rows hold one value per name
             ("eval_ce" when a single set is given).
         tokenizer: saved with the model when ``save_dir`` is set (pass it: ``xent eval`` needs it).
+        ref_model: the reference model of objective ``rho1`` (a causal LM with the same vocabulary, on
+            the model's device; put in eval mode and never trained): Rho-1 trains on the tokens whose
+            loss exceeds the reference's most. Only for ``rho1``.
 
     ``seq_len`` (None: the model's context, at most 512) and sequences given as [S, T] must fit the
-    model's positions; ``min_lr`` None is ``lr / 10``. With ``eval_data`` and ``eval_every=0`` the
-    held-out cross-entropy is measured once, at the end.
+    model's positions; ``min_lr`` None is ``lr / 10``.
+
+    Held-out loss: with ``eval_data`` the cross-entropy is measured before the first step (step 0, the
+    model as given), every ``eval_every`` steps and at the end (``eval_every=0``: at step 0 and the end
+    only). ``restore_best`` (default True) keeps a CPU copy of the weights with the lowest value on the
+    first eval set and loads them back at the end, so a run that overfits returns its best model
+    (the model as given when no step beat it); ``patience=k`` stops the run after k evaluations in a
+    row without a lower value. The result's ``eval_at_start``, ``eval_at_end`` and ``best_step`` say
+    what happened.
+
+    Threads: ``threads`` CPU threads for torch during the run (restored after); None picks the free
+    cores, as the ``xent`` commands do (``xent.cli._threads.default_threads``: torch's default spins
+    on a shared machine). ``progress``: a bar on a terminal, else a line every ~10 s (step, loss,
+    tokens/s, time left) on stderr; ``progress=False`` prints nothing.
 
     Raises FloatingPointError at the first step whose loss or gradient norm is not finite, before
     that step's update (the model keeps the previous steps' weights; the end of the run is not saved),
@@ -290,10 +345,28 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         loss_fn = cfg.objective
     else:
         loss_fn = make_objective(cfg.objective, model, **cfg.objective_options)
+    if getattr(loss_fn, "selects_tokens", False) != (ref_model is not None):
+        name = cfg.objective if isinstance(cfg.objective, str) else type(cfg.objective).__name__
+        raise ValueError(f"objective {name!r} needs ref_model= (the reference model it compares with)"
+                         if ref_model is None else f"ref_model is for objective 'rho1' only, not {name!r}")
+    if ref_model is not None:
+        ref_model.eval()
     cost = getattr(loss_fn, "unit_embedding", None)  # EMO's frozen cost embedding follows the model
     if cost is not None and cost.device != device:
         loss_fn.unit_embedding = cost.to(device)
 
+    if cfg.patience and not (eval_sets and cfg.eval_every):
+        raise ValueError(f"patience={cfg.patience} needs eval_data and eval_every > 0 (the held-out "
+                         "cross-entropy it watches)")
+    from ..cli._threads import cpu_threads
+
+    with cpu_threads(cfg.threads):
+        cfg = replace(cfg, threads=torch.get_num_threads())  # the count used, for xent_train.json
+        return _train(model, cfg, seqs, eval_sets, loss_fn, micro, device, tokenizer, ref_model)
+
+
+def _train(model, cfg: TrainConfig, seqs, eval_sets: dict, loss_fn, micro: int, device, tokenizer,
+           ref_model):
     torch.manual_seed(cfg.seed)  # dropout, if the model has any
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = _batches(len(seqs), cfg.batch_size, generator)
@@ -301,13 +374,17 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
     model.train()
 
     history, eval_history, tokens, start = [], [], 0, time.perf_counter()
-    bar = _progress(cfg)
+    bar = _Progress(cfg, loss_fn) if cfg.progress else None
+    watch = _BestWeights(model, cfg, eval_sets, device, bar, eval_history)
+    if bar is not None:
+        bar.start = time.perf_counter()  # tokens/s and time left from the training steps, not step 0's eval
+    stopped_at = None
     for step in range(cfg.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = seqs[next(batches)].to(device)  # [batch_size, T]
-        step_loss, num_items = accumulate_gradients(model, loss_fn, batch, micro, cfg.chunk_size)
+        step_loss, num_items = accumulate_gradients(model, loss_fn, batch, micro, cfg.chunk_size, ref_model)
         # the norm is computed without clipping too (max_norm inf scales by exactly 1): a non-finite
         # gradient must stop the run before the update writes it into the weights
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
@@ -327,25 +404,155 @@ def train(model, data, config: TrainConfig | None = None, *, eval_data=None, tok
         history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens": tokens, "seconds": time.perf_counter() - start})
         last = step + 1 == cfg.steps
+        if bar is not None:
+            bar.step(step + 1, step_loss, tokens)
         if eval_sets and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            scores = {name: evaluate_ce(model, s.to(device), chunk_size=cfg.chunk_size)
-                      for name, s in eval_sets.items()}
-            eval_history.append({"step": step + 1, **scores})
+            if watch.evaluate(step + 1) and not last:
+                stopped_at = step + 1
         if cfg.save_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
             seconds = time.perf_counter() - start
             _save_or_raise(model, tokenizer, os.path.join(cfg.save_dir, f"step-{step + 1}"), None, step + 1,
                            lambda s=seconds, n=tokens: _log(cfg, TrainResult(history, eval_history, s, n,
                                                                              repr(loss_fn))))
-        if bar is not None:
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            bar.update(1)
+        if stopped_at is not None:
+            break
     if bar is not None:
         bar.close()
-    result = TrainResult(history, eval_history, time.perf_counter() - start, tokens, repr(loss_fn))
+    result = TrainResult(history, eval_history, time.perf_counter() - start, tokens, repr(loss_fn),
+                         stopped_at=stopped_at)
+    if eval_sets:
+        result.eval_at_start = {k: v for k, v in eval_history[0].items() if k != "step"}
+        result.best_step, result.eval_at_end, result.restored = watch.finish()
+        if bar is not None:
+            bar.summary(result)
     if cfg.save_dir:
         log = _log(cfg, result)
-        _save_or_raise(model, tokenizer, cfg.save_dir, log, cfg.steps, lambda: log)
+        _save_or_raise(model, tokenizer, cfg.save_dir, log, len(history), lambda: log)
     return result
+
+
+class _BestWeights:
+    """The held-out evaluations: step 0 first, then the lowest cross-entropy on the first eval set and a
+    CPU copy of its weights (with ``restore_best``), and ``patience``'s count of evaluations since."""
+
+    def __init__(self, model, cfg: TrainConfig, eval_sets: dict, device, bar, eval_history: list):
+        self.model, self.cfg, self.eval_sets, self.device, self.bar = model, cfg, eval_sets, device, bar
+        self.history = eval_history
+        self.best = self.best_step = self.best_state = self.last = None
+        self.since = 0
+        if eval_sets:
+            self.evaluate(0)
+
+    def evaluate(self, step: int) -> bool:
+        """Scores the model at ``step`` into the eval history; True when patience runs out."""
+        scores = {name: evaluate_ce(self.model, s.to(self.device), chunk_size=self.cfg.chunk_size)
+                  for name, s in self.eval_sets.items()}
+        self.last = {"step": step, **scores}
+        self.history.append(self.last)
+        value = next(iter(scores.values()))
+        if not math.isfinite(value):
+            return False  # never the best; training stops on its own when the loss is not finite
+        if self.best is None or value < self.best["value"]:
+            self.best = {"value": value, **self.last}
+            self.best_step, self.since = step, 0
+            if self.cfg.restore_best:
+                self.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in self.model.state_dict().items()}
+        else:
+            self.since += 1
+        if self.bar is not None:
+            self.bar.evaluation(step, value, self.best_step, self.best["value"])
+        return bool(self.cfg.patience) and self.since >= self.cfg.patience
+
+    def finish(self) -> tuple[int, dict, bool]:
+        """(best step, the scores of the model returned, whether the best weights were loaded back)."""
+        if self.best is None:  # no finite held-out value at all
+            return None, {k: v for k, v in self.last.items() if k != "step"}, False
+        restore = self.cfg.restore_best and self.best_step != self.last["step"]
+        if restore:
+            self.model.load_state_dict(self.best_state)
+        self.best_state = None
+        end = self.best if restore else self.last
+        return self.best_step, {k: v for k, v in end.items() if k not in ("step", "value")}, restore
+
+
+class _Progress:
+    """A tqdm bar when stderr is a terminal; otherwise (a log, a notebook, a worker process) one line
+    (step, loss, tokens/s, time left) when the first step ends, then every ``EVERY`` seconds, and at
+    the last step."""
+
+    EVERY = 10.0
+
+    def __init__(self, cfg: TrainConfig, loss_fn):
+        import sys
+
+        name = cfg.objective if isinstance(cfg.objective, str) else type(cfg.objective).__name__
+        if isinstance(cfg.objective, str) and cfg.objective_options:
+            name += "(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v!r}"
+                                    for k, v in sorted(cfg.objective_options.items())) + ")"
+        self.name, self.total, self.out = name, cfg.steps, sys.stderr
+        self.start = self.last_line = time.perf_counter()
+        self.lines, self.held_out, self.bar = 0, "", None
+        import multiprocessing
+
+        # a bar only for the main process on a terminal: the bars of worker processes would overwrite
+        # each other's line
+        if getattr(self.out, "isatty", lambda: False)() and multiprocessing.parent_process() is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=cfg.steps, desc=f"train {name}", unit="step", leave=False)
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def step(self, step: int, loss: float, tokens: int) -> None:
+        now = time.perf_counter()
+        elapsed = now - self.start
+        rate = tokens / elapsed if elapsed > 0 else math.nan
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tok/s{self.held_out}", refresh=False)
+            self.bar.update(1)
+            return
+        if step == 1 or step == self.total or now - self.last_line >= self.EVERY:
+            left = elapsed / step * (self.total - step)
+            self._line(f"train {self.name}: step {step}/{self.total}, loss {loss:.4f}, {rate:,.0f} tokens/s,"
+                       f" {_duration(elapsed)} elapsed, ~{_duration(left)} left{self.held_out}")
+            self.last_line = now
+
+    def evaluation(self, step: int, value: float, best_step: int | None, best: float) -> None:
+        self.held_out = f", held-out {value:.4f} (best {best:.4f} at step {best_step})"
+        if self.bar is None and step == 0:
+            self._line(f"train {self.name}: held-out cross-entropy at step 0 (the model as given): "
+                       f"{value:.4f} nats/token")
+
+    def summary(self, result: TrainResult) -> None:
+        first = next(iter(result.eval_at_start.values()))
+        end = next(iter(result.eval_at_end.values()))
+        stopped = f"stopped at step {result.stopped_at} (patience); " if result.stopped_at else ""
+        kept = (f"kept the weights of step {result.best_step}" if result.restored
+                else f"the last step's weights (best step {result.best_step})")
+        worse = "" if end < first else " — no better than the model as given"
+        self._line(f"train {self.name}: {stopped}{kept}: held-out cross-entropy {first:.4f} -> {end:.4f} "
+                   f"nats/token{worse}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"
 
 
 def _log(cfg: TrainConfig, result: TrainResult) -> dict:
@@ -361,18 +568,6 @@ def _save_or_raise(model, tokenizer, directory: str, log: dict | None, step: int
         reason = err.strerror or str(err) or type(err).__name__
         raise SaveError(f"cannot save the model after step {step} to {directory}: {reason}",
                         directory=directory, step=step, log=run_log()) from err
-
-
-def _progress(cfg: TrainConfig):
-    if not cfg.progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    name = cfg.objective if isinstance(cfg.objective, str) else type(cfg.objective).__name__
-    # disable=None: no bar when stderr is not a terminal (logs and CI stay clean)
-    return tqdm(total=cfg.steps, desc=f"train {name}", unit="step", leave=False, disable=None)
 
 
 def _jsonable(d: dict) -> dict:

@@ -1,0 +1,58 @@
+"""The engine's ``"triton"`` row backend (:class:`xent._engine.RowBackend`): cross-entropy chunks through
+the Triton row kernel (:func:`xent._triton.ce_rows_`).
+
+It serves exactly cross-entropy (the loss's :class:`~xent.losses._base.CrossEntropyRows` spec: class
+weights, label smoothing, z-loss, soft-cap) with float32 losses on float32, bf16 or float16 chunks, the
+training statistics, and the bias gradient (one torch reduction over the chunk's gradient after the
+kernel). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests force it with
+``backend="triton"``; "auto" never picks it for a CPU call). Importing this module imports nothing of
+triton: the kernel module is loaded at the first chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._engine import RowBackend, RowRequest
+from . import available, ce_rows_
+
+_LOGITS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class TritonRows(RowBackend):
+    """Cross-entropy rows by the Triton row kernel; see the module docstring for what it serves."""
+
+    name = "triton"
+
+    def can_serve(self, request: RowRequest) -> str | None:
+        spec = request.spec
+        if spec is None:
+            return f"the Triton kernel computes cross-entropy only, not {type(request.loss).__name__}"
+        ok, why = available(request.device)
+        if not ok:
+            return why
+        if request.compute_dtype != torch.float32 or request.logits_dtype not in _LOGITS:
+            return (f"the Triton kernel takes float32, bfloat16 or float16 logits with float32 losses, not "
+                    f"{request.logits_dtype} logits with {request.compute_dtype} losses")
+        if request.extra_heads or request.token_extras or request.num_outputs != 1:
+            return "the Triton kernel computes one cross-entropy per token, without extra heads"
+        return None
+
+    def scratch(self, request, max_rows, num_classes):
+        # the z-loss coefficient as a number, read once per call: under a class-weighted mean it is a 0-d
+        # tensor on the device, and reading it per chunk would synchronise per chunk
+        return float(request.spec.z_coef)
+
+    def rows_(self, request, z, target, scale, *, w_y=None, stats=None, extra=(), grad_bias=None,
+              bias_alpha=1.0, scratch=None):
+        spec = request.spec
+        z_coef = float(spec.z_coef) if scratch is None else scratch
+        loss = ce_rows_(z, target, scale, w_y, z_coef, stats, softcap=spec.softcap,
+                        label_smoothing=spec.label_smoothing, class_weight=spec.class_weight)
+        if grad_bias is not None and scale is not None:  # z now holds the chunk's gradient
+            grad_bias.add_(z.sum(dim=0, dtype=grad_bias.dtype), alpha=bias_alpha)
+        return loss
+
+
+#: What the engine's backend table takes (``xent._engine._backends.OPTIONAL`` names this module).
+BACKEND = TritonRows()
