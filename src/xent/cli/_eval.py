@@ -194,8 +194,8 @@ def device_for(args) -> str:
 
 def checked(body, args) -> int:
     """Check the arguments, join the torchrun process group if there is one, and run body(args, out)
-    with --out checked and locked (see _output.OutputDir), xent.eval's input errors and OSErrors (a
-    full disk...) as one-line CLI errors."""
+    with --out checked and locked (see _output.OutputDir) and --save-base locked, xent.eval's input
+    errors and OSErrors (a full disk...) as one-line CLI errors."""
     from xent.eval import EvalError
     from xent.eval import _distributed as dist
 

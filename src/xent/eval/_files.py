@@ -181,12 +181,12 @@ def load_checkpoint(directory: str, fingerprint: dict, rank: int = 0) -> dict | 
     try:
         state = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        reason = "empty" if not raw.strip() else f"not JSON: {_first_line(err)}"
+        reason = "empty" if not raw.strip() else f"not JSON: {first_line(err)}"
         raise EvalError(f"{damaged} ({reason}): {hint}") from None
     if not isinstance(state, dict) or not {"fingerprint", "sha256"} <= set(state):
         raise EvalError(f"{damaged} (not a checkpoint written by xent eval): {hint}")
     body = {k: v for k, v in state.items() if k != "sha256"}
-    if state["sha256"] != _checksum(body):
+    if state["sha256"] != json_sha256(body):
         raise EvalError(f"{damaged} (its checksum does not match: edited or cut short): {hint}")
     if state["fingerprint"] != fingerprint:
         differ = _differences(state["fingerprint"], fingerprint)
@@ -198,7 +198,7 @@ def load_checkpoint(directory: str, fingerprint: dict, rank: int = 0) -> dict | 
 
 def save_checkpoint(directory: str, fingerprint: dict, state: dict, rank: int = 0) -> None:
     body = json_safe({"fingerprint": fingerprint, **state})
-    write_json(os.path.join(directory, _checkpoint_name(rank)), {**body, "sha256": _checksum(body)})
+    write_json(os.path.join(directory, _checkpoint_name(rank)), {**body, "sha256": json_sha256(body)})
 
 
 def remove_checkpoint(directory: str, rank: int = 0) -> None:
@@ -228,8 +228,6 @@ def json_sha256(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
-_checksum = json_sha256
-
 
 def _differences(saved, wanted, prefix: str = "") -> list[str]:
     """The keys (dotted) whose values differ between two fingerprints."""
@@ -256,8 +254,6 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
-
-_first_line = first_line
 
 
 def checkpoint_path(directory: str, rank: int = 0) -> str:
