@@ -68,7 +68,8 @@ def _run(args, out) -> int:
             progress=progress, model_sha256={"base": base_sha, "model": model_sha},
             base_cache=args.base_cache, head=args.head,
             extra_config={"base": args.base, "model": args.model, "data": list(args.data),
-                          "split": args.split, "text_field": args.text_field, "dtype": args.dtype,
+                          "split": args.split, "text_field": args.text_field, "limit": args.limit,
+                          "dtype": args.dtype,
                           "device": args.device},
         )
     finally:

@@ -8,6 +8,7 @@ exactly, error bars are given both for independent tokens and clustered by docum
 from __future__ import annotations
 
 import argparse
+import re
 
 from . import plain
 from ._output import OutputDir, check_device, describe
@@ -22,6 +23,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["none", "lines", "paragraphs"], default="none",
                    help=".txt files: one document per file (none), per line, or per blank-line paragraph")
     p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="score only the first N documents (in file order, after --split), as lm-eval's "
+                        "--limit: a quick check before a full run")
     p.add_argument("--max-document-mb", type=float, default=16, metavar="MB",
                    help="refuse a document larger than this many MiB of UTF-8 (default 16): the tokenizer "
                         "needs ~100-200 bytes of memory per byte of a document; use --split to cut files")
@@ -57,8 +61,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="cross-entropy and perplexity of a causal LM on a corpus",
-                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="read the tokenizer from DIR instead of the model directory (a Hugging Face "
+                        "tokenizer folder; its ids must fit the model's embedding)")
     add_data_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR's checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
@@ -78,6 +86,46 @@ def register(sub) -> None:
                         "states at the scored positions (model dtype), head and manifest (a new or empty "
                         "directory; tokens × hidden-size states are held in memory until the end)")
     p.set_defaults(run=run, interrupted=interrupted)
+
+
+EXAMPLES = """\
+examples:
+  xent eval --model ./my-model --data valid.txt --split lines
+      one document per line; perplexity, bits per byte and calibration with error bars
+  xent eval --model ./my-model --data valid.jsonl --text-field content --limit 100
+      the first 100 documents of a .jsonl file whose text is under "content" (a quick check)
+  xent eval --model ./my-model --tokenizer ./my-tokenizer --data valid.parquet --max-length 1024 \\
+            --stride 512 --out results --per-token --html
+      a tokenizer from another folder; overlapping windows; summary.json, tokens.parquet, report.html
+  xent eval --model ./my-model --data wiki.test.txt --preset llama.cpp --max-length 512
+      the number llama-perplexity -c 512 prints (also: --preset lm-eval, --preset transformers)
+  xent eval --model ./base --data valid.txt --split lines --save-base ./base-cache
+      then: xent compare --base-cache ./base-cache --model ./tuned --data valid.txt --split lines
+
+models are read from a local directory, never downloaded: get a hub model with
+  hf download gpt2 --local-dir ./gpt2   (huggingface_hub's CLI; huggingface-cli download in older versions)
+or model.save_pretrained("./gpt2") and tokenizer.save_pretrained("./gpt2") in Python.
+"""
+
+# what a Hugging Face hub id looks like: "gpt2", "meta-llama/Llama-3.2-1B" (a name, or owner/name)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_local_dir(path: str | None, what: str) -> None:
+    """CommandError unless ``path`` (a --model, --base or --tokenizer) is None or an existing directory;
+    a missing path that looks like a hub id gets a line on how to get a local copy."""
+    import os
+
+    from . import CommandError
+
+    if path is None or os.path.isdir(path):
+        return
+    hint = ""
+    if not os.path.exists(path) and _HUB_ID.fullmatch(path) and ".." not in path:
+        hint = (f" ({what}s are read from a local directory, never downloaded: get one with hf download "
+                f"{path} --local-dir DIR (huggingface-cli download with an older huggingface_hub), or "
+                "save_pretrained(DIR) in Python)")
+    raise CommandError(f"{what} directory not found: {path}{hint}")
 
 
 def interrupted(args) -> str:
@@ -101,6 +149,11 @@ def check_arguments(args) -> None:
                            "between windows would never be scored")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise CommandError(f"--limit must be at least 1, got {args.limit}")
+    check_local_dir(args.model, "model")
+    check_local_dir(getattr(args, "base", None), "model")
+    check_local_dir(getattr(args, "tokenizer", None), "tokenizer")
     check_threads(args.threads)
     temperature = getattr(args, "temperature", 1.0)
     if not (0 < temperature < float("inf")):
@@ -128,7 +181,7 @@ def open_corpus(args):
     from xent.eval import Corpus
 
     return Corpus(args.data, split=args.split, text_field=args.text_field,
-                  max_document_bytes=int(args.max_document_mb * (1 << 20)))
+                  max_document_bytes=int(args.max_document_mb * (1 << 20)), limit=args.limit)
 
 
 def device_for(args) -> str:
@@ -141,8 +194,8 @@ def device_for(args) -> str:
 
 def checked(body, args) -> int:
     """Check the arguments, join the torchrun process group if there is one, and run body(args, out)
-    with --out checked and locked (see _output.OutputDir), xent.eval's input errors and OSErrors (a
-    full disk...) as one-line CLI errors."""
+    with --out checked and locked (see _output.OutputDir) and --save-base locked, xent.eval's input
+    errors and OSErrors (a full disk...) as one-line CLI errors."""
     from xent.eval import EvalError
     from xent.eval import _distributed as dist
 
@@ -152,7 +205,7 @@ def checked(body, args) -> int:
     joined = dist.init_from_env(args.device)
     try:
         rank, _ = dist.rank_and_world()
-        with OutputDir(args.out, rank=rank) as out, cpu_threads(args.threads):
+        with OutputDir(args.out, rank=rank) as out, save_base_lock(args), cpu_threads(args.threads):
             return body(args, out)
     except EvalError as err:
         raise CommandError(str(err)) from None
@@ -161,6 +214,18 @@ def checked(body, args) -> int:
     finally:
         if joined:
             dist.shutdown()
+
+
+def save_base_lock(args):
+    """The --save-base directory's lock for the run (see xent.eval._base_cache.lock), or no lock."""
+    import contextlib
+
+    save_base = getattr(args, "save_base", None)
+    if save_base is None:
+        return contextlib.nullcontext()
+    from xent.eval import _base_cache
+
+    return _base_cache.lock(save_base)
 
 
 def run(args) -> int:
@@ -194,7 +259,8 @@ def _run(args, out) -> int:
     model, tokenizer, model_sha = load_model(args.model, dtype=args.dtype, device=device_for(args),
                                              trust_remote_code=args.trust_remote_code,
                                              allow_pickle=args.allow_pickle,
-                                             allow_missing_weights=args.allow_missing_weights)
+                                             allow_missing_weights=args.allow_missing_weights,
+                                             tokenizer_dir=args.tokenizer)
     checkpoint = _files.checkpoint_path(args.out, rank) if args.out else None
 
     def discard() -> None:
@@ -223,8 +289,9 @@ def _run(args, out) -> int:
             fit_temperature=args.fit_temperature, save_base=args.save_base, head=args.head,
             # the outputs belong to the checkpoint's fingerprint: a resume that adds --per-token would
             # lack the rows of the documents scored before it
-            extra_config={"model": args.model, "data": list(args.data), "split": args.split,
-                          "text_field": args.text_field, "dtype": args.dtype, "device": args.device,
+            extra_config={"model": args.model, "tokenizer": args.tokenizer, "data": list(args.data),
+                          "split": args.split, "text_field": args.text_field, "limit": args.limit,
+                          "dtype": args.dtype, "device": args.device,
                           "per_token": bool(args.per_token), "html": bool(args.html)},
         )
     except OSError as err:

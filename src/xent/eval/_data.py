@@ -121,9 +121,18 @@ def _jsonl(path: str, field: str, counter: list[int], limit: int) -> Iterator[st
                 raise EvalError(f"{where}: JSON nested too deeply to read") from None
             except ValueError as err:
                 raise EvalError(f"{where}: not valid JSON ({_first_line(err)})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise EvalError(f"{where}: no field {field!r} (use --text-field)")
+            if not isinstance(obj, dict):
+                raise EvalError(f"{where}: a JSON {type(obj).__name__}, not an object with a field {field!r}")
+            if field not in obj:
+                raise EvalError(f"{where}: no field {field!r} (fields: {_names(obj)}; use --text-field)")
             yield _text_of(obj[field], where, field, limit)
+
+
+def _names(obj: dict, shown: int = 20) -> str:
+    """The keys of a JSON object, for an error message (the first ``shown``)."""
+    keys = [repr(k) for k in itertools.islice(obj, shown)]
+    more = f" and {len(obj) - shown} more" if len(obj) > shown else ""
+    return (", ".join(keys) + more) if keys else "none"
 
 
 def _parquet(path: str, field: str, limit: int) -> Iterator[str]:
@@ -180,12 +189,19 @@ def check_path(path: str) -> str:
 
 
 class Corpus:
-    """Documents of several paths, read lazily in order: iterate to get (file index, text)."""
+    """Documents of several paths, read lazily in order: iterate to get (file index, text).
+
+    ``limit``: only the first ``limit`` documents (in path order, as split; empty ones count), as
+    lm-evaluation-harness's ``--limit``; the files after are not opened. ``sha256`` still hashes whole
+    files: record the limit beside it (the CLI puts it in the run's config)."""
 
     def __init__(self, paths: list[str], *, split: str = "none", text_field: str = "text",
-                 max_document_bytes: int = MAX_DOCUMENT_BYTES):
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES, limit: int | None = None):
         if split not in SPLITS:
             raise EvalError(f"split must be one of {SPLITS}, got {split!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise EvalError(f"limit must be a positive integer or None, got {limit!r}")
+        self.limit = limit
         if isinstance(max_document_bytes, bool) or not isinstance(max_document_bytes, int) or \
                 max_document_bytes < 1:
             raise EvalError(f"max_document_bytes must be a positive integer, got {max_document_bytes!r}")
@@ -200,8 +216,11 @@ class Corpus:
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         counter = [0]
+        left = self.limit
         try:
             for i, (path, fmt) in enumerate(zip(self.paths, self.formats)):
+                if left == 0:
+                    return
                 limit = self.max_document_bytes
                 if fmt == "txt":
                     docs = _txt(path, self.split, counter, limit)
@@ -213,6 +232,11 @@ class Corpus:
                     docs = _hf_dir(path, self.text_field, limit)
                 for text in docs:
                     yield i, text
+                    if left is not None:
+                        left -= 1
+                        if left == 0:
+                            docs.close()  # the file is closed now, not when the generator is collected
+                            break
         finally:
             self.invalid_utf8 = counter[0]
 

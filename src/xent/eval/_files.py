@@ -23,16 +23,27 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets the usual permissions
     try:
         write(tmp)
+        # after writing: mkstemp makes 0600, and a writer may replace the file with its own 0600 one
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def follow_umask(path: str) -> None:
+    """Give a file (0o666) or directory (0o777) the permissions the user's umask gives a new one: mkstemp
+    and mkdtemp make them 0600/0700, and some writers (safetensors) 0600, which a teammate sharing the
+    results cannot read."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    full = 0o777 if stat.S_ISDIR(os.stat(path).st_mode) else 0o666
+    os.chmod(path, full & ~umask)
 
 
 def write_text(path: str, text: str) -> None:
@@ -103,16 +114,38 @@ def weights_sha256(model_dir: str, *, safetensors: bool | None = None) -> str:
 
 def _regular_file(directory: str, name: str) -> str:
     """directory/name if it is (or links to) a regular file inside reach, else EvalError."""
+    path = os.path.join(directory, name)
+    _check_regular(path, lambda: os.stat(path))
+    return path
+
+
+def _check_regular(path: str, stat_of: Callable[[], os.stat_result]) -> os.stat_result:
     import stat
 
-    path = os.path.join(directory, name)
     try:
-        mode = os.stat(path).st_mode
+        st = stat_of()
     except OSError as err:
         raise EvalError(f"cannot read {path}: {err.strerror}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         raise EvalError(f"{path} is not a regular file")
-    return path
+    return st
+
+
+def open_regular(path: str):
+    """``path`` opened for binary reading if it is (or links to) a regular file, else EvalError: a FIFO
+    blocks open() until a writer comes, a device (/dev/zero) never ends. Checked before opening and on
+    the open file (O_NONBLOCK: a FIFO swapped in between does not block the open either)."""
+    _check_regular(path, lambda: os.stat(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise EvalError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        _check_regular(path, lambda: os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def state_dict_sha256(model) -> str:
@@ -148,12 +181,12 @@ def load_checkpoint(directory: str, fingerprint: dict, rank: int = 0) -> dict | 
     try:
         state = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        reason = "empty" if not raw.strip() else f"not JSON: {_first_line(err)}"
+        reason = "empty" if not raw.strip() else f"not JSON: {first_line(err)}"
         raise EvalError(f"{damaged} ({reason}): {hint}") from None
     if not isinstance(state, dict) or not {"fingerprint", "sha256"} <= set(state):
         raise EvalError(f"{damaged} (not a checkpoint written by xent eval): {hint}")
     body = {k: v for k, v in state.items() if k != "sha256"}
-    if state["sha256"] != _checksum(body):
+    if state["sha256"] != json_sha256(body):
         raise EvalError(f"{damaged} (its checksum does not match: edited or cut short): {hint}")
     if state["fingerprint"] != fingerprint:
         differ = _differences(state["fingerprint"], fingerprint)
@@ -165,7 +198,7 @@ def load_checkpoint(directory: str, fingerprint: dict, rank: int = 0) -> dict | 
 
 def save_checkpoint(directory: str, fingerprint: dict, state: dict, rank: int = 0) -> None:
     body = json_safe({"fingerprint": fingerprint, **state})
-    write_json(os.path.join(directory, _checkpoint_name(rank)), {**body, "sha256": _checksum(body)})
+    write_json(os.path.join(directory, _checkpoint_name(rank)), {**body, "sha256": json_sha256(body)})
 
 
 def remove_checkpoint(directory: str, rank: int = 0) -> None:
@@ -190,8 +223,10 @@ def remove_stale_temporaries(directory: str, names: list[str]) -> None:
 MAX_CHECKPOINT_BYTES = 64 << 20  # a checkpoint holds a few thousand integers per data file
 
 
-def _checksum(body: dict) -> str:
+def json_sha256(body: dict) -> str:
+    """SHA-256 of a JSON object's canonical text (sorted keys): a file's checksum of its own contents."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
 
 
 def _differences(saved, wanted, prefix: str = "") -> list[str]:
@@ -214,9 +249,11 @@ def _differences(saved, wanted, prefix: str = "") -> list[str]:
 _MISSING = object()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
 
 
 def checkpoint_path(directory: str, rank: int = 0) -> str:
@@ -239,12 +276,13 @@ class OutputLock:
     ranks of one run do not exclude each other while a second run's ranks are refused). The OS releases
     the lock when the process ends however it ends, so a killed run never blocks a later ``--resume``.
     The file (holding the owner's pid) is removed on release. Where fcntl does not exist (Windows) no
-    lock is taken.
+    lock is taken. ``path``: the lock file elsewhere (a directory that is replaced as a whole, as the
+    base cache is, is locked from beside it); ``flag``: the option named in the error.
     """
 
-    def __init__(self, directory: str, rank: int = 0):
-        self.directory = directory
-        self.path = os.path.join(directory, LOCK if rank == 0 else f".xent.rank{rank}.lock")
+    def __init__(self, directory: str, rank: int = 0, *, path: str | None = None, flag: str = "--out"):
+        self.directory, self.flag = directory, flag
+        self.path = path or os.path.join(directory, LOCK if rank == 0 else f".xent.rank{rank}.lock")
         self.fd: int | None = None
 
     def acquire(self) -> OutputLock:
@@ -261,7 +299,7 @@ class OutputLock:
             except BlockingIOError:
                 os.close(fd)
                 raise EvalError(f"{self.directory} is in use by another xent run{self._owner()}: wait "
-                                "for it to finish or choose another --out") from None
+                                f"for it to finish or choose another {self.flag}") from None
             except BaseException:
                 os.close(fd)
                 raise

@@ -18,8 +18,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                trust_remote_code: bool = False, allow_pickle: bool = False,
-               allow_missing_weights: bool = False):
-    """(model in eval mode on device, tokenizer, sha256 of the weight files).
+               allow_missing_weights: bool = False, tokenizer_dir: str | None = None):
+    """(model in eval mode on device, tokenizer, sha256 of the weight files). ``tokenizer_dir``: read the
+    tokenizer from there instead of ``model_dir`` (the same checks apply).
 
     Refused before any work: weights the model has but the checkpoint lacks (transformers would
     initialise them at random, so two runs would differ) or that the checkpoint has and the model does
@@ -84,14 +85,17 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                 raise EvalError(f"the checkpoint in {model_dir} {what}: {shown} (--allow-missing-weights "
                                 "to evaluate it anyway)")
+    tokenizer_dir = model_dir if tokenizer_dir is None else tokenizer_dir
+    if not os.path.isdir(tokenizer_dir):
+        raise EvalError(f"tokenizer directory not found: {tokenizer_dir}")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+            tokenizer_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as err:
-        raise EvalError(f"cannot load the tokenizer in {model_dir}: {_first_line(err)}") from None
+        raise EvalError(f"cannot load the tokenizer in {tokenizer_dir}: {_first_line(err)}") from None
     if isinstance(tokenizer, bool) or not callable(tokenizer):
-        raise EvalError(f"cannot load the tokenizer in {model_dir}")
-    check_tokenizer(model, tokenizer, where=model_dir)
+        raise EvalError(f"cannot load the tokenizer in {tokenizer_dir}")
+    check_tokenizer(model, tokenizer, where=tokenizer_dir)
     model = model.to(device).eval()
     return model, tokenizer, weights_sha256(model_dir)
 
