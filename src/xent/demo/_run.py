@@ -336,10 +336,9 @@ def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
 
     import xent
 
-    from ..eval._files import state_dict_sha256
+    from ..eval._files import json_safe, state_dict_sha256
     from ..eval._generate import generation_stats
     from ..eval._mauve import feature_description, text_features
-    from ..training._loop import json_safe
     from . import _report
     from ._model import build_model, tokenize_documents, train_tokenizer
 

@@ -120,7 +120,7 @@ def _jsonl(path: str, field: str, counter: list[int], limit: int) -> Iterator[st
             except RecursionError:
                 raise EvalError(f"{where}: JSON nested too deeply to read") from None
             except ValueError as err:
-                raise EvalError(f"{where}: not valid JSON ({_first_line(err)})") from None
+                raise EvalError(f"{where}: not valid JSON ({first_line(err)})") from None
             if not isinstance(obj, dict) or field not in obj:
                 raise EvalError(f"{where}: no field {field!r} (use --text-field)")
             yield _text_of(obj[field], where, field, limit)
@@ -132,7 +132,7 @@ def _parquet(path: str, field: str, limit: int) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:
-        raise EvalError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+        raise EvalError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
     if field not in pf.schema_arrow.names:
         raise EvalError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
@@ -146,7 +146,7 @@ def _hf_dir(path: str, field: str, limit: int) -> Iterator[str]:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as err:
-        raise EvalError(f"{path}: not a saved Hugging Face dataset ({_first_line(err)})") from None
+        raise EvalError(f"{path}: not a saved Hugging Face dataset ({first_line(err)})") from None
     if isinstance(ds, datasets.DatasetDict):
         raise EvalError(f"{path} holds the splits {sorted(ds)}: pass {path}/<split>")
     if field not in ds.column_names:
@@ -156,7 +156,7 @@ def _hf_dir(path: str, field: str, limit: int) -> Iterator[str]:
             yield _text_of(value, path, field, limit)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
