@@ -133,7 +133,7 @@ def _doc_sums(gen, D, shift, noise):
 
 
 def test_paired_difference_matches_a_float64_reference():
-    from xent.demo._run import paired_difference
+    from xent.demo._compare import paired_difference
 
     gen = torch.Generator().manual_seed(0)
     for shift, noise in ((0.0, 0.5), (0.01, 0.05), (-0.2, 1.0)):
@@ -160,7 +160,7 @@ def test_paired_difference_matches_a_float64_reference():
 def _summary(objectives: dict) -> dict:
     """A demo summary with the per-document sums of each objective: name -> (heldout, synthetic) lists,
     documents of 100 tokens (held out) and 64 words (Markov)."""
-    from xent.demo._run import compare_with_baseline
+    from xent.demo._compare import compare_with_baseline
 
     words = ["a" + " a" * 63] * len(next(iter(objectives.values()))[1])
     summary = {"objectives": {
@@ -283,7 +283,7 @@ def test_reliability_counts_never_overlap_a_bar():
 
 def _with_pretrained(objectives: dict, pretrained: tuple) -> dict:
     """_summary's demo summary with a pre-trained model (the one every fine-tune started from)."""
-    from xent.demo._run import compare_with_baseline
+    from xent.demo._compare import compare_with_baseline
 
     summary = _summary(objectives)
     h, s = pretrained
@@ -342,8 +342,8 @@ def test_a_fine_tune_worse_than_the_pretrained_model_is_no_win():
 
 def test_loss_vs_p_caption_names_the_curves_it_plots():
     from xent.demo import DemoConfig
+    from xent.demo._config import runs
     from xent.demo._report import loss_vs_p_caption
-    from xent.demo._run import runs
 
     for cfg in (DemoConfig(), DemoConfig(objectives=("ce", "gold", "rho1"), tailr_gammas=())):
         plan = runs(cfg)

@@ -238,14 +238,14 @@ def test_an_interrupted_save_leaves_no_weights_file(tmp_path, monkeypatch):
 def test_a_failed_periodic_save_stops_with_the_run_so_far(tmp_path, monkeypatch):
     from xent.training import _loop
 
-    real = _loop._save
+    real = _loop.save_model
 
     def no_space_at_step_2(model, tokenizer, directory, log):
         if directory.endswith("step-2"):
             raise OSError(28, "No space left on device")
         real(model, tokenizer, directory, log)
 
-    monkeypatch.setattr(_loop, "_save", no_space_at_step_2)
+    monkeypatch.setattr(_loop, "save_model", no_space_at_step_2)
     with pytest.raises(_loop.SaveError, match=r"after step 2 to .*step-2: No space left on device") as e:
         xent.train(tiny(), bigram_data(), steps=4, batch_size=8, save_every=1, progress=False,
                    save_dir=str(tmp_path / "out"))

@@ -261,12 +261,12 @@ def _save_elsewhere(model, tokenizer, err) -> str:
     log to a new directory under the system's temporary directory; the one-line error says where."""
     import tempfile
 
-    from ..training._loop import _save
+    from ..training._loop import save_model
 
     what = f"{err} (the model after step {err.step})"
     try:
         fallback = tempfile.mkdtemp(prefix="xent-train-")
-        _save(model, tokenizer, fallback, err.log)
+        save_model(model, tokenizer, fallback, err.log)
     except OSError as again:
         return f"{what}; saving it to {tempfile.gettempdir()} failed too ({describe(again)}): it is lost"
     return f"{what}; it was saved to {fallback} instead"

@@ -5,9 +5,10 @@
 entropy), :func:`train_tokenizer` and :func:`build_model`.
 """
 
+from ._config import DemoConfig
 from ._markov import MarkovSource
 from ._model import build_model, tokenize_documents, train_tokenizer
-from ._run import DemoConfig, run_demo, synthetic_gap
+from ._run import run_demo, synthetic_gap
 from ._text import stdlib_documents
 
 __all__ = ["DemoConfig", "MarkovSource", "build_model", "run_demo", "stdlib_documents", "synthetic_gap",

@@ -2,7 +2,7 @@
 and whether the claim reproduces at this scale, is contradicted, or is inconclusive.
 
 Every number comes from summary.json: the paired per-document differences (``vs_baseline``, with their
-document-clustered SE, from :func:`xent.demo._run.paired_difference`) and, for MAUVE, the per-seed scores
+document-clustered SE, from :func:`xent.demo._compare.paired_difference`) and, for MAUVE, the per-seed scores
 (seed k samples every model with the same random stream: paired). A claim is called (reproduced or
 contradicted) only when the difference is outside its noise: |Δ| > 1.96 SE, or a 95 % t interval over
 the seeds that excludes 0. A claim that reproduces against the cross-entropy fine-tune is still not a
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 
-from ._run import PRETRAINED, paired_difference, seeds_interval, worse_than_pretrained
+from ._compare import paired_difference, seeds_interval, worse_than_pretrained
+from ._config import PRETRAINED
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduces", "contradicted", "inconclusive"
 NOT_A_WIN = "not a win: worse than the pre-trained model"  # reproduces against ce, but both overfit

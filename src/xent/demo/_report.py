@@ -320,8 +320,8 @@ def _loss_vs_p(out: str, cfg, vocab_size: int) -> str:
     import torch
 
     from ..training import make_objective
+    from ._config import runs
     from ._model import build_model
-    from ._run import runs
 
     plt = _plt()
     p = torch.logspace(-3, math.log10(0.999), 200, dtype=torch.float64)
@@ -543,7 +543,7 @@ def _verdict(summary: dict, key: str, unit: str, better: str, none: str) -> str:
     (Δ < 0) and worse than the baseline, or that none is significantly better. ``better`` and ``none``
     are the sentence's openings, with {base} for the baseline's name. On the held-out loss, an objective
     better than the baseline but worse than the pre-trained model is not named a winner."""
-    from ._run import worse_than_pretrained
+    from ._compare import worse_than_pretrained
 
     base = summary["baseline"]
     objs = summary["objectives"]

@@ -17,72 +17,8 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 
-DEFAULT_OBJECTIVES = ("ce", "emo", "tailr")
-QUICK_OBJECTIVES = ("ce", "emo", "tailr")
-PRETRAINED = "pretrained"  # the phase-1 model's name in the summary and under models/
-
-
-@dataclass
-class DemoConfig:
-    """The demo's sizes. Phase 1 (``pretrain_*``) trains the 2-layer model with cross-entropy on ~820k
-    tokens (400 steps of 32×64: the training modules' docstrings and the Markov text); phase 2 fine-tunes
-    a copy with each objective for ``steps`` steps of ``batch_size``×64 tokens on the target domain.
-    ``tailr_gammas`` adds TaiLr runs at those γ (the ``tailr`` objective itself is γ = 0.1; γ = 0 is
-    cross-entropy exactly, the ``ce`` run). Generation: for each held-out prefix of ``prefix_tokens``
-    tokens, every model samples ``new_tokens`` tokens (temperature 1, top-p 1), ``mauve_seeds`` times with
-    different seeds; MAUVE against the true continuations for each, their mean and a t interval.
-    :meth:`quick` is for tests. ``jobs`` changes only the speed; ``threads`` > 1 can change the last digits.
-    """
-
-    preset: str = "default"  # or "quick"
-    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
-    tailr_gammas: tuple[float, ...] = (0.5, 0.8)
-    seed: int = 0
-    vocab_size: int = 1024
-    seq_len: int = 64
-    d_model: int = 96
-    n_layer: int = 2
-    n_head: int = 4
-    # phase 1: cross-entropy from scratch
-    pretrain_steps: int = 400
-    pretrain_batch_size: int = 32
-    pretrain_lr: float = 1e-2
-    pretrain_warmup_steps: int = 20
-    # phase 2: fine-tuning from the phase-1 weights
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 2e-3
-    warmup_steps: int = 10
-    eval_every: int = 25
-    markov_words: int = 64
-    words_per_doc: int = 64
-    synthetic_train_docs: int = 1000  # about 30% of phase 1's tokens
-    synthetic_eval_docs: int = 100
-    heldout_docs: int | None = None  # None: every held-out document of the target domain
-    # generation
-    prefix_tokens: int = 24
-    new_tokens: int = 40
-    prefixes_per_doc: int = 4
-    mauve_seeds: int = 5
-    sample_temperatures: tuple[float, ...] = (0.7, 1.3)  # the ce model's extra samples (τ = 1 is its own)
-    threads: int = 1  # torch threads: no dependence on the thread count, and robust on a busy machine
-    jobs: int = 1  # models fine-tuned at once, in worker processes (the numbers do not change)
-
-    @classmethod
-    def quick(cls, **overrides) -> DemoConfig:
-        base = dict(preset="quick", objectives=QUICK_OBJECTIVES, tailr_gammas=(0.8,), d_model=64, n_head=2,
-                    pretrain_steps=100, pretrain_batch_size=16, pretrain_warmup_steps=5, steps=40,
-                    batch_size=16, warmup_steps=4, eval_every=20, synthetic_eval_docs=40, heldout_docs=30,
-                    prefixes_per_doc=3, mauve_seeds=3)
-        return cls(**{**base, **overrides})
-
-
-def runs(cfg: DemoConfig) -> dict[str, tuple[str, dict]]:
-    """Phase 2's runs: name -> (objective, options); the TaiLr sweep's runs are named tailr@γ."""
-    out = {name: (name, {}) for name in cfg.objectives}
-    for g in cfg.tailr_gammas:
-        out[f"tailr@{g:g}"] = ("tailr", {"gamma": float(g)})
-    return out
+from ._compare import clustered_mean, compare_with_baseline, seeds_interval
+from ._config import PRETRAINED, DemoConfig, runs
 
 
 @dataclass
@@ -180,96 +116,6 @@ def synthetic_gap(result, texts: list[str], source, doc_nll: list[float] | None 
     }
 
 
-def clustered_mean(values: list[float], counts: list[int]) -> tuple[float, float]:
-    """(m, SE): the ratio mean m = Σ_d v_d / Σ_d n_d of per-document sums v_d over n_d units (tokens,
-    words) and its document-clustered standard error √(D/(D−1)·Σ_d (v_d − m·n_d)²) / Σ_d n_d
-    (REFERENCE.md §4), with xent.eval's exact arithmetic: each v_d is rounded to a multiple of 2^-32
-    (1e-10 nats) and everything after that is integer sums. SE is NaN for fewer than two documents."""
-    import torch
-
-    from ..eval._sums import SCALE, clustered_se, fixed
-
-    v = fixed(torch.tensor(values, dtype=torch.float64)).tolist()
-    n = [int(c) for c in counts]
-    N, total = sum(n), sum(v)
-    if N == 0:
-        return math.nan, math.nan
-    se = clustered_se(total, sum(x * x for x in v), sum(x * c for x, c in zip(v, n)), sum(c * c for c in n),
-                      N, len(n))
-    return total / SCALE / N, se
-
-
-def paired_difference(a: list[float], b: list[float], counts: list[int]) -> dict:
-    """A minus B on the same documents (the same tokens): Δ = Σ_d (a_d − b_d) / Σ_d n_d from the summed
-    losses a_d, b_d of document d over its n_d units, its document-clustered SE (the documents are
-    the independent units; pairing removes what the two models share), z = Δ/SE and
-    ``significant`` = |z| > 1.96 (two-sided, 5 %). Documents with n_d = 0 are left out."""
-    if not len(a) == len(b) == len(counts):
-        raise ValueError(f"a, b and counts must have one entry per document, got {len(a)}, {len(b)} "
-                         f"and {len(counts)}")
-    keep = [i for i, n in enumerate(counts) if n > 0]
-    diff, se = clustered_mean([a[i] - b[i] for i in keep], [counts[i] for i in keep])
-    if math.isnan(se) or math.isnan(diff):
-        z = math.nan
-    elif se > 0:
-        z = diff / se
-    else:  # identical on every document (z = 0/0), or a shift with no spread at all
-        z = math.nan if diff == 0 else math.copysign(math.inf, diff)
-    return {"diff": diff, "se": se, "z": z, "significant": bool(abs(z) > 1.96)}
-
-
-def compare_with_baseline(summary: dict, synthetic_texts: list[str]) -> str:
-    """Adds ``vs_baseline`` to each objective of ``summary`` but the baseline (ce when it was trained,
-    else the first objective), and to the pre-trained model's entry when there is one, and returns the
-    baseline's name: the paired per-document differences of the held-out loss (nats/token), of the loss
-    on the Markov text (nats/word, which is the difference of the two KL estimates: the source's −log p
-    cancels) and, where recorded, of the over-confidence (mean top-1 probability − top-1 accuracy).
-    With a pre-trained model, each objective also gets ``vs_pretrained``: the paired difference of its
-    held-out loss from the model every fine-tune started from (> 0: fine-tuning made it worse)."""
-    objs = summary["objectives"]
-    baseline = "ce" if "ce" in objs else next(iter(objs))
-    base = objs[baseline]
-    words = [len(t.split(" ")) for t in synthetic_texts]
-    entries = list(objs.items())
-    if summary.get(PRETRAINED):
-        entries.append((PRETRAINED, summary[PRETRAINED]))
-    for name, entry in entries:
-        for key in ("heldout", "synthetic"):
-            if entry[key]["doc_tokens"] != base[key]["doc_tokens"]:  # one tokenizer: never, unless a bug
-                raise RuntimeError(f"{name} and {baseline} scored different tokens of the {key} documents")
-        if name == baseline:
-            continue
-        entry["vs_baseline"] = {
-            "baseline": baseline,
-            "heldout_nll_nats_per_token": paired_difference(
-                entry["heldout"]["doc_nll"], base["heldout"]["doc_nll"], base["heldout"]["doc_tokens"]),
-            "synthetic_nats_per_word": paired_difference(
-                entry["synthetic"]["doc_nll"], base["synthetic"]["doc_nll"], words),
-        }
-        if "doc_overconfidence" in entry["heldout"] and "doc_overconfidence" in base["heldout"]:
-            entry["vs_baseline"]["heldout_overconfidence"] = paired_difference(
-                entry["heldout"]["doc_overconfidence"], base["heldout"]["doc_overconfidence"],
-                base["heldout"]["doc_tokens"])
-    pre = summary.get(PRETRAINED)
-    if pre:
-        for entry in objs.values():
-            entry["vs_pretrained"] = {
-                "heldout_nll_nats_per_token": paired_difference(
-                    entry["heldout"]["doc_nll"], pre["heldout"]["doc_nll"], pre["heldout"]["doc_tokens"]),
-                "synthetic_nats_per_word": paired_difference(
-                    entry["synthetic"]["doc_nll"], pre["synthetic"]["doc_nll"], words),
-            }
-    return baseline
-
-
-def worse_than_pretrained(entry: dict, key: str = "heldout_nll_nats_per_token") -> bool:
-    """Whether fine-tuning raised the loss ``key`` (held-out by default, or "synthetic_nats_per_word")
-    above the pre-trained model's (the point estimate of the paired difference; False when there is no
-    pre-trained model to compare with)."""
-    d = entry.get("vs_pretrained", {}).get(key)
-    return d is not None and d["diff"] > 0
-
-
 def _metrics(r) -> dict:
     keys = ("tokens", "documents", "bytes", "nll_mean", "nll_se_document", "perplexity", "perplexity_ci95",
             "bits_per_token", "bits_per_byte", "top1_accuracy", "ece", "brier", "entropy_mean", "calibration")
@@ -318,28 +164,14 @@ def generation_pairs(tokenizer, texts: list[str], prefix_tokens: int, new_tokens
     return prefixes, continuations, docs
 
 
-def seeds_interval(values: list[float]) -> list[float]:
-    """The 95 % t interval of the mean of independent replicates: mean ± t_{0.975, k−1} · sd / √k."""
-    from scipy.stats import t  # scikit-learn's dependency, so present wherever mauve-text is
-
-    k = len(values)
-    if k < 2:
-        return [math.nan, math.nan]
-    mean = math.fsum(values) / k
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (k - 1))
-    half = float(t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
-    return [mean - half, mean + half]
-
-
 def _run(out: str, cfg: DemoConfig, log, progress: bool) -> dict:
     import torch
 
     import xent
 
-    from ..eval._files import state_dict_sha256
+    from ..eval._files import json_safe, state_dict_sha256
     from ..eval._generate import generation_stats
     from ..eval._mauve import feature_description, text_features
-    from ..training._loop import json_safe
     from . import _report
     from ._model import build_model, tokenize_documents, train_tokenizer
 

@@ -1,6 +1,7 @@
 """The demo's temperature study on logits held in memory (a tiny model): softmax(z / τ) as τ varies, and
 the fitted T* = argmin_T Σ_t ℓ_t(z_t / T) (docs/REFERENCE.md §4). `xent eval --fit-temperature`
 (xent.eval._temperature) fits T* at scale from the scored hidden states; this one needs the logits.
+Both run the same fit, xent._temperature_fit: on the same logits they give the same T*.
 
 Dividing the logits by τ changes neither the ranking nor the top-1 token (so the accuracy), only the
 probabilities: the entropy rises with τ (from 0 at τ → 0 to log V at τ → ∞), the loss is convex in
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from .._temperature_fit import fit_inverse_temperature, nll_derivatives
 from ..eval._sums import ECE_BINS
 
 _ROWS = 4096  # rows of logits per chunk (float32 [rows, V] temporaries)
@@ -72,34 +74,18 @@ def temperature_scan(logits, targets, temperatures) -> list[dict]:
     return rows
 
 
-def fit_temperature(logits, targets, *, tol: float = 1e-7, max_iter: int = 100) -> float:
-    """T* = argmin_T Σ_t ℓ_t(z_t / T), by Newton's method on β = 1/T, where the loss is convex:
-    d/dβ Σ_t [logsumexp(β z_t) − β z_{t,y}] = Σ_t (E_q[z_t] − z_{t,y}), d²/dβ² = Σ_t Var_q(z_t) ≥ 0
-    (q = softmax(β z_t)). A step that would make β ≤ 0 is halved. Raises if the minimum is at β → 0
-    or β → ∞ (every target the top token, or none) or Newton does not converge."""
+def fit_temperature(logits, targets, *, max_passes: int = 100) -> float:
+    """T* = argmin_T Σ_t ℓ_t(z_t / T), by :func:`xent._temperature_fit.fit_inverse_temperature` (Newton's
+    method on β = 1/T, where the loss is convex) on float32 copies of the logits, a chunk at a time.
+    ValueError if the minimum is at T → 0 or T → ∞ (every target the top token, or none), the logits
+    are flat, or the fit does not converge in ``max_passes`` passes over the tokens."""
     import torch
 
     _check(logits, targets)
-    beta = 1.0
-    for _ in range(max_iter):
-        grad = hess = 0.0
-        for s in range(0, len(targets), _ROWS):
-            z = logits[s : s + _ROWS].float()  # float32 rows, float64 sums
-            y = targets[s : s + _ROWS]
-            q = torch.softmax(beta * z, dim=-1)
-            mean = (q * z).sum(-1)
-            grad += float((mean - z.gather(-1, y[:, None]).squeeze(-1)).double().sum())
-            hess += float((q * (z - mean[:, None]) ** 2).sum(-1).double().sum())
-        if hess <= 0:
-            raise ValueError("the loss is flat in the temperature (every row's logits are equal)")
-        step = grad / hess
-        new = beta - step
-        while new <= 0:
-            step /= 2
-            new = beta - step
-        if abs(new - beta) <= tol * max(1.0, beta):
-            return 1.0 / new
-        if new > 1e6:
-            raise ValueError("the fitted temperature goes to 0: every target is the top token")
-        beta = new
-    raise ValueError(f"the fitted temperature did not converge in {max_iter} Newton steps (β = {beta})")
+
+    def sums(beta):
+        chunks = ((logits[s : s + _ROWS].to(torch.float32, copy=True), targets[s : s + _ROWS])
+                  for s in range(0, len(targets), _ROWS))  # copies: nll_derivatives scales them in place
+        return nll_derivatives(chunks, beta)
+
+    return fit_inverse_temperature(sums, max_passes=max_passes)[0]

@@ -36,7 +36,7 @@ from ._head import ModelHead, chunk_rows
 from ._options import resolve_options
 from ._runner import ChunkedScorer, check_finite, eval_mode
 from ._score import row_blocks, scored_index
-from ._sums import SCALE, _exp, clustered_se, fixed, fixed_sum
+from ._sums import SCALE, clustered_se, exp_or_inf, fixed, fixed_sum
 
 PERCENTILES = (99.9, 99, 95, 90, 75, 50, 25, 10, 5, 1, 0.1)  # llama.cpp's, and the quartiles
 # the per-token quantities whose mean gets both standard errors (per-document sums for the clustered one)
@@ -387,7 +387,7 @@ def _compare_result(runner, opts, world, corpus, *, model_sha256, data_sha256, e
     var_b = Fraction(s["nll_base_sq"], SCALE) / N - mb_ * mb_
     var_m = Fraction(s["nll_model_sq"], SCALE) / N - mm_ * mm_
     corr = float(cov) / math.sqrt(float(var_b) * float(var_m)) if var_b > 0 and var_m > 0 else math.nan
-    ppl_b, ppl_m = _exp(nb[0]), _exp(nm[0])
+    ppl_b, ppl_m = exp_or_inf(nb[0]), exp_or_inf(nm[0])
     # PPL(model) − PPL(base) ± by the delta method with the covariance of the two means (as llama.cpp)
     cov_means = float(cov) / (N - 1) if N > 1 else math.nan
     diff_var = (ppl_m * nm[1]) ** 2 + (ppl_b * nb[1]) ** 2 - 2 * ppl_m * ppl_b * cov_means

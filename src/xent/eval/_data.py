@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 from ._errors import EvalError
+from ._files import first_line
 
 SPLITS = ("none", "lines", "paragraphs")
 
@@ -120,7 +121,7 @@ def _jsonl(path: str, field: str, counter: list[int], limit: int) -> Iterator[st
             except RecursionError:
                 raise EvalError(f"{where}: JSON nested too deeply to read") from None
             except ValueError as err:
-                raise EvalError(f"{where}: not valid JSON ({_first_line(err)})") from None
+                raise EvalError(f"{where}: not valid JSON ({first_line(err)})") from None
             if not isinstance(obj, dict):
                 raise EvalError(f"{where}: a JSON {type(obj).__name__}, not an object with a field {field!r}")
             if field not in obj:
@@ -141,7 +142,7 @@ def _parquet(path: str, field: str, limit: int) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:
-        raise EvalError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+        raise EvalError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
     if field not in pf.schema_arrow.names:
         raise EvalError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
@@ -155,7 +156,7 @@ def _hf_dir(path: str, field: str, limit: int) -> Iterator[str]:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as err:
-        raise EvalError(f"{path}: not a saved Hugging Face dataset ({_first_line(err)})") from None
+        raise EvalError(f"{path}: not a saved Hugging Face dataset ({first_line(err)})") from None
     if isinstance(ds, datasets.DatasetDict):
         raise EvalError(f"{path} holds the splits {sorted(ds)}: pass {path}/<split>")
     if field not in ds.column_names:
@@ -163,11 +164,6 @@ def _hf_dir(path: str, field: str, limit: int) -> Iterator[str]:
     for start in range(0, len(ds), 1024):
         for value in ds[start : start + 1024][field]:
             yield _text_of(value, path, field, limit)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def check_path(path: str) -> str:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-from ._data import _first_line
 from ._errors import EvalError
-from ._files import weights_sha256
+from ._files import first_line, weights_sha256
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,7 +45,7 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
         config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
                                                          local_files_only=True)
     except Exception as err:
-        raise EvalError(f"cannot read the model config in {model_dir}: {_first_line(err)}") from None
+        raise EvalError(f"cannot read the model config in {model_dir}: {first_line(err)}") from None
     # A causal-LM config type is not enough (BertConfig has BertLMHeadModel): the saved architecture
     # must be a causal LM too, when the config names it.
     archs = getattr(config, "architectures", None) or []
@@ -75,7 +74,7 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
         model, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True,
                                                                         **kwargs)
     except Exception as err:
-        raise EvalError(f"cannot load the weights in {model_dir}: {_first_line(err)}") from None
+        raise EvalError(f"cannot load the weights in {model_dir}: {first_line(err)}") from None
     if not allow_missing_weights:
         for kind, what in (("missing_keys", "lacks weights the model needs (they would be initialised at "
                                             "random)"),
@@ -92,7 +91,7 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu",
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             tokenizer_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as err:
-        raise EvalError(f"cannot load the tokenizer in {tokenizer_dir}: {_first_line(err)}") from None
+        raise EvalError(f"cannot load the tokenizer in {tokenizer_dir}: {first_line(err)}") from None
     if isinstance(tokenizer, bool) or not callable(tokenizer):
         raise EvalError(f"cannot load the tokenizer in {tokenizer_dir}")
     check_tokenizer(model, tokenizer, where=tokenizer_dir)

@@ -47,7 +47,7 @@ def fixed_sum(x: torch.Tensor) -> int:
     return int(fixed(xd).sum())
 
 
-def _exp(x: float) -> float:
+def exp_or_inf(x: float) -> float:
     """e^x, inf past the float range (a word perplexity of text with few spaces can get there)."""
     return math.exp(x) if x < 709.78 else math.inf
 
@@ -189,12 +189,12 @@ class Totals:
             "nll_mean": nll_mean,
             "nll_se_token": se_token,
             "nll_se_document": se_doc,
-            "perplexity": _exp(nll_mean),
-            "perplexity_ci95": [_exp(nll_mean - 1.96 * se_doc), _exp(nll_mean + 1.96 * se_doc)],
+            "perplexity": exp_or_inf(nll_mean),
+            "perplexity_ci95": [exp_or_inf(nll_mean - 1.96 * se_doc), exp_or_inf(nll_mean + 1.96 * se_doc)],
             "bits_per_token": nll_mean / ln2,
             "bits_per_byte": total / (B * ln2) if B else nan,
-            "byte_perplexity": _exp(total / B) if B else nan,  # 2^bpb
-            "word_perplexity": _exp(total / W) if W else nan,
+            "byte_perplexity": exp_or_inf(total / B) if B else nan,  # 2^bpb
+            "word_perplexity": exp_or_inf(total / W) if W else nan,
             "top1_accuracy": self.top1 / N,
             "top5_accuracy": self.top5 / N,
             "entropy_mean": float(Fraction(self.entropy, SCALE) / N),

@@ -112,7 +112,7 @@ class TaiLr(_TokenLoss):
     def __init__(self, *, gamma: float, threshold: float = 0.0, label_smoothing: float = 0.0,
                  softcap: float | None = None, ignore_index: int = -100, reduction: str = "mean",
                  shift: bool = False, name: str | None = None, dtype=None):
-        L._check_tailr(gamma, threshold)
+        L.check_tailr(gamma, threshold)
         V.check_options(label_smoothing=label_smoothing, softcap=softcap)
         super().__init__(ignore_index=ignore_index, reduction=reduction, shift=shift, name=name, dtype=dtype,
                          gamma=float(gamma), threshold=float(threshold),
@@ -126,7 +126,7 @@ class GOLD(_TokenLoss):
 
     def __init__(self, *, threshold: float = 0.0, softcap: float | None = None, ignore_index: int = -100,
                  reduction: str = "mean", shift: bool = False, name: str | None = None, dtype=None):
-        L._check_tailr(1.0, threshold)
+        L.check_tailr(1.0, threshold)
         V.check_options(softcap=softcap)
         super().__init__(ignore_index=ignore_index, reduction=reduction, shift=shift, name=name, dtype=dtype,
                          threshold=float(threshold), softcap=softcap)
@@ -141,7 +141,7 @@ class Focal(_TokenLoss):
                  softcap: float | None = None, ignore_index: int = -100, reduction: str = "mean",
                  shift: bool = False, name: str | None = None, dtype=None):
         V.check_flags(detach_factor=detach_factor)
-        L._check_focal(gamma, alpha)
+        L.check_focal(gamma, alpha)
         V.check_options(softcap=softcap)
         super().__init__(ignore_index=ignore_index, reduction=reduction, shift=shift, name=name, dtype=dtype,
                          gamma=float(gamma), alpha=float(alpha), detach_factor=detach_factor,
@@ -155,7 +155,7 @@ class Poly(_TokenLoss):
 
     def __init__(self, *, epsilon: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
                  reduction: str = "mean", shift: bool = False, name: str | None = None, dtype=None):
-        L._check_poly(epsilon)
+        L.check_poly(epsilon)
         V.check_options(softcap=softcap)
         super().__init__(ignore_index=ignore_index, reduction=reduction, shift=shift, name=name, dtype=dtype,
                          epsilon=float(epsilon), softcap=softcap)

@@ -206,7 +206,7 @@ def _nll_loss(terms, logits, target, *, label_smoothing, softcap, ignore_index, 
     return _finish(per_token, valid, bad, reduction, num_items, sw)
 
 
-def _check_tailr(gamma, threshold):
+def check_tailr(gamma, threshold):
     V.check_range("gamma", gamma, 0.0, 1.0, lo_open=True)
     V.check_range("threshold", threshold, 0.0, 1.0)
 
@@ -217,7 +217,7 @@ def tailr_loss(logits, target, *, gamma: float, threshold: float = 0.0, label_sm
     """TaiLr (Ji et al., ICLR 2023): ℓ = sg(clamp(q_y/(γ+(1−γ)q_y), b, 1))·(−log q_y); the twin of
     :func:`xent.tailr_loss`. Authors' settings: γ=0.1,b=0.3 (translation); γ=0.8,b=0.2 (summarisation);
     γ=1e-7,b=0.2 (open-ended LM). Common options as :func:`cross_entropy`."""
-    _check_tailr(gamma, threshold)
+    check_tailr(gamma, threshold)
     terms = lambda nll: tailr_terms(nll, gamma=float(gamma), threshold=float(threshold))  # noqa: E731
     return _nll_loss(terms, logits, target, label_smoothing=label_smoothing, softcap=softcap,
                      ignore_index=ignore_index, reduction=reduction, num_items=num_items,
@@ -229,13 +229,13 @@ def gold_loss(logits, target, *, threshold: float = 0.0, softcap: float | None =
     """GOLD-δ (Pang & He, ICLR 2021): ℓ = −sg(max(q_y, b))·log q_y, TaiLr at γ=1; the twin of
     :func:`xent.gold_loss`. At ``threshold=0`` this is DFT, dynamic fine-tuning (Wu et al. 2025,
     −sg(q_y)·log q_y; TRL's loss_type="dft")."""
-    _check_tailr(1.0, threshold)
+    check_tailr(1.0, threshold)
     terms = lambda nll: tailr_terms(nll, gamma=1.0, threshold=float(threshold))  # noqa: E731
     return _nll_loss(terms, logits, target, label_smoothing=0.0, softcap=softcap, ignore_index=ignore_index,
                      reduction=reduction, num_items=num_items, sample_weight=sample_weight)
 
 
-def _check_focal(gamma, alpha):
+def check_focal(gamma, alpha):
     if not V.check_number("gamma", gamma) >= 0.0:
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     if not V.check_number("alpha", alpha) > 0.0:
@@ -247,14 +247,14 @@ def focal_loss(logits, target, *, gamma: float = 2.0, alpha: float = 1.0, detach
                num_items=None, sample_weight=None):
     """Focal loss −α(1−q_y)^γ log q_y (Lin et al. 2017); the twin of :func:`xent.focal_loss`."""
     V.check_flags(detach_factor=detach_factor)
-    _check_focal(gamma, alpha)
+    check_focal(gamma, alpha)
     terms = lambda nll: focal_terms(nll, gamma=float(gamma), alpha=float(alpha),  # noqa: E731
                                     detach_factor=detach_factor)
     return _nll_loss(terms, logits, target, label_smoothing=0.0, softcap=softcap, ignore_index=ignore_index,
                      reduction=reduction, num_items=num_items, sample_weight=sample_weight)
 
 
-def _check_poly(epsilon):
+def check_poly(epsilon):
     if not V.check_number("epsilon", epsilon) >= -1.0:
         raise ValueError(f"epsilon must be a finite number >= -1, got {epsilon}")
 
@@ -262,7 +262,7 @@ def _check_poly(epsilon):
 def poly_loss(logits, target, *, epsilon: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
               reduction: str = "mean", num_items=None, sample_weight=None):
     """Poly-1 loss −log q_y + ε(1−q_y) (Leng et al., ICLR 2022); the twin of :func:`xent.poly_loss`."""
-    _check_poly(epsilon)
+    check_poly(epsilon)
     terms = lambda nll: poly_terms(nll, epsilon=float(epsilon))  # noqa: E731
     return _nll_loss(terms, logits, target, label_smoothing=0.0, softcap=softcap, ignore_index=ignore_index,
                      reduction=reduction, num_items=num_items, sample_weight=sample_weight)

@@ -20,6 +20,7 @@ from .._causal import count_items
 from .._linear import linear_loss
 from .._reduce import top_fraction_count
 from .._selective import linear_rho1_loss
+from ..eval._files import json_safe
 from ..eval._options import model_context
 from ..integrations.transformers import fit_loss, output_head
 from ..losses import TokenLoss
@@ -561,9 +562,9 @@ def _log(cfg: TrainConfig, result: TrainResult) -> dict:
 
 
 def _save_or_raise(model, tokenizer, directory: str, log: dict | None, step: int, run_log) -> None:
-    """_save, or SaveError carrying ``run_log()`` (the run so far) so that the caller can save elsewhere."""
+    """save_model, or SaveError carrying ``run_log()`` (the run so far), so the caller can save elsewhere."""
     try:
-        _save(model, tokenizer, directory, log)
+        save_model(model, tokenizer, directory, log)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
         raise SaveError(f"cannot save the model after step {step} to {directory}: {reason}",
@@ -575,18 +576,7 @@ def _jsonable(d: dict) -> dict:
             for k, v in d.items()}
 
 
-def json_safe(obj):
-    """``obj`` with NaN and ±inf replaced by None: strict JSON, which JavaScript and jq can read."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def _save(model, tokenizer, directory: str, log: dict | None) -> None:
+def save_model(model, tokenizer, directory: str, log: dict | None) -> None:
     """save_pretrained (safetensors), the tokenizer and xent_train.json into ``directory``. Written into
     a temporary directory inside it first, then moved in file by file: a failure (a full disk) leaves
     no half-written weights file where a loader would read it."""
