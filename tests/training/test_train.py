@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -116,9 +117,16 @@ def test_same_seed_same_run_different_seed_different_order():
 def test_checkpoint_is_a_transformers_model(tmp_path):
     data = bigram_data()
     model = tiny()
-    result = xent.train(model, data, steps=3, batch_size=8, save_dir=str(tmp_path / "ckpt"), progress=False,
-                        eval_every=2, objective="tailr", grad_clip=None)
+    old_umask = os.umask(0o022)
+    try:
+        result = xent.train(model, data, steps=3, batch_size=8, save_dir=str(tmp_path / "ckpt"),
+                            progress=False, eval_every=2, objective="tailr", grad_clip=None)
+    finally:
+        os.umask(old_umask)
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    # the files follow the umask (safetensors alone writes 0600, which a teammate cannot read)
+    for name in ("model.safetensors", "config.json", "xent_train.json"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o644, name
     log = json.loads((tmp_path / "ckpt" / "xent_train.json").read_text(),
                      parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert log["config"]["objective"] == "tailr" and len(log["history"]) == 3

@@ -20,7 +20,7 @@ from .._causal import count_items
 from .._linear import linear_loss
 from .._reduce import top_fraction_count
 from .._selective import linear_rho1_loss
-from ..eval._files import json_safe
+from ..eval._files import follow_umask, json_safe
 from ..eval._options import model_context
 from ..integrations.transformers import fit_loss, output_head
 from ..losses import TokenLoss
@@ -594,6 +594,9 @@ def save_model(model, tokenizer, directory: str, log: dict | None) -> None:
                 json.dump(json_safe(log), f, indent=1, allow_nan=False)
                 f.flush()
                 os.fsync(f.fileno())
+        for root, dirs, files in os.walk(tmp):  # safetensors writes 0600: a teammate could not read it
+            for name in dirs + files:
+                follow_umask(os.path.join(root, name))
         for name in sorted(os.listdir(tmp)):
             target = os.path.join(directory, name)
             if os.path.isdir(target) and not os.path.islink(target):
