@@ -14,6 +14,7 @@ pytest.importorskip("triton.language", reason="triton is not installed (pip inst
                                                 "-e '.[test]')")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from triton_reference import ref_loss  # noqa: E402
 
 import xent  # noqa: E402
 import xent._triton._rows as rows_module  # noqa: E402
@@ -44,27 +45,6 @@ def make(dtype, seed=0, n=(2, 9), d=16, v=300, ignore=True):
     cw = torch.rand(v, generator=g) * 2 + 0.1
     tw = torch.rand(n, generator=g) + 0.5
     return h, w, b, y, cw, tw
-
-
-def ref_loss(logits, y, *, reduction, cw=None, eps=0.0, z=0.0, cap=None, tw=None):
-    """float64, differentiable: REFERENCE.md §1 with torch's cross-entropy per token, written out."""
-    valid = y != -100
-    yy = y.clamp(min=0)
-    x = logits if cap is None else cap * torch.tanh(logits / cap)
-    per = F.cross_entropy(x.flatten(0, -2), yy.flatten(), weight=cw, label_smoothing=eps, reduction="none")
-    per = per.view(y.shape)
-    lse = x.logsumexp(-1)
-    zt = z * lse**2
-    t = torch.ones_like(per) if tw is None else tw.to(per.dtype)
-    per, zt, t = per * valid, zt * valid, t * valid
-    wy = torch.ones_like(per) if cw is None else cw[yy] * valid
-    if reduction == "none":
-        return (per + zt) * t
-    if reduction == "sum":
-        return ((per + zt) * t).sum()
-    if not valid.any():
-        return logits.sum() * 0.0
-    return (per * t).sum() / (wy * t).sum() + (zt * t).sum() / t.sum()
 
 
 OPTIONS = {

@@ -114,6 +114,21 @@ class RowBackend:
         """
         raise NotImplementedError
 
+    def fuses_forward(self, request: RowRequest) -> bool:
+        """Whether :meth:`fused_forward` computes this no-gradient pass (``request.grad`` False) whole,
+        the projection included, so that the loop forms no ``[C, V]`` logits at all. False by default."""
+        return False
+
+    def fused_forward(self, request: RowRequest, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, target: torch.Tensor, *, w_y: torch.Tensor | None = None,
+                      stats: torch.Tensor | None = None, scratch=None) -> torch.Tensor:
+        """The per-token losses ``[n]`` of a whole no-gradient pass, where :meth:`fuses_forward` says so:
+        those :meth:`rows_` would give for the logits ``hidden @ weight.T + bias``, computed without
+        writing them. hidden ``[n, D]`` (the valid rows only), weight ``[V, D]`` and bias ``[V]`` in
+        ``request.logits_dtype``; ``target``, ``w_y``, ``stats`` and ``scratch`` as in :meth:`rows_`, for
+        all n rows."""
+        raise NotImplementedError
+
     def accumulate_(self, dst: torch.Tensor, src: torch.Tensor, alpha: float, fresh: bool) -> None:
         """``dst = (0 if fresh else dst) + alpha·src``: a float32 weight-gradient slice ``dst`` from a half
         product ``src`` (the loop's half weight gradient). Torch ops by default; a backend may do it in

@@ -4,9 +4,11 @@ the Triton row kernel (:func:`xent._triton.ce_rows_`).
 It serves exactly cross-entropy (the loss's :class:`~xent.losses._base.CrossEntropyRows` spec: class
 weights, label smoothing, z-loss, soft-cap) with float32 losses on float32, bf16 or float16 chunks, the
 training statistics, and the bias gradient (one torch reduction over the chunk's gradient after the
-kernel). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests force it with
-``backend="triton"``; "auto" never picks it for a CPU call). Importing this module imports nothing of
-triton: the kernel module is loaded at the first chunk.
+kernel). A pass without gradient (evaluation, ``torch.no_grad()``, the forward of ``reduction="none"``)
+runs whole through the fused forward (:func:`xent._triton.fused_ce_forward`): the projection inside the
+kernel, no ``[C, V]`` logits written. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
+tests force it with ``backend="triton"``; "auto" never picks it for a CPU call).
+Importing this module imports nothing of triton: the kernel module is loaded at the first chunk.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._engine import RowBackend, RowRequest
-from . import available, ce_rows_
+from . import available, ce_rows_, fused_ce_forward
 
 _LOGITS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,6 +54,18 @@ class TritonRows(RowBackend):
         if grad_bias is not None and scale is not None:  # z now holds the chunk's gradient
             grad_bias.add_(z.sum(dim=0, dtype=grad_bias.dtype), alpha=bias_alpha)
         return loss
+
+    def fuses_forward(self, request):
+        return not request.grad
+
+    def fused_forward(self, request, hidden, weight, bias, target, *, w_y=None, stats=None, scratch=None):
+        # projection and online log-sum-exp in one kernel (xent._triton.fused_ce_forward): no logits written
+        spec = request.spec
+        z_coef = float(spec.z_coef) if scratch is None else scratch
+        hidden, weight = (t if t.stride(1) == 1 else t.contiguous() for t in (hidden, weight))
+        return fused_ce_forward(hidden, weight, target, w_y, z_coef, stats,
+                                bias=None if bias is None else bias.contiguous(), softcap=spec.softcap,
+                                label_smoothing=spec.label_smoothing, class_weight=spec.class_weight)
 
 
 #: What the engine's backend table takes (``xent._engine._backends.OPTIONAL`` names this module).
