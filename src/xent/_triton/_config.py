@@ -89,3 +89,23 @@ def fused_config(rows: int, num_classes: int, hidden: int, itemsize: int) -> Fus
     if rows <= small.block_n or num_classes <= small.block_v or hidden <= small.block_d:
         return small
     return big
+
+
+#: The fused backward's configurations (:mod:`xent._triton._backward`, both kernels), by input element
+#: size, chosen as :func:`fused_config` chooses: the large tiles, or the small ones for a problem smaller
+#: than a tile. Shared memory holds the staged h and W tiles of the logits dot and the float32 operands of
+#: the gradient dot (g [block_n, block_v] and a [block_v or block_n, block_d] slice of W or h);
+#: benchmarks/results/triton_compile.md lists what each compiles to.
+BACKWARD_CONFIGS = {
+    4: (FusedConfig(64, 128, 32, 8, 2), FusedConfig(16, 64, 32, 4, 1)),
+    2: (FusedConfig(64, 128, 32, 8, 2), FusedConfig(16, 64, 32, 4, 1)),
+}
+
+
+def backward_config(rows: int, num_classes: int, hidden: int, itemsize: int) -> FusedConfig:
+    """The fused backward's configuration, as :func:`fused_config` picks the forward's."""
+    big, small = BACKWARD_CONFIGS[itemsize]
+    if rows <= small.block_n or num_classes <= small.block_v or hidden <= small.block_d:
+        return small
+    return big
+
