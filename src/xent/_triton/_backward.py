@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import load_f32, smoothing_weights, tanh_f32
-from ._config import backward_config
+from ._config import backward_config, backward_variant
 from ._fused import logits_tile
 
 
@@ -164,7 +164,7 @@ def launch(h, w, bias, target, lse, pc, gy, gw, class_weight, softcap, smooth, t
     grad_b = torch.zeros(num_classes, dtype=f32, device=h.device) if need[2] and bias is not None else None
     if rows == 0:
         return grad_h, grad_w, grad_b
-    cfg = backward_config(rows, num_classes, hidden, h.element_size())
+    cfg = backward_config(rows, num_classes, hidden, backward_variant(h.element_size(), tf32))
     bf16 = h.dtype == torch.bfloat16
 
     def bits(t):
