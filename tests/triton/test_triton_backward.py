@@ -14,6 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from triton_reference import ref_loss  # noqa: E402
 
 import xent._triton._backward as backward_module  # noqa: E402
 import xent._triton._fused as fused_module  # noqa: E402
@@ -154,3 +155,33 @@ def test_any_shape(rows, num_classes, hidden, seed):
     got = run(h, w, b, y, scale)
     ref, _ = ref_grads(h, w, b, y, scale)
     assert_close(got, ref, 2e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_engine_gradients_form_no_logits(harness, monkeypatch, reduction):
+    """xent.linear_cross_entropy(..., backend="triton") with gradients runs the fused forward and backward:
+    the chunk loop's projection and [C, V] buffer are never used (here they raise), ignored rows get a
+    zero gradient, and the gradients match float64 autograd."""
+    import xent
+    import xent._engine._loop as loop_module
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("the engine formed a [C, V] chunk of logits")
+
+    monkeypatch.setattr(loop_module, "project", no_logits)
+    monkeypatch.setattr(loop_module, "chunk_buffer", no_logits)
+    h, w, b, y, cw, _ = make(torch.float32)
+    y[[3, 17]] = -100
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    out = xent.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2], weight=cw, z_loss=1e-3,
+                                    softcap=6.0, reduction=reduction, chunk_size=8, backend="triton")
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, leaves, up)
+    ref_leaves = [t.double().requires_grad_() for t in (h, w, b)]
+    ref = ref_loss(ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2], y, reduction=reduction, cw=cw.double(),
+                   z=1e-3, cap=6.0)
+    ref = (ref * up.double()).sum()
+    expected = torch.autograd.grad(ref, ref_leaves)
+    assert float(got[0][[3, 17]].abs().max()) == 0.0
+    for g, r in zip(got, expected):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7)

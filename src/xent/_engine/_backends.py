@@ -114,19 +114,22 @@ class RowBackend:
         """
         raise NotImplementedError
 
-    def fuses_forward(self, request: RowRequest) -> bool:
-        """Whether :meth:`fused_forward` computes this no-gradient pass (``request.grad`` False) whole,
-        the projection included, so that the loop forms no ``[C, V]`` logits at all. False by default."""
+    def fuses(self, request: RowRequest) -> bool:
+        """Whether :meth:`fused_pass` computes this pass whole, the projection included, so that the loop
+        forms no ``[C, V]`` logits at all. False by default."""
         return False
 
-    def fused_forward(self, request: RowRequest, hidden: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None, target: torch.Tensor, *, w_y: torch.Tensor | None = None,
-                      stats: torch.Tensor | None = None, scratch=None) -> torch.Tensor:
-        """The per-token losses ``[n]`` of a whole no-gradient pass, where :meth:`fuses_forward` says so:
-        those :meth:`rows_` would give for the logits ``hidden @ weight.T + bias``, computed without
-        writing them. hidden ``[n, D]`` (the valid rows only), weight ``[V, D]`` and bias ``[V]`` in
-        ``request.logits_dtype``; ``target``, ``w_y``, ``stats`` and ``scratch`` as in :meth:`rows_`, for
-        all n rows."""
+    def fused_pass(self, request: RowRequest, hidden: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, target: torch.Tensor, scale: torch.Tensor | None,
+                   need: tuple[bool, bool, bool], *, w_y: torch.Tensor | None = None,
+                   stats: torch.Tensor | None = None, scratch=None) -> tuple:
+        """A whole pass where :meth:`fuses` says so: (per-token losses ``[n]``, grad hidden ``[n, D]``,
+        grad weight ``[V, D]``, grad bias ``[V]``), those the chunk loop would give with :meth:`rows_` for
+        the logits ``hidden @ weight.T + bias``, computed without writing them. hidden ``[n, D]`` (the
+        valid rows only), weight ``[V, D]`` and bias ``[V]`` in ``request.logits_dtype``; ``scale`` [n] or
+        None (no gradient: the three gradients None); ``need`` which gradients are wanted (None for the
+        others); gradients in float32; ``target``, ``w_y``, ``stats`` and ``scratch`` as in :meth:`rows_`,
+        for all n rows."""
         raise NotImplementedError
 
     def accumulate_(self, dst: torch.Tensor, src: torch.Tensor, alpha: float, fresh: bool) -> None:

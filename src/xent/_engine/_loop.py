@@ -65,11 +65,16 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
         w_y = spec.class_weight.to(plan.target.device)[plan.target]
     c_max = min(plan.chunk, n)
     scratch = backend.scratch(request, c_max, num_classes)
-    if not want and backend.fuses_forward(request):  # the projection in the backend: no [C, V] logits
+    if backend.fuses(request):  # the projection inside the backend: no [C, V] logits
         h_all = (hidden2d if dense else hidden2d.index_select(0, plan.rows)).to(mt)
-        per_token = backend.fused_forward(request, h_all, w, b, plan.target, w_y=w_y, stats=stats,
-                                          scratch=scratch)
-        return finish(plan, per_token, weights), None, None, None
+        per_token, gh, gw, gb = backend.fused_pass(request, h_all, w, b, plan.target, scale,
+                                                   tuple(want and bool(x) for x in need), w_y=w_y,
+                                                   stats=stats, scratch=scratch)
+        if gh is not None and dense:
+            grad_h.copy_(gh)
+        elif gh is not None:  # the rows of ignored tokens stay 0
+            grad_h.index_copy_(0, plan.rows, gh.to(grad_h.dtype))
+        return finish(plan, per_token, weights), grad_h, gw, gb
     # One [C, V] buffer per head reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap
     # and ~16k page faults each time (measured: ~5% of the call; benchmarks/README.md).
     buf = chunk_buffer((c_max, num_classes), mt, dev)

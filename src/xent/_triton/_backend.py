@@ -5,8 +5,10 @@ It serves exactly cross-entropy (the loss's :class:`~xent.losses._base.CrossEntr
 weights, label smoothing, z-loss, soft-cap) with float32 losses on float32, bf16 or float16 chunks, the
 training statistics, and the bias gradient (one torch reduction over the chunk's gradient after the
 kernel). A pass without gradient (evaluation, ``torch.no_grad()``, the forward of ``reduction="none"``)
-runs whole through the fused forward (:func:`xent._triton.fused_ce_forward`): the projection inside the
-kernel, no ``[C, V]`` logits written. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
+runs whole through the fused forward (:func:`xent._triton.fused_ce_forward`), and a pass with gradients
+through it and the fused backward (:func:`xent._triton.fused_ce_backward`) unless
+:attr:`TritonRows.fused_backward` is False: the projection inside the kernels, no ``[C, V]`` logits
+written. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
 tests force it with ``backend="triton"``; "auto" never picks it for a CPU call).
 Importing this module imports nothing of triton: the kernel module is loaded at the first chunk.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._engine import RowBackend, RowRequest
-from . import available, ce_rows_, fused_ce_forward
+from . import available, ce_rows_, fused_ce_backward, fused_ce_forward
 
 _LOGITS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,17 +57,32 @@ class TritonRows(RowBackend):
             grad_bias.add_(z.sum(dim=0, dtype=grad_bias.dtype), alpha=bias_alpha)
         return loss
 
-    def fuses_forward(self, request):
-        return not request.grad
+    #: Passes with gradients through the fused backward (True: no [C, V] chunk is formed, the logits are
+    #: recomputed tile by tile, five matmuls in all) or chunk by chunk through cuBLAS and the row kernel
+    #: (False: a [C, V] chunk, three matmuls). Both are exact to float32 (half inputs: the fused one rounds
+    #: nothing to the half dtype); which is faster on a GPU is not known until benchmarks/gpu_check.sh has
+    #: timed both. Passes without gradient always run the fused forward.
+    fused_backward = True
 
-    def fused_forward(self, request, hidden, weight, bias, target, *, w_y=None, stats=None, scratch=None):
-        # projection and online log-sum-exp in one kernel (xent._triton.fused_ce_forward): no logits written
+    def fuses(self, request):
+        return not request.grad or self.fused_backward
+
+    def fused_pass(self, request, hidden, weight, bias, target, scale, need, *, w_y=None, stats=None,
+                   scratch=None):
+        # the fused forward (projection and online log-sum-exp in one kernel), then with gradients the
+        # fused backward on its log-sum-exp: no logits written
         spec = request.spec
         z_coef = float(spec.z_coef) if scratch is None else scratch
         hidden, weight = (t if t.stride(1) == 1 else t.contiguous() for t in (hidden, weight))
-        return fused_ce_forward(hidden, weight, target, w_y, z_coef, stats,
-                                bias=None if bias is None else bias.contiguous(), softcap=spec.softcap,
-                                label_smoothing=spec.label_smoothing, class_weight=spec.class_weight)
+        kw = dict(bias=None if bias is None else bias.contiguous(), softcap=spec.softcap,
+                  label_smoothing=spec.label_smoothing, class_weight=spec.class_weight)
+        if scale is not None and stats is None:
+            stats = torch.empty((hidden.shape[0], 3), dtype=torch.float32, device=hidden.device)
+        losses = fused_ce_forward(hidden, weight, target, w_y, z_coef, stats, **kw)
+        if scale is None:
+            return losses, None, None, None
+        return (losses, *fused_ce_backward(hidden, weight, target, stats[:, 2], scale, w_y, z_coef,
+                                           need=need, **kw))
 
 
 #: What the engine's backend table takes (``xent._engine._backends.OPTIONAL`` names this module).
