@@ -6,6 +6,8 @@ with their gradient when an upstream scale is given, and fills the training stat
 loop then runs the gradient matmuls on the same buffer. It knows nothing of the loss or of the backend
 beyond this interface; a loss says what it needs (:class:`RowRequest`, built from the loss's own
 :meth:`xent.losses.TokenLoss.row_spec`), a backend says whether it can do it (:meth:`RowBackend.can_serve`).
+A backend whose kernels project as well may take a whole pass instead (:meth:`RowBackend.fuses`,
+:meth:`RowBackend.fused_pass`): then the loop forms no chunk at all.
 
 Backends:
 
