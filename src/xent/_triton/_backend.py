@@ -8,9 +8,9 @@ kernel). A pass without gradient (evaluation, ``torch.no_grad()``, the forward o
 runs whole through the fused forward (:func:`xent._triton.fused_ce_forward`), and a pass with gradients
 through it and the fused backward (:func:`xent._triton.fused_ce_backward`) unless
 :attr:`TritonRows.fused_backward` is False: the projection inside the kernels, no ``[C, V]`` logits
-written. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
-tests force it with ``backend="triton"``; "auto" never picks it for a CPU call).
-Importing this module imports nothing of triton: the kernel module is loaded at the first chunk.
+written. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests force it with
+``backend="triton"``; "auto" never picks it for a CPU call). Importing this module imports nothing of
+triton: the kernel module is loaded at the first chunk.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ class TritonRows(RowBackend):
 
     #: Passes with gradients through the fused backward (True: no [C, V] chunk is formed, the logits are
     #: recomputed tile by tile, five matmuls in all) or chunk by chunk through cuBLAS and the row kernel
-    #: (False: a [C, V] chunk, three matmuls). Both are exact to float32 (half inputs: the fused one rounds
-    #: nothing to the half dtype); which is faster on a GPU is not known until benchmarks/gpu_check.sh has
-    #: timed both. Passes without gradient always run the fused forward.
+    #: (False: a [C, V] chunk, three matmuls). Both agree with float64 to float32 rounding on float32
+    #: inputs; on half inputs the chunk loop rounds the chunk's logits and gradient to the half dtype, as the
+    #: torch backend does, the fused kernels neither. Which is faster on a GPU is not known until
+    #: benchmarks/gpu_check.sh has timed both. Passes without gradient always run the fused forward.
     fused_backward = True
 
     def fuses(self, request):
