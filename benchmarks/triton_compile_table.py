@@ -1,6 +1,6 @@
-"""Registers, spills and shared memory of every configuration of the Triton row kernel and fused forward,
-compiled for sm_90 (and sm_100 where this Triton targets it) on a machine without a GPU; written to
-benchmarks/results/triton_compile.md.
+"""Registers, spills and shared memory of every configuration of the Triton row kernel, fused forward and
+fused backward, compiled for sm_90 (and sm_100 where this Triton targets it; the backward for sm_90) on a
+machine without a GPU; written to benchmarks/results/triton_compile.md.
 
     python benchmarks/triton_compile_table.py [--arch 90 100] [--out benchmarks/results/triton_compile.md]
 
@@ -27,6 +27,8 @@ def compile_all(archs: list[int], kernel: str = "rows") -> list[dict]:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     flags = ["grad", "all", "no_grad"] if kernel == "rows" else ["plain", "all"]
+    if kernel == "backward":
+        archs = [a for a in archs if a == 90]  # the backward is checked for sm_90 only
     cmd = [sys.executable, "-m", "xent._triton._compile", "--kernel", kernel, "--flags", *flags, "--arch",
            *map(str, archs)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -113,6 +115,25 @@ def main() -> None:
         lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['flags']} | {r['block_n']}×{r['block_v']}×"
                      f"{r['block_d']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
                      f"{r['spill_stores']} | {r['spill_loads']} | {r['stack']} | {r['shared']} |")
+    lines += [
+        "",
+        "## The fused backward (logits recomputed tile by tile; dH and dW in two kernels, no atomics)",
+        "",
+        "Every configuration of `xent._triton._config.BACKWARD_CONFIGS` for each operand variant, both "
+        "kernels: `grad_hidden` (one program per BLOCK_N rows, dH) and `grad_weight` (one program per "
+        "BLOCK_V classes, dW and the bias gradient). `plain` = cross-entropy, `all` = bias, class weights, "
+        "label smoothing, soft-cap. Shared memory is the pipelined h and W tiles of the logits dot and the "
+        "float32 operands of the gradient dot. sm_90 only.",
+        "",
+        "| arch | kernel | operands | flags | BLOCK_N×BLOCK_V×BLOCK_D | warps | stages | registers "
+        "| spill stores | spill loads | stack | shared B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in compile_all(archs, "backward"):
+        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['dtype']} | {r['flags']} | {r['block_n']}×"
+                     f"{r['block_v']}×{r['block_d']} | {r['num_warps']} | {r['num_stages']} | "
+                     f"{r['registers']} | {r['spill_stores']} | {r['spill_loads']} | {r['stack']} | "
+                     f"{r['shared']} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -25,7 +25,8 @@ try:
     HAVE_TRITON = (importlib.util.find_spec("triton") is not None
                    and importlib.util.find_spec("triton.language") is not None)
     if HAVE_TRITON:
-        for _name in ("xent._triton._rows", "xent._triton._fused", "triton_test_kernels"):
+        for _name in ("xent._triton._rows", "xent._triton._fused", "xent._triton._backward",
+                      "triton_test_kernels"):
             importlib.import_module(_name)
 finally:
     if _before is None:

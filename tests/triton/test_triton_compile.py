@@ -16,10 +16,14 @@ pytest.importorskip("triton.language", reason="triton is not installed (pip inst
                                                 "-e '.[test]')")
 import torch  # noqa: E402
 
+from xent._triton._compile import FUSED_VARIANTS  # noqa: E402
 from xent._triton._config import (  # noqa: E402
+    BACKWARD_CONFIGS,
     FUSED_CONFIGS,
     MAX_SPILL_BYTES,
     SHARED_LIMIT,
+    backward_config,
+    backward_variant,
     fused_config,
     row_config,
     row_configs,
@@ -82,6 +86,19 @@ def test_fused_forward_compiles_for_sm90():
     check_resources(found)
 
 
+@pytest.mark.slow  # compiles with ptxas: about 14 s for the 32 kernels on two cores
+def test_fused_backward_compiles_for_sm90():
+    """Both kernels of the fused backward (dH, dW with the bias gradient) in every configuration and
+    operand variant, plain and with every option: within shared memory, spilling at most a word or two."""
+    found = compile_configs("--kernel", "backward", "--arch", "90", "--flags", "plain", "all")
+    expected = {(variant, cfg.block_n, cfg.block_v, flags, kernel)
+                for variant, dtype, tf32 in FUSED_VARIANTS
+                for cfg in BACKWARD_CONFIGS[backward_variant(dtype.itemsize, tf32)]
+                for flags in ("plain", "all") for kernel in ("grad_hidden", "grad_weight")}
+    assert {(c["dtype"], c["block_n"], c["block_v"], c["flags"], c["kernel"]) for c in found} == expected
+    check_resources(found)
+
+
 def test_launcher_only_chooses_listed_configurations():
     for itemsize in (4, 2):
         listed = set(row_configs(itemsize))
@@ -89,3 +106,6 @@ def test_launcher_only_chooses_listed_configurations():
             assert row_config(v, itemsize) in listed
             for n, d in ((1, 64), (5000, 2048), (16384, 16)):
                 assert fused_config(n, v, d, itemsize) in FUSED_CONFIGS[itemsize]
+                for tf32 in (False, True):
+                    key = backward_variant(itemsize, tf32)
+                    assert backward_config(n, v, d, key) in BACKWARD_CONFIGS[key]

@@ -11,8 +11,9 @@ pytest.importorskip("triton.language", reason="triton is not installed (pip inst
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from triton_reference import ref_rows  # noqa: E402
+from triton_reference import ref_loss, ref_rows  # noqa: E402
 
+import xent  # noqa: E402
 import xent._triton._fused as fused_module  # noqa: E402
 from xent._triton import fused_ce_forward  # noqa: E402
 from xent._triton._config import FusedConfig  # noqa: E402
@@ -136,3 +137,55 @@ def test_any_shape(rows, num_classes, hidden, seed):
     loss = fused_ce_forward(h, w, y, input_precision="ieee")
     ref, _ = ref_rows(h.double() @ w.double().T, y, None)
     torch.testing.assert_close(loss.double(), ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize(("option", "dtype", "reduction"), [
+    ("everything", torch.float32, "mean"), ("everything", torch.float32, "sum"),
+    ("everything", torch.float32, "none"), ("plain", torch.float32, "mean"),
+    ("everything", torch.bfloat16, "none")], ids=str)
+def test_engine_without_gradient_runs_the_fused_forward(harness, monkeypatch, option, dtype, reduction):
+    """xent.linear_cross_entropy(..., backend="triton") without gradient (under no_grad, and on inputs that
+    do not require it) is one launch of the fused forward for the whole call: the chunk loop's projection
+    and [C, V] buffer are never used (here they raise), and the kernel touches no tensor of C x V.
+    Against float64 of the same inputs (bf16 products are exact and summed in float32)."""
+    import xent._engine._loop as loop_module
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("the engine formed a [C, V] chunk of logits")
+
+    monkeypatch.setattr(loop_module, "project", no_logits)
+    monkeypatch.setattr(loop_module, "chunk_buffer", no_logits)
+    h, w, b, y, cw = make(dtype)
+    y = y.clone()
+    y[[2, 11, 30]] = -100
+    every = option == "everything"
+    tw = torch.rand(N, generator=torch.Generator().manual_seed(3)) + 0.5 if every else None
+    kw = dict(weight=cw, label_smoothing=0.1, z_loss=1e-3, softcap=6.0) if every else {}
+    with torch.no_grad():
+        got = xent.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, token_weights=tw,
+                                        chunk_size=8, backend="triton", **kw)
+    assert harness.launches == 1
+    n = int((y != -100).sum())
+    # the kernel's tensors: h's valid rows, W, bias, targets, losses (and w_y, class weights): nothing of
+    # [8, V], whose 8·V elements would exceed the slack of the options not used here
+    assert harness.allowed.size <= n * D + V * D + 2 * V + 6 * n < n * D + V * D + 8 * V
+    again = xent.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, token_weights=tw,
+                                      chunk_size=8, backend="triton", **kw)  # no requires_grad: the same
+    assert harness.launches == 2 and torch.equal(again, got)
+    kw64 = dict(cw=cw.double(), eps=0.1, z=1e-3, cap=6.0, tw=tw) if every else {}
+    ref = ref_loss(h.double() @ w.double().T + b.double(), y, reduction=reduction, **kw64)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_statistics_without_gradient(harness, monkeypatch):
+    """return_stats through the fused forward: the same statistics as the torch backend's chunk loop."""
+    h, w, b, y, cw = make(torch.float32)
+    kw = dict(linear_bias=b, weight=cw, z_loss=1e-3, softcap=5.0, chunk_size=8, return_stats=True)
+    with torch.no_grad():
+        got = xent.linear_cross_entropy(h, w, y, backend="triton", **kw)
+        ref = xent.linear_cross_entropy(h, w, y, backend="torch", **kw)
+    assert harness.launches == 1
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    for name in ("count", "correct", "entropy", "lse", "loss"):
+        if hasattr(ref[1], name):
+            torch.testing.assert_close(getattr(got[1], name), getattr(ref[1], name), rtol=1e-5, atol=1e-6)

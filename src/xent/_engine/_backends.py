@@ -6,6 +6,8 @@ with their gradient when an upstream scale is given, and fills the training stat
 loop then runs the gradient matmuls on the same buffer. It knows nothing of the loss or of the backend
 beyond this interface; a loss says what it needs (:class:`RowRequest`, built from the loss's own
 :meth:`xent.losses.TokenLoss.row_spec`), a backend says whether it can do it (:meth:`RowBackend.can_serve`).
+A backend whose kernels project as well may take a whole pass instead (:meth:`RowBackend.fuses`,
+:meth:`RowBackend.fused_pass`): then the loop forms no chunk at all.
 
 Backends:
 
@@ -112,6 +114,24 @@ class RowBackend:
             at unit scale, see the loop).
         scratch: what :meth:`scratch` returned for this call.
         """
+        raise NotImplementedError
+
+    def fuses(self, request: RowRequest) -> bool:
+        """Whether :meth:`fused_pass` computes this pass whole, the projection included, so that the loop
+        forms no ``[C, V]`` logits at all. False by default."""
+        return False
+
+    def fused_pass(self, request: RowRequest, hidden: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, target: torch.Tensor, scale: torch.Tensor | None,
+                   need: tuple[bool, bool, bool], *, w_y: torch.Tensor | None = None,
+                   stats: torch.Tensor | None = None, scratch=None) -> tuple:
+        """A whole pass where :meth:`fuses` says so: (per-token losses ``[n]``, grad hidden ``[n, D]``,
+        grad weight ``[V, D]``, grad bias ``[V]``), those the chunk loop would give with :meth:`rows_` for
+        the logits ``hidden @ weight.T + bias``, computed without writing them. hidden ``[n, D]`` (the
+        valid rows only), weight ``[V, D]`` and bias ``[V]`` in ``request.logits_dtype``; ``scale`` [n] or
+        None (no gradient: the three gradients None); ``need`` which gradients are wanted (None for the
+        others); gradients in float32; ``target``, ``w_y``, ``stats`` and ``scratch`` as in :meth:`rows_`,
+        for all n rows."""
         raise NotImplementedError
 
     def accumulate_(self, dst: torch.Tensor, src: torch.Tensor, alpha: float, fresh: bool) -> None:

@@ -63,12 +63,22 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
     w_y = None
     if spec is not None and spec.class_weight is not None:  # w_y per row, for a backend's closed form
         w_y = spec.class_weight.to(plan.target.device)[plan.target]
+    c_max = min(plan.chunk, n)
+    scratch = backend.scratch(request, c_max, num_classes)
+    if backend.fuses(request):  # the projection inside the backend: no [C, V] logits
+        h_all = (hidden2d if dense else hidden2d.index_select(0, plan.rows)).to(mt)
+        per_token, gh, gw, gb = backend.fused_pass(request, h_all, w, b, plan.target, scale,
+                                                   tuple(want and bool(x) for x in need), w_y=w_y,
+                                                   stats=stats, scratch=scratch)
+        if gh is not None and dense:
+            grad_h.copy_(gh)
+        elif gh is not None:  # the rows of ignored tokens stay 0
+            grad_h.index_copy_(0, plan.rows, gh.to(grad_h.dtype))
+        return finish(plan, per_token, weights), grad_h, gw, gb
     # One [C, V] buffer per head reused by every chunk: a fresh 64 MiB allocation per chunk is an mmap
     # and ~16k page faults each time (measured: ~5% of the call; benchmarks/README.md).
-    c_max = min(plan.chunk, n)
     buf = chunk_buffer((c_max, num_classes), mt, dev)
     ebufs = [torch.empty((c_max, num_classes), dtype=mt, device=dev) for _ in extras]
-    scratch = backend.scratch(request, c_max, num_classes)
     # float16's range is narrow: p·scale (e.g. 1/32000 · 1/4096) would flush to zero in a float16 buffer,
     # so its chunk gradient is formed at unit scale and the factor applied after the matmuls.
     unit = mt == torch.float16
@@ -104,11 +114,16 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
         if need[1]:
             grad_w = add_weight_grad(grad_w, z, h, f, weight.shape, dt, backend)
         del z
+    return finish(plan, per_token, weights), grad_h, grad_w, grad_b
+
+
+def finish(plan: Plan, per_token, weights):
+    """The pass's per-token losses w_t·ℓ_t, kept on the plan when the statistics are wanted."""
     if weights is not None:
         per_token.mul_(weights)
-    if stats is not None:
+    if plan.stats is not None:
         plan.per_token = per_token
-    return per_token, grad_h, grad_w, grad_b
+    return per_token
 
 
 def add_weight_grad(grad_w, z, h, f: float, shape, dt, backend):

@@ -10,6 +10,8 @@ without a GPU (tests/triton/).
   soft-capping and label smoothing.
 - :func:`fused_ce_forward`: the no-grad forward with the projection fused in: the losses (and
   statistics) of ``h @ W.T + bias`` without writing any logits.
+- :func:`fused_ce_backward`: the gradients of those losses with respect to h, W and the bias, the logits
+  recomputed tile by tile (two kernels, no atomics), none written.
 - :func:`available`: whether triton can be imported and run here, and why not.
 """
 
@@ -20,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["available", "ce_rows_", "fused_ce_forward", "interpreted"]
+__all__ = ["available", "ce_rows_", "fused_ce_backward", "fused_ce_forward", "interpreted"]
 
 
 def interpreted() -> bool:
@@ -118,21 +120,8 @@ def _as_kernel_args(target, w_y, class_weight, device):
     return target, w_y, class_weight
 
 
-def fused_ce_forward(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
-                     w_y: torch.Tensor | None = None, z_coef: float = 0.0,
-                     stats: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
-                     softcap: float | None = None, label_smoothing: float = 0.0,
-                     class_weight: torch.Tensor | None = None,
-                     input_precision: str | None = None) -> torch.Tensor:
-    """The losses of :func:`ce_rows_` (no gradient) of the logits ``h @ w.T + bias``, computed without
-    writing them: the projection and the online log-sum-exp run in one kernel. ``h`` [C, D] and ``w``
-    [V, D] (and ``bias`` [V]) in one dtype, float32, bfloat16 or float16, rows contiguous; the products
-    are summed in float32. ``input_precision`` for float32 inputs: "ieee" (exact products) or "tf32"
-    (a GPU's tensor cores: operands rounded to a 10-bit mantissa, ~1e-3 relative); by default "tf32"
-    exactly when torch's own float32 matmuls may use it (``torch.get_float32_matmul_precision()`` is not
-    "highest"), so the result is that of projecting with torch, then :func:`ce_rows_`. Returns the
-    float32 losses [C]; ``stats`` as in :func:`ce_rows_`.
-    """
+def _check_head(h, w, bias, input_precision, what: str) -> None:
+    """The checks the fused forward and backward share on h [N, D], w [V, D], bias [V] and the precision."""
     for name, t in (("h", h), ("w", w)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -150,15 +139,78 @@ def fused_ce_forward(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
         raise ValueError(f"input_precision must be None, 'ieee' or 'tf32', got {input_precision!r}")
     ok, why = available(h.device)
     if not ok:
-        raise RuntimeError(f"the Triton fused forward cannot run here: {why}")
+        raise RuntimeError(f"the Triton {what} cannot run here: {why}")
+
+
+def fused_ce_forward(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
+                     w_y: torch.Tensor | None = None, z_coef: float = 0.0,
+                     stats: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                     softcap: float | None = None, label_smoothing: float = 0.0,
+                     class_weight: torch.Tensor | None = None,
+                     input_precision: str | None = None) -> torch.Tensor:
+    """The losses of :func:`ce_rows_` (no gradient) of the logits ``h @ w.T + bias``, computed without
+    writing them: the projection and the online log-sum-exp run in one kernel. ``h`` [C, D] and ``w``
+    [V, D] (and ``bias`` [V]) in one dtype, float32, bfloat16 or float16, rows contiguous; the products
+    are summed in float32. ``input_precision`` for float32 inputs: "ieee" (exact products) or "tf32"
+    (a GPU's tensor cores: operands rounded to a 10-bit mantissa, ~1e-3 relative); by default "tf32"
+    exactly when torch's own float32 matmuls may use it (``torch.get_float32_matmul_precision()`` is not
+    "highest"), so the result is that of projecting with torch, then :func:`ce_rows_`. Returns the
+    float32 losses [C]; ``stats`` as in :func:`ce_rows_`.
+    """
+    _check_head(h, w, bias, input_precision, "fused forward")
     rows = h.shape[0]
     _check_rows(rows, w.shape[0], target, w_y, z_coef, stats, softcap, label_smoothing, class_weight)
-    if input_precision is None:
-        input_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     from . import _fused  # imports triton
 
     target, w_y, class_weight = _as_kernel_args(target, w_y, class_weight, h.device)
     # bf16 dots on bf16 operands on a GPU; under the interpreter (whose bf16 dot is wrong) the same
     # exact products in float32
     return _fused.launch(h, w, bias, target, w_y, float(z_coef), stats, softcap, float(label_smoothing),
-                         class_weight, input_precision == "tf32", not interpreted())
+                         class_weight, _tf32(input_precision), not interpreted())
+
+
+def _tf32(input_precision: str | None) -> bool:
+    """Whether float32 dots run in TF32: as asked, else as torch's own float32 matmuls would."""
+    if input_precision is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    return input_precision == "tf32"
+
+
+def fused_ce_backward(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+                      scale: torch.Tensor, w_y: torch.Tensor | None = None, z_coef: float = 0.0, *,
+                      bias: torch.Tensor | None = None, softcap: float | None = None,
+                      label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None,
+                      input_precision: str | None = None, need: tuple[bool, bool, bool] = (True, True, True)):
+    """The gradients of Σ_r scale_r·ℓ_r, the losses ℓ of :func:`fused_ce_forward` (the same arguments),
+    with respect to ``h``, ``w`` and ``bias``, recomputing the logits tile by tile: no logits and no
+    gradient of them are written (:mod:`xent._triton._backward`). ``lse`` [N]: each row's log-sum-exp of
+    the (capped) logits, as the forward's ``stats[:, 2]`` gives it; ``scale`` [N]: the upstream gradient
+    of each row. ``need``: which of (grad h, grad w, grad bias) to compute. Returns float32
+    (grad_h [N, D], grad_w [V, D], grad_bias [V]), None for those not wanted (grad_bias also without a
+    bias); the weight and bias gradients are accumulated in float32. A row with a NaN ``lse`` gets NaN
+    gradients. ``input_precision`` as in :func:`fused_ce_forward`, for the recomputed logits and the
+    gradient products (which run in TF32 for half inputs: exact for their values, g rounded to 10 bits).
+    """
+    _check_head(h, w, bias, input_precision, "fused backward")
+    rows, num_classes = h.shape[0], w.shape[0]
+    _check_rows(rows, num_classes, target, w_y, z_coef, None, softcap, label_smoothing, class_weight)
+    for name, t in (("lse", lse), ("scale", scale)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (rows,):
+            raise ValueError(f"{name} must be a tensor [{rows}], got {getattr(t, 'shape', type(t).__name__)}")
+    if not (isinstance(need, tuple) and len(need) == 3 and all(isinstance(x, bool) for x in need)):
+        raise TypeError(f"need must be a tuple of three bools, got {need!r}")
+    from . import _backward  # imports triton
+
+    f32 = torch.float32
+    target, w_y, class_weight = _as_kernel_args(target, w_y, class_weight, h.device)
+    lse, scale = lse.to(f32).contiguous(), scale.to(f32)
+    eps = float(label_smoothing)
+    smooth = eps > 0.0
+    a = torch.ones_like(lse) if w_y is None else w_y
+    wsum = class_weight.sum() if smooth and class_weight is not None else float(num_classes)
+    # the row kernel's factors, per row: p·pc − [j = y]·gy − w_j·gw
+    pc = (scale * ((1.0 - eps) * a + (eps / num_classes) * wsum + 2.0 * float(z_coef) * lse)).contiguous()
+    gy = (scale * (1.0 - eps) * a).contiguous()
+    gw = (scale * (eps / num_classes)).contiguous()
+    return _backward.launch(h, w, bias, target, lse, pc, gy, gw, class_weight, softcap, smooth,
+                            _tf32(input_precision), not interpreted(), need)

@@ -8,7 +8,7 @@ benchmarks/triton_compile_table.py use this for every configuration the launcher
 (:mod:`xent._triton._config`).
 
 Run it in a process without ``TRITON_INTERPRET`` (kernels are decorated as interpreted otherwise):
-``python -m xent._triton._compile [--kernel rows|fused] [--arch 90 100] [--flags ...] [--widest]``
+``python -m xent._triton._compile [--kernel rows|fused|backward] [--arch 90 100] [--flags ...] [--widest]``
 prints one JSON line per compiled configuration.
 """
 
@@ -26,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-from ._config import FUSED_CONFIGS, SHARED_LIMIT, FusedConfig, RowConfig, row_configs
+from ._config import (
+    BACKWARD_CONFIGS,
+    FUSED_CONFIGS,
+    SHARED_LIMIT,
+    FusedConfig,
+    RowConfig,
+    backward_variant,
+    row_configs,
+)
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*i16", torch.float16: "*fp16"}  # bf16 moves as int16 bits
 #: Feature sets compiled per configuration: the common training call and the one that uses every option.
@@ -210,6 +218,42 @@ def compile_fused(cfg: FusedConfig, variant: str, flags: str, arch: int) -> Comp
                     block_n=cfg.block_n, block_d=cfg.block_d, num_stages=cfg.num_stages)
 
 
+#: The fused backward's feature sets: plain cross-entropy (h and W gradients), and every option with the
+#: bias gradient.
+BACKWARD_FLAG_SETS = {
+    "plain": dict(HAS_BIAS=False, SMOOTH=False, HAS_CW=False, SOFTCAP=False),
+    "all": dict(HAS_BIAS=True, SMOOTH=True, HAS_CW=True, SOFTCAP=True),
+}
+
+
+def compile_backward(cfg: FusedConfig, kernel: str, variant: str, flags: str, arch: int) -> Compiled:
+    """Compile one kernel of the fused backward (``kernel``: "grad_hidden" or "grad_weight") in
+    configuration ``cfg`` for an operand ``variant`` (:data:`FUSED_VARIANTS`), feature set ``flags`` (a key
+    of :data:`BACKWARD_FLAG_SETS`) and sm_``arch``."""
+    from ._backward import KERNELS
+
+    _, dtype, tf32 = next(v for v in FUSED_VARIANTS if v[0] == variant)
+    signature = {
+        "h_ptr": _PTR[dtype], "stride_h": "i32", "w_ptr": _PTR[dtype], "stride_w": "i32",
+        "b_ptr": _PTR[dtype], "target_ptr": "*i64", "lse_ptr": "*fp32", "pc_ptr": "*fp32", "gy_ptr": "*fp32",
+        "gw_ptr": "*fp32", "cw_ptr": "*fp32",
+    }
+    outputs = {"dh_ptr": "*fp32"} if kernel == "grad_hidden" else {"dw_ptr": "*fp32", "db_ptr": "*fp32"}
+    signature.update(outputs)
+    signature.update({"N": "i32", "V": "i32", "D": "i32", "softcap": "fp32"})
+    bf16 = dtype == torch.bfloat16
+    constexprs = dict(BACKWARD_FLAG_SETS[flags], BF16=bf16, FP16=dtype == torch.float16, HALF_DOT=bf16,
+                      TF32=tf32, GRAD_TF32=tf32 or dtype != torch.float32, BLOCK_N=cfg.block_n,
+                      BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+    if kernel == "grad_weight":
+        constexprs.update(WEIGHT_GRAD=True, BIAS_GRAD=constexprs["HAS_BIAS"])
+    aligned = ("h_ptr", "w_ptr", "stride_h", "stride_w", "target_ptr", "lse_ptr", "pc_ptr", "gy_ptr",
+               "gw_ptr", "dh_ptr", "dw_ptr")
+    built = _build(KERNELS[kernel], signature, constexprs, aligned, cfg.num_warps, cfg.num_stages, arch)
+    return Compiled(kernel, arch, variant, flags, cfg.block_v, cfg.num_warps, **built, block_n=cfg.block_n,
+                    block_d=cfg.block_d, num_stages=cfg.num_stages)
+
+
 def every_row_config(flag_sets=("all",)):
     """(cfg, dtype, flags) for every configuration the launcher can choose, per feature set."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -220,14 +264,23 @@ def every_row_config(flag_sets=("all",)):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=("rows", "fused"), default="rows")
+    parser.add_argument("--kernel", choices=("rows", "fused", "backward"), default="rows")
     parser.add_argument("--arch", type=int, nargs="*", default=None, help="default: every supported one")
     parser.add_argument("--flags", nargs="*", default=["all"],
-                        help=f"rows: of {sorted(FLAG_SETS)}; fused: of {sorted(FUSED_FLAG_SETS)}")
+                        help=f"rows: of {sorted(FLAG_SETS)}; fused, backward: of {sorted(FUSED_FLAG_SETS)}")
     parser.add_argument("--widest", action="store_true", help="rows: only the widest tile per dtype")
     args = parser.parse_args(argv)
     archs = args.arch or supported_archs()
     for arch in archs:
+        if args.kernel == "backward":
+            for variant, dtype, tf32 in FUSED_VARIANTS:
+                key = backward_variant(torch.empty((), dtype=dtype).element_size(), tf32)
+                for cfg in BACKWARD_CONFIGS[key]:
+                    for flags in args.flags:
+                        for kernel in ("grad_hidden", "grad_weight"):
+                            found = compile_backward(cfg, kernel, variant, flags, arch)
+                            print(json.dumps(asdict(found)), flush=True)
+            continue
         if args.kernel == "fused":
             for itemsize, configs in FUSED_CONFIGS.items():
                 for variant, dtype, _ in FUSED_VARIANTS:

@@ -89,3 +89,31 @@ def fused_config(rows: int, num_classes: int, hidden: int, itemsize: int) -> Fus
     if rows <= small.block_n or num_classes <= small.block_v or hidden <= small.block_d:
         return small
     return big
+
+
+#: The fused backward's configurations (:mod:`xent._triton._backward`, both kernels), by operand variant:
+#: "half" (bf16, float16), "tf32" (float32 in TF32), "ieee" (float32 exact: its dots are FMA loops, not
+#: tensor cores, and at 64×128 tiles ptxas spilled 6.5 KB per thread), chosen as :func:`fused_config`
+#: chooses: the large tiles, or the small ones for a problem smaller than a tile. Shared memory holds the
+#: staged h and W tiles of the logits dot and the float32 operands of the gradient dot (g [block_n,
+#: block_v] and a block_d slice of W or h). One pipeline stage in float32: with two the dW kernel took 255
+#: registers and spilled 24 bytes (benchmarks/results/triton_compile.md lists what each compiles to).
+BACKWARD_CONFIGS = {
+    "half": (FusedConfig(64, 128, 32, 8, 2), FusedConfig(16, 64, 32, 4, 1)),
+    "tf32": (FusedConfig(64, 128, 32, 8, 1), FusedConfig(16, 64, 32, 4, 1)),
+    "ieee": (FusedConfig(32, 64, 32, 8, 1), FusedConfig(16, 64, 32, 4, 1)),
+}
+
+
+def backward_variant(itemsize: int, tf32: bool) -> str:
+    """The key of :data:`BACKWARD_CONFIGS` for inputs of ``itemsize`` bytes (float32 dots in TF32 or not)."""
+    return "half" if itemsize == 2 else "tf32" if tf32 else "ieee"
+
+
+def backward_config(rows: int, num_classes: int, hidden: int, variant: str) -> FusedConfig:
+    """The fused backward's configuration for an operand ``variant`` (:func:`backward_variant`), as
+    :func:`fused_config` picks the forward's."""
+    big, small = BACKWARD_CONFIGS[variant]
+    if rows <= small.block_n or num_classes <= small.block_v or hidden <= small.block_d:
+        return small
+    return big

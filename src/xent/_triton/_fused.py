@@ -27,6 +27,43 @@ _INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
+def logits_tile(h_ptr, stride_h, w_ptr, stride_w, rows, rmask, cols, cmask, D,
+                BF16: tl.constexpr, FP16: tl.constexpr, HALF_DOT: tl.constexpr, TF32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The float32 tile h[rows] @ W[cols].T [BLOCK_N, BLOCK_V] (0 outside the masks), a ``tl.dot`` per
+    BLOCK_D columns of D in the operand precision of the module docstring."""
+    dcols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dcols
+        dmask = dd < D
+        a_ptrs = h_ptr + rows[:, None] * stride_h + dd[None, :]
+        b_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + dd[:, None]  # W tile, transposed
+        a_mask = rmask[:, None] & dmask[None, :]
+        b_mask = dmask[:, None] & cmask[None, :]
+        if BF16:
+            a = load_f32(a_ptrs, a_mask, 0.0, True)
+            b = load_f32(b_ptrs, b_mask, 0.0, True)
+            if HALF_DOT:  # exact: the values are bf16's own
+                acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+            else:  # a bf16 value is exact in TF32: the same products, in float32
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+        elif FP16:  # float16 products are exact in float32; numpy's too (the interpreter)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc)
+        elif TF32:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _fused_ce_forward_kernel(
     h_ptr, stride_h, w_ptr, stride_w, b_ptr, target_ptr, wy_ptr, cw_ptr, loss_ptr, stats_ptr,
     N, V, D, z_coef, softcap, eps,
@@ -39,7 +76,6 @@ def _fused_ce_forward_kernel(
     rmask = rows < N
     y = tl.load(target_ptr + rows, mask=rmask, other=0)
     tl.device_assert((y >= 0) & (y < V), "target out of range")
-    dcols = tl.arange(0, BLOCK_D)
     vcols = tl.arange(0, BLOCK_V)
 
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -54,33 +90,8 @@ def _fused_ce_forward_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + vcols
         cmask = cols < V
-        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + dcols
-            dmask = dd < D
-            a_ptrs = h_ptr + rows[:, None] * stride_h + dd[None, :]
-            b_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + dd[:, None]  # W tile, transposed
-            a_mask = rmask[:, None] & dmask[None, :]
-            b_mask = dmask[:, None] & cmask[None, :]
-            if BF16:
-                a = load_f32(a_ptrs, a_mask, 0.0, True)
-                b = load_f32(b_ptrs, b_mask, 0.0, True)
-                if HALF_DOT:  # exact: the values are bf16's own
-                    acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-                else:  # a bf16 value is exact in TF32: the same products, in float32
-                    acc = tl.dot(a, b, acc, input_precision="tf32")
-            elif FP16:  # float16 products are exact in float32; numpy's too (the interpreter)
-                a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-                acc = tl.dot(a, b, acc)
-            elif TF32:
-                a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = logits_tile(h_ptr, stride_h, w_ptr, stride_w, rows, rmask, cols, cmask, D, BF16, FP16, HALF_DOT,
+                          TF32, BLOCK_N, BLOCK_V, BLOCK_D)
         if HAS_BIAS:
             acc += load_f32(b_ptr + cols, cmask, 0.0, BF16)[None, :]
         nans += tl.sum((acc != acc).to(tl.int32), 1)
