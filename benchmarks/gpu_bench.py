@@ -8,7 +8,8 @@ Implementations (each skipped cleanly when missing):
     cce_kahan_full_c  the same with impl="cce_kahan_full_c"      where that CCE version has it
     xent              xent.linear_cross_entropy(h, W, y)           backend="auto"
     xent_torch        the same with backend="torch"                the chunk loop's torch-ops rows
-    xent_triton       the same with backend="triton"               the Triton row kernel (xent._triton)
+    xent_triton       the same with backend="triton"               fused forward + recomputing backward
+    xent_triton_rows  backend="triton", TritonRows.fused_backward off: cuBLAS chunks + the Triton row kernel
     xent_mbN          xent with XENT_CHUNK_MB=N (the chunk-budget sweep that fixes the CUDA default)
 
 Shapes (N tokens × D hidden × V vocabulary): trl 16384×2048×248320 (TRL PR 6858), cce 8192×2304×256000
@@ -46,7 +47,8 @@ SHAPES = {
     "llama": (8192, 4096, 128256),
 }
 SMOKE_SHAPES = {"tiny": (512, 64, 3001)}
-IMPLS = ("naive", "torch_chunked", "liger", "cce", "cce_kahan_full_c", "xent", "xent_torch", "xent_triton")
+IMPLS = ("naive", "torch_chunked", "liger", "cce", "cce_kahan_full_c", "xent", "xent_torch", "xent_triton",
+         "xent_triton_rows")
 SWEEP = ("xent_mb256", "xent_mb4096")  # on the first shape only: what the CUDA chunk budget should be
 SMOKE_IMPLS = ("naive", "torch_chunked", "xent", "xent_mb1")
 REPEATS, SMOKE_REPEATS = 5, 2
@@ -82,8 +84,8 @@ def _loss_fn(impl: str, device: str = "cuda"):
 
         import xent
 
-        if impl in ("xent_torch", "xent_triton"):
-            backend = impl[len("xent_"):]
+        if impl in ("xent_torch", "xent_triton", "xent_triton_rows"):
+            backend = "torch" if impl == "xent_torch" else "triton"
             if "backend" not in inspect.signature(xent.linear_cross_entropy).parameters:
                 raise ImportError("this xent has no backend= argument")
             if backend == "triton":
@@ -92,6 +94,9 @@ def _loss_fn(impl: str, device: str = "cuda"):
                 ok, why = available(device)
                 if not ok:
                     raise ImportError(f"the Triton backend cannot run on {device}: {why}")
+                from xent._triton._backend import TritonRows
+
+                TritonRows.fused_backward = impl == "xent_triton"  # this process runs one impl
             return lambda h, w, y: xent.linear_cross_entropy(h, w, y, backend=backend)
         return lambda h, w, y: xent.linear_cross_entropy(h, w, y)
     raise ValueError(impl)
