@@ -402,3 +402,36 @@ def test_cli_head_option(model_dir, other_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--model", str(model_dir), "--data", str(data), "--head", "logits"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_check_compares_block_by_block_as_whole(seed, monkeypatch):
+    """The head check compares [B, T, V] logits a block of rows at a time (its temporaries were ~10 GB at
+    V 128256, batch 4 × 512): the verdicts and the largest difference are those of one whole comparison,
+    NaN/inf placement included, whatever the block."""
+    from xent.eval import _head
+
+    g = torch.Generator().manual_seed(seed)
+    want = torch.randn(3, 5, 37, generator=g) * 8
+    got = want + torch.randn(want.shape, generator=g) * 10.0 ** -(seed + 4)
+    if seed % 2:
+        want[1, 2, 3] = got[1, 2, 3] = float("inf")
+        want[0, 4, 0] = got[0, 4, 0] = float("nan")
+    if seed == 3:
+        got[2, 0, 5] = float("nan")  # a NaN where the forward has a number: never close
+    # the whole comparison, written out directly
+    finite = torch.isfinite(got) & torch.isfinite(want)
+    same = bool(((got == want) | (got.isnan() & want.isnan()) | finite).all())
+    diff = (got - want)[finite].abs()
+    whole_err = float(diff.max())
+    results = []
+    for block in (1 << 22, 37, 74, 111):
+        monkeypatch.setattr(_head, "_COMPARE_BLOCK", block)
+        results.append((_head._rounding_close(got, want, torch.float32, 2.0),
+                        _head._agrees(got, want, torch.float32)))
+    assert all(r == results[0] for r in results)
+    (ok, err), _ = results[0]
+    if not same:
+        assert not ok and err == float("inf")
+    else:
+        assert err == whole_err
