@@ -8,7 +8,7 @@ Configurations, each in a fresh process (``--child``), on the same model and the
                  the targets' log-probabilities, sum ([B, T, V] logits and their log-softmax held)
     decoder      model.base_model(x) alone: the part of both that is not the LM head (why a ratio is
                  what it is)
-    stats        xent's per-token statistics (_score.logit_stats) on the N × V float32 logits of the run,
+    stats        xent's per-token statistics (_score.eval_stats) on the N × V float32 logits of the run,
                  given the logits: the cost xent adds to a loss-only evaluation
     lm_eval      lm-evaluation-harness HFLM.loglikelihood_rolling on the same documents (only when
                  ``lm_eval`` is importable: pip install lm-eval; a bench extra, never a test dependency)
@@ -158,7 +158,7 @@ def child(spec: dict) -> dict:
             extra["nll_mean"], extra["head"] = r.nll_mean, r.config["head"]
     elif config == "stats":
         from xent.eval._head import chunk_rows
-        from xent.eval._score import logit_stats
+        from xent.eval._score import eval_stats
 
         with torch.no_grad():  # the logits of the windows' scored positions, made before the baseline
             h = model.model(input_ids=windows[:B])[0][:, :-1].reshape(-1, D)
@@ -170,7 +170,7 @@ def child(spec: dict) -> dict:
             with torch.no_grad():
                 for _ in range(0, n, B):
                     for s in range(0, len(targets), size):
-                        logit_stats(h[s : s + size] @ W.T, targets[s : s + size])
+                        eval_stats(h[s : s + size] @ W.T, targets[s : s + size])
 
         extra["note"] = "includes the chunks' projection h @ W.T"
     elif config == "lm_eval":

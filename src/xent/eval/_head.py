@@ -40,9 +40,12 @@ not about attention, a router or initialisation, set to something other than Non
 without further ado. Every such choice prints a note on stderr and is kept in :attr:`ModelHead.notes`.
 The check holds the probe's [B, T, V] logits once.
 
-Per-token statistics of a chunk (:func:`logit_stats`, :func:`pair_logit_stats`) come from one pass over
-its float32 logits and one logsumexp, the row max m and S = Σ exp(z − m):
-loss = (m − z_y) + log S, entropy = log S − Σ q (z − m), top-1 probability = 1/S, Brier = Σ q² − 2 q_y + 1.
+Per-token statistics of a chunk (``_score.eval_stats``: loss, entropy, top-1 probability, Brier, rank of
+the target) are computed by the engine's row backend in its one pass over each row of float32 logits
+(:meth:`xent._engine.RowBackend.eval_rows`, the one definition; the CPU kernel on the CPU), from the row
+max m and S = Σ exp(z − m): loss = (m − z_y) + log S, entropy = log S − Σ q (z − m), top-1
+probability = 1/S, Brier = Σ q² − 2 q_y + 1. A comparison of two models (``_compare.pair_logit_stats``)
+reads both chunks in torch ops.
 """
 
 from __future__ import annotations
