@@ -125,7 +125,7 @@ class RowBackend:
 
     def eval_rows(self, z: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """The evaluation statistics (:data:`EVAL_STATS`) of each row of final logits ``z`` [C, V] float32
-        (rows contiguous; its contents are undefined afterwards) against ``target`` [C], class ids in
+        (rows contiguous; only read) against ``target`` [C], class ids in
         [0, V), in the backend's one pass over each row. With q = softmax(z), m = max z and
         S = Σ_c exp(z_c − m), float32 [C] each:
 
@@ -235,16 +235,17 @@ class TorchRows(RowBackend):
 EVAL_STATS = ("loss", "entropy", "top1_prob", "brier", "rank")
 
 
-def _eval_block(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The reference definition of :meth:`RowBackend.eval_rows` on a block of rows, in torch ops."""
-    V = z.shape[-1]
-    m = z.amax(-1)  # [C]
-    z_y = z.gather(-1, y[:, None]).squeeze(-1)
-    e = torch.empty_like(z)
-    # rank: 1 + count(z > z_y), the comparison written as 0/1 floats (exact below 2^24 classes), which
+def _eval_block(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference definition of :meth:`RowBackend.eval_rows` on a block of rows x, in torch ops (x is
+    only read: z = x − m and e = exp(z) are block-sized temporaries, in cache)."""
+    V = x.shape[-1]
+    m = x.amax(-1)  # [C]
+    z_y = x.gather(-1, y[:, None]).squeeze(-1)
+    e = torch.empty_like(x)
+    # rank: 1 + count(x > z_y), the comparison written as 0/1 floats (exact below 2^24 classes), which
     # sums several times faster on the CPU than a bool tensor
-    rank = torch.gt(z, z_y[:, None], out=e).sum(-1).long() + 1
-    z.sub_(m[:, None])  # z − m ≤ 0: exp cannot overflow
+    rank = torch.gt(x, z_y[:, None], out=e).sum(-1).long() + 1
+    z = x - m[:, None]  # z − m ≤ 0: exp cannot overflow
     torch.exp(z, out=e)
     S = e.sum(-1)
     log_s = S.log()

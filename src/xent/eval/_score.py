@@ -47,7 +47,7 @@ def context_lengths(batch: dict[str, torch.Tensor], rows, cols) -> torch.Tensor:
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """:func:`eval_stats` of logits [N, V] (any dtype; not changed) in float32."""
-    return eval_stats(logits.float().clone(), targets)
+    return eval_stats(logits.float(), targets)
 
 
 def batch_token_stats(head, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def previous_inputs(batch: dict[str, torch.Tensor], rows, cols, k: int = 3) -> t
 
 @torch.no_grad()
 def eval_stats(z: torch.Tensor, targets: torch.Tensor, backend: str = "auto") -> dict[str, torch.Tensor]:
-    """Per-token evaluation statistics of final logits z [C, V] float32 (overwritten) against targets [C]:
+    """Per-token evaluation statistics of final logits z [C, V] float32 (not changed) against targets [C]:
     loss −log q_y, entropy −Σ q log q, top-1 probability, Brier Σ_c (q_c − [c = y])² and the rank of
     the target by its logit (1 = most probable; ties in the target's favour; V + 1 where the loss is not
     finite), as :meth:`xent._engine.RowBackend.eval_rows` defines them, from the row backend's one pass
