@@ -128,7 +128,8 @@ def test_eval_stats_chooses_the_kernel_and_refuses_what_it_cannot_take(kernel, m
 
 def test_kernel_gives_the_same_bits_wherever_a_row_starts(kernel):
     """A token's numbers do not depend on which batch or chunk row it lands in (evaluate and compare score
-    the same token in different rows): the kernel's sums run in a fixed order, whatever the alignment."""
+    the same token in different rows): the vectorised sums must not start where the row's alignment says
+    (a loop peeled for alignment would add in another order)."""
     z, y = _logits(16, 280)
     want = kernel.eval_rows(z, y)
     for offset in range(1, 16):

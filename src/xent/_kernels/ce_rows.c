@@ -187,7 +187,6 @@ int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const in
  * 1/S, Brier sum_j e_j^2 / S^2 - 2 exp(z_y - m) / S + 1; rank = 1 + #{j : x_j > z_y} (ties in the
  * target's favour), V + 1 where the loss is not finite. A row with a NaN, +inf, or only -inf logits
  * gets NaN statistics. st: the row's loss, its entropy n floats further on, and so on. */
-#define EVAL_LANES 16
 static void eval_row_f32(const float *x, int64_t V, int64_t y, float *st, int64_t n, int64_t *rank) {
     float z_y = x[y], m = -INFINITY;
     int bad = 0;
@@ -203,30 +202,13 @@ static void eval_row_f32(const float *x, int64_t V, int64_t y, float *st, int64_
         *rank = V + 1;
         return;
     }
-    /* the sums in EVAL_LANES fixed lanes (lane k takes the j = k mod EVAL_LANES), added up in lane order:
-     * the same bits wherever the row starts in memory (a simd reduction's order follows the alignment) */
-    double sl[EVAL_LANES] = {0.0}, tl[EVAL_LANES] = {0.0}, ql[EVAL_LANES] = {0.0};
-    int64_t j0 = 0;
-    for (; j0 + EVAL_LANES <= V; j0 += EVAL_LANES) {
-#pragma omp simd
-        for (int k = 0; k < EVAL_LANES; k++) {
-            float d = x[j0 + k] - m, v = exp_nonpos(d);
-            sl[k] += (double)v;
-            tl[k] += v > 0.0f ? (double)v * (double)d : 0.0; /* a -inf logit adds 0 log 0 = 0 */
-            ql[k] += (double)v * (double)v;
-        }
-    }
-    for (int k = 0; j0 + k < V; k++) {
-        float d = x[j0 + k] - m, v = exp_nonpos(d);
-        sl[k] += (double)v;
-        tl[k] += v > 0.0f ? (double)v * (double)d : 0.0;
-        ql[k] += (double)v * (double)v;
-    }
     double s = 0.0, t = 0.0, q = 0.0;
-    for (int k = 0; k < EVAL_LANES; k++) {
-        s += sl[k];
-        t += tl[k];
-        q += ql[k];
+#pragma omp simd reduction(+ : s, t, q)
+    for (int64_t j = 0; j < V; j++) {
+        float d = x[j] - m, v = exp_nonpos(d);
+        s += (double)v;
+        t += v > 0.0f ? (double)v * (double)d : 0.0; /* a -inf logit adds 0 log 0 = 0 */
+        q += (double)v * (double)v;
     }
     double rel = log(s), loss = ((double)m - (double)z_y) + rel;
     double q_y = exp((double)z_y - (double)m) / s;
