@@ -29,6 +29,12 @@ configuration and reports medians. One torch thread per process (the machine is 
     python benchmarks/eval.py                 # --small: about 2-3 minutes on 2 cores
     python benchmarks/eval.py --shape large   # V = 128256, context 2048, batch 8 (needs ~25 GB for
                                               # the materialising baseline; refused when it does not fit)
+    python benchmarks/eval.py --shape qwen --configs forward xent_steady materialise
+                                              # Qwen2.5-0.5B's shape (llama: Llama-3.2-1B's)
+    git archive OLD src | tar -x -C /tmp/old && python benchmarks/eval.py --baseline /tmp/old/src
+                                              # before/after: each xent configuration with both
+
+The tables go to results/eval.md (small) or results/eval_<shape>.md, with the CSV beside them.
 """
 
 from __future__ import annotations
