@@ -115,13 +115,13 @@ def pair_logit_stats(zb: torch.Tensor, zm: torch.Tensor, targets: torch.Tensor) 
     each model's loss is the evaluation's own (xent.eval._score.eval_stats, the same backend), so that it
     equals what evaluate gives the model, to the bit."""
     nll_b, nll_m = eval_stats(zb, targets)["loss"], eval_stats(zm, targets)["loss"]
-    parts = [_pair_block(zb[b], zm[b], targets[b]) for b in row_blocks(zb)]
+    parts = [_pair_block(zb[b], zm[b]) for b in row_blocks(zb)]
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     out.update(dp=torch.exp(-nll_m) - torch.exp(-nll_b), nll_base=nll_b, nll_model=nll_m)
     return out
 
 
-def _pair_block(zb: torch.Tensor, zm: torch.Tensor, y: torch.Tensor) -> dict:
+def _pair_block(zb: torch.Tensor, zm: torch.Tensor) -> dict:
     # one logsumexp per model: log p = (zb − mb) − log Sb, log q = (zm − mm) − log Sm
     mb, mm = zb.amax(-1), zm.amax(-1)
     top_b = zb.argmax(-1)
