@@ -42,7 +42,7 @@ __attribute__((constructor)) static void planted(void) {
     FILE *f = mark ? fopen(mark, "w") : NULL;
     if (f) { fputs("planted code ran\n", f); fclose(f); }
 }
-int xent_ce_rows_abi(void) { return 5; }
+int xent_ce_rows_abi(void) { return XENT_ABI; }
 int xent_ce_rows_f32(void) { return 0; }
 int xent_ce_rows_bf16(void) { return 0; }
 void xent_acc_bf16(void) {}
@@ -88,7 +88,7 @@ def cache(built, tmp_path, monkeypatch, private_tmp):
 def planted(tmp_path, monkeypatch):
     """Someone else's library (path) and the file its constructor writes when it runs."""
     source, library, mark = tmp_path / "planted.c", tmp_path / "planted.so", tmp_path / "planted-ran"
-    source.write_text(PLANTED)
+    source.write_text(PLANTED.replace("XENT_ABI", str(_cpu_kernel._ABI)))  # it passes every check but trust
     subprocess.run([CC, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     monkeypatch.setenv("XENT_TEST_PLANTED_MARK", str(mark))
     return library, mark

@@ -55,7 +55,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("_kernels") / "ce_rows.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
-_ABI = 5
+_ABI = 6
 _CPUINFO = "/proc/cpuinfo"
 # The /proc/cpuinfo fields that say which CPU it is and which instructions it has (x86 'flags', Arm
 # 'Features' and 'CPU part', s390x 'features' and 'facilities', RISC-V 'isa', 'uarch' and 'marchid',
@@ -414,3 +414,28 @@ def accumulate_(dst: torch.Tensor, src: torch.Tensor, alpha: float = 1.0, fresh:
     n = dst.numel()
     threads = max(1, min(torch.get_num_threads(), n // MIN_ACC_PER_THREAD))
     lib.xent_acc_bf16(dst.data_ptr(), src.data_ptr(), n, float(alpha), int(fresh), threads)
+
+
+def eval_rows(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation statistics of each row of float32 logits ``z`` [C, V] (rows contiguous; only read)
+    against in-range ``target`` [C], in one compiled pass per row: float32 [4, C] (loss −log q_y, entropy
+    −Σ q log q, top-1 probability, Brier Σ_c (q_c − [c = y])²) and the target's rank [C] int64,
+    1 + #{c : z_c > z_y} (ties in the target's favour), V + 1 where the loss is not finite. A row with a
+    NaN, +inf or only −inf logits gets NaN statistics (as :meth:`xent._engine.RowBackend.eval_rows`
+    defines them)."""
+    lib = _library()
+    rows, num_classes = z.shape
+    assert z.stride(1) == 1 and z.dtype == torch.float32
+    fn = lib.xent_eval_rows_f32
+    if fn.restype is not None:  # declared once per library
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, i, i, i, p, p, p, ctypes.c_int]
+        fn.restype = None
+    target = target.to(torch.int64).contiguous()
+    stats = torch.empty((4, rows), dtype=torch.float32)
+    rank = torch.empty(rows, dtype=torch.int64)
+    if rows:
+        threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+        fn(z.data_ptr(), z.stride(0), rows, num_classes, target.data_ptr(), stats.data_ptr(), rank.data_ptr(),
+           threads)
+    return stats, rank

@@ -49,10 +49,12 @@ variables only change what "auto" may do and how big its chunks are; they never 
 
 from ._backends import (
     BLOCK_BYTES,
+    EVAL_STATS,
     RowBackend,
     RowRequest,
     block_rows,
     check_backend,
+    eval_rows,
     row_blocks,
     select,
 )
@@ -87,3 +89,4 @@ __all__ = [
     "project", "projection_dtype_for", "release_buffers", "row_blocks", "row_request", "run", "select",
     "valid_rows",
 ]
+__all__ += ["EVAL_STATS", "eval_rows"]  # the evaluation head's statistics (RowBackend.eval_rows)

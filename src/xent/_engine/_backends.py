@@ -17,6 +17,11 @@ Backends:
   compiled C pass per chunk (:func:`xent._cpu_kernel.ce_rows_`).
 - ``"triton"``: CUDA, written against this interface in ``xent._engine._triton`` (loaded when present).
 
+The evaluation head asks a backend for the evaluation statistics of a chunk of final logits instead of a
+loss (:meth:`RowBackend.eval_rows`: loss, entropy, top-1 probability, Brier, rank of the target; one
+definition, the torch backend's, which the CPU kernel computes in its one pass over each row);
+:func:`eval_rows` picks the backend.
+
 :func:`select` picks one: ``backend="auto"`` takes the first of :data:`AUTO_ORDER` that can serve the
 call (environment variables such as ``XENT_CPU_KERNEL`` only change what "auto" may take, see
 :mod:`xent._engine`); a named backend that cannot serve the call is a one-line ``ValueError`` saying why.
@@ -134,6 +139,27 @@ class RowBackend:
         for all n rows."""
         raise NotImplementedError
 
+    def can_eval(self, z: torch.Tensor) -> str | None:
+        """None when :meth:`eval_rows` takes this chunk of final logits, else why not (one line)."""
+        return f"the {self.name} backend computes no evaluation statistics"
+
+    def eval_rows(self, z: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The evaluation statistics (:data:`EVAL_STATS`) of each row of final logits ``z`` [C, V] float32
+        (rows contiguous; only read) against ``target`` [C], class ids in
+        [0, V), in the backend's one pass over each row. With q = softmax(z), m = max z and
+        S = Σ_c exp(z_c − m), float32 [C] each:
+
+        - ``loss`` −log q_y = (m − z_y) + log S;
+        - ``entropy`` −Σ_c q_c log q_c = log S − Σ_c q_c (z_c − m) (a −inf logit adds 0);
+        - ``top1_prob`` max_c q_c = 1/S (the ECE's confidence; top-1 correct is rank = 1);
+        - ``brier`` Σ_c (q_c − [c = y])² = Σ_c q_c² − 2 q_y + 1;
+
+        and ``rank`` [C] int64, 1 + #{c : z_c > z_y} (1 = most probable, ties in the target's favour), V + 1
+        where the loss is not finite (so a row of NaN is never a top-k hit). A row with a NaN, +inf or only
+        −inf logits gets NaN statistics. The torch backend is the reference definition; a kernel agrees
+        with it to float32 rounding and gives the same ranks."""
+        raise NotImplementedError
+
     def accumulate_(self, dst: torch.Tensor, src: torch.Tensor, alpha: float, fresh: bool) -> None:
         """``dst = (0 if fresh else dst) + alpha·src``: a float32 weight-gradient slice ``dst`` from a half
         product ``src`` (the loop's half weight gradient). Torch ops by default; a backend may do it in
@@ -212,6 +238,55 @@ class TorchRows(RowBackend):
         return per_token
 
 
+    def can_eval(self, z):
+        if z.dtype != torch.float32:
+            return f"evaluation statistics take float32 logits, not {z.dtype}"
+        return None
+
+    @torch.no_grad()
+    def eval_rows(self, z, target):
+        # on the CPU a cache-sized block of rows at a time, so that the passes over a block run in cache
+        blocks = row_blocks(*z.shape) if z.device.type == "cpu" else [slice(0, z.shape[0])]
+        parts = [_eval_block(z[b], target[b]) for b in blocks]
+        return {k: torch.cat([p[k] for p in parts]) for k in EVAL_STATS}
+
+
+#: The evaluation statistics :meth:`RowBackend.eval_rows` returns, in this order.
+EVAL_STATS = ("loss", "entropy", "top1_prob", "brier", "rank")
+
+
+def _eval_block(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference definition of :meth:`RowBackend.eval_rows` on a block of rows x, in torch ops (x is
+    only read: z = x − m and e = exp(z) are block-sized temporaries, in cache)."""
+    V = x.shape[-1]
+    m = x.amax(-1)  # [C]
+    z_y = x.gather(-1, y[:, None]).squeeze(-1)
+    e = torch.empty_like(x)
+    # rank: 1 + count(x > z_y), the comparison written as 0/1 floats (exact below 2^24 classes), which
+    # sums several times faster on the CPU than a bool tensor
+    rank = torch.gt(x, z_y[:, None], out=e).sum(-1).long() + 1
+    z = x - m[:, None]  # z − m ≤ 0: exp cannot overflow
+    torch.exp(z, out=e)
+    S = e.sum(-1)
+    log_s = S.log()
+    loss = (m - z_y) + log_s
+    ez = torch.linalg.vecdot(e, z)  # Σ e (z − m)
+    bad = ez.isnan() & torch.isfinite(m)  # a −inf logit: e = 0 times z − m = −inf; it adds nothing
+    if bad.any():
+        ez[bad] = torch.where(e[bad] > 0, e[bad] * z[bad], torch.zeros_like(z[bad])).sum(-1)
+    q_y = torch.exp(z_y - m) / S
+    # NaN compares false, so a row of NaN logits would rank its target first: a row whose loss is not
+    # finite gets rank V + 1 (below every class), never a top-1 or top-5 hit
+    rank = torch.where(torch.isfinite(loss), rank, torch.full_like(rank, V + 1))
+    return {
+        "loss": loss,
+        "entropy": log_s - ez / S,
+        "top1_prob": 1.0 / S,  # the max's e is exp(0) = 1
+        "brier": torch.linalg.vecdot(e, e) / (S * S) - 2 * q_y + 1,
+        "rank": rank,
+    }
+
+
 class CpuKernelRows(RowBackend):
     """Cross-entropy (class weights, z-loss) on the CPU: one compiled C pass per chunk of float32 or
     bfloat16 logits (:func:`xent._cpu_kernel.ce_rows_`), and the one-pass bfloat16 accumulation of the
@@ -240,6 +315,18 @@ class CpuKernelRows(RowBackend):
     def rows_(self, request, z, target, scale, *, w_y=None, stats=None, extra=(), grad_bias=None,
               bias_alpha=1.0, scratch=None):
         return _cpu_kernel.ce_rows_(z, target, scale, w_y, request.spec.z_coef, stats)
+
+    def can_eval(self, z):
+        if z.device.type != "cpu" or z.dtype != torch.float32 or z.stride(-1) != 1:
+            return (f"the CPU kernel takes row-contiguous float32 logits on the CPU, not {z.dtype} on "
+                    f"{z.device}")
+        if not _cpu_kernel.usable(z.device, torch.float32, torch.float32):
+            return f"the CPU kernel is {_cpu_kernel.kernel_status()}"
+        return None
+
+    def eval_rows(self, z, target):
+        stats, rank = _cpu_kernel.eval_rows(z, target)
+        return {**dict(zip(EVAL_STATS[:4], stats.unbind(0))), "rank": rank}
 
     def accumulate_(self, dst, src, alpha, fresh):
         if src.dtype != torch.bfloat16:
@@ -275,6 +362,24 @@ def get(name: str) -> RowBackend | str:
 def check_backend(backend) -> None:
     if not isinstance(backend, str) or backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+
+
+def eval_rows(z: torch.Tensor, target: torch.Tensor, backend: str = "auto") -> dict[str, torch.Tensor]:
+    """The evaluation statistics of a chunk of final logits (:meth:`RowBackend.eval_rows`) by ``backend``,
+    or for "auto" the first of :data:`AUTO_ORDER` that takes the chunk (a named one that cannot: a
+    one-line ValueError saying why)."""
+    check_backend(backend)
+    if backend != "auto":
+        found = get(backend)
+        reason = found if isinstance(found, str) else found.can_eval(z)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot compute evaluation statistics here: {reason}")
+        return found.eval_rows(z, target)
+    for name in AUTO_ORDER:
+        found = BACKENDS.get(name)
+        if found is not None and found.can_eval(z) is None:
+            return found.eval_rows(z, target)
+    raise ValueError(f"no backend computes evaluation statistics of {z.dtype} logits")
 
 
 def select(request: RowRequest, backend: str = "auto") -> RowBackend:

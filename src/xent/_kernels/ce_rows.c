@@ -181,6 +181,52 @@ int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const in
     return failed;
 }
 
+/* The evaluation statistics of one row of float32 logits x (only read), in two reads of the row (the
+ * second from cache): the max, the count of logits above z_y and the NaN check, then the exponentials'
+ * sums. st[0..3] = loss (m - z_y) + log S, entropy log S - sum_j e_j (x_j - m) / S, top-1 probability
+ * 1/S, Brier sum_j e_j^2 / S^2 - 2 exp(z_y - m) / S + 1; rank = 1 + #{j : x_j > z_y} (ties in the
+ * target's favour), V + 1 where the loss is not finite. A row with a NaN, +inf, or only -inf logits
+ * gets NaN statistics. st: the row's loss, its entropy n floats further on, and so on. */
+static void eval_row_f32(const float *x, int64_t V, int64_t y, float *st, int64_t n, int64_t *rank) {
+    float z_y = x[y], m = -INFINITY;
+    int bad = 0;
+    int64_t above = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : above)
+    for (int64_t j = 0; j < V; j++) {
+        m = x[j] > m ? x[j] : m;
+        bad |= x[j] != x[j];
+        above += x[j] > z_y;
+    }
+    if (bad || !(m > -INFINITY && m < INFINITY)) {
+        st[0] = st[n] = st[2 * n] = st[3 * n] = NAN;
+        *rank = V + 1;
+        return;
+    }
+    double s = 0.0, t = 0.0, q = 0.0;
+#pragma omp simd reduction(+ : s, t, q)
+    for (int64_t j = 0; j < V; j++) {
+        float d = x[j] - m, v = exp_nonpos(d);
+        s += (double)v;
+        t += v > 0.0f ? (double)v * (double)d : 0.0; /* a -inf logit adds 0 log 0 = 0 */
+        q += (double)v * (double)v;
+    }
+    double rel = log(s), loss = ((double)m - (double)z_y) + rel;
+    double q_y = exp((double)z_y - (double)m) / s;
+    st[0] = (float)loss;
+    st[n] = (float)(rel - t / s);
+    st[2 * n] = (float)(1.0 / s); /* the max's exponential is exp(0) = 1 */
+    st[3 * n] = (float)(q / (s * s) - 2.0 * q_y + 1.0);
+    *rank = isfinite(loss) ? 1 + above : V + 1;
+}
+
+/* The evaluation statistics of the rows of a [rows, V] chunk of float32 logits (row stride ld; only
+ * read): stats [4, rows] (loss, entropy, top-1 probability, Brier), rank [rows]. */
+void xent_eval_rows_f32(const float *z, int64_t ld, int64_t rows, int64_t V, const int64_t *target,
+                        float *stats, int64_t *rank, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) eval_row_f32(z + r * ld, V, target[r], stats + r, rows, &rank[r]);
+}
+
 /* dst[i] = (fresh ? 0 : dst[i]) + alpha * src[i] over n elements: a bfloat16 product accumulated into a
  * float32 sum in one pass (torch's mixed-dtype add_ converts to a float32 temporary first: two). */
 void xent_acc_bf16(float *dst, const uint16_t *src, int64_t n, float alpha, int fresh, int nthreads) {
@@ -194,4 +240,4 @@ void xent_acc_bf16(float *dst, const uint16_t *src, int64_t n, float alpha, int 
 }
 
 /* The ABI version the loader checks: bump it with any change of the functions' signatures. */
-int xent_ce_rows_abi(void) { return 5; }
+int xent_ce_rows_abi(void) { return 6; }

@@ -35,7 +35,7 @@ from ._files import state_dict_sha256
 from ._head import ModelHead, chunk_rows
 from ._options import resolve_options
 from ._runner import ChunkedScorer, check_finite, eval_mode
-from ._score import row_blocks, scored_index
+from ._score import eval_stats, row_blocks, scored_index
 from ._sums import SCALE, clustered_se, exp_or_inf, fixed, fixed_sum
 
 PERCENTILES = (99.9, 99, 95, 90, 75, 50, 25, 10, 5, 1, 0.1)  # llama.cpp's, and the quartiles
@@ -111,20 +111,23 @@ def pair_stats(base_logits: torch.Tensor, model_logits: torch.Tensor, targets: t
 
 @torch.no_grad()
 def pair_logit_stats(zb: torch.Tensor, zm: torch.Tensor, targets: torch.Tensor) -> dict:
-    """pair_stats of final logits zb, zm [C, V] float32 (both overwritten), a block of rows at a time."""
-    parts = [_pair_block(zb[b], zm[b], targets[b]) for b in row_blocks(zb)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    """pair_stats of final logits zb, zm [C, V] float32 (both overwritten), a block of rows at a time;
+    each model's loss is the evaluation's own (xent.eval._score.eval_stats, the same backend), so that it
+    equals what evaluate gives the model, to the bit."""
+    nll_b, nll_m = eval_stats(zb, targets)["loss"], eval_stats(zm, targets)["loss"]
+    parts = [_pair_block(zb[b], zm[b]) for b in row_blocks(zb)]
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    out.update(dp=torch.exp(-nll_m) - torch.exp(-nll_b), nll_base=nll_b, nll_model=nll_m)
+    return out
 
 
-def _pair_block(zb: torch.Tensor, zm: torch.Tensor, y: torch.Tensor) -> dict:
+def _pair_block(zb: torch.Tensor, zm: torch.Tensor) -> dict:
     # one logsumexp per model: log p = (zb − mb) − log Sb, log q = (zm − mm) − log Sm
     mb, mm = zb.amax(-1), zm.amax(-1)
     top_b = zb.argmax(-1)
     # the same top token: the base's top token is a top token of the model (amax and one argmax are
     # cheaper than two max-with-index passes)
     same_top = zm.gather(-1, top_b[:, None]).squeeze(-1) == mm
-    zb_y = zb.gather(-1, y[:, None]).squeeze(-1)
-    zm_y = zm.gather(-1, y[:, None]).squeeze(-1)
     zb.sub_(mb[:, None])
     zm.sub_(mm[:, None])
     p, q = torch.exp(zb), torch.exp(zm)
@@ -144,10 +147,7 @@ def _pair_block(zb: torch.Tensor, zm: torch.Tensor, y: torch.Tensor) -> dict:
         torch.isfinite(mm)
     if bad.any():  # a class with p = 0 or q = 0 (−inf logits): 0 · log 0 = 0, written out for those rows
         kl[bad], rkl[bad], jsd[bad] = _divergences_masked(p[bad], q[bad])
-    nll_b = (mb - zb_y) + log_sb
-    nll_m = (mm - zm_y) + log_sm
-    return {"kl": kl.clamp(min=0), "rkl": rkl.clamp(min=0), "jsd": jsd.clamp(min=0), "same_top": same_top,
-            "dp": torch.exp(-nll_m) - torch.exp(-nll_b), "nll_base": nll_b, "nll_model": nll_m}
+    return {"kl": kl.clamp(min=0), "rkl": rkl.clamp(min=0), "jsd": jsd.clamp(min=0), "same_top": same_top}
 
 
 def _divergences_masked(p: torch.Tensor, q: torch.Tensor):

@@ -121,7 +121,8 @@ def compare_bytes(base, model, tokenizer, model_tokenizer, documents, *, options
         """(Σ S_d / (ln 2 · Σ B_d), its document-clustered SE) from fixed-point sums S_d."""
         total = sum(S)
         se = clustered_se(total, sum(s * s for s in S), sum(s * b for s, b in zip(S, B)), b_sq, total_b, D)
-        return float(Fraction(total, SCALE) / total_b) / ln2, se / ln2
+        # rounded as evaluate rounds its bits per byte (_sums.Totals), so the two agree to the bit
+        return float(Fraction(total, SCALE)) / (total_b * ln2), se / ln2
 
     bpb_b = per_byte([A[k][0] for k in keys])
     bpb_m = per_byte([M[k][0] for k in keys])

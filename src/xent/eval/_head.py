@@ -40,9 +40,12 @@ not about attention, a router or initialisation, set to something other than Non
 without further ado. Every such choice prints a note on stderr and is kept in :attr:`ModelHead.notes`.
 The check holds the probe's [B, T, V] logits once.
 
-Per-token statistics of a chunk (:func:`logit_stats`, :func:`pair_logit_stats`) come from one pass over
-its float32 logits and one logsumexp, the row max m and S = Σ exp(z − m):
-loss = (m − z_y) + log S, entropy = log S − Σ q (z − m), top-1 probability = 1/S, Brier = Σ q² − 2 q_y + 1.
+Per-token statistics of a chunk (``_score.eval_stats``: loss, entropy, top-1 probability, Brier, rank of
+the target) are computed by the engine's row backend in its one pass over each row of float32 logits
+(:meth:`xent._engine.RowBackend.eval_rows`, the one definition; the CPU kernel on the CPU), from the row
+max m and S = Σ exp(z − m): loss = (m − z_y) + log S, entropy = log S − Σ q (z − m), top-1
+probability = 1/S, Brier = Σ q² − 2 q_y + 1. A comparison of two models (``_compare.pair_logit_stats``)
+reads both chunks in torch ops.
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class ModelHead:
         self.decided = False
         self._bare = True  # the reference is the forward on input ids alone
         self.out = None
+        self._buffer = None  # the fused head's chunk of logits, reused (chunks)
         config = getattr(model, "config", None)
         values = {k: getattr(config, k, None) for k in _APPLIED}
         odd = [f"{k}={v!r}" for k, v in values.items() if v is not None and not _is_number(v)]
@@ -290,9 +294,10 @@ class ModelHead:
         return h[rows.to(h.device), cols.to(h.device)]
 
     @torch.no_grad()
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """Final logits [C, V] float32 of hidden states h [C, D], divided by the temperature."""
-        z = _engine.project(h.to(self.mm_dtype), self.weight, self.bias).float()
+    def project(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final logits [C, V] float32 of hidden states h [C, D], divided by the temperature; into ``out``
+        (a [C, V] buffer in the projection's dtype, reused chunk after chunk) when given."""
+        z = _engine.project(h.to(self.mm_dtype), self.weight, self.bias, out=out).float()
         return self.finish(z, scale=self.out.hidden_scale, softcap=self.out.softcap)
 
     def finish(self, z: torch.Tensor, *, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
@@ -485,8 +490,15 @@ class ModelHead:
         if self.fused:
             h = self.hidden(batch, rows, cols)
             self.last_hidden = h  # [N, D]: the scored hidden states of the batch (temperature fitting)
+            # one buffer for the chunks of every batch: a fresh [C, V] one per chunk would be a new
+            # mapping of the OS each time, its pages faulted in again (a chunk is consumed before the next)
+            shape = (min(size, len(rows)), self.weight.shape[0])
+            buf = self._buffer
+            if buf is None or buf.shape[0] < shape[0] or buf.shape[1] != shape[1] or buf.device != h.device:
+                buf = self._buffer = torch.empty(shape, dtype=self.mm_dtype, device=h.device)
             for s in range(0, len(rows), size):
-                yield s, self.project(h[s : s + size])
+                part = h[s : s + size]
+                yield s, self.project(part, out=buf[: len(part)])
             return
         logits = self._logits(batch)  # [B, T, V]
         r, c = rows.to(logits.device), cols.to(logits.device)

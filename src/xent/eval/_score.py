@@ -46,12 +46,12 @@ def context_lengths(batch: dict[str, torch.Tensor], rows, cols) -> torch.Tensor:
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`logit_stats` of logits [N, V] (any dtype; not changed) in float32."""
-    return logit_stats(logits.float().clone(), targets)
+    """:func:`eval_stats` of logits [N, V] (any dtype; not changed) in float32."""
+    return eval_stats(logits.float(), targets)
 
 
 def batch_token_stats(head, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """logit_stats of every scored position of a batch (row-major), on the CPU, from the model's
+    """eval_stats of every scored position of a batch (row-major), on the CPU, from the model's
     final logits a chunk of rows at a time (``head``: a _head.ModelHead), plus each token's ``row``,
     ``position`` (index in its document), ``context`` (tokens of context) and ``target``."""
     from ._head import chunk_rows
@@ -61,12 +61,12 @@ def batch_token_stats(head, batch: dict[str, torch.Tensor]) -> dict[str, torch.T
     size = chunk_rows(len(rows), head.vocab, head.device)
     parts = []
     for s, z in head.chunks(batch, rows, cols, size):
-        stats = logit_stats(z, targets[s : s + len(z)].to(z.device))
+        stats = eval_stats(z, targets[s : s + len(z)].to(z.device))
         parts.append({k: v.cpu() for k, v in stats.items()})
     if parts:
         out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     else:  # no scored position in the batch
-        out = {k: torch.zeros(0) for k in ("loss", "entropy", "top1_prob", "brier")}
+        out = {k: torch.zeros(0) for k in _engine.EVAL_STATS}
         out["rank"] = torch.zeros(0, dtype=torch.long)
     out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
                target=targets, previous=previous_inputs(batch, rows, cols))
@@ -86,13 +86,15 @@ def previous_inputs(batch: dict[str, torch.Tensor], rows, cols, k: int = 3) -> t
 
 
 @torch.no_grad()
-def logit_stats(z: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token statistics of final logits z [C, V] float32 (overwritten) against targets [C]: loss
-    −log q_y, entropy −Σ q log q, top-1 probability, rank of the target by its logit (1 = most
-    probable; ties in the target's favour; V + 1 where the loss is not finite), Brier Σ_c (q_c − [c = y])².
-    One logsumexp per row: m = max z, e = exp(z − m), S = Σ e."""
-    parts = [_stats_block(z[b], targets[b]) for b in row_blocks(z)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def eval_stats(z: torch.Tensor, targets: torch.Tensor, backend: str = "auto") -> dict[str, torch.Tensor]:
+    """Per-token evaluation statistics of final logits z [C, V] float32 (not changed) against targets [C]:
+    loss −log q_y, entropy −Σ q log q, top-1 probability, Brier Σ_c (q_c − [c = y])² and the rank of
+    the target by its logit (1 = most probable; ties in the target's favour; V + 1 where the loss is not
+    finite), as :meth:`xent._engine.RowBackend.eval_rows` defines them, from the row backend's one pass
+    over each row (the CPU kernel on the CPU where it builds, else torch ops)."""
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    return _engine.eval_rows(z, targets, backend)
 
 
 def row_blocks(z: torch.Tensor):
@@ -101,33 +103,3 @@ def row_blocks(z: torch.Tensor):
     if z.device.type != "cpu":
         return [slice(0, z.shape[0])]
     return list(_engine.row_blocks(z.shape[0], z.shape[1]))
-
-
-def _stats_block(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    V = z.shape[-1]
-    m = z.amax(-1)  # [C]
-    z_y = z.gather(-1, y[:, None]).squeeze(-1)
-    e = torch.empty_like(z)
-    # rank: 1 + count(z > z_y), the comparison written as 0/1 floats (exact below 2^24 classes), which
-    # sums several times faster on the CPU than a bool tensor
-    rank = torch.gt(z, z_y[:, None], out=e).sum(-1).long() + 1
-    z.sub_(m[:, None])  # z − m ≤ 0: exp cannot overflow
-    torch.exp(z, out=e)
-    S = e.sum(-1)
-    log_s = S.log()
-    loss = (m - z_y) + log_s
-    ez = torch.linalg.vecdot(e, z)  # Σ e (z − m)
-    bad = ez.isnan() & torch.isfinite(m)  # a −inf logit: e = 0 times z − m = −inf; it adds nothing
-    if bad.any():
-        ez[bad] = torch.where(e[bad] > 0, e[bad] * z[bad], torch.zeros_like(z[bad])).sum(-1)
-    q_y = torch.exp(z_y - m) / S
-    # NaN compares false, so a row of NaN logits would rank its target first: a row whose loss is not
-    # finite gets rank V + 1 (below every class), never a top-1 or top-5 hit
-    rank = torch.where(torch.isfinite(loss), rank, torch.full_like(rank, V + 1))
-    return {
-        "loss": loss,
-        "entropy": log_s - ez / S,
-        "top1_prob": 1.0 / S,  # the max's e is exp(0) = 1
-        "rank": rank,
-        "brier": torch.linalg.vecdot(e, e) / (S * S) - 2 * q_y + 1,
-    }

@@ -15,7 +15,7 @@ from .._temperature_fit import fit_inverse_temperature, nll_derivatives
 from . import _distributed as dist
 from ._errors import EvalError
 from ._head import chunk_rows
-from ._score import logit_stats
+from ._score import eval_stats
 from ._sums import Totals
 
 
@@ -59,7 +59,7 @@ def totals_at(head, kept: list[Kept], temperature: float, max_length: int) -> To
     """This rank's Totals of the kept tokens with logits divided by ``temperature``."""
     t = Totals(max_length)
     for z, y, context in _chunks(head, kept):
-        stats = {k: v.cpu() for k, v in logit_stats(z.div_(temperature), y).items()}
+        stats = {k: v.cpu() for k, v in eval_stats(z.div_(temperature), y).items()}
         stats["context"] = context
         t.add_tokens(stats)  # a non-finite value raises EvalError (fixed point), never summed
     return t
