@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+#: Every module that defines Triton kernels: each must be decorated under TRITON_INTERPRET=1.
+KERNEL_MODULES = ("xent._triton._rows", "xent._triton._fused", "xent._triton._backward",
+                  "triton_test_kernels")
+
 
 def _import_triton_interpreted() -> None:
     """Imports triton and the Triton kernel modules under TRITON_INTERPRET=1, first thing in the session.
@@ -16,7 +20,8 @@ def _import_triton_interpreted() -> None:
     @triton.jit decides when a function is decorated whether it is interpreted, so the kernels of
     tests/triton run on CPU tensors only if triton is first imported under the variable; other tests
     import it earlier through torch (its OpInfo samples, torch.compile), which made tests/triton skip
-    itself in a full run. The variable is restored afterwards (tests/triton/conftest.py sets it per test).
+    itself in a full run. The variable is restored afterwards, so that outside tests/triton xent never
+    takes CPU tensors for the Triton backend (tests/triton/conftest.py sets it for each of its tests).
     Imported first, triton also loads before any TensorFlow (xent.keras): in the other order LLVM's
     duplicate command-line options abort the process."""
     before = os.environ.get("TRITON_INTERPRET")
@@ -25,7 +30,7 @@ def _import_triton_interpreted() -> None:
     try:
         if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.language") is None:
             return
-        for name in ("xent._triton._rows", "xent._triton._fused", "triton_test_kernels"):
+        for name in KERNEL_MODULES:
             importlib.import_module(name)
     finally:
         sys.path.pop(0)
