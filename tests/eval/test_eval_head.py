@@ -255,6 +255,29 @@ class HeadMultiplier(transformers.GPT2LMHeadModel if transformers else object):
         return out
 
 
+class LogitsSizes(transformers.GPT2LMHeadModel if transformers else object):
+    """Records the shape of every [B, T, V] logits tensor its own forward returns."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self.seen.append(tuple(out.logits.shape))
+        return out
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_fused_check_never_holds_a_batch_of_logits(tok, side):
+    """Under the fused head the first batch's check asks the model's own forward for one window's logits
+    at a time (its references); the batched and padded probes go through the decoder and the fused head,
+    a chunk at a time. The numbers are each window's own."""
+    model = _gpt2(tok, LogitsSizes)
+    model.seen = []
+    want = _alone_losses(model, tok)
+    model.seen.clear()
+    r, got = _run(model, tok, batch_size=3, padding_side=side)
+    assert r.config["head"] == "fused" and got == pytest.approx(want, abs=1e-5)
+    assert model.seen and all(b == 1 for b, _, _ in model.seen), model.seen
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_transform_beyond_the_first_16_tokens_is_seen(tok, side, capsys):
     model = _gpt2(tok, LateHalved)
@@ -264,10 +287,34 @@ def test_a_transform_beyond_the_first_16_tokens_is_seen(tok, side, capsys):
     assert got == pytest.approx(want, abs=1e-5)
 
 
-def test_a_transform_only_in_a_batch_runs_each_window_alone_with_a_note(tok):
+def test_a_transform_of_batched_logits_only_is_no_concern_of_the_fused_head(tok):
+    """A forward that halves its final logits in a batch: the fused head (decoder, then the output
+    embeddings) gives each window its numbers alone, batched and padded; the model's own forward must run
+    each window alone, and says so."""
     model = _gpt2(tok, BatchHalved)
     want = _alone_losses(model, tok)
     r, got = _run(model, tok, batch_size=3)
+    assert r.config["head"] == "fused" and "head_notes" not in r.config
+    assert got == pytest.approx(want, abs=1e-5)
+    r, got = _run(model, tok, batch_size=3, head="forward")
+    assert got == pytest.approx(want, abs=1e-5)
+    assert any("run alone" in n for n in r.config["head_notes"])
+
+
+def test_a_decoder_that_depends_on_the_batch_runs_each_window_alone_with_a_note(tok):
+    """Hidden states halved in a batch of more than one window: the fused head's batched numbers differ
+    from each window's alone, so each window runs alone (fused), with the same numbers as alone."""
+    model = _gpt2(tok)
+
+    def halve_in_a_batch(module, args, out):
+        if out.last_hidden_state.shape[0] > 1:
+            out.last_hidden_state = out.last_hidden_state * 0.5
+        return out
+
+    model.transformer.register_forward_hook(halve_in_a_batch)
+    want = _alone_losses(model, tok)
+    r, got = _run(model, tok, batch_size=3)
+    assert r.config["head"] == "fused"
     assert got == pytest.approx(want, abs=1e-5)
     assert any("run alone" in n for n in r.config["head_notes"])
 

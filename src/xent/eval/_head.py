@@ -17,28 +17,33 @@ padded, so that padding is exercised whenever the run can pad):
    and its kin: from ``padding_idx + 1``) is given no position ids (it derives its own); one whose logits
    change without its key/value cache keeps it; one whose forward differs even then gets only its bare
    input ids, a window at a time.
-2. padding and batching: two padded probes (the batch, and the longest window beside every other one
-   cut by a token) against each window's bare forward. Where a padded row differs (recurrent state
-   running through pad tokens, a model that ignores the attention mask) or the forward fails on a padded
-   batch, windows are batched only with windows of their own length, unpadded; where an unpadded row
-   differs too (logits that depend on the batch), each window runs alone. A config that sets a
-   sparse-attention indexer (``index_topk``: its choice of keys may take pad tokens, depending on the
-   data) is batched by length outright. These compare two computations of different shapes, so they
-   allow their rounding: 2^10 float32 ε, 8 float16 ε or 4 bfloat16 ε times (1 + max |logit|).
-3. the head (``head="auto"`` or ``"fused"``): the fused logits against ``model(...).logits`` at every
-   real position of the probe, computed as the run computes them. Both come from the same hidden states,
-   so they differ only by the rounding of the logits the forward returns: per logit at most 2 units in
-   the last place of the forward's dtype at that logit (4 when the head applies a scale or soft-cap,
-   which the forward rounds again), plus 64 float32 ε · max |logit| for the order of the float32
-   accumulation. A larger difference means the forward does something the head does not know: "auto"
-   then scores with the model's own forward, "fused" refuses (EvalError).
+2. the head (``head="auto"`` or ``"fused"``): the fused logits of that window, run alone as decided,
+   against ``model(...).logits`` on the same inputs at every position. Both come from the same hidden
+   states, so they differ only by the rounding of the logits the forward returns: per logit at most 2
+   units in the last place of the forward's dtype at that logit (4 when the head applies a scale or
+   soft-cap, which the forward rounds again), plus 64 float32 ε · max |logit| for the order of the
+   float32 accumulation. A larger difference means the forward does something the head does not know:
+   "auto" then scores with the model's own forward, "fused" refuses (EvalError).
+3. padding and batching: two padded probes (the batch, and the longest window beside every other one
+   cut by a token), each row against its window's bare forward: the fused head's logits of the batched
+   hidden states (or, under the model's own forward, the batch's logits). Where a padded row differs
+   (recurrent state running through pad tokens, a model that ignores the attention mask) or the forward
+   fails on a padded batch, windows are batched only with windows of their own length, unpadded; where
+   an unpadded row differs too (numbers that depend on the batch), each window runs alone. A config that
+   sets a sparse-attention indexer (``index_topk``: its choice of keys may take pad tokens, depending on
+   the data) is batched by length outright. These compare two computations of different shapes, so they
+   allow their rounding: 2^10 float32 ε, 8 float16 ε or 4 bfloat16 ε times (1 + max |logit|), plus the
+   head's units in the last place of step 2.
+
+With the fused head the check never holds a batch's [B, T, V] logits: two windows' [n, V] forward logits
+(the longest window's and the one compared) and a chunk of fused ones at a time; under the model's own
+forward it holds what the run holds, a batch's logits.
 
 A config field about the final logits that the head does not apply (a name with ``logit``, ``lm_head``,
 ``output`` or ``final`` and with ``scale``, ``scaling``, ``softcap``, ``soft_cap`` or ``multiplier``,
 not about attention, a router or initialisation, set to something other than None/False/1: xLSTM's
 ``output_logit_soft_cap``, FalconH1's ``lm_head_multiplier``) makes "auto" use the model's own forward
 without further ado. Every such choice prints a note on stderr and is kept in :attr:`ModelHead.notes`.
-The check holds the probe's [B, T, V] logits once.
 
 Per-token statistics of a chunk (``_score.eval_stats``: loss, entropy, top-1 probability, Brier, rank of
 the target) are computed by the engine's row backend in its one pass over each row of float32 logits
@@ -132,51 +137,91 @@ def _block_stats(x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, float, 
     return same, float(y[finite].abs().max()), float(d[finite].max()), True
 
 
+class _Difference:
+    """:func:`_block_stats` accumulated over blocks of pairs (got, want) of one shape each, fed a block of
+    rows at a time (:meth:`add`): the verdicts of one whole comparison, never its temporaries."""
+
+    def __init__(self):
+        self.same, self.top, self.worst, self.any_finite = True, 0.0, 0.0, False
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> _Difference:
+        for x, y in _blocks_of(a, b):
+            s, t, w, f = _block_stats(x, y)
+            self.same, self.any_finite = self.same and s, self.any_finite or f
+            self.top, self.worst = max(self.top, t), max(self.worst, w)
+        return self
+
+
 def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float, float, bool]:
     """:func:`_block_stats` of two tensors of one shape, a block of rows at a time."""
-    same, top, worst, any_finite = True, 0.0, 0.0, False
-    for x, y in _blocks_of(a, b):
-        s, t, w, f = _block_stats(x, y)
-        same, any_finite = same and s, any_finite or f
-        top, worst = max(top, t), max(worst, w)
-    return same, top, worst, any_finite
+    d = _Difference().add(a, b)
+    return d.same, d.top, d.worst, d.any_finite
 
 
-def _agrees(a: torch.Tensor | None, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    """a (None: no result) and b agree within the rounding of two computations of different shapes;
-    NaN and ±inf must sit at the same places."""
-    if a is None or a.shape != b.shape:
+def _pairs(got, want: torch.Tensor):
+    """(got rows, want rows) pairs: ``got`` a tensor shaped like ``want``, or an iterable of (row slice of
+    want, got rows) computed one chunk at a time."""
+    if isinstance(got, torch.Tensor):
+        yield got, want
+        return
+    for rows, part in got:
+        yield part, want[rows]
+
+
+def _agrees(a, b: torch.Tensor, dtype: torch.dtype, ulps: float = 0.0) -> bool:
+    """a (None: no result; a tensor shaped like b, or chunks of its rows as in :func:`_pairs`) and b agree
+    within the rounding of two computations of different shapes, plus ``ulps`` units in the last place of
+    ``dtype`` (a head that rounds once more); NaN and ±inf must sit at the same places."""
+    if a is None or (isinstance(a, torch.Tensor) and a.shape != b.shape):
         return False
-    same, top, err, any_finite = _compare(a, b)
-    if not same:
+    d = _Difference()
+    for x, y in _pairs(a, b):
+        if x.shape != y.shape:
+            return False
+        d.add(x, y)
+    if not d.same:
         return False
-    if not any_finite:
+    if not d.any_finite:
         return True
-    return err <= _NOISE_EPS.get(dtype, 4.0) * torch.finfo(dtype).eps * (1.0 + top)
+    eps = torch.finfo(dtype).eps
+    return d.worst <= _NOISE_EPS.get(dtype, 4.0) * eps * (1.0 + d.top) + ulps * eps * d.top
 
 
-def _rounding_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
-                    ulps: float) -> tuple[bool, float]:
+def _finite_max_abs(t: torch.Tensor) -> float:
+    """max |t| over its finite values (0 when none), a block of rows at a time."""
+    top = 0.0
+    for x, _ in _blocks_of(t, t):
+        a = x.abs()
+        m = float(a.max()) if a.numel() else 0.0
+        if not math.isfinite(m):
+            a = a[torch.isfinite(a)]
+            m = float(a.max()) if a.numel() else 0.0
+        top = max(top, m)
+    return top
+
+
+def _rounding_close(got, want: torch.Tensor, dtype: torch.dtype, ulps: float) -> tuple[bool, float]:
     """(got agrees with want within ``ulps`` units in the last place of ``dtype`` at each of want's
-    values, plus 64 float32 ε · max |want|, max |got − want|)."""
-    same, top, worst, any_finite = _compare(got, want)
-    if not same:
-        return False, math.inf
-    if not any_finite:
-        return True, 0.0
-    floor = 64 * torch.finfo(torch.float32).eps * top
-    if worst <= floor:  # every difference is within the floor alone
-        return True, worst
-    for x, y in _blocks_of(got, want):
-        finite = torch.isfinite(x) & torch.isfinite(y)
-        if not bool(finite.any()):
-            continue
-        g, w = x[finite], y[finite]
-        _, exponent = torch.frexp(w)  # |w| in [2^(e−1), 2^e): one unit in the last place is ε · 2^(e−1)
-        ulp = torch.ldexp(torch.full_like(w, torch.finfo(dtype).eps), exponent - 1)
-        if not bool(((g - w).abs() <= ulps * ulp + floor).all()):
-            return False, worst
-    return True, worst
+    values, plus 64 float32 ε · max |want|, max |got − want|). ``got``: a tensor shaped like want, or
+    chunks of its rows (:func:`_pairs`), each compared as it comes."""
+    floor = 64 * torch.finfo(torch.float32).eps * _finite_max_abs(want)
+    ok, worst = True, 0.0
+    for part, ref in _pairs(got, want):
+        if part.shape != ref.shape:
+            return False, math.inf
+        for x, y in _blocks_of(part, ref):
+            same, _, w, any_finite = _block_stats(x, y)
+            if not same:
+                return False, math.inf
+            worst = max(worst, w)
+            if not any_finite or w <= floor or not ok:  # every difference within the floor alone
+                continue
+            finite = torch.isfinite(x) & torch.isfinite(y)
+            g, v = x[finite], y[finite]
+            _, exponent = torch.frexp(v)  # |v| in [2^(e−1), 2^e): one unit in the last place is ε · 2^(e−1)
+            ulp = torch.ldexp(torch.full_like(v, torch.finfo(dtype).eps), exponent - 1)
+            ok = bool(((g - v).abs() <= ulps * ulp + floor).all())
+    return ok, worst
 
 
 class ModelHead:
@@ -300,15 +345,26 @@ class ModelHead:
         z = _engine.project(h.to(self.mm_dtype), self.weight, self.bias, out=out).float()
         return self.finish(z, scale=self.out.hidden_scale, softcap=self.out.softcap)
 
-    def finish(self, z: torch.Tensor, *, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-        """z (float32, owned: changed in place) → softcap(scale · z) / temperature."""
+    def finish(self, z: torch.Tensor, *, scale: float = 1.0, softcap: float | None = None,
+               temperature: bool = True) -> torch.Tensor:
+        """z (float32, owned: changed in place) → softcap(scale · z) / temperature (without the division
+        when ``temperature`` is False: the model's own final logits)."""
         if scale != 1.0:
             z.mul_(scale)
         if softcap is not None:  # Gemma 2: c · tanh(z / c), in float32
             z.div_(softcap).tanh_().mul_(softcap)
-        if self.temperature != 1.0:
+        if temperature and self.temperature != 1.0:
             z.div_(self.temperature)
         return z
+
+    def _final_chunks(self, h: torch.Tensor):
+        """(row slice, the fused head's final logits [C, V] float32 of those rows, at temperature 1) of
+        hidden states h [M, D], a chunk of rows at a time (the check's only [*, V] temporaries)."""
+        size = chunk_rows(len(h), self.weight.shape[0], h.device)
+        for s in range(0, len(h), size):
+            z = _engine.project(h[s : s + size].to(self.mm_dtype), self.weight, self.bias).float()
+            yield slice(s, s + len(z)), self.finish(z, scale=self.out.hidden_scale, softcap=self.out.softcap,
+                                                    temperature=False)
 
     # -- the choice, on the first batch --------------------------------------------------------------
     def _probe(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -368,24 +424,24 @@ class ModelHead:
         self.decided = True
         rows = self._probe(batch)
         longest = max(range(len(rows)), key=lambda i: len(rows[i]))
-        self._check_inputs(rows[longest])
-        probe = self._collate(rows)
-        want = self._check_padding(rows, longest, probe)
-        if self.mode not in ("auto", "fused"):
-            return
-        detail = self._head_difference(probe, want)
-        if detail is None:
-            self.mode = "fused"
-        elif self.forced:
-            raise EvalError(f"head='fused' for {self.name} ({type(self.model).__name__}): {detail}; "
-                            "use head 'auto' or 'forward'")
-        else:
-            self._fall_back(detail)
+        x = rows[longest]
+        known = {tuple(x.tolist()): self._check_inputs(x)}  # the longest window's reference logits
+        if self.mode in ("auto", "fused"):
+            detail = self._head_difference(x)
+            if detail is None:
+                self.mode = "fused"
+            elif self.forced:
+                raise EvalError(f"head='fused' for {self.name} ({type(self.model).__name__}): {detail}; "
+                                "use head 'auto' or 'forward'")
+            else:
+                self._fall_back(detail)
+        self._check_padding(rows, longest, known)
 
-    def _check_inputs(self, x: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor) -> torch.Tensor | None:
         """Step 1: the first way of running the window x alone that gives its bare forward's logits:
         with position ids, without them (a model that counts positions its own way); without a key/value
-        cache, with one; else each window runs alone, from its input ids only."""
+        cache, with one; else each window runs alone, from its input ids only. Returns x's reference
+        logits [n, V] (:meth:`_reference`), None when its bare forward fails."""
         try:
             ref = self._alone(x)
         except torch.OutOfMemoryError:
@@ -394,7 +450,7 @@ class ModelHead:
             self._bare = False
             self._note(f"fails on its input ids alone ({type(err).__name__}): the check runs it with an "
                        "attention mask and position ids")
-            return
+            return None
         ones = torch.ones(1, len(x), dtype=torch.long, device=self.device)
         arange = torch.arange(len(x), device=self.device)[None]
         for positions, no_cache in ((True, True), (False, True), (True, False), (False, False)):
@@ -406,34 +462,63 @@ class ModelHead:
             self.grouping, positions, no_cache = "alone", False, False
             self._note("gives other logits when given an attention mask: each window is run alone, from "
                        "its input ids only")
-            return
+            return ref
         self.positions = positions
         self._no_cache = {"use_cache": False} if no_cache else {}
         if not positions:
             self._note("counts its positions otherwise than 0..n−1: it is given no position ids")
         if not no_cache:
             self._note("gives other logits without its key/value cache: it is run with one")
+        return ref
 
-    def _check_padding(self, rows: list[torch.Tensor], longest: int, probe: dict) -> torch.Tensor | None:
-        """Step 2: how windows are batched (see the module's docstring). Returns the probe's forward
-        logits [B, T, V] when the run will batch as the probe did, else None."""
+    def _head_ulps(self) -> float:
+        """Units in the last place of the forward's dtype by which the fused head's logits may differ from
+        the forward's: 2, or 4 when the head applies a scale or soft-cap (in float32, which the forward
+        rounds once more in its dtype)."""
+        return 4.0 if self.out.hidden_scale != 1.0 or self.out.softcap is not None else 2.0
+
+    def _head_difference(self, x: torch.Tensor) -> str | None:
+        """Step 2: None when the fused logits of the window x, run alone as decided, equal the forward's on
+        the same inputs at every position, within the rounding of the forward's dtype; else what
+        differs. Holds x's [n, V] forward logits and a chunk of fused ones."""
+        single = self._collate([x])
+        want = self._logits(single).float()[0]  # [n, V]
+        h = self._hidden_states(single)  # [1, n, D]
+        if h.dim() != 3 or h.shape[:2] != (1, len(x)) or h.shape[-1] != self.weight.shape[1]:
+            return (f"its decoder gives {tuple(h.shape)} hidden states for {(1, len(x))} inputs, its "
+                    f"output embeddings take {self.weight.shape[1]} features")
+        if want.shape != (len(x), self.weight.shape[0]):
+            return (f"the fused head gives {(len(x), self.weight.shape[0])} logits, the forward "
+                    f"{tuple(want.shape)}")
+        ok, err = _rounding_close(self._final_chunks(h[0]), want.to(h.device), self.logits_dtype,
+                                  self._head_ulps())
+        if ok:
+            return None
+        return (f"its forward does something to its logits that the fused head does not know (they differ "
+                f"by up to {err:.3g} on the first batch, beyond the rounding of {self.logits_dtype})")
+
+    def _check_padding(self, rows: list[torch.Tensor], longest: int, known: dict) -> None:
+        """Step 3: how windows are batched (see the module's docstring). With the fused head the batched
+        numbers are its logits of the batched hidden states, compared a chunk at a time with each window's
+        reference; with the model's forward, the batch's logits. ``known``: reference logits already
+        computed, by the window's ids."""
         indexer = sparse_indexer_fields(getattr(self.model, "config", None))
         if indexer and self.grouping == "padded" and self.batch_size > 1:
             self.grouping = "length"
             self._note(f"has a sparse-attention indexer ({', '.join(indexer)}), which may choose pad tokens: "
                        "windows are batched only with windows of their own length, unpadded")
         if self.grouping != "padded" or len(rows) < 2:
-            return None
+            return
         # two padded probes: the batch (padding forced), and the longest window beside every other
         # window one token short (what a padded row sees can depend on the data)
         x = rows[longest]
         others = [r[:-1] if len(r) > 1 else r for i, r in enumerate(rows) if i != longest]
-        want, bad = None, set()
-        for k, probe_rows in enumerate((rows, [x, *others])):
-            batch_k = probe if k == 0 else self._collate(probe_rows)
-            mask_k = batch_k["attention_mask"].bool()
+        bad = set()
+        for probe_rows in (rows, [x, *others]):
+            batch = self._collate(probe_rows)
+            mask = batch["attention_mask"].bool()
             try:
-                logits = self._logits(batch_k).float()  # [B, T, V]
+                out = self._hidden_states(batch) if self.fused else self._logits(batch).float()  # [B, T, *]
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, ValueError) as err:  # a forward that cannot take this padding
@@ -441,14 +526,21 @@ class ModelHead:
                 first = str(err).splitlines()[0][:120] if str(err) else ""
                 self._note(f"fails on a padded batch ({type(err).__name__}: {first}): windows are batched "
                            "only with windows of their own length, unpadded")
-                return None
-            full = mask_k.sum(1) == mask_k.shape[1]
+                return
+            full = mask.sum(1) == mask.shape[1]
             for i, r in enumerate(probe_rows):
-                if not _agrees(logits[i][mask_k[i]], self._reference(r), self.logits_dtype):
+                ref = known.get(tuple(r.tolist()))
+                ref = self._reference(r) if ref is None else ref
+                mine = out[i][mask[i].to(out.device)]
+                if self.fused:  # the fused head's logits, a chunk of rows at a time
+                    same = _agrees(self._final_chunks(mine), ref.to(mine.device), self.logits_dtype,
+                                   self._head_ulps())
+                else:
+                    same = _agrees(mine, ref, self.logits_dtype)
+                if not same:
                     bad.add("unpadded" if full[i] else "padded")
-            if k == 0:
-                want = logits
-            del logits
+                del ref
+            del out
         if "unpadded" in bad:
             self.grouping = "alone"
             self._note("gives a window other logits in a batch than alone: each window is run alone")
@@ -456,31 +548,6 @@ class ModelHead:
             self.grouping = "length"
             self._note("gives other logits to a padded window (its logits depend on the padding): "
                        "windows are batched only with windows of their own length, unpadded")
-        return want if not bad else None
-
-    def _head_difference(self, probe: dict, want: torch.Tensor | None) -> str | None:
-        """Step 3: None when the fused logits equal the forward's at every real position of the probe
-        (run as decided), within the rounding of the forward's dtype; else what differs."""
-        mask = probe["attention_mask"].bool()
-        if want is None:
-            want = self._logits(probe).float()
-        want = want[mask.to(want.device)]  # [M, V]
-        h = self._hidden_states(probe)  # [B, T, D]
-        if h.dim() != 3 or h.shape[:2] != mask.shape or h.shape[-1] != self.weight.shape[1]:
-            return (f"its decoder gives {tuple(h.shape)} hidden states for {tuple(mask.shape)} inputs, its "
-                    f"output embeddings take {self.weight.shape[1]} features")
-        h = h[mask.to(h.device)]  # [M, D]
-        got = _engine.project(h.to(self.mm_dtype), self.weight, self.bias).float()
-        got = self.finish(got, scale=self.out.hidden_scale, softcap=self.out.softcap) * self.temperature
-        if got.shape != want.shape:
-            return f"the fused head gives {tuple(got.shape)} logits, the forward {tuple(want.shape)}"
-        # a transform the head applies in float32 is rounded once more in the forward's dtype
-        transformed = self.out.hidden_scale != 1.0 or self.out.softcap is not None
-        ok, err = _rounding_close(got, want.to(got.device), self.logits_dtype, 4.0 if transformed else 2.0)
-        if ok:
-            return None
-        return (f"its forward does something to its logits that the fused head does not know (they differ "
-                f"by up to {err:.3g} on the first batch, beyond the rounding of {self.logits_dtype})")
 
     # -- both paths: chunks of final logits ----------------------------------------------------------
     @torch.no_grad()
