@@ -425,9 +425,10 @@ class ModelHead:
         rows = self._probe(batch)
         longest = max(range(len(rows)), key=lambda i: len(rows[i]))
         x = rows[longest]
-        known = {tuple(x.tolist()): self._check_inputs(x)}  # the longest window's reference logits
+        ref, as_run = self._check_inputs(x)
+        known = {tuple(x.tolist()): ref}  # the longest window's reference logits
         if self.mode in ("auto", "fused"):
-            detail = self._head_difference(x)
+            detail = self._head_difference(x, as_run)
             if detail is None:
                 self.mode = "fused"
             elif self.forced:
@@ -437,11 +438,12 @@ class ModelHead:
                 self._fall_back(detail)
         self._check_padding(rows, longest, known)
 
-    def _check_inputs(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _check_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Step 1: the first way of running the window x alone that gives its bare forward's logits:
         with position ids, without them (a model that counts positions its own way); without a key/value
         cache, with one; else each window runs alone, from its input ids only. Returns x's reference
-        logits [n, V] (:meth:`_reference`), None when its bare forward fails."""
+        logits [n, V] (:meth:`_reference`) and its logits run as decided (what :meth:`_logits` gives for x
+        alone), both None when its bare forward fails."""
         try:
             ref = self._alone(x)
         except torch.OutOfMemoryError:
@@ -450,26 +452,27 @@ class ModelHead:
             self._bare = False
             self._note(f"fails on its input ids alone ({type(err).__name__}): the check runs it with an "
                        "attention mask and position ids")
-            return None
+            return None, None
         ones = torch.ones(1, len(x), dtype=torch.long, device=self.device)
         arange = torch.arange(len(x), device=self.device)[None]
         for positions, no_cache in ((True, True), (False, True), (True, False), (False, False)):
             extra = {"attention_mask": ones, **({"position_ids": arange} if positions else {}),
                      **({"use_cache": False} if no_cache else {})}
-            if _agrees(self._alone(x, **extra), ref, self.logits_dtype):
+            as_run = self._alone(x, **extra)
+            if _agrees(as_run, ref, self.logits_dtype):
                 break
         else:
-            self.grouping, positions, no_cache = "alone", False, False
+            self.grouping, self.positions, self._no_cache = "alone", False, {}
             self._note("gives other logits when given an attention mask: each window is run alone, from "
                        "its input ids only")
-            return ref
+            return ref, ref
         self.positions = positions
         self._no_cache = {"use_cache": False} if no_cache else {}
         if not positions:
             self._note("counts its positions otherwise than 0..n−1: it is given no position ids")
         if not no_cache:
             self._note("gives other logits without its key/value cache: it is run with one")
-        return ref
+        return ref, as_run
 
     def _head_ulps(self) -> float:
         """Units in the last place of the forward's dtype by which the fused head's logits may differ from
@@ -477,12 +480,14 @@ class ModelHead:
         rounds once more in its dtype)."""
         return 4.0 if self.out.hidden_scale != 1.0 or self.out.softcap is not None else 2.0
 
-    def _head_difference(self, x: torch.Tensor) -> str | None:
+    def _head_difference(self, x: torch.Tensor, want: torch.Tensor | None) -> str | None:
         """Step 2: None when the fused logits of the window x, run alone as decided, equal the forward's on
         the same inputs at every position, within the rounding of the forward's dtype; else what
-        differs. Holds x's [n, V] forward logits and a chunk of fused ones."""
+        differs. ``want``: x's logits run as decided when step 1 has them. Holds x's [n, V] forward logits
+        and a chunk of fused ones."""
         single = self._collate([x])
-        want = self._logits(single).float()[0]  # [n, V]
+        if want is None:
+            want = self._logits(single).float()[0]  # [n, V]
         h = self._hidden_states(single)  # [1, n, D]
         if h.dim() != 3 or h.shape[:2] != (1, len(x)) or h.shape[-1] != self.weight.shape[1]:
             return (f"its decoder gives {tuple(h.shape)} hidden states for {(1, len(x))} inputs, its "
