@@ -436,6 +436,7 @@ class ModelHead:
                                 "use head 'auto' or 'forward'")
             else:
                 self._fall_back(detail)
+        del as_run  # only x's reference is kept for step 3
         self._check_padding(rows, longest, known)
 
     def _check_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
