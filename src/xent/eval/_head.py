@@ -126,10 +126,12 @@ def _block_stats(x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, float, 
     a subtraction and two maxima; the masks are built only when a difference is not finite."""
     if x.numel() == 0:
         return True, 0.0, 0.0, False
-    d = (x - y).abs_()
-    worst = float(d.max())  # NaN or inf when either side is not finite somewhere
-    if math.isfinite(worst):
-        return True, float(y.abs().max()), worst, True
+    d = x - y
+    lo, hi = (float(v) for v in torch.aminmax(d))  # one pass each for |x − y| and |y|, no |·| temporaries
+    if math.isfinite(lo) and math.isfinite(hi):  # else NaN or ±inf on either side somewhere
+        y_lo, y_hi = (float(v) for v in torch.aminmax(y))
+        return True, max(-y_lo, y_hi), max(-lo, hi), True
+    d.abs_()
     finite = torch.isfinite(x) & torch.isfinite(y)
     same = bool(((x == y) | (x.isnan() & y.isnan()) | finite).all())
     if not bool(finite.any()):
