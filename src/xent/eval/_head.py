@@ -559,12 +559,13 @@ class ModelHead:
 
     # -- both paths: chunks of final logits ----------------------------------------------------------
     @torch.no_grad()
-    def chunks(self, batch: dict[str, torch.Tensor], rows, cols, size: int):
-        """(start, float32 final logits [C, V]) for the scored positions in chunks of ``size`` rows."""
+    def chunks(self, batch: dict[str, torch.Tensor], rows, cols, size: int,
+               hidden: torch.Tensor | None = None):
+        """(start, float32 final logits [C, V]) for the scored positions in chunks of ``size`` rows; with
+        the fused head, from ``hidden`` (:meth:`hidden` of the same positions) when given."""
         self.decide(batch)
         if self.fused:
-            h = self.hidden(batch, rows, cols)
-            self.last_hidden = h  # [N, D]: the scored hidden states of the batch (temperature fitting)
+            h = self.hidden(batch, rows, cols) if hidden is None else hidden
             # one buffer for the chunks of every batch: a fresh [C, V] one per chunk would be a new
             # mapping of the OS each time, its pages faulted in again (a chunk is consumed before the next)
             shape = (min(size, len(rows)), self.weight.shape[0])

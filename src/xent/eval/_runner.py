@@ -260,14 +260,15 @@ class Runner(ChunkedScorer):
         return sum(nbytes[p] for p in scored), sum(words[p] for p in scored)
 
     def _score_batch(self, docs, batch, slots, on_tokens, progress) -> None:
-        stats = batch_token_stats(self.head, batch)
+        stats = batch_token_stats(self.head, batch, keep_hidden=self.keep_hidden)
+        hidden = stats.pop("hidden", None)
         if self.keep_hidden and len(stats["target"]):
             from ._temperature import Kept
 
             if not self.head.fused:
                 raise EvalError("keeping the hidden states (to fit a temperature, or save_base) needs the "
                                 f"fused head; {self.head.reason}")
-            self.kept.append(Kept(self.head.last_hidden.cpu(), stats["target"], stats["context"]))
+            self.kept.append(Kept(hidden.cpu(), stats["target"], stats["context"]))
         slot = slots[stats["row"]]
         doc = torch.tensor([docs[k].index for k in slot.tolist()], dtype=torch.long)
         check_finite({k: stats[k] for k in ("loss", "entropy", "top1_prob", "brier")}, doc, stats["position"])

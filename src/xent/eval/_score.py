@@ -50,17 +50,22 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.
     return eval_stats(logits.float(), targets)
 
 
-def batch_token_stats(head, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def batch_token_stats(head, batch: dict[str, torch.Tensor],
+                      keep_hidden: bool = False) -> dict[str, torch.Tensor]:
     """eval_stats of every scored position of a batch (row-major), on the CPU, from the model's
     final logits a chunk of rows at a time (``head``: a _head.ModelHead), plus each token's ``row``,
-    ``position`` (index in its document), ``context`` (tokens of context) and ``target``."""
+    ``position`` (index in its document), ``context`` (tokens of context) and ``target``; with
+    ``keep_hidden`` and the fused head, ``hidden``: the scored positions' last hidden states [N, D] (on the
+    model's device) that the logits came from."""
     from ._head import chunk_rows
 
     rows, cols = scored_index(batch)
     targets = batch["labels"][rows, cols]
     size = chunk_rows(len(rows), head.vocab, head.device)
     parts = []
-    for s, z in head.chunks(batch, rows, cols, size):
+    head.decide(batch)
+    hidden = head.hidden(batch, rows, cols) if keep_hidden and head.fused else None
+    for s, z in head.chunks(batch, rows, cols, size, hidden=hidden):
         stats = eval_stats(z, targets[s : s + len(z)].to(z.device))
         parts.append({k: v.cpu() for k, v in stats.items()})
     if parts:
@@ -70,6 +75,8 @@ def batch_token_stats(head, batch: dict[str, torch.Tensor]) -> dict[str, torch.T
         out["rank"] = torch.zeros(0, dtype=torch.long)
     out.update(row=rows, position=batch["positions"][rows, cols], context=context_lengths(batch, rows, cols),
                target=targets, previous=previous_inputs(batch, rows, cols))
+    if hidden is not None:
+        out["hidden"] = hidden
     return out
 
 
