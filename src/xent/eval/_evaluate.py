@@ -163,10 +163,11 @@ def evaluate(
     them (so the numbers do not depend on the number of ranks); every rank returns the pooled result
     and keeps a checkpoint of its own (rank 0 writes the outputs).
 
-    Raises EvalError (a ValueError) for bad input: an option (an ``OptionError`` naming it, before any
-    work), a document, a checkpoint of another run, no token to score in the whole corpus; and when
-    the model gives a non-finite per-token value (nothing is summed; the message names how many tokens
-    of the batch are affected and the first document and position).
+    Raises EvalError (a ValueError) for bad input: an option (before any work, the message naming it by
+    its keyword, which the error's ``options`` attribute lists), a document, a checkpoint of another
+    run, no token to score in the whole corpus; and when the model gives a non-finite per-token value
+    (nothing is summed; the message names how many tokens of the batch are affected and the first
+    document and position).
 
     Example:
         >>> r = xent.eval.evaluate(model, tokenizer, ["Some text.", "More text."], max_length=512)
