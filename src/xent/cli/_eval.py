@@ -138,12 +138,10 @@ def interrupted(args) -> str:
 
 def check_arguments(args) -> None:
     """The checks of what only the command line has, done before anything is loaded: the directories
-    that must be local, --threads, the corpus' --limit and --max-document-mb, --device. The options
-    of evaluate and compare are theirs to check (see checked)."""
+    that must be local, --threads, --max-document-mb (in MiB here), --device. The options of evaluate,
+    compare and Corpus are theirs to check (see checked)."""
     from . import CommandError
 
-    if args.limit is not None and args.limit < 1:
-        raise CommandError(f"--limit must be at least 1, got {args.limit}")
     check_local_dir(args.model, "model")
     check_local_dir(getattr(args, "base", None), "model")
     check_local_dir(getattr(args, "tokenizer", None), "tokenizer")

@@ -98,8 +98,8 @@ def model_context(model) -> int | None:
     return None
 
 
-def _at_least(name: str, value, minimum: int) -> None:
-    """OptionError unless value is an integer (not a bool) ≥ minimum."""
+def check_at_least(name: str, value, minimum: int) -> None:
+    """OptionError unless the option ``name`` is an integer (not a bool) ≥ minimum."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise OptionError("{0} must be an integer, got {value!r}", name, value=value)
     if value < minimum:
@@ -125,12 +125,12 @@ class WindowOptions:
         and the stride against an explicit max_length. OptionError names the first bad one."""
         max_length, stride, bos, preset = self.max_length, self.stride, self.bos, self.preset
         if max_length is not None:
-            _at_least("max_length", max_length, 3)
-        _at_least("batch_size", self.batch_size, 1)
+            check_at_least("max_length", max_length, 3)
+        check_at_least("batch_size", self.batch_size, 1)
         if self.padding_side not in ("left", "right"):
             raise OptionError("{0} must be 'left' or 'right', got {value!r}", "padding_side",
                               value=self.padding_side)
-        _at_least("checkpoint_every", self.checkpoint_every, 1)
+        check_at_least("checkpoint_every", self.checkpoint_every, 1)
         if preset is not None:
             if preset not in PRESETS:
                 raise OptionError("unknown {0} {value!r} (choose from {choices})", "preset", value=preset,
@@ -148,7 +148,7 @@ class WindowOptions:
             raise OptionError("{0} must be one of {choices}, got {value!r}", "bos", value=bos,
                               choices=", ".join(BOS_MODES))
         if stride is not None:
-            _at_least("stride", stride, 1)
+            check_at_least("stride", stride, 1)
             if max_length is not None:
                 _check_stride(stride, max_length, "")
 
@@ -188,7 +188,7 @@ def check_options(**options) -> RunOptions:
             raise OptionError("{0} {value!r} exists and is not an empty directory", "save_base",
                               value=run.save_base)
     if run.stop_after is not None:
-        _at_least("stop_after", run.stop_after, 1)
+        check_at_least("stop_after", run.stop_after, 1)
     return run
 
 
