@@ -123,9 +123,10 @@ def test_outputs_need_a_directory(model_and_tokenizer, docs, flag):
 def test_bad_input_mid_run_removes_what_the_run_wrote_unless_it_resumed(model_and_tokenizer, docs, tmp_path):
     model, tok = model_and_tokenizer
     broken = [*docs[:5], 42, *docs[5:]]  # document 5 is no string: found after two chunks were saved
+    made = tmp_path / "made"
     with pytest.raises(xent.eval.EvalError, match="document 5 is int, not a string"):
-        xent.eval.evaluate(model, tok, broken, checkpoint_dir=str(tmp_path), per_token=True, **KW)
-    assert os.listdir(tmp_path) == []
+        xent.eval.evaluate(model, tok, broken, checkpoint_dir=str(made), per_token=True, **KW)
+    assert os.listdir(tmp_path) == []  # the directory it made, removed again
     run = dict(checkpoint_dir=str(tmp_path), per_token=True, **KW)
     xent.eval.evaluate(model, tok, broken, stop_after=1, **run)
     with pytest.raises(xent.eval.EvalError, match="document 5 is int"):
@@ -139,3 +140,40 @@ def test_no_token_to_score_is_an_error_and_leaves_nothing(model_and_tokenizer, t
     with pytest.raises(xent.eval.EvalError, match="^no tokens to score in the documents: 2 empty and 0 "):
         xent.eval.evaluate(model, tok, ["", "  \n"], checkpoint_dir=str(tmp_path), per_token=True, **KW)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the lock is fcntl.flock")
+def test_a_directory_in_use_by_another_run_is_refused_and_left_alone(model_and_tokenizer, docs, tmp_path):
+    import fcntl
+
+    model, tok = model_and_tokenizer
+    (tmp_path / "checkpoint.json").write_text("the other run's checkpoint")
+    fd = os.open(tmp_path / ".xent.lock", os.O_RDWR | os.O_CREAT)  # another run's lock (its own file)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    try:
+        with pytest.raises(xent.eval.EvalError, match=r"is in use by another xent run \(pid 4242\): wait for "
+                                                      "it to finish or choose another checkpoint_dir"):
+            xent.eval.evaluate(model, tok, docs, checkpoint_dir=str(tmp_path), resume=True, **KW)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "checkpoint.json").read_text() == "the other run's checkpoint"
+    xent.eval.evaluate(model, tok, docs[:2], checkpoint_dir=str(tmp_path / "new"), **KW)
+    assert sorted(os.listdir(tmp_path / "new")) == ["summary.json"]  # made, and the lock file gone
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the lock is fcntl.flock")
+def test_two_runs_of_one_process_into_one_directory_exclude_each_other(model_and_tokenizer, docs, tmp_path):
+    model, tok = model_and_tokenizer
+    second = []
+
+    def start_another(n):
+        if not second:
+            with pytest.raises(xent.eval.EvalError, match="is in use by another xent run") as caught:
+                xent.eval.evaluate(model, tok, docs, checkpoint_dir=str(tmp_path), **KW)
+            second.append(caught.value)
+
+    first = xent.eval.evaluate(model, tok, docs[:2], checkpoint_dir=str(tmp_path), progress=start_another,
+                               **KW)
+    assert len(second) == 1 and first.documents == 2
+    assert sorted(os.listdir(tmp_path)) == ["summary.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -204,20 +205,12 @@ def evaluate(
                        "model_sha256": model_sha256, "data_sha256": data_sha256}
         out = RunDir(checkpoint_dir, fingerprint, rank=rank, resume=resume, per_token=per_token, html=html,
                      tokenizer=tokenizer)
-    try:
+    with out if out is not None else contextlib.nullcontext():  # see _rundir: what an error leaves
         result, stopped = _run(runner, documents, corpus, names, run, out, progress=progress,
                                on_tokens=on_tokens, on_checkpoint=on_checkpoint, config=config,
                                model_sha256=model_sha256, data_sha256=data_sha256)
         if out is not None and not stopped:
             out.finish(result.to_dict())
-    except EvalError:
-        if out is not None:
-            out.discard()
-        raise
-    except BaseException as err:
-        if out is not None:
-            out.note_kept(err)
-        raise
     return result
 
 

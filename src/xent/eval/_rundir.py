@@ -1,6 +1,8 @@
 """The directory of an ``evaluate`` run (its ``checkpoint_dir``): what is written there and when.
 
-For each rank r (its checkpoint: ``checkpoint.json``, ``checkpoint.rank{r}.json`` for r > 0):
+A run enters it as a context: the directory is made if missing and locked (_files.OutputLock: one run
+per directory; the lock the CLI holds on --out is shared). Then, for each rank
+r (its checkpoint: ``checkpoint.json``, ``checkpoint.rank{r}.json`` for r > 0):
 
 - start: with resume, the checkpoint is read and must carry the run's fingerprint (a missing one: the run
   starts from the first document). Per-token parts of earlier chunks are kept only when a checkpoint
@@ -10,10 +12,12 @@ For each rank r (its checkpoint: ``checkpoint.json``, ``checkpoint.rank{r}.json`
 - finish (every document scored): rank 0 merges the parts into tokens.parquet, writes report.html, then
   summary.json; then every rank removes its checkpoint. A failure before that keeps the checkpoint, and
   a resume from it goes straight to the finish.
-- bad input (an EvalError) before the finish: what the run wrote is removed, unless it resumed (the
+- bad input (an EvalError leaving the context): what the run wrote is removed, unless it resumed (the
   checkpoint it continued stays, with the parts it covers).
-- anything else (Ctrl-C, a full disk, a crash of the model): the checkpoint stays, and the exception
-  carries a note (``__notes__``) naming it.
+- any other exception leaving the context (Ctrl-C, a full disk, a crash of the model): the checkpoint
+  stays, and the exception carries a note (``__notes__``) naming it.
+
+On leaving, the lock is released and the directory removed if the run made it and left it empty.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 
 from . import _distributed as dist
 from . import _files
+from ._errors import EvalError
 from ._tokens import TokenWriter
 
 OUTPUTS = ["summary.json", "tokens.parquet", "report.html", "reliability.png", "loss_by_position.png"]
@@ -38,6 +43,38 @@ class RunDir:
         self.rows = per_token or html  # the report is built from tokens.parquet
         self.checkpoint = _files.checkpoint_path(directory, rank)
         self.sink: TokenWriter | None = None
+        self.lock = _files.OutputLock(directory, rank, flag="checkpoint_dir", join=True)
+        self.created = False
+
+    def __enter__(self) -> RunDir:
+        try:
+            os.makedirs(self.directory)
+            self.created = True
+        except FileExistsError:  # as it should be, or made meanwhile by another rank of this run
+            pass
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self._remove_if_created()
+            raise
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        try:
+            if isinstance(err, EvalError):
+                self.discard()
+            elif err is not None:
+                self.note_kept(err)
+        finally:
+            self.lock.release()
+            self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if self.created and self.rank == 0:
+            try:
+                os.rmdir(self.directory)  # only if empty
+            except OSError:
+                pass
 
     def start(self) -> dict | None:
         """The checkpoint's state when resuming from one (its contents are the caller's to check)."""
