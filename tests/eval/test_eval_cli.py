@@ -196,13 +196,18 @@ def bad_dirs(tmp_path_factory, model_dir):
     ("max-length", ["--max-length", "65"], "max-length 65 is beyond the model's 64 positions"),
     ("stride > L", ["--max-length", "32", "--stride", "33"], "--stride 33 is larger than --max-length 32"),
     ("stride 0", ["--stride", "0"], "--stride must be positive, got 0"),
-    ("stride > default L", ["--stride", "65"], "stride must be in 1..max-length (64), got 65"),
+    ("stride > default L", ["--stride", "65"],
+     "--stride 65 is larger than --max-length 64 (the model's context): tokens between windows"),
     ("empty corpus", ["--data", "{empty}"], "no tokens to score in "),
     ("missing data", ["--data", "{tmp}/none.txt"], "data file not found: "),
     ("format", ["--data", "{tmp}/x.csv"], "unsupported data format '.csv'"),
     ("bad jsonl", ["--data", "{tmp}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
     ("jsonl field", ["--data", "{tmp}/good.jsonl", "--text-field", "body"], "good.jsonl:1: no field 'body'"),
     ("resume without out", ["--resume"], "--resume needs --out DIR"),
+    ("per-token without out", ["--per-token"], "--per-token needs --out DIR"),
+    ("html without out", ["--html"], "--html needs --out DIR"),
+    ("fit and resume", ["--fit-temperature", "--resume"], "--fit-temperature needs every token of one run: "
+                                                          "do not pass --resume"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, model_dir, bad_dirs, tmp_path, case, args, message):
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
@@ -218,7 +223,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, model_dir, bad_dirs, t
     if "--data" not in argv:
         argv += ["--data", str(tmp_path / "ok.txt")]
     out_dir = tmp_path / "out"
-    if "--resume" not in argv:
+    if not {"--resume", "--per-token", "--html"} & set(argv) or "--fit-temperature" in argv:
         argv += ["--out", str(out_dir)]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2

@@ -238,7 +238,8 @@ def test_transformers_preset_reproduces_the_page_loop(model_and_tokenizer, docum
 
 def test_a_preset_fixes_stride_and_bos(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    with pytest.raises(xent.eval.EvalError, match="--preset lm-eval fixes the stride and BOS"):
+    lm_eval = "^preset lm-eval fixes the stride and BOS: do not pass stride or bos$"
+    with pytest.raises(xent.eval.EvalError, match=lm_eval):
         xent.eval.evaluate(model, tok, ["text"], max_length=16, stride=8, preset="lm-eval")
-    with pytest.raises(xent.eval.EvalError, match="llama.cpp fixes the stride: do not pass --stride$"):
+    with pytest.raises(xent.eval.EvalError, match="^preset llama.cpp fixes the stride: do not pass stride$"):
         xent.eval.evaluate(model, tok, ["text"], max_length=16, stride=8, preset="llama.cpp")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from . import plain
-from ._eval import add_data_arguments, checked, device_for, open_corpus
+from ._eval import add_data_arguments, checked, device_for, open_corpus, window_options
 
 
 def register(sub) -> None:
@@ -33,10 +33,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    return checked(_run, args)
+    return checked(_run, args, window_options(args))
 
 
-def _run(args, out) -> int:
+def _run(args, options: dict) -> int:
     import json
     import os
 
@@ -63,10 +63,8 @@ def _run(args, out) -> int:
     progress = Progress(enabled=rank == 0, desc="comparing")
     try:
         result = compare(
-            base, model, tokenizer, corpus, model_tokenizer=model_tokenizer, max_length=args.max_length,
-            stride=args.stride, bos=args.bos, preset=args.preset, batch_size=args.batch_size,
-            progress=progress, model_sha256={"base": base_sha, "model": model_sha},
-            base_cache=args.base_cache, head=args.head,
+            base, model, tokenizer, corpus, model_tokenizer=model_tokenizer, **options, progress=progress,
+            model_sha256={"base": base_sha, "model": model_sha}, base_cache=args.base_cache,
             extra_config={"base": args.base, "model": args.model, "data": list(args.data),
                           "split": args.split, "text_field": args.text_field, "limit": args.limit,
                           "dtype": args.dtype,

@@ -137,44 +137,45 @@ def interrupted(args) -> str:
 
 
 def check_arguments(args) -> None:
-    """Checks that need no model, done before anything is loaded."""
+    """The checks of what only the command line has, done before anything is loaded: the directories
+    that must be local, --threads, --max-document-mb (in MiB here), --device. The options of evaluate,
+    compare and Corpus are theirs to check (see checked)."""
     from . import CommandError
 
-    if args.stride is not None and args.stride <= 0:
-        raise CommandError(f"--stride must be positive, got {args.stride}")
-    if args.max_length is not None and args.max_length < 3:
-        raise CommandError(f"--max-length must be at least 3, got {args.max_length}")
-    if args.stride is not None and args.max_length is not None and args.stride > args.max_length:
-        raise CommandError(f"--stride {args.stride} is larger than --max-length {args.max_length}: tokens "
-                           "between windows would never be scored")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise CommandError(f"--limit must be at least 1, got {args.limit}")
     check_local_dir(args.model, "model")
     check_local_dir(getattr(args, "base", None), "model")
     check_local_dir(getattr(args, "tokenizer", None), "tokenizer")
     check_threads(args.threads)
-    temperature = getattr(args, "temperature", 1.0)
-    if not (0 < temperature < float("inf")):
-        raise CommandError(f"--temperature must be a finite number > 0, got {temperature}")
-    if getattr(args, "fit_temperature", False) and (temperature != 1.0 or getattr(args, "resume", False)):
-        raise CommandError("--fit-temperature reports T* beside T = 1 in one run: do not pass "
-                           + ("--temperature" if temperature != 1.0 else "--resume"))
-    save_base = getattr(args, "save_base", None)
-    if save_base is not None:
-        import os
-
-        if getattr(args, "resume", False):
-            raise CommandError("--save-base needs one uninterrupted run: do not pass --resume")
-        if os.path.exists(save_base) and (not os.path.isdir(save_base) or os.listdir(save_base)):
-            raise CommandError(f"--save-base {save_base!r} exists and is not an empty directory")
-    for flag in ("resume", "per_token", "html"):
-        if getattr(args, flag, False) and not args.out:
-            raise CommandError(f"--{flag.replace('_', '-')} needs --out DIR")
     if not args.max_document_mb > 0:  # NaN too
         raise CommandError(f"--max-document-mb must be positive, got {args.max_document_mb:g}")
     check_device(args.device)
+
+
+def window_options(args) -> dict:
+    """The keywords of xent.eval.evaluate and compare that --data's windowing flags give."""
+    return {"max_length": args.max_length, "stride": args.stride, "bos": args.bos, "preset": args.preset,
+            "batch_size": args.batch_size, "head": args.head}
+
+
+def evaluate_options(args) -> dict:
+    """The keywords of xent.eval.evaluate that xent eval's flags give (--out is its checkpoint_dir)."""
+    return {**window_options(args), "checkpoint_every": args.checkpoint_every, "checkpoint_dir": args.out,
+            "resume": args.resume, "per_token": args.per_token, "html": args.html,
+            "stop_after": args.stop_after, "temperature": args.temperature,
+            "fit_temperature": args.fit_temperature, "save_base": args.save_base}
+
+
+# The flag that gives each keyword of evaluate and compare, where it is not --keyword-with-dashes.
+FLAGS = {"checkpoint_dir": "--out DIR"}
+
+
+def flagged(err: Exception) -> str:
+    """An xent.eval error as the command line says it: a bad option named by its flag."""
+    from xent.eval._options import OptionError
+
+    if not isinstance(err, OptionError):
+        return str(err)
+    return err.spelled({name: FLAGS.get(name, "--" + name.replace("_", "-")) for name in err.options})
 
 
 def open_corpus(args):
@@ -192,25 +193,29 @@ def device_for(args) -> str:
     return args.device
 
 
-def checked(body, args) -> int:
-    """Check the arguments, join the torchrun process group if there is one, and run body(args, out)
-    with --out checked and locked (see _output.OutputDir) and --save-base locked, xent.eval's input
-    errors and OSErrors (a full disk...) as one-line CLI errors."""
+def checked(body, args, options: dict) -> int:
+    """Check the arguments and the library's ``options`` (xent.eval's check_options: no model needed),
+    join the torchrun process group if there is one, and run body(args, options) with --out checked and
+    locked (see _output.OutputDir) and --save-base locked; xent.eval's input errors and OSErrors (a full
+    disk...) become one-line CLI errors."""
     from xent.eval import EvalError
     from xent.eval import _distributed as dist
+    from xent.eval._options import check_options
 
     from . import CommandError
 
-    check_arguments(args)
-    joined = dist.init_from_env(args.device)
+    joined = False
     try:
+        check_arguments(args)
+        check_options(**options)
+        joined = dist.init_from_env(args.device)
         rank, _ = dist.rank_and_world()
-        with OutputDir(args.out, rank=rank) as out, save_base_lock(args), cpu_threads(args.threads):
-            return body(args, out)
+        with OutputDir(args.out, rank=rank), save_base_lock(args), cpu_threads(args.threads):
+            return body(args, options)
     except EvalError as err:
-        raise CommandError(str(err)) from None
-    except OSError as err:
-        raise CommandError(describe(err)) from None
+        raise CommandError(flagged(err)) from None
+    except OSError as err:  # its notes say what is kept (xent.eval.evaluate: the checkpoint)
+        raise CommandError("; ".join([describe(err), *getattr(err, "__notes__", ())])) from None
     finally:
         if joined:
             dist.shutdown()
@@ -229,30 +234,19 @@ def save_base_lock(args):
 
 
 def run(args) -> int:
-    return checked(_run, args)
+    return checked(_run, args, evaluate_options(args))
 
 
-def too_short_note(summary: dict) -> str:
-    """Under --preset llama.cpp, why documents went unscored (llama-perplexity refuses short texts)."""
-    cfg = summary["config"]
-    if cfg.get("preset") != "llama.cpp" or not summary["skipped_unscored"]:
-        return ""
-    return (f" (--preset llama.cpp: fewer than 2 × {cfg['max_length']} tokens, which llama-perplexity "
-            "refuses)")
-
-
-def _run(args, out) -> int:
+def _run(args, options: dict) -> int:
     import json
-    import os
-    import shutil
     import sys
 
-    from xent.eval import EvalError, _files, evaluate
     from xent.eval import _distributed as dist
+    from xent.eval import evaluate
+    from xent.eval._evaluate import too_short_note
+    from xent.eval._files import json_safe
     from xent.eval._load import load_model
     from xent.eval._report import Progress, print_summary
-
-    from . import CommandError
 
     corpus = open_corpus(args)  # checks the paths before the model is loaded
     rank, _ = dist.rank_and_world()
@@ -261,77 +255,26 @@ def _run(args, out) -> int:
                                              allow_pickle=args.allow_pickle,
                                              allow_missing_weights=args.allow_missing_weights,
                                              tokenizer_dir=args.tokenizer)
-    checkpoint = _files.checkpoint_path(args.out, rank) if args.out else None
-
-    def discard() -> None:
-        """After bad input: remove what this run wrote (a resumed run keeps its checkpoint)."""
-        if not args.out or args.resume:
-            return
-        _files.remove_checkpoint(args.out, rank)
-        shutil.rmtree(os.path.join(args.out, ".tokens"), ignore_errors=True)
-
-    sink = None
-    if args.per_token or args.html:
-        from xent.eval._tokens import TokenWriter
-
-        # parts of earlier chunks are kept only when there is a checkpoint to continue
-        sink = TokenWriter(args.out, tokenizer, resume=args.resume and os.path.lexists(checkpoint),
-                           rank=rank)
-        dist.barrier()  # rank 0 clears old parts before any rank writes new ones
     progress = Progress(enabled=rank == 0)
     try:
-        result = evaluate(
-            model, tokenizer, corpus, max_length=args.max_length, stride=args.stride, bos=args.bos,
-            preset=args.preset, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-            checkpoint_dir=args.out, resume=args.resume, progress=progress,
-            on_tokens=sink.add if sink else None, on_checkpoint=sink.flush if sink else None,
-            model_sha256=model_sha, stop_after=args.stop_after, temperature=args.temperature,
-            fit_temperature=args.fit_temperature, save_base=args.save_base, head=args.head,
-            # the outputs belong to the checkpoint's fingerprint: a resume that adds --per-token would
-            # lack the rows of the documents scored before it
-            extra_config={"model": args.model, "tokenizer": args.tokenizer, "data": list(args.data),
-                          "split": args.split, "text_field": args.text_field, "limit": args.limit,
-                          "dtype": args.dtype, "device": args.device,
-                          "per_token": bool(args.per_token), "html": bool(args.html)},
-        )
-    except OSError as err:
-        kept = checkpoint is not None and os.path.lexists(checkpoint)
-        raise CommandError(describe(err) + (f"; {checkpoint} is kept: rerun with --resume once this is "
-                                            "fixed" if kept else "")) from None
-    except EvalError:
-        discard()
-        raise
+        result = evaluate(model, tokenizer, corpus, **options, progress=progress, model_sha256=model_sha,
+                          extra_config={"model": args.model, "tokenizer": args.tokenizer,
+                                        "data": list(args.data), "split": args.split,
+                                        "text_field": args.text_field, "limit": args.limit,
+                                        "dtype": args.dtype, "device": args.device})
     finally:
         progress.close()
     if args.stop_after is not None:
         return 3  # interrupted on purpose (tests): the checkpoint is in --out
     summary = result.to_dict()
-    short = too_short_note(summary)
-    if summary["tokens"] == 0:
-        discard()
-        raise CommandError(f"no tokens to score in {' '.join(args.data)}: {summary['skipped_empty']} empty "
-                           f"and {summary['skipped_unscored']} too-short documents{short}")
-    if short and rank == 0:
-        print(f"xent eval: warning: {summary['skipped_unscored']} documents not scored{short}",
-              file=sys.stderr)
     if rank == 0:
-        if args.out:
-            if sink is not None:
-                sink.finish(expected_rows=summary["tokens"])
-            if args.html:
-                from xent.eval._html import write_report
-
-                write_report(args.out, summary)
-            _files.write_json(os.path.join(args.out, "summary.json"), summary)
+        short = too_short_note(summary)
+        if short:
+            print(f"xent eval: warning: {summary['skipped_unscored']} documents not scored{short}",
+                  file=sys.stderr)
         if args.json:
-            print(json.dumps(_files.json_safe(summary), indent=2, allow_nan=False))
+            print(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         else:
             print_summary(summary)
     progress.report(summary["tokens"])  # after the outputs: a run that fails says nothing of its speed
-    if args.out:
-        dist.barrier()
-        _files.remove_checkpoint(args.out, rank)
-        if rank == 0:
-            _files.remove_stale_temporaries(args.out, ["summary.json", "tokens.parquet", "report.html",
-                                                         "reliability.png", "loss_by_position.png"])
     return 0

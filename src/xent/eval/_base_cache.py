@@ -83,12 +83,6 @@ class TextHash:
         return self.h.hexdigest()
 
 
-def check_can_save(directory: str) -> None:
-    """EvalError unless ``directory`` can hold a new cache (missing, or an empty directory)."""
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise EvalError(f"save-base: {directory!r} exists and is not an empty directory")
-
-
 def lock(directory: str) -> _files.OutputLock:
     """The lock a run holds on a cache directory while it computes and writes it (not taken yet): a
     file beside it, ``.NAME.xent.lock``, since the directory itself is replaced when the cache is put in

@@ -23,6 +23,7 @@ from decimal import Decimal
 
 from ._errors import EvalError
 from ._files import first_line
+from ._options import check_at_least
 
 SPLITS = ("none", "lines", "paragraphs")
 
@@ -195,8 +196,8 @@ class Corpus:
                  max_document_bytes: int = MAX_DOCUMENT_BYTES, limit: int | None = None):
         if split not in SPLITS:
             raise EvalError(f"split must be one of {SPLITS}, got {split!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise EvalError(f"limit must be a positive integer or None, got {limit!r}")
+        if limit is not None:
+            check_at_least("limit", limit, 1)
         self.limit = limit
         if isinstance(max_document_bytes, bool) or not isinstance(max_document_bytes, int) or \
                 max_document_bytes < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -10,7 +11,8 @@ from . import _distributed as dist
 from . import _files
 from ._data import Corpus
 from ._errors import EvalError
-from ._options import resolve_options
+from ._options import OptionError, RunOptions, check_options, resolve_options
+from ._rundir import RunDir
 from ._runner import Runner, eval_mode
 from ._sums import Totals
 
@@ -87,6 +89,8 @@ def evaluate(
     checkpoint_every: int = 100,
     checkpoint_dir: str | None = None,
     resume: bool = False,
+    per_token: bool = False,
+    html: bool = False,
     progress: Callable[[int], None] | None = None,
     on_tokens: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
@@ -113,13 +117,26 @@ def evaluate(
             xent.eval._windows for the exact windowing.
         batch_size, padding_side: change speed, not results (a model whose logits change with them is
             run without padding, or a window at a time: see ``head``).
-        checkpoint_every: documents per chunk; with ``checkpoint_dir`` the exact totals are saved after
-            each chunk and ``resume=True`` continues from them (the result equals an uninterrupted run).
+        checkpoint_every: documents per chunk. With ``checkpoint_dir`` (the run's directory, made if
+            missing) the exact totals are saved to ``checkpoint_dir/checkpoint.json`` after each chunk;
+            when every document is scored, ``summary.json`` (``to_dict()`` of the result) is written and
+            the checkpoint removed. An interruption (Ctrl-C, a full disk, any exception but EvalError)
+            keeps the checkpoint (the exception's ``__notes__`` name it), and ``resume=True`` continues
+            from it: the result is that of an uninterrupted run, bit for bit (no checkpoint: it starts
+            from the first document). Bad input (EvalError) removes what the run wrote, unless it
+            resumed. A checkpoint resumes only the same model, data and options (its fingerprint:
+            content hashes and options, not paths, device or batch size; EvalError otherwise).
+        per_token: also write ``checkpoint_dir/tokens.parquet``, one row per scored token (doc,
+            position, token_id, token, loss, entropy, rank, top1_prob), in corpus order; across a resume
+            too. html: also write ``checkpoint_dir/report.html`` with its plots (needs matplotlib).
         progress(tokens), on_tokens(per-token dict): called after each batch; on_checkpoint(next
             document index) after each chunk, before the checkpoint is saved.
         model_sha256: recorded as is; by default the SHA-256 of the model's state dict (which copies
             the weights to the CPU once: pass any string to skip it). data_sha256 likewise (a Corpus
-            hashes its files).
+            hashes its files). extra_config: recorded in ``config`` (and the checkpoint's fingerprint).
+        stop_after: stop after the chunk holding document ``stop_after - 1``, as an interruption would
+            (the checkpoint is kept, nothing else written), and return the result so far: to test
+            resuming.
         head: "auto" (default): the decoder, then the output embeddings applied to the scored positions
             only, a chunk at a time (no [B, T, V] logits), when that reproduces the model's forward on
             every position of the first batch (within the rounding of the forward's dtype) and the
@@ -144,97 +161,105 @@ def evaluate(
             held in memory until the end.
 
     Under torch.distributed every rank forms the batches one process would and runs every world-th of
-    them (so the numbers do not depend on the number of ranks); every rank returns the pooled result.
+    them (so the numbers do not depend on the number of ranks); every rank returns the pooled result
+    and keeps a checkpoint of its own (rank 0 writes the outputs).
 
-    Raises EvalError (a ValueError) for bad options or input, and when the model gives a non-finite
-    per-token value (nothing is summed; the message names how many tokens of the batch are affected
-    and the first document and position).
+    Raises EvalError (a ValueError) for bad input: an option (before any work, the message naming it by
+    its keyword, which the error's ``options`` attribute lists), a document, a checkpoint of another
+    run, no token to score in the whole corpus; and when the model gives a non-finite per-token value
+    (nothing is summed; the message names how many tokens of the batch are affected and the first
+    document and position).
 
     Example:
         >>> r = xent.eval.evaluate(model, tokenizer, ["Some text.", "More text."], max_length=512)
         >>> r.nll_mean, r.perplexity, r.nll_se_document  # doctest: +SKIP
     """
-    opts = resolve_options(model, tokenizer, max_length=max_length, stride=stride, bos=bos, preset=preset,
-                           batch_size=batch_size, padding_side=padding_side,
-                           checkpoint_every=checkpoint_every)
-    if fit_temperature and temperature != 1.0:
-        raise EvalError(f"fit_temperature reports T* beside T = 1: do not pass temperature ({temperature!r})")
-    if fit_temperature and resume:
-        raise EvalError("fit_temperature cannot resume: the fit needs every token of one run")
+    window = dict(max_length=max_length, stride=stride, bos=bos, preset=preset, batch_size=batch_size,
+                  padding_side=padding_side, checkpoint_every=checkpoint_every)
+    run = check_options(**window, checkpoint_dir=checkpoint_dir, resume=resume, per_token=per_token,
+                        html=html, head=head, temperature=temperature, fit_temperature=fit_temperature,
+                        save_base=save_base, stop_after=stop_after)
+    opts = resolve_options(model, tokenizer, **window)
+    rank, world = dist.rank_and_world()
+    if save_base is not None and world > 1:
+        raise OptionError("{0} needs one process (no torch.distributed): the cache holds every batch's "
+                          "states in run order", "save_base")
     corpus = documents if isinstance(documents, Corpus) else None
     names = corpus.paths if corpus is not None else ["<documents>"]
-    stream = document_stream(documents, opts.preset)
-    rank, world = dist.rank_and_world()
-    if save_base is not None:
-        from . import _base_cache
-
-        if resume or world > 1:
-            raise EvalError("save_base needs one uninterrupted run in one process (no resume, no "
-                            "torch.distributed): the cache holds every batch's states in run order")
-        _base_cache.check_can_save(save_base)
-        stream = _base_cache.TextHash(stream)
     runner = Runner(model, tokenizer, opts, len(names), rank=rank, world=world, head=head,
                     temperature=temperature, keep_hidden=fit_temperature or save_base is not None)
     if model_sha256 is None:
         model_sha256 = _files.state_dict_sha256(model)
     if data_sha256 is None and corpus is not None:
         data_sha256 = corpus.sha256()
-    config = {**opts.config(), "world_size": world, **(extra_config or {})}
+    config = {**opts.config(), "world_size": world, **(extra_config or {}), "per_token": bool(run.per_token),
+              "html": bool(run.html)}
     if temperature != 1.0:
         config["temperature"] = float(temperature)
-
-    start, on_chunk = 0, on_checkpoint
+    out = None
     if checkpoint_dir is not None:
-        # what fixes the numbers: options and content hashes, not paths, device or batch size
+        # what fixes the numbers and the outputs: options and content hashes, not paths, device or
+        # batch size
         fingerprint = {"config": {k: v for k, v in config.items()
                                   if k not in ("batch_size", "device", "model", "data")},
                        "model_sha256": model_sha256, "data_sha256": data_sha256}
-        if resume:
-            state = _files.load_checkpoint(checkpoint_dir, fingerprint, rank)
-            if state is not None:
-                start, runner.totals = _restore(state, opts, len(names), rank, world,
-                                                _files.checkpoint_path(checkpoint_dir, rank))
+        out = RunDir(checkpoint_dir, fingerprint, rank=rank, resume=resume, per_token=per_token, html=html,
+                     tokenizer=tokenizer)
+    with out if out is not None else contextlib.nullcontext():  # see _rundir: what an error leaves
+        result, stopped = _run(runner, documents, corpus, names, run, out, progress=progress,
+                               on_tokens=on_tokens, on_checkpoint=on_checkpoint, config=config,
+                               model_sha256=model_sha256, data_sha256=data_sha256)
+        if out is not None and not stopped:
+            out.finish(result.to_dict())
+    return result
 
-        def on_chunk(next_doc: int) -> None:
-            if on_checkpoint is not None:
-                on_checkpoint(next_doc)
-            _files.save_checkpoint(checkpoint_dir, fingerprint,
-                                   {"next_document": next_doc, "totals": [t.state() for t in runner.totals]},
-                                   rank)
+
+def _run(runner: Runner, documents, corpus: Corpus | None, names: list[str], run: RunOptions,
+         out: RunDir | None, *, progress, on_tokens, on_checkpoint, config: dict, model_sha256, data_sha256):
+    """(the pooled result, whether ``stop_after`` stopped the run): the scoring of evaluate, resumed
+    from ``out``'s checkpoint if it has one and checkpointed into it."""
+    opts, rank, world, tokenizer = runner.opts, runner.rank, runner.world, runner.tokenizer
+    stream = document_stream(documents, opts.preset)
+    if run.save_base is not None:
+        from . import _base_cache
+
+        stream = _base_cache.TextHash(stream)
+    start, ends = 0, [0]
+    state = out.start() if out is not None else None
+    if state is not None:
+        start, runner.totals = _restore(state, opts, len(names), rank, world, out.checkpoint)
+
+    def on_chunk(next_doc: int) -> None:
+        ends[0] = next_doc
+        if on_checkpoint is not None:
+            on_checkpoint(next_doc)
+        if out is not None:
+            out.save(next_doc, {"totals": [t.state() for t in runner.totals]})
+
+    def add_tokens(stats: dict) -> None:
+        if out is not None:
+            out.add_tokens(stats)
+        if on_tokens is not None:
+            on_tokens(stats)
 
     seen = _Counted(stream)
-    with eval_mode(model):
-        runner.run(seen, start=start, on_chunk=on_chunk, on_tokens=on_tokens, progress=progress,
-                   stop_after=stop_after)
+    with eval_mode(runner.model):
+        runner.run(seen, start=start, on_chunk=on_chunk, on_tokens=add_tokens, progress=progress,
+                   stop_after=run.stop_after)
+    stopped = run.stop_after is not None and ends[0] >= run.stop_after
     if seen.exhausted and (seen.count < start or (start % opts.checkpoint_every and seen.count != start)):
-        raise EvalError(f"{_files.checkpoint_path(checkpoint_dir, rank)} says {start} documents are done "
-                        f"but the data has {seen.count}: it belongs to other data; remove it and drop "
-                        "--resume")
+        raise EvalError(f"{out.checkpoint} says {start} documents are done but the data has {seen.count}: "
+                        "it belongs to other data; remove it and drop --resume")
     config["head"] = runner.head.kind
     if runner.head.notes:
         config["head_notes"] = list(runner.head.notes)
-    if save_base is not None:
-        _base_cache.save(save_base, runner.head, [k.hidden for k in runner.kept], {
+    if run.save_base is not None:
+        _base_cache.save(run.save_base, runner.head, [k.hidden for k in runner.kept], {
             "tokenizer_sha256": _base_cache.tokenizer_sha256(tokenizer), "texts_sha256": stream.hexdigest(),
             "data_sha256": data_sha256, "options": opts.config(), "base_model_sha256": model_sha256})
-        if not fit_temperature:
+        if not run.fit_temperature:
             runner.kept.clear()
-    fitted = None
-    if fit_temperature:
-        from ._temperature import fit_temperature as fit
-        from ._temperature import totals_at
-
-        with eval_mode(model):
-            t_star, passes = fit(runner.head, runner.kept)
-            at = Totals(opts.max_length)
-            mine = totals_at(runner.head, runner.kept, t_star, opts.max_length)
-            for state in dist.all_gather(mine.state()):
-                at.merge(Totals.from_state(state))
-        runner.kept.clear()
-        m = at.metrics()
-        fitted = {"temperature": t_star, **{k: m.get(k, math.nan) for k in
-                                            ("nll_mean", "ece", "entropy_mean", "brier", "top1_accuracy")},
-                  "passes": passes}
+    fitted = _fit_temperature(runner) if run.fit_temperature else None
     gathered = dist.all_gather([t.state() for t in runner.totals])
     per_file_totals = [Totals(opts.max_length) for _ in names]
     for states in gathered:
@@ -252,9 +277,42 @@ def evaluate(
         omitted = (f"{type(tokenizer).__name__} gives no character offsets (not a fast tokenizer), so the "
                    f"bytes and words of the scored part of {pooled.bytes_unknown} partly scored documents "
                    "cannot be counted: bits per byte and word perplexity are omitted")
-    return _result(pooled.metrics(), invalid_utf8=invalid, bytes_omitted=omitted, config=config,
-                   model_sha256=model_sha256, data_sha256=data_sha256, per_file=per_file,
-                   temperature_fit=fitted)
+    result = _result(pooled.metrics(), invalid_utf8=invalid, bytes_omitted=omitted, config=config,
+                     model_sha256=model_sha256, data_sha256=data_sha256, per_file=per_file,
+                     temperature_fit=fitted)
+    if result.tokens == 0 and not stopped:
+        where = " ".join(corpus.paths) if corpus is not None else "the documents"
+        raise EvalError(f"no tokens to score in {where}: {result.skipped_empty} empty and "
+                        f"{result.skipped_unscored} too-short documents{too_short_note(result.to_dict())}")
+    return result, stopped
+
+
+def _fit_temperature(runner: Runner) -> dict:
+    """temperature_fit of the result: T* and the metrics at T* over every rank's kept states."""
+    from ._temperature import fit_temperature as fit
+    from ._temperature import totals_at
+
+    max_length = runner.opts.max_length
+    with eval_mode(runner.model):
+        t_star, passes = fit(runner.head, runner.kept)
+        at = Totals(max_length)
+        mine = totals_at(runner.head, runner.kept, t_star, max_length)
+        for state in dist.all_gather(mine.state()):
+            at.merge(Totals.from_state(state))
+    runner.kept.clear()
+    m = at.metrics()
+    return {"temperature": t_star, **{k: m.get(k, math.nan) for k in
+                                      ("nll_mean", "ece", "entropy_mean", "brier", "top1_accuracy")},
+            "passes": passes}
+
+
+def too_short_note(summary: dict) -> str:
+    """Under preset llama.cpp, why documents went unscored (llama-perplexity refuses short texts)."""
+    cfg = summary["config"]
+    if cfg.get("preset") != "llama.cpp" or not summary["skipped_unscored"]:
+        return ""
+    return (f" (--preset llama.cpp: fewer than 2 × {cfg['max_length']} tokens, which llama-perplexity "
+            "refuses)")
 
 
 def document_stream(documents: Iterable[str] | Corpus, preset: str | None):

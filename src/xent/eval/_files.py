@@ -277,13 +277,21 @@ class OutputLock:
     the lock when the process ends however it ends, so a killed run never blocks a later ``--resume``.
     The file (holding the owner's pid) is removed on release. Where fcntl does not exist (Windows) no
     lock is taken. ``path``: the lock file elsewhere (a directory that is replaced as a whole, as the
-    base cache is, is locked from beside it); ``flag``: the option named in the error.
+    base cache is, is locked from beside it); ``flag``: the option named in the error. ``join``: share
+    the lock when this process holds it already, taken without join (``xent eval`` locks --out before it
+    loads the model, then evaluate locks its checkpoint_dir, the same directory); a lock taken with join
+    is never shared, so two evaluate calls into one directory exclude each other.
     """
 
-    def __init__(self, directory: str, rank: int = 0, *, path: str | None = None, flag: str = "--out"):
-        self.directory, self.flag = directory, flag
+    held: set[str] = set()  # the lock files this process holds, taken without join (real paths)
+
+    def __init__(self, directory: str, rank: int = 0, *, path: str | None = None, flag: str = "--out",
+                 join: bool = False):
+        self.directory, self.flag, self.join = directory, flag, join
         self.path = path or os.path.join(directory, LOCK if rank == 0 else f".xent.rank{rank}.lock")
         self.fd: int | None = None
+        self.key = os.path.realpath(self.path)
+        self.nested = False
 
     def acquire(self) -> OutputLock:
         """Take the lock, or EvalError naming the directory (and the other run's pid) if it is held.
@@ -291,6 +299,9 @@ class OutputLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
+            return self
+        if self.join and self.key in OutputLock.held:
+            self.nested = True
             return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -313,6 +324,8 @@ class OutputLock:
                 break
             os.close(fd)
         self.fd = fd
+        if not self.join:
+            OutputLock.held.add(self.key)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return self
@@ -326,8 +339,13 @@ class OutputLock:
         return f" (pid {pid})" if pid.isdigit() else ""
 
     def release(self) -> None:
+        if self.nested:  # the holder it joined releases the lock
+            self.nested = False
+            return
         if self.fd is None:
             return
+        if not self.join:
+            OutputLock.held.discard(self.key)
         try:
             os.remove(self.path)  # while still holding the lock: see acquire
         except OSError:
