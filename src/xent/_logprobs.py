@@ -13,7 +13,7 @@ from . import _validate as V
 from ._compile import compiler_disable
 from ._linear import RENAMED, fused_call, fused_loss
 from ._reduce import apply_token_loss, check_common
-from .losses._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
+from .losses._base import LogProbRows, TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
 
 
 class TokenLogProb(TokenLoss):
@@ -45,6 +45,11 @@ class TokenLogProb(TokenLoss):
         if not self.with_entropy:
             return -nll
         return torch.stack([-nll, entropy(u, m, rel)], dim=-1)
+
+    def row_spec(self) -> LogProbRows:
+        """Exactly the token log-probability (and entropy): a row backend's closed form may compute it (the
+        CPU kernel does, without soft-capping)."""
+        return LogProbRows(self.temperature, self.softcap, self.with_entropy)
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
         """Closed form on a [N, V] buffer, overwritten with the gradient; ``scale`` [N] or [N, 2] (the
