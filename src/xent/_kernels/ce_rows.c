@@ -1,15 +1,17 @@
 /* Cross-entropy rows in place, for xent's fused head on the CPU (xent/_cpu_kernel.py builds and loads it).
  *
  * For each row r of a [rows, V] chunk of logits z (float32, or bfloat16 stored as uint16), with
- * u = t z (t = 1/T, the inverse temperature; 1 for cross-entropy):
- *   m = max_j u_j,  S = sum_j exp(u_j - m),  lse = m + log S,  nll = (m - u_y) + log S
+ * u = t z (t = 1/T, the inverse temperature; 1 for cross-entropy) and M = max_j z_j:
+ *   m = t M,  S = sum_j exp(t (z_j - M)),  lse = m + log S,  nll = t (M - z_y) + log S
  *   loss_r = a_r * nll + zs * lse^2                          (a_r = w_y, 1 without class weights)
  *   z_j   <- t * scale_r * (p_j * (a_r + 2 zs lse) - a_r [j = y]),   p_j = exp(u_j - m) / S
  * in one read and one write of the row (plus passes over a float32 copy of it that stays in cache),
  * where plain torch makes a pass per operation. With an entropy scale b_r (token log-probs with their
  * entropy H = -sum_j p_j log p_j = log S - sum_j p_j (u_j - m)), the gradient of b_r H is added:
  *   z_j   += -t * b_r * p_j * (log p_j + H) = -t * b_r * p_j * ((u_j - m) - sum_i p_i (u_i - m)).
- * A row with a NaN, +inf, or only -inf logits gets a NaN loss and a NaN gradient, as torch's softmax gives.
+ * u - m is formed as t (z - M), never as a difference of rounded products: the max's term is exactly 1 and a
+ * row of equal logits gives exactly log V at any t. A row with a NaN, +inf, or only -inf logits gets a NaN
+ * loss and a NaN gradient, as torch's softmax gives.
  *
  * exp is Cephes' single-precision polynomial (about 1 ulp over the range used, u - m <= 0), written so
  * that the compiler vectorises it; results below 2^-126 are flushed to 0 (a masked -inf logit gives 0).
@@ -50,15 +52,15 @@ static inline float exp_nonpos(float x) {
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-/* e_j = exp(t x_j - m) into e (e may be x), their sum (in double: a float32 sum in 16 lanes drifts by
- * several ulp over a row of 10^5), and with es, sum_j e_j (t x_j - m) for the entropy (0 where e_j = 0: a
+/* e_j = exp(t (x_j - M)) into e (e may be x), their sum (in double: a float32 sum in 16 lanes drifts by
+ * several ulp over a row of 10^5), and with es, sum_j e_j t (x_j - M) for the entropy (0 where e_j = 0: a
  * -inf logit adds 0 log 0 = 0). */
-static inline void row_exp(const float *x, float *e, int64_t V, float t, float m, double *s_out, double *es) {
+static inline void row_exp(const float *x, float *e, int64_t V, float t, float M, double *s_out, double *es) {
     double s = 0.0, acc = 0.0;
     if (es) {
 #pragma omp simd reduction(+ : s, acc)
         for (int64_t j = 0; j < V; j++) {
-            float d = x[j] * t - m, v = exp_nonpos(d);
+            float d = (x[j] - M) * t, v = exp_nonpos(d);
             e[j] = v;
             s += (double)v;
             acc += v > 0.0f ? (double)(v * d) : 0.0;
@@ -67,7 +69,7 @@ static inline void row_exp(const float *x, float *e, int64_t V, float t, float m
     } else {
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; j++) {
-            float v = exp_nonpos(x[j] * t - m);
+            float v = exp_nonpos((x[j] - M) * t);
             e[j] = v;
             s += (double)v;
         }
@@ -75,8 +77,8 @@ static inline void row_exp(const float *x, float *e, int64_t V, float t, float m
     *s_out = s;
 }
 
-/* The max m of u = t x (0 for a row with a NaN, +inf, or only -inf: then 0 is returned), then row_exp.
- * t > 0, so max_j (t x_j) is t max_j x_j, rounded alike. */
+/* The row's max M (0 is returned for a row with a NaN, +inf, or only -inf, or whose t M overflows),
+ * then row_exp. */
 static inline int row_softmax(const float *x, float *e, int64_t V, float t, float *m_out, double *s_out,
                               double *es) {
     float m = -INFINITY;
@@ -86,24 +88,24 @@ static inline int row_softmax(const float *x, float *e, int64_t V, float t, floa
         m = x[j] > m ? x[j] : m;
         bad |= x[j] != x[j];
     }
-    m *= t;
-    if (bad || !(m > -INFINITY && m < INFINITY)) return 0;
+    if (bad || !(m * t > -INFINITY && m * t < INFINITY)) return 0;
     *m_out = m;
     row_exp(x, e, V, t, m, s_out, es);
     return 1;
 }
 
-/* The loss, the gradient's factors and, with st, the statistics (correct, entropy, lse) of a row: the
- * gradient is e_j (c + k (u_j - m)) - cy [j = y], e_j = exp(u_j - m); k is 0 without the entropy. */
-static inline void row_terms(float m, double s, double es, float u_y, float a, float zs, float t, float scale,
+/* The loss, the gradient's factors and, with st, the statistics (correct, entropy, lse) of a row (max M,
+ * target logit z_y): the gradient is e_j (c + k t (z_j - M)) - cy [j = y], e_j = exp(t (z_j - M)); k is 0
+ * without the entropy. */
+static inline void row_terms(float M, double s, double es, float z_y, float a, float zs, float t, float scale,
                              float escale, int ent, float *loss, float *c, float *k, float *cy, float *st) {
-    double rel = log(s), lse = (double)m + rel;
+    double rel = log(s), lse = (double)M * (double)t + rel;
     if (st) {
-        st[0] = u_y >= m ? 1.0f : 0.0f;
+        st[0] = z_y >= M ? 1.0f : 0.0f;
         st[1] = (float)(rel - es / s);
         st[2] = (float)lse;
     }
-    *loss = (float)((double)a * (((double)m - (double)u_y) + rel) + (double)zs * lse * lse);
+    *loss = (float)((double)a * (((double)M - (double)z_y) * (double)t + rel) + (double)zs * lse * lse);
     double g = (double)scale * ((double)a + 2.0 * (double)zs * lse);
     if (ent) g += (double)escale * (es / s); /* -b p_j (d_j - sum_i p_i d_i): its sum_i p_i d_i part */
     *c = (float)(g * (double)t / s);
@@ -117,7 +119,7 @@ static inline void row_terms(float m, double s, double es, float u_y, float a, f
 static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float t, float scale, float escale,
                        int grad, int ent, float *loss, float *st, float *tmp) {
     float *e = grad && ent ? tmp : x;
-    float u_y = x[y] * t, m, c, k, cy;
+    float z_y = x[y], m, c, k, cy;
     double s, es = 0.0;
     if (!row_softmax(x, e, V, t, &m, &s, st || ent ? &es : NULL)) {
         for (int64_t j = 0; j < V; j++) x[j] = NAN;
@@ -125,7 +127,7 @@ static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float 
         if (st) st[0] = st[1] = st[2] = NAN;
         return;
     }
-    row_terms(m, s, es, u_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
+    row_terms(m, s, es, z_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
     if (!grad) return;
     float e_y = e[y];
     if (e == x) {
@@ -136,10 +138,10 @@ static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float 
     }
 #pragma omp simd
     for (int64_t j = 0; j < V; j++) {
-        float d = x[j] * t - m, v = e[j];
+        float d = (x[j] - m) * t, v = e[j]; /* d as row_exp formed it */
         x[j] = v > 0.0f ? v * (c + k * d) : 0.0f; /* a -inf logit: 0, not 0 * inf */
     }
-    x[y] = (e_y > 0.0f ? e_y * (c + k * (u_y - m)) : 0.0f) - cy;
+    x[y] = (e_y > 0.0f ? e_y * (c + k * ((z_y - m) * t)) : 0.0f) - cy;
 }
 
 /* One row of bfloat16 logits (uint16 bits), its gradient written over it with grad (without, the row is
@@ -155,17 +157,16 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
         m = v > m ? v : m;
         bad |= v != v;
     }
-    m *= t;
-    if (bad || !(m > -INFINITY && m < INFINITY)) {
+    if (bad || !(m * t > -INFINITY && m * t < INFINITY)) {
         for (int64_t j = 0; grad && j < V; j++) row[j] = 0x7fc0u;
         *loss = NAN;
         if (st) st[0] = st[1] = st[2] = NAN;
         return;
     }
-    float u_y = tmp[y] * t, c, k, cy;
+    float z_y = tmp[y], c, k, cy;
     double s, es = 0.0;
     row_exp(tmp, tmp, V, t, m, &s, st || ent ? &es : NULL);
-    row_terms(m, s, es, u_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
+    row_terms(m, s, es, z_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
     if (!grad) return;
     float e_y = tmp[y];
     if (!ent) {
@@ -176,10 +177,10 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
     }
 #pragma omp simd
     for (int64_t j = 0; j < V; j++) {
-        float d = bf16_to_f32(row[j]) * t - m, v = tmp[j];
+        float d = (bf16_to_f32(row[j]) - m) * t, v = tmp[j];
         row[j] = f32_to_bf16(v > 0.0f ? v * (c + k * d) : 0.0f);
     }
-    row[y] = f32_to_bf16((e_y > 0.0f ? e_y * (c + k * (u_y - m)) : 0.0f) - cy);
+    row[y] = f32_to_bf16((e_y > 0.0f ? e_y * (c + k * ((z_y - m) * t)) : 0.0f) - cy);
 }
 
 /* The rows of a [rows, V] chunk (row stride ld), split over nthreads threads of the OpenMP runtime torch
