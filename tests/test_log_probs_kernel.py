@@ -138,3 +138,11 @@ def test_kernel_serves_log_probs_and_refuses_what_it_cannot(calls):
         plain = xent.linear_log_probs(h, W, y, backend="torch", **kwargs)
         for a, p in zip((auto, *grads), (plain, *torch.autograd.grad(plain.sum(), (h, W)))):
             torch.testing.assert_close(a, p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backend_refuses_a_spec_it_does_not_know():
+    """The Triton backend computes cross-entropy only: the log-probs' spec is refused, never read as one."""
+    pytest.importorskip("triton")
+    h, W, _, y = _head(torch.float32, seed=2)
+    with pytest.raises(ValueError, match="cross-entropy only, not TokenLogProb"):
+        xent.linear_log_probs(h, W, y, backend="triton")
