@@ -294,9 +294,8 @@ class CpuKernelRows(RowBackend):
     """Cross-entropy (class weights, z-loss) and token log-probs (temperature, with or without the
     entropy) on the CPU: one compiled C pass per chunk of float32 or bfloat16 logits
     (:func:`xent._cpu_kernel.ce_rows_`; log q_y is −cross-entropy of z/T, its gradient cross-entropy's
-    scaled by −a/T), and the one-pass
-    bfloat16 accumulation of the weight gradient (:func:`xent._cpu_kernel.accumulate_`).
-    ``XENT_CPU_KERNEL=0`` disables it."""
+    scaled by −a/T), and the one-pass bfloat16 accumulation of the weight gradient
+    (:func:`xent._cpu_kernel.accumulate_`). ``XENT_CPU_KERNEL=0`` disables it."""
 
     name = "cpu_kernel"
 
