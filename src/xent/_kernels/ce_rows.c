@@ -52,12 +52,13 @@ static inline float exp_nonpos(float x) {
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-/* e_j = exp(t (x_j - M)) into e (e may be x), their sum (in double: a float32 sum in 16 lanes drifts by
- * several ulp over a row of 10^5), and with es, sum_j e_j t (x_j - M) for the entropy (0 where e_j = 0: a
- * -inf logit adds 0 log 0 = 0). */
+/* e_j = exp(t (x_j - M)) into e (e may be x; NULL: not stored, the losses alone), their sum (in double: a
+ * float32 sum in 16 lanes drifts by several ulp over a row of 10^5), and with es, sum_j e_j t (x_j - M)
+ * for the entropy (0 where e_j = 0: a -inf logit adds 0 log 0 = 0). The four loops differ only in what
+ * they store and sum: the sums are the same whether or not e is stored. */
 static inline void row_exp(const float *x, float *e, int64_t V, float t, float M, double *s_out, double *es) {
     double s = 0.0, acc = 0.0;
-    if (es) {
+    if (es && e) {
 #pragma omp simd reduction(+ : s, acc)
         for (int64_t j = 0; j < V; j++) {
             float d = (x[j] - M) * t, v = exp_nonpos(d);
@@ -65,15 +66,25 @@ static inline void row_exp(const float *x, float *e, int64_t V, float t, float M
             s += (double)v;
             acc += v > 0.0f ? (double)(v * d) : 0.0;
         }
-        *es = acc;
-    } else {
+    } else if (es) {
+#pragma omp simd reduction(+ : s, acc)
+        for (int64_t j = 0; j < V; j++) {
+            float d = (x[j] - M) * t, v = exp_nonpos(d);
+            s += (double)v;
+            acc += v > 0.0f ? (double)(v * d) : 0.0;
+        }
+    } else if (e) {
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; j++) {
             float v = exp_nonpos((x[j] - M) * t);
             e[j] = v;
             s += (double)v;
         }
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; j++) s += (double)exp_nonpos((x[j] - M) * t);
     }
+    if (es) *es = acc;
     *s_out = s;
 }
 
@@ -114,11 +125,11 @@ static inline void row_terms(float M, double s, double es, float z_y, float a, f
 }
 
 /* One row of float32 logits, its gradient written over it (with grad; without, only the loss and the
- * statistics, the row left as exponentials). ent: add the entropy's gradient (escale); then the
- * exponentials go to tmp (V floats of scratch), since the last pass needs u_j - m beside them. */
+ * statistics, the row only read). ent: add the entropy's gradient (escale); then the exponentials go to
+ * tmp (V floats of scratch), since the last pass needs u_j - m beside them. */
 static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float t, float scale, float escale,
                        int grad, int ent, float *loss, float *st, float *tmp) {
-    float *e = grad && ent ? tmp : x;
+    float *e = !grad ? NULL : ent ? tmp : x; /* without the gradient nothing is written back */
     float z_y = x[y], m, c, k, cy;
     double s, es = 0.0;
     if (!row_softmax(x, e, V, t, &m, &s, st || ent ? &es : NULL)) {
@@ -165,7 +176,7 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
     }
     float z_y = tmp[y], c, k, cy;
     double s, es = 0.0;
-    row_exp(tmp, tmp, V, t, m, &s, st || ent ? &es : NULL);
+    row_exp(tmp, grad ? tmp : NULL, V, t, m, &s, st || ent ? &es : NULL);
     row_terms(m, s, es, z_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
     if (!grad) return;
     float e_y = tmp[y];
