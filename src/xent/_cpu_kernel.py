@@ -2,9 +2,11 @@
 
 Plain torch makes one pass over a chunk's [C, V] logits per operation (copy to float32, max, subtract,
 exp, sum, scale, copy back); the kernel reads each row once, keeps its float32 copy in cache, and writes
-the gradient once. Token log-probs use the same rows: log q_y is −cross-entropy of z/T (an inverse
-temperature argument), and with the entropy the kernel adds H(q)'s gradient in the same pass. Same formulas, same float32 arithmetic: the gradients it writes are those of the
-plain path to the last bit in the tests, the loss differs by float32 rounding.
+the gradient once. Same formulas, same float32 arithmetic: the cross-entropy gradients it writes are
+those of the plain path to the last bit in the tests, the loss differs by float32 rounding. Token
+log-probs use the same rows: log q_y is −cross-entropy of z/T (an inverse temperature argument; u − max u
+is formed as (z − max z)/T), and with the entropy the kernel adds H(q)'s gradient in the same pass; they
+agree with the torch ops to float32 rounding.
 
 It is built on first use with the machine's C compiler (``$CC``, a command that may carry arguments such
 as ``ccache gcc``, else ``cc``; about a second), for this CPU (``-march=native``), and cached under
