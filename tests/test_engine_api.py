@@ -187,7 +187,7 @@ def test_forced_backend_that_cannot_serve_is_a_one_line_error(monkeypatch):
         with pytest.raises(ValueError, match=message) as err:
             xent.linear_cross_entropy(h, W, y, backend="cpu_kernel", **kwargs)
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="computes cross-entropy only, not Focal"):
+    with pytest.raises(ValueError, match="computes cross-entropy and token log-probs only, not Focal"):
         xent.linear_loss(h, W, y, loss=xent.losses.Focal(gamma=2.0), backend="cpu_kernel")
     with pytest.raises(ValueError, match="backend='triton' cannot serve this call"):
         xent.linear_cross_entropy(h, W, y, backend="triton")

@@ -2,8 +2,11 @@
 
 Plain torch makes one pass over a chunk's [C, V] logits per operation (copy to float32, max, subtract,
 exp, sum, scale, copy back); the kernel reads each row once, keeps its float32 copy in cache, and writes
-the gradient once. Same formulas, same float32 arithmetic: the gradients it writes are those of the
-plain path to the last bit in the tests, the loss differs by float32 rounding.
+the gradient once. Same formulas, same float32 arithmetic: the cross-entropy gradients it writes are
+those of the plain path to the last bit in the tests, the loss differs by float32 rounding. Token
+log-probs use the same rows: log q_y is −cross-entropy of z/T (an inverse temperature argument; u − max u
+is formed as (z − max z)/T), and with the entropy the kernel adds H(q)'s gradient in the same pass; they
+agree with the torch ops to float32 rounding.
 
 It is built on first use with the machine's C compiler (``$CC``, a command that may carry arguments such
 as ``ccache gcc``, else ``cc``; about a second), for this CPU (``-march=native``), and cached under
@@ -55,7 +58,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("_kernels") / "ce_rows.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
-_ABI = 6
+_ABI = 7
 _CPUINFO = "/proc/cpuinfo"
 # The /proc/cpuinfo fields that say which CPU it is and which instructions it has (x86 'flags', Arm
 # 'Features' and 'CPU part', s390x 'features' and 'facilities', RISC-V 'isa', 'uarch' and 'marchid',
@@ -231,7 +234,7 @@ def _load(path: Path, data: bytes) -> tuple[ctypes.CDLL | None, str]:
             return None, f"{path} has another ABI"
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         for fn in (lib.xent_ce_rows_f32, lib.xent_ce_rows_bf16):
-            fn.argtypes = [p, i, i, i, p, p, p, f, p, p, ctypes.c_int]
+            fn.argtypes = [p, i, i, i, p, p, p, p, f, f, p, p, ctypes.c_int]
             fn.restype = ctypes.c_int
         lib.xent_acc_bf16.argtypes = [p, p, i, f, ctypes.c_int, ctypes.c_int]
         lib.xent_acc_bf16.restype = None
@@ -370,21 +373,26 @@ def usable(device: torch.device, mm_dtype: torch.dtype, compute_dtype: torch.dty
 
 
 def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, w_y: torch.Tensor | None,
-             z_coef: float, stats: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of each row of ``z`` [C, V] (float32 or bfloat16, rows contiguous), overwritten with
-    its gradient scale_r·(p·(a_r + 2·z_coef·lse_r) − a_r·onehot(y_r)), a_r = w_y[r] (1 without). Returns
-    the float32 losses a_r·(lse_r − z_{r,y}) + z_coef·lse_r² [C]. A row with a NaN, +inf or only −inf
-    gets a NaN loss and gradient. ``scale`` None: the losses (and statistics) alone, no gradient
+             z_coef: float, stats: torch.Tensor | None = None, *, inv_temperature: float = 1.0,
+             entropy_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each row of ``z`` [C, V] (float32 or bfloat16, rows contiguous) at the logits
+    u = t·z (t = ``inv_temperature`` > 0, 1 for plain cross-entropy), ``z`` overwritten with its gradient
+    t·scale_r·(p·(a_r + 2·z_coef·lse_r) − a_r·onehot(y_r)), p = softmax(u), a_r = w_y[r] (1 without).
+    Returns the float32 losses a_r·(lse_r − u_{r,y}) + z_coef·lse_r² [C]. A row with a NaN, +inf or only
+    −inf gets a NaN loss and gradient. ``scale`` None: the losses (and statistics) alone, no gradient
     written (``z`` may still be overwritten). ``stats``: a contiguous float32 [C, 3] filled with each row's
-    (correct, entropy, lse) as :func:`xent.losses._base.logit_stats` defines them."""
+    (correct, entropy, lse) of u, as :func:`xent.losses._base.logit_stats` defines them.
+    ``entropy_scale`` [C] (with ``scale``): the gradient of entropy_scale_r·H(p) is added to the row's,
+    −t·entropy_scale_r·p ⊙ (log p + H) (token log-probs with their entropy)."""
     lib = _library()
     rows, num_classes = z.shape
     assert z.stride(1) == 1 and z.dtype in (torch.float32, torch.bfloat16)
     assert stats is None or (stats.dtype == torch.float32 and stats.is_contiguous()
                              and stats.shape == (rows, 3))
+    assert inv_temperature > 0.0 and (entropy_scale is None or scale is not None)
     target = target.to(torch.int64).contiguous()
-    scale = None if scale is None else scale.to(torch.float32).contiguous()
-    w_y = None if w_y is None else w_y.to(torch.float32).contiguous()
+    scale, entropy_scale, w_y = (None if x is None else x.to(torch.float32).contiguous()
+                                 for x in (scale, entropy_scale, w_y))
     loss = torch.empty(rows, dtype=torch.float32)
     fn = lib.xent_ce_rows_bf16 if z.dtype == torch.bfloat16 else lib.xent_ce_rows_f32
 
@@ -392,10 +400,10 @@ def ce_rows_(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, 
         return loss
     threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
     failed = fn(z.data_ptr(), z.stride(0), rows, num_classes, target.data_ptr(),
-                None if scale is None else scale.data_ptr(),
-                None if w_y is None else w_y.data_ptr(), float(z_coef), loss.data_ptr(),
+                *(None if x is None else x.data_ptr() for x in (scale, entropy_scale, w_y)),
+                float(z_coef), float(inv_temperature), loss.data_ptr(),
                 None if stats is None else stats.data_ptr(), threads)
-    if failed:  # the bfloat16 rows' scratch could not be allocated
+    if failed:  # the rows' scratch could not be allocated
         raise MemoryError(f"xent's CPU kernel could not allocate {num_classes} floats of scratch per thread")
     return loss
 

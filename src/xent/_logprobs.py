@@ -1,8 +1,9 @@
 """Token log-probabilities (and entropies) for RL: log q_y with q = softmax(cap(z)/T), differentiable.
 
 :func:`linear_log_probs` runs the fused engine of :mod:`xent._engine` (never the [N, V] logits) with a
-per-token "loss" of two values, log q_y and H(q); :func:`log_probs` is its plain twin on materialised
-logits. docs/REFERENCE.md §3 ("Token log-probs").
+per-token "loss" of two values, log q_y and H(q), which declares itself to the row backends
+(:class:`xent.losses._base.LogProbRows`) so the CPU kernel computes it; :func:`log_probs` is its plain twin
+on materialised logits. docs/REFERENCE.md §3 ("Token log-probs").
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from . import _validate as V
 from ._compile import compiler_disable
 from ._linear import RENAMED, fused_call, fused_loss
 from ._reduce import apply_token_loss, check_common
-from .losses._base import TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
+from .losses._base import LogProbRows, TokenLoss, entropy, log_prob_entropy_and_grad, nll_and_shift
 
 
 class TokenLogProb(TokenLoss):
@@ -45,6 +46,11 @@ class TokenLogProb(TokenLoss):
         if not self.with_entropy:
             return -nll
         return torch.stack([-nll, entropy(u, m, rel)], dim=-1)
+
+    def row_spec(self) -> LogProbRows:
+        """Exactly the token log-probability (and entropy): a row backend's closed form may compute it (the
+        CPU kernel does, without soft-capping)."""
+        return LogProbRows(self.temperature, self.softcap, self.with_entropy)
 
     def value_and_grad(self, logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
         """Closed form on a [N, V] buffer, overwritten with the gradient; ``scale`` [N] or [N, 2] (the
@@ -132,7 +138,10 @@ def linear_log_probs(
     are dropped before the projection); with ``with_entropy=True`` the pair (log-probs, entropies H(q)),
     both differentiable. The gradient is closed-form (∂log q_y/∂z = (onehot − q)/T, ∂H/∂z_i =
     −q_i(log q_i + H)/T, times 1 − tanh² under soft-capping) and computed in backward, one chunk of
-    logits at a time (the forward is one matmul per chunk). Shapes, ``shift``, ``chunk_size`` and
+    logits at a time (the forward is one matmul per chunk: 4 matmuls per token with the gradient against
+    fused cross-entropy's 3). On the CPU the compiled kernel of :func:`xent.linear_cross_entropy` computes
+    the rows (log q_y = −cross-entropy of z/T; with the entropy in the same pass) in float32 and bfloat16;
+    soft-capping, a bias gradient, float64 and CUDA take torch ops. Shapes, ``shift``, ``chunk_size`` and
     ``backend`` as :func:`xent.linear_loss` (``bias=`` is the old spelling of ``linear_bias``).
     ``projection_dtype=torch.float32`` projects half inputs in float32 (the log-probs of the float32
     computation on the upcast inputs; see :func:`xent.linear_loss`). First-order only (no double

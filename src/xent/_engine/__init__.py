@@ -17,7 +17,8 @@ Parts, each its own module:
 - the autograd Function (:mod:`._function`): :class:`LinearLoss`;
 - the row backends (:mod:`._backends`): :class:`RowBackend` is the interface (one chunk of logits, in
   place: the loss rows, the gradient rows and the statistics asked for); ``"torch"`` serves any loss,
-  ``"cpu_kernel"`` plain cross-entropy on the CPU, ``"triton"`` CUDA where it is installed.
+  ``"cpu_kernel"`` plain cross-entropy and token log-probs on the CPU (the loss declares which through
+  :meth:`xent.losses.TokenLoss.row_spec`), ``"triton"`` cross-entropy on CUDA where it is installed.
 
 Work per call, for the n valid tokens:
 

@@ -13,8 +13,9 @@ Backends:
 
 - ``"torch"`` (:class:`TorchRows`): any :class:`xent.losses.TokenLoss`, in torch ops, a cache-sized block
   of rows at a time: the loss's closed-form gradient when it has one, else autograd on the block.
-- ``"cpu_kernel"`` (:class:`CpuKernelRows`): plain cross-entropy (class weights, z-loss) on the CPU in one
-  compiled C pass per chunk (:func:`xent._cpu_kernel.ce_rows_`).
+- ``"cpu_kernel"`` (:class:`CpuKernelRows`): plain cross-entropy (class weights, z-loss) and token
+  log-probs (temperature, with or without the entropy; no soft-capping) on the CPU in one compiled C pass
+  per chunk (:func:`xent._cpu_kernel.ce_rows_`).
 - ``"triton"``: CUDA, written against this interface in ``xent._engine._triton`` (loaded when present).
 
 The evaluation head asks a backend for the evaluation statistics of a chunk of final logits instead of a
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _cpu_kernel
-from ..losses._base import CrossEntropyRows, TokenLoss
+from ..losses._base import CrossEntropyRows, LogProbRows, TokenLoss
 
 #: The loss sees a chunk a block of rows at a time, about this many bytes of float32 logits: the block
 #: stays in cache across the loss's passes over it, and an autograd loss's temporaries are per block.
@@ -47,9 +48,11 @@ class RowRequest:
     """What one fused call needs from a row backend; fixed for the call, the same for every chunk.
 
     loss: the :class:`xent.losses.TokenLoss` (the torch backend runs it; a kernel reads ``spec``).
-    spec: the loss's closed form as a kernel can compute it (:class:`xent.losses.CrossEntropyRows`:
-        class weights, label smoothing, z-loss coefficient, soft-cap), or None when only torch ops
-        compute this loss (any loss that is not exactly :class:`xent.losses.CrossEntropy`).
+    spec: the loss's closed form as a kernel can compute it (:class:`xent.losses._base.CrossEntropyRows`:
+        class weights, label smoothing, z-loss coefficient, soft-cap; :class:`xent.losses._base.LogProbRows`:
+        token log-probs, temperature, soft-cap, with or without the entropy), or None when only torch ops
+        compute this loss (any loss that is not exactly :class:`xent.losses.CrossEntropy` or the token
+        log-probs). A backend serves only the spec types it knows.
     logits_dtype: the dtype of the ``[C, V]`` chunks (the projection's): float32, bfloat16, float16 or
         float64.
     compute_dtype: the dtype of the losses, statistics and scales: float32 (float64 for float64 inputs).
@@ -66,7 +69,7 @@ class RowRequest:
     """
 
     loss: TokenLoss
-    spec: CrossEntropyRows | None
+    spec: CrossEntropyRows | LogProbRows | None
     logits_dtype: torch.dtype
     compute_dtype: torch.dtype
     device: torch.device
@@ -288,33 +291,50 @@ def _eval_block(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class CpuKernelRows(RowBackend):
-    """Cross-entropy (class weights, z-loss) on the CPU: one compiled C pass per chunk of float32 or
-    bfloat16 logits (:func:`xent._cpu_kernel.ce_rows_`), and the one-pass bfloat16 accumulation of the
-    weight gradient (:func:`xent._cpu_kernel.accumulate_`). ``XENT_CPU_KERNEL=0`` disables it."""
+    """Cross-entropy (class weights, z-loss) and token log-probs (temperature, with or without the
+    entropy) on the CPU: one compiled C pass per chunk of float32 or bfloat16 logits
+    (:func:`xent._cpu_kernel.ce_rows_`; log q_y is −cross-entropy of z/T, its gradient cross-entropy's
+    scaled by −a/T), and the one-pass bfloat16 accumulation of the weight gradient
+    (:func:`xent._cpu_kernel.accumulate_`). ``XENT_CPU_KERNEL=0`` disables it."""
 
     name = "cpu_kernel"
 
     def can_serve(self, request: RowRequest) -> str | None:
         spec = request.spec
-        if spec is None:
-            return f"the CPU kernel computes cross-entropy only, not {type(request.loss).__name__}"
-        if spec.label_smoothing > 0.0 or spec.softcap is not None:
+        if not isinstance(spec, (CrossEntropyRows, LogProbRows)):
+            return (f"the CPU kernel computes cross-entropy and token log-probs only, not "
+                    f"{type(request.loss).__name__}")
+        if isinstance(spec, CrossEntropyRows) and (spec.label_smoothing > 0.0 or spec.softcap is not None):
             return "the CPU kernel has no label smoothing or soft-capping"
+        if spec.softcap is not None:
+            return "the CPU kernel has no soft-capping"
         if request.device.type != "cpu":
             return f"the CPU kernel runs on the CPU, not {request.device.type}"
         if request.compute_dtype != torch.float32 or request.logits_dtype not in (torch.float32,
                                                                                   torch.bfloat16):
             return (f"the CPU kernel takes float32 or bfloat16 logits with float32 losses, not "
                     f"{request.logits_dtype} (projection dtype)")
-        if request.bias_grad or request.extra_heads or request.token_extras or request.num_outputs != 1:
+        outputs = 2 if isinstance(spec, LogProbRows) and spec.with_entropy else 1
+        if request.bias_grad or request.extra_heads or request.token_extras or request.num_outputs != outputs:
             return "the CPU kernel computes no bias gradient, extra heads or several outputs per token"
+        if isinstance(spec, LogProbRows) and request.stats:
+            return "the CPU kernel computes training statistics with cross-entropy only"
         if not _cpu_kernel.usable(request.device, request.logits_dtype, request.compute_dtype):
             return f"the CPU kernel is {_cpu_kernel.kernel_status()}"
         return None
 
     def rows_(self, request, z, target, scale, *, w_y=None, stats=None, extra=(), grad_bias=None,
               bias_alpha=1.0, scratch=None):
-        return _cpu_kernel.ce_rows_(z, target, scale, w_y, request.spec.z_coef, stats)
+        spec = request.spec
+        if isinstance(spec, CrossEntropyRows):
+            return _cpu_kernel.ce_rows_(z, target, scale, w_y, spec.z_coef, stats)
+        # log q_y = −CE(z/T): the kernel's cross-entropy of u = z/T, its gradient scaled by −a (the kernel
+        # applies 1/T); with the entropy, the kernel's statistics hold H(q) and b scales its gradient
+        a, b = (scale, None) if scale is None or not spec.with_entropy else (scale[:, 0], scale[:, 1])
+        st = torch.empty((z.shape[0], 3), dtype=torch.float32) if spec.with_entropy else None
+        nll = _cpu_kernel.ce_rows_(z, target, None if a is None else -a, None, 0.0, st,
+                                   inv_temperature=1.0 / spec.temperature, entropy_scale=b)
+        return nll.neg_() if st is None else torch.stack([nll.neg_(), st[:, 1]], dim=-1)
 
     def can_eval(self, z):
         if z.device.type != "cpu" or z.dtype != torch.float32 or z.stride(-1) != 1:

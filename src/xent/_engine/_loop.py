@@ -59,10 +59,10 @@ def run(plan: Plan, hidden2d, weight, bias, scale, need):
     stats = plan.stats  # [n, 3] or None: the training statistics, filled chunk by chunk
     request = row_request(plan, dev, want, grad_b is not None)
     backend = select(request, plan.backend)
-    spec = request.spec
+    class_weight = getattr(request.spec, "class_weight", None)  # a spec with class weights (cross-entropy's)
     w_y = None
-    if spec is not None and spec.class_weight is not None:  # w_y per row, for a backend's closed form
-        w_y = spec.class_weight.to(plan.target.device)[plan.target]
+    if class_weight is not None:  # w_y per row, for a backend's closed form
+        w_y = class_weight.to(plan.target.device)[plan.target]
     c_max = min(plan.chunk, n)
     scratch = backend.scratch(request, c_max, num_classes)
     if backend.fuses(request):  # the projection inside the backend: no [C, V] logits

@@ -1,16 +1,22 @@
 /* Cross-entropy rows in place, for xent's fused head on the CPU (xent/_cpu_kernel.py builds and loads it).
  *
- * For each row r of a [rows, V] chunk of logits z (float32, or bfloat16 stored as uint16):
- *   m = max_j z_j,  S = sum_j exp(z_j - m),  lse = m + log S,  nll = (m - z_y) + log S
+ * For each row r of a [rows, V] chunk of logits z (float32, or bfloat16 stored as uint16), with
+ * u = t z (t = 1/T, the inverse temperature; 1 for cross-entropy) and M = max_j z_j:
+ *   m = t M,  S = sum_j exp(t (z_j - M)),  lse = m + log S,  nll = t (M - z_y) + log S
  *   loss_r = a_r * nll + zs * lse^2                          (a_r = w_y, 1 without class weights)
- *   z_j   <- scale_r * (p_j * (a_r + 2 zs lse) - a_r [j = y]),   p_j = exp(z_j - m) / S
+ *   z_j   <- t * scale_r * (p_j * (a_r + 2 zs lse) - a_r [j = y]),   p_j = exp(u_j - m) / S
  * in one read and one write of the row (plus passes over a float32 copy of it that stays in cache),
- * where plain torch makes a pass per operation. A row with a NaN, +inf, or only -inf logits gets a NaN
+ * where plain torch makes a pass per operation. With an entropy scale b_r (token log-probs with their
+ * entropy H = -sum_j p_j log p_j = log S - sum_j p_j (u_j - m)), the gradient of b_r H is added:
+ *   z_j   += -t * b_r * p_j * (log p_j + H) = -t * b_r * p_j * ((u_j - m) - sum_i p_i (u_i - m)).
+ * u - m is formed as t (z - M), never as a difference of rounded products: the max's term is exactly 1 and a
+ * row of equal logits gives exactly log V at any t. A row with a NaN, +inf, or only -inf logits gets a NaN
  * loss and a NaN gradient, as torch's softmax gives.
  *
- * exp is Cephes' single-precision polynomial (about 1 ulp over the range used, z - m <= 0), written so
+ * exp is Cephes' single-precision polynomial (about 1 ulp over the range used, u - m <= 0), written so
  * that the compiler vectorises it; results below 2^-126 are flushed to 0 (a masked -inf logit gives 0).
- * float32 -> bfloat16 rounds to nearest even, as torch's .to(torch.bfloat16).
+ * float32 -> bfloat16 rounds to nearest even, as torch's .to(torch.bfloat16). With t = 1 every product
+ * by t is exact, so cross-entropy's results do not depend on it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -46,34 +52,46 @@ static inline float exp_nonpos(float x) {
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-/* e_j = exp(x_j - m) into e (e may be x), their sum (in double: a float32 sum in 16 lanes drifts by
- * several ulp over a row of 10^5), and with es, sum_j e_j (x_j - m) for the entropy (0 where e_j = 0: a
- * -inf logit adds 0 log 0 = 0). */
-static inline int row_exp(const float *x, float *e, int64_t V, float m, double *s_out, double *es) {
-    double s = 0.0, t = 0.0;
-    if (es) {
-#pragma omp simd reduction(+ : s, t)
+/* e_j = exp(t (x_j - M)) into e (e may be x; NULL: not stored, the losses alone), their sum (in double: a
+ * float32 sum in 16 lanes drifts by several ulp over a row of 10^5), and with es, sum_j e_j t (x_j - M)
+ * for the entropy (0 where e_j = 0: a -inf logit adds 0 log 0 = 0). The four loops differ only in what
+ * they store and sum: the sums are the same whether or not e is stored. */
+static inline void row_exp(const float *x, float *e, int64_t V, float t, float M, double *s_out, double *es) {
+    double s = 0.0, acc = 0.0;
+    if (es && e) {
+#pragma omp simd reduction(+ : s, acc)
         for (int64_t j = 0; j < V; j++) {
-            float d = x[j] - m, v = exp_nonpos(d);
+            float d = (x[j] - M) * t, v = exp_nonpos(d);
             e[j] = v;
             s += (double)v;
-            t += v > 0.0f ? (double)(v * d) : 0.0;
+            acc += v > 0.0f ? (double)(v * d) : 0.0;
         }
-        *es = t;
-    } else {
+    } else if (es) {
+#pragma omp simd reduction(+ : s, acc)
+        for (int64_t j = 0; j < V; j++) {
+            float d = (x[j] - M) * t, v = exp_nonpos(d);
+            s += (double)v;
+            acc += v > 0.0f ? (double)(v * d) : 0.0;
+        }
+    } else if (e) {
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; j++) {
-            float v = exp_nonpos(x[j] - m);
+            float v = exp_nonpos((x[j] - M) * t);
             e[j] = v;
             s += (double)v;
         }
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; j++) s += (double)exp_nonpos((x[j] - M) * t);
     }
+    if (es) *es = acc;
     *s_out = s;
-    return 1;
 }
 
-/* The row's max m (0 for a row with a NaN, +inf, or only -inf), then row_exp. */
-static inline int row_softmax(const float *x, float *e, int64_t V, float *m_out, double *s_out, double *es) {
+/* The row's max M (0 is returned for a row with a NaN, +inf, or only -inf, or whose t M overflows),
+ * then row_exp. */
+static inline int row_softmax(const float *x, float *e, int64_t V, float t, float *m_out, double *s_out,
+                              double *es) {
     float m = -INFINITY;
     int bad = 0;
 #pragma omp simd reduction(max : m) reduction(| : bad)
@@ -81,49 +99,66 @@ static inline int row_softmax(const float *x, float *e, int64_t V, float *m_out,
         m = x[j] > m ? x[j] : m;
         bad |= x[j] != x[j];
     }
-    if (bad || !(m > -INFINITY && m < INFINITY)) return 0;
+    if (bad || !(m * t > -INFINITY && m * t < INFINITY)) return 0;
     *m_out = m;
-    return row_exp(x, e, V, m, s_out, es);
+    row_exp(x, e, V, t, m, s_out, es);
+    return 1;
 }
 
-/* The loss, the gradient's factors and, with st, the statistics (correct, entropy, lse) of a row. */
-static inline void row_terms(float m, double s, double es, float z_y, float a, float zs, float scale,
-                             float *loss, float *c, float *cy, float *st) {
-    double rel = log(s), lse = (double)m + rel;
+/* The loss, the gradient's factors and, with st, the statistics (correct, entropy, lse) of a row (max M,
+ * target logit z_y): the gradient is e_j (c + k t (z_j - M)) - cy [j = y], e_j = exp(t (z_j - M)); k is 0
+ * without the entropy. */
+static inline void row_terms(float M, double s, double es, float z_y, float a, float zs, float t, float scale,
+                             float escale, int ent, float *loss, float *c, float *k, float *cy, float *st) {
+    double rel = log(s), lse = (double)M * (double)t + rel;
     if (st) {
-        st[0] = z_y >= m ? 1.0f : 0.0f;
+        st[0] = z_y >= M ? 1.0f : 0.0f;
         st[1] = (float)(rel - es / s);
         st[2] = (float)lse;
     }
-    *loss = (float)((double)a * (((double)m - (double)z_y) + rel) + (double)zs * lse * lse);
-    *c = (float)((double)scale * ((double)a + 2.0 * (double)zs * lse) / s); /* gradient: c * e_j ... */
-    *cy = scale * a;                                                      /* ... and - scale * a at y */
+    *loss = (float)((double)a * (((double)M - (double)z_y) * (double)t + rel) + (double)zs * lse * lse);
+    double g = (double)scale * ((double)a + 2.0 * (double)zs * lse);
+    if (ent) g += (double)escale * (es / s); /* -b p_j (d_j - sum_i p_i d_i): its sum_i p_i d_i part */
+    *c = (float)(g * (double)t / s);
+    *k = ent ? (float)(-(double)t * (double)escale / s) : 0.0f;
+    *cy = scale * a * t;
 }
 
 /* One row of float32 logits, its gradient written over it (with grad; without, only the loss and the
- * statistics, the row left as exponentials). */
-static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float scale, int grad,
-                       float *loss, float *st) {
-    float z_y = x[y], m, c, cy;
+ * statistics, the row only read). ent: add the entropy's gradient (escale); then the exponentials go to
+ * tmp (V floats of scratch), since the last pass needs u_j - m beside them. */
+static void ce_row_f32(float *x, int64_t V, int64_t y, float a, float zs, float t, float scale, float escale,
+                       int grad, int ent, float *loss, float *st, float *tmp) {
+    float *e = !grad ? NULL : ent ? tmp : x; /* without the gradient nothing is written back */
+    float z_y = x[y], m, c, k, cy;
     double s, es = 0.0;
-    if (!row_softmax(x, x, V, &m, &s, st ? &es : NULL)) {
+    if (!row_softmax(x, e, V, t, &m, &s, st || ent ? &es : NULL)) {
         for (int64_t j = 0; j < V; j++) x[j] = NAN;
         *loss = NAN;
         if (st) st[0] = st[1] = st[2] = NAN;
         return;
     }
-    row_terms(m, s, es, z_y, a, zs, scale, loss, &c, &cy, st);
+    row_terms(m, s, es, z_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
     if (!grad) return;
-    float e_y = x[y];
+    float e_y = e[y];
+    if (e == x) {
 #pragma omp simd
-    for (int64_t j = 0; j < V; j++) x[j] = c * x[j];
-    x[y] = c * e_y - cy;
+        for (int64_t j = 0; j < V; j++) x[j] = c * x[j];
+        x[y] = c * e_y - cy;
+        return;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < V; j++) {
+        float d = (x[j] - m) * t, v = e[j]; /* d as row_exp formed it */
+        x[j] = v > 0.0f ? v * (c + k * d) : 0.0f; /* a -inf logit: 0, not 0 * inf */
+    }
+    x[y] = (e_y > 0.0f ? e_y * (c + k * ((z_y - m) * t)) : 0.0f) - cy;
 }
 
 /* One row of bfloat16 logits (uint16 bits), its gradient written over it with grad (without, the row is
  * only read); tmp: V floats of scratch. */
-static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, float scale, int grad,
-                        float *loss, float *st, float *tmp) {
+static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, float t, float scale,
+                        float escale, int grad, int ent, float *loss, float *st, float *tmp) {
     float m = -INFINITY;
     int bad = 0;
 #pragma omp simd reduction(max : m) reduction(| : bad)
@@ -133,40 +168,62 @@ static void ce_row_bf16(uint16_t *row, int64_t V, int64_t y, float a, float zs, 
         m = v > m ? v : m;
         bad |= v != v;
     }
-    if (bad || !(m > -INFINITY && m < INFINITY)) {
+    if (bad || !(m * t > -INFINITY && m * t < INFINITY)) {
         for (int64_t j = 0; grad && j < V; j++) row[j] = 0x7fc0u;
         *loss = NAN;
         if (st) st[0] = st[1] = st[2] = NAN;
         return;
     }
-    float z_y = tmp[y], c, cy;
+    float z_y = tmp[y], c, k, cy;
     double s, es = 0.0;
-    row_exp(tmp, tmp, V, m, &s, st ? &es : NULL);
-    row_terms(m, s, es, z_y, a, zs, scale, loss, &c, &cy, st);
+    row_exp(tmp, grad ? tmp : NULL, V, t, m, &s, st || ent ? &es : NULL);
+    row_terms(m, s, es, z_y, a, zs, t, scale, escale, ent, loss, &c, &k, &cy, st);
     if (!grad) return;
+    float e_y = tmp[y];
+    if (!ent) {
 #pragma omp simd
-    for (int64_t j = 0; j < V; j++) row[j] = f32_to_bf16(c * tmp[j]);
-    row[y] = f32_to_bf16(c * tmp[y] - cy);
+        for (int64_t j = 0; j < V; j++) row[j] = f32_to_bf16(c * tmp[j]);
+        row[y] = f32_to_bf16(c * e_y - cy);
+        return;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < V; j++) {
+        float d = (bf16_to_f32(row[j]) - m) * t, v = tmp[j];
+        row[j] = f32_to_bf16(v > 0.0f ? v * (c + k * d) : 0.0f);
+    }
+    row[y] = f32_to_bf16((e_y > 0.0f ? e_y * (c + k * ((z_y - m) * t)) : 0.0f) - cy);
 }
 
 /* The rows of a [rows, V] chunk (row stride ld), split over nthreads threads of the OpenMP runtime torch
  * itself runs on (its libgomp, already loaded, serves this library too), so no second pool spins
- * against torch's. wy: [rows] class weight of each target, or NULL. Returns 0, or 1 when scratch could
- * not be allocated (then some rows are not computed). stats: [rows, 3] (correct, entropy, lse), or NULL.
- * scale: [rows] each row's upstream gradient, or NULL for the losses alone (no gradient written). */
+ * against torch's. wy: [rows] class weight of each target, or NULL. t: the inverse temperature (1 for
+ * cross-entropy). Returns 0, or 1 when scratch could not be allocated (then some rows are not computed).
+ * stats: [rows, 3] (correct, entropy, lse) of u = t z, or NULL. scale: [rows] each row's upstream
+ * gradient, or NULL for the losses alone (no gradient written). escale: [rows] each row's upstream
+ * gradient of its entropy (read only with scale), or NULL for none. */
 int xent_ce_rows_f32(float *z, int64_t ld, int64_t rows, int64_t V, const int64_t *target,
-                     const float *scale, const float *wy, float zs, float *loss, float *stats, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        ce_row_f32(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale ? scale[r] : 0.0f, scale != NULL,
-                   &loss[r], stats ? stats + 3 * r : NULL);
-    return 0;
+                     const float *scale, const float *escale, const float *wy, float zs, float t, float *loss,
+                     float *stats, int nthreads) {
+    int failed = 0, ent = scale != NULL && escale != NULL;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *tmp = ent ? (float *)malloc(sizeof(float) * (size_t)V) : NULL;
+        failed = ent && tmp == NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            if (!ent || tmp)
+                ce_row_f32(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, t, scale ? scale[r] : 0.0f,
+                           ent ? escale[r] : 0.0f, scale != NULL, ent, &loss[r], stats ? stats + 3 * r : NULL,
+                           tmp);
+        free(tmp);
+    }
+    return failed;
 }
 
 int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const int64_t *target,
-                      const float *scale, const float *wy, float zs, float *loss, float *stats,
-                      int nthreads) {
-    int failed = 0;
+                      const float *scale, const float *escale, const float *wy, float zs, float t, float *loss,
+                      float *stats, int nthreads) {
+    int failed = 0, ent = scale != NULL && escale != NULL;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *tmp = (float *)malloc(sizeof(float) * (size_t)V);
@@ -174,8 +231,9 @@ int xent_ce_rows_bf16(uint16_t *z, int64_t ld, int64_t rows, int64_t V, const in
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             if (tmp)
-                ce_row_bf16(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, scale ? scale[r] : 0.0f,
-                            scale != NULL, &loss[r], stats ? stats + 3 * r : NULL, tmp);
+                ce_row_bf16(z + r * ld, V, target[r], wy ? wy[r] : 1.0f, zs, t, scale ? scale[r] : 0.0f,
+                            ent ? escale[r] : 0.0f, scale != NULL, ent, &loss[r], stats ? stats + 3 * r : NULL,
+                            tmp);
         free(tmp);
     }
     return failed;
@@ -240,4 +298,4 @@ void xent_acc_bf16(float *dst, const uint16_t *src, int64_t n, float alpha, int 
 }
 
 /* The ABI version the loader checks: bump it with any change of the functions' signatures. */
-int xent_ce_rows_abi(void) { return 6; }
+int xent_ce_rows_abi(void) { return 7; }

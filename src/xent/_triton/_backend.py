@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._engine import RowBackend, RowRequest
+from ..losses._base import CrossEntropyRows
 from . import available, ce_rows_, fused_ce_backward, fused_ce_forward
 
 _LOGITS = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,7 +31,7 @@ class TritonRows(RowBackend):
 
     def can_serve(self, request: RowRequest) -> str | None:
         spec = request.spec
-        if spec is None:
+        if not isinstance(spec, CrossEntropyRows):
             return f"the Triton kernel computes cross-entropy only, not {type(request.loss).__name__}"
         ok, why = available(request.device)
         if not ok:

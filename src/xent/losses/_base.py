@@ -33,6 +33,24 @@ class CrossEntropyRows:
     softcap: float | None
 
 
+@dataclass(frozen=True)
+class LogProbRows:
+    """A loss's declaration that it is exactly the token log-probability (with ``with_entropy``, also the
+    entropy) of q = softmax(cap(z)/T), so a row backend with a closed form of its own may compute it:
+
+    values log q_y = −(lse u − u_y) (and H(q) = −Σ_c q_c log q_c), u = cap(z)/T; for upstream gradients a
+    (of log q_y) and b (of H) the gradient w.r.t. u is a·(onehot_y − q) − b·q ⊙ (log q + H), then times
+    1/T (and 1 − tanh²(z/c) under soft-capping), i.e. cross-entropy's row gradient of u scaled by −a/T,
+    plus the entropy's.
+
+    temperature: T > 0. softcap: c or None. with_entropy: whether each token has the two values
+    (log q_y, H) and a ``[C, 2]`` upstream scale."""
+
+    temperature: float
+    softcap: float | None
+    with_entropy: bool
+
+
 class TokenLoss:
     """Base class. Subclasses implement :meth:`token_loss`; options live on the instance.
 
@@ -68,10 +86,11 @@ class TokenLoss:
         weights w_t are the caller's, applied by the reduction and the fused engine: no loss sees them.)"""
         return None
 
-    def row_spec(self) -> CrossEntropyRows | None:
+    def row_spec(self) -> CrossEntropyRows | LogProbRows | None:
         """What a row backend other than torch ops may compute in this loss's place: a
-        :class:`CrossEntropyRows` when the loss is exactly that cross-entropy, else None (the default:
-        only the loss's own torch code computes it)."""
+        :class:`CrossEntropyRows` when the loss is exactly that cross-entropy, a :class:`LogProbRows` when it
+        is exactly the token log-probability, else None (the default: only the loss's own torch code
+        computes it). A backend serves only the spec types it knows."""
         return None
 
     def check(self, num_classes: int) -> None:
