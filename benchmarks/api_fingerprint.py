@@ -259,7 +259,11 @@ def cases(dtype):
         "cross_entropy/tw/none", lambda z: call(xent.cross_entropy, z, y, token_weights=tw, reduction="none")
     )
     plain("causal_lm_loss", lambda z: call(xent.causal_lm_loss, z, y, num_items_in_batch=30, softcap=5.0))
-    plain("binary_cross_entropy", lambda z: call(xent.binary_cross_entropy, z, (z.detach() > 0).float()))
+    # binary_cross_entropy takes probabilities, as torch's; the logits form is its own function
+    plain("binary_cross_entropy",
+          lambda z: call(xent.binary_cross_entropy, torch.sigmoid(z), (z.detach() > 0).float()))
+    plain("binary_cross_entropy_with_logits",
+          lambda z: call(xent.binary_cross_entropy_with_logits, z, (z.detach() > 0).float()))
     plain("dft_loss", lambda z: call(xent.dft_loss, z, y))
     plain("distill_loss", lambda z: call(xent.distill_loss, z, logits0 * 0.5, y, kind="jsd", hard_weight=0.2))
     plain("eaft_loss", lambda z: call(xent.eaft_loss, z, y))
