@@ -139,6 +139,11 @@ def test_forward_head_on_request_gives_the_fused_numbers(tok, capsys):
         assert fused.to_dict()[k] == pytest.approx(forward.to_dict()[k], rel=1e-5, abs=1e-7), k
     with pytest.raises(xent.eval.EvalError, match="head must be one of"):
         xent.eval.evaluate(model, tok, DOCS, head="logits")
+    # compare checks its options at its door, before it looks at a model
+    for bad, says in ((dict(head="logits"), "head must be one of"),
+                      (dict(padding_side="up"), "padding_side must be 'left' or 'right'")):
+        with pytest.raises(xent.eval.EvalError, match=says):
+            xent.eval.compare(None, None, tok, DOCS, **bad)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere"])

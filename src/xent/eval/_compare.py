@@ -33,7 +33,7 @@ from ._errors import EvalError
 from ._evaluate import document_stream, texts
 from ._files import state_dict_sha256
 from ._head import ModelHead, chunk_rows
-from ._options import resolve_options
+from ._options import check_options, resolve_options
 from ._runner import ChunkedScorer, check_finite, eval_mode
 from ._score import eval_stats, row_blocks, scored_index
 from ._sums import SCALE, clustered_se, exp_or_inf, fixed, fixed_sum
@@ -285,6 +285,9 @@ def compare(base, model, tokenizer, documents, *, model_tokenizer=None, max_leng
     only ``model`` is run and the base's logits come from the cached hidden states: the very numbers of
     the two-model compare (the texts, tokenizer, windows and batches must be the cache's, else EvalError).
     """
+    # the options of both models' runs, checked once here (and the windows' in resolve_options)
+    check_options(max_length=max_length, stride=stride, bos=bos, preset=preset, batch_size=batch_size,
+                  padding_side=padding_side, head=head)
     if base_cache is not None:
         return _compare_cached(model, tokenizer, documents, base_cache, model_tokenizer=model_tokenizer,
                                max_length=max_length, stride=stride, bos=bos, preset=preset,

@@ -229,14 +229,11 @@ def _rounding_close(got, want: torch.Tensor, dtype: torch.dtype, ulps: float) ->
 class ModelHead:
     """How one model's final logits at the scored positions are produced (fused, or its own forward),
     divided by ``temperature``. ``batch_size``, ``padding_side`` and ``pad_id`` are the run's (the check
-    exercises padding when the run may pad)."""
+    exercises padding when the run may pad). ``head`` (one of :data:`HEADS`) and ``temperature`` come
+    checked from the public door (xent.eval._options.check_options)."""
 
     def __init__(self, model, *, head: str = "auto", temperature: float = 1.0, name: str = "model",
                  batch_size: int = 1, padding_side: str = "right", pad_id: int = 0):
-        if head not in HEADS:
-            raise EvalError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise EvalError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.model, self.name, self.temperature = model, name, float(temperature)
         self.device = next(model.parameters()).device
         self.mode = head  # "auto" until the first batch decides
