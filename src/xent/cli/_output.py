@@ -24,12 +24,11 @@ class OutputDir:
 
     def __init__(self, path: str | None, *, flag: str = "--out", rank: int = 0):
         self.path, self.flag, self.rank = path, flag, rank
-        self.created = False
-        self.lock = None
+        self.place = None
 
     def open(self) -> OutputDir:
         from xent.eval import EvalError
-        from xent.eval._files import OutputLock
+        from xent.eval._files import LockedDirectory
 
         from . import CommandError
 
@@ -41,37 +40,17 @@ class OutputDir:
         if os.path.exists(path) and not os.path.isdir(path):
             raise CommandError(f"{self.flag} {path} exists and is not a directory")
         try:
-            if not os.path.isdir(path):
-                try:
-                    os.makedirs(path)
-                    self.created = True
-                except FileExistsError:  # made meanwhile (by another rank of this run)
-                    if not os.path.isdir(path):
-                        raise
-            self.lock = OutputLock(path, self.rank).acquire()
+            self.place = LockedDirectory(path, self.rank).open()
         except OSError as err:
-            self._remove_if_created()
             raise CommandError(f"{self.flag} {path} cannot be written ({describe(err)})") from None
         except EvalError as err:  # in use by another run
-            self._remove_if_created()
             raise CommandError(str(err)) from None
-        except BaseException:
-            self._remove_if_created()
-            raise
         return self
 
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        self._remove_if_created()
-
-    def _remove_if_created(self) -> None:
-        if self.created and self.rank == 0:
-            try:
-                os.rmdir(self.path)  # only if empty
-            except OSError:
-                pass
+        if self.place is not None:
+            self.place.close()
+            self.place = None
 
     def __enter__(self) -> OutputDir:
         return self.open()

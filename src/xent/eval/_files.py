@@ -358,3 +358,40 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class LockedDirectory:
+    """A run's output directory: :meth:`open` makes it if missing and takes its :class:`OutputLock`
+    (``rank``, ``flag``, ``join`` as there); :meth:`close` releases the lock and removes the directory
+    again if this run made it and left it empty (rank 0 only: the other ranks share it). An OSError (a
+    path that cannot be made or written) or EvalError (in use by another run) from :meth:`open` leaves
+    nothing behind."""
+
+    def __init__(self, directory: str, rank: int = 0, *, flag: str = "--out", join: bool = False):
+        self.directory, self.rank = directory, rank
+        self.lock = OutputLock(directory, rank, flag=flag, join=join)
+        self.created = False
+
+    def open(self) -> LockedDirectory:
+        try:
+            os.makedirs(self.directory)
+            self.created = True
+        except FileExistsError:  # as it should be, or made meanwhile by another rank of this run
+            pass
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self._remove_if_created()
+            raise
+        return self
+
+    def close(self) -> None:
+        self.lock.release()
+        self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if self.created and self.rank == 0:
+            try:
+                os.rmdir(self.directory)  # only if empty
+            except OSError:
+                pass

@@ -43,20 +43,10 @@ class RunDir:
         self.rows = per_token or html  # the report is built from tokens.parquet
         self.checkpoint = _files.checkpoint_path(directory, rank)
         self.sink: TokenWriter | None = None
-        self.lock = _files.OutputLock(directory, rank, flag="checkpoint_dir", join=True)
-        self.created = False
+        self.place = _files.LockedDirectory(directory, rank, flag="checkpoint_dir", join=True)
 
     def __enter__(self) -> RunDir:
-        try:
-            os.makedirs(self.directory)
-            self.created = True
-        except FileExistsError:  # as it should be, or made meanwhile by another rank of this run
-            pass
-        try:
-            self.lock.acquire()
-        except BaseException:
-            self._remove_if_created()
-            raise
+        self.place.open()
         return self
 
     def __exit__(self, kind, err, tb) -> None:
@@ -66,15 +56,7 @@ class RunDir:
             elif err is not None:
                 self.note_kept(err)
         finally:
-            self.lock.release()
-            self._remove_if_created()
-
-    def _remove_if_created(self) -> None:
-        if self.created and self.rank == 0:
-            try:
-                os.rmdir(self.directory)  # only if empty
-            except OSError:
-                pass
+            self.place.close()
 
     def start(self) -> dict | None:
         """The checkpoint's state when resuming from one (its contents are the caller's to check)."""
