@@ -139,27 +139,6 @@ def _block_stats(x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, float, 
     return same, float(y[finite].abs().max()), float(d[finite].max()), True
 
 
-class _Difference:
-    """:func:`_block_stats` accumulated over blocks of pairs (got, want) of one shape each, fed a block of
-    rows at a time (:meth:`add`): the verdicts of one whole comparison, never its temporaries."""
-
-    def __init__(self):
-        self.same, self.top, self.worst, self.any_finite = True, 0.0, 0.0, False
-
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> _Difference:
-        for x, y in _blocks_of(a, b):
-            s, t, w, f = _block_stats(x, y)
-            self.same, self.any_finite = self.same and s, self.any_finite or f
-            self.top, self.worst = max(self.top, t), max(self.worst, w)
-        return self
-
-
-def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float, float, bool]:
-    """:func:`_block_stats` of two tensors of one shape, a block of rows at a time."""
-    d = _Difference().add(a, b)
-    return d.same, d.top, d.worst, d.any_finite
-
-
 def _pairs(got, want: torch.Tensor):
     """(got rows, want rows) pairs: ``got`` a tensor shaped like ``want``, or an iterable of (row slice of
     want, got rows) computed one chunk at a time."""
@@ -176,29 +155,34 @@ def _agrees(a, b: torch.Tensor, dtype: torch.dtype, ulps: float = 0.0) -> bool:
     ``dtype`` (a head that rounds once more); NaN and ±inf must sit at the same places."""
     if a is None or (isinstance(a, torch.Tensor) and a.shape != b.shape):
         return False
-    d = _Difference()
-    for x, y in _pairs(a, b):
-        if x.shape != y.shape:
+    top, worst, any_finite = 0.0, 0.0, False  # over the whole comparison, a block of rows at a time
+    for part, ref in _pairs(a, b):
+        if part.shape != ref.shape:
             return False
-        d.add(x, y)
-    if not d.same:
-        return False
-    if not d.any_finite:
+        for x, y in _blocks_of(part, ref):
+            same, t, w, f = _block_stats(x, y)
+            if not same:
+                return False
+            top, worst, any_finite = max(top, t), max(worst, w), any_finite or f
+    if not any_finite:
         return True
     eps = torch.finfo(dtype).eps
-    return d.worst <= _NOISE_EPS.get(dtype, 4.0) * eps * (1.0 + d.top) + ulps * eps * d.top
+    return worst <= _NOISE_EPS.get(dtype, 4.0) * eps * (1.0 + top) + ulps * eps * top
 
 
 def _finite_max_abs(t: torch.Tensor) -> float:
     """max |t| over its finite values (0 when none), a block of rows at a time."""
     top = 0.0
     for x, _ in _blocks_of(t, t):
-        a = x.abs()
-        m = float(a.max()) if a.numel() else 0.0
-        if not math.isfinite(m):
-            a = a[torch.isfinite(a)]
-            m = float(a.max()) if a.numel() else 0.0
-        top = max(top, m)
+        if x.numel() == 0:
+            continue
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass, no |x| temporary
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            x = x[torch.isfinite(x)]
+            if x.numel() == 0:
+                continue
+            lo, hi = (float(v) for v in torch.aminmax(x))
+        top = max(top, -lo, hi)
     return top
 
 
